@@ -1,0 +1,22 @@
+/* cpu_features.c: may the AVX2 + FMA path run here? CPUID says what the core has, XGETBV
+ * whether the OS saves the YMM registers across context switches; both must agree. */
+#include "neocore.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+
+int neo_cpu_has_avx2_fma(void)
+{
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    const unsigned osxsave = 1u << 27, avx = 1u << 28, fma = 1u << 12;
+    if ((c & (osxsave | avx | fma)) != (osxsave | avx | fma)) return 0;
+    unsigned xcr0_lo, xcr0_hi;
+    __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+    if ((xcr0_lo & 0x6) != 0x6) return 0; /* XMM and YMM state enabled */
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    return (b & (1u << 5)) != 0; /* AVX2 */
+}
+#else
+int neo_cpu_has_avx2_fma(void) { return 0; }
+#endif

@@ -1,0 +1,313 @@
+"""Reading Hugging Face GPT-Neo weight files without torch.
+
+Every format is reduced to the same thing: a name -> TensorRef table saying where each
+tensor's bytes lie in which file. Bytes are reached through read-only memory maps, so a
+tensor that needs no conversion is used in place, and one that does is converted and then
+dropped from memory before the next (see Checkpoint.release).
+
+PyTorch files are pickles; they are read with a restricted unpickler that admits only what
+a state dict of tensors needs, so a checkpoint that tries to run code is refused, never run."""
+from __future__ import annotations
+
+import json
+import mmap
+import pickle
+import struct
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import CheckpointError
+
+# numpy dtype used to view each stored dtype (bfloat16 is viewed as its raw 16 bits)
+NUMPY_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where a tensor's bytes lie: little-endian, C-contiguous, at offset in path."""
+    name: str
+    path: Path
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return prod(self.shape) * np.dtype(NUMPY_DTYPES[self.dtype]).itemsize
+
+
+class Checkpoint:
+    """The tensors of one model, by name, and the memory maps that reach their bytes."""
+
+    def __init__(self, tensors: dict[str, TensorRef], description: str):
+        self.tensors = tensors
+        self.description = description  # e.g. the file it came from, for error messages
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def array(self, ref: TensorRef) -> np.ndarray:
+        """A read-only view of the tensor's bytes, straight from the mapped file."""
+        mm = self._maps.get(ref.path)
+        if mm is None:
+            try:
+                with open(ref.path, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"{ref.path}: cannot map the file ({exc})") from None
+            self._maps[ref.path] = mm
+        count = prod(ref.shape)
+        return np.frombuffer(mm, dtype=NUMPY_DTYPES[ref.dtype], count=count,
+                             offset=ref.offset).reshape(ref.shape)
+
+    def release(self, ref: TensorRef) -> None:
+        """Drops the tensor's pages from this process once it has been converted, so that
+        loading never holds a converted copy and the whole source file at once."""
+        mm = self._maps.get(ref.path)
+        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = ref.offset - ref.offset % mmap.PAGESIZE
+        end = min(ref.offset + ref.nbytes, len(mm))
+        if end > start:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def _check_extent(path: Path, name: str, offset: int, nbytes: int, file_size: int) -> None:
+    if offset < 0 or offset + nbytes > file_size:
+        raise CheckpointError(f"{path}: truncated or corrupt: tensor {name!r} needs bytes "
+                              f"{offset}..{offset + nbytes} but the file has {file_size}")
+
+
+# ---- safetensors ---------------------------------------------------------------------------
+
+SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_safetensors(path: Path) -> dict[str, TensorRef]:
+    """Parses the header: 8-byte little-endian length, then JSON {name: {dtype, shape, data_offsets}}."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated: too short to be a safetensors file")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(size - 8, SAFETENSORS_MAX_HEADER):
+                raise CheckpointError(f"{path}: truncated or not safetensors: header length "
+                                      f"{header_len} does not fit in a file of {size} bytes")
+            header = json.loads(f.read(header_len))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_start = 8 + header_len
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            if not all(isinstance(d, int) and d >= 0 for d in shape) or not isinstance(begin, int) \
+                    or not isinstance(end, int):
+                raise TypeError
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors entry for {name!r}") from None
+        if dtype not in NUMPY_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        ref = TensorRef(name, path, data_start + begin, dtype, shape)
+        if end - begin != ref.nbytes:
+            raise CheckpointError(f"{path}: tensor {name!r} holds {end - begin} bytes, "
+                                  f"but {dtype}{list(shape)} needs {ref.nbytes}")
+        _check_extent(path, name, ref.offset, ref.nbytes, size)
+        tensors[name] = ref
+    return tensors
+
+
+# ---- PyTorch pickles -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _StorageType:
+    """Stands in for torch.FloatStorage and friends: only its dtype matters."""
+    dtype: str
+
+
+@dataclass(frozen=True)
+class _Storage:
+    path: Path
+    offset: int
+    dtype: str
+    numel: int
+
+
+STORAGE_TYPES = {
+    "DoubleStorage": "F64", "FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16",
+    "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16", "CharStorage": "I8",
+    "ByteStorage": "U8", "BoolStorage": "BOOL",
+}
+
+# (path, key, dtype, numel) -> (file, byte offset) of that storage's bytes
+StorageLocator = Callable[[str, str, int], tuple[Path, int]]
+
+
+def _rebuild_tensor(storage: _Storage, storage_offset: int, size: tuple, stride: tuple,
+                    *_ignored: Any) -> TensorRef:
+    """torch._utils._rebuild_tensor_v2, reduced to where the bytes are. Needs C order."""
+    shape = tuple(int(d) for d in size)
+    expected, step = [], 1
+    for d in reversed(shape):
+        expected.append(step)
+        step *= d
+    if prod(shape) > 1 and tuple(stride) != tuple(reversed(expected)):
+        raise pickle.UnpicklingError(f"tensor of shape {shape} is not contiguous (stride {stride})")
+    if storage_offset + prod(shape) > storage.numel:
+        raise pickle.UnpicklingError("tensor runs past the end of its storage")
+    itemsize = np.dtype(NUMPY_DTYPES[storage.dtype]).itemsize
+    return TensorRef("", storage.path, storage.offset + storage_offset * itemsize, storage.dtype, shape)
+
+
+def _refuse(module: str, name: str) -> None:
+    raise pickle.UnpicklingError(f"refused to load {module}.{name}: a weight file may hold only "
+                                 f"tensors and dicts (the pickle tries to run code)")
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Admits OrderedDict, torch's tensor rebuild function and storage types; nothing else."""
+
+    def __init__(self, data: bytes, locate: StorageLocator):
+        import io
+        super().__init__(io.BytesIO(data))
+        self._locate = locate
+        self._storages: dict[str, _Storage] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+            return _rebuild_tensor
+        if module == "torch" and name in STORAGE_TYPES:
+            return _StorageType(STORAGE_TYPES[name])
+        _refuse(module, name)
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        # torch writes ("storage", storage_type, key, location, numel)
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and isinstance(pid[4], int)):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
+        _, storage_type, key, _location, numel = pid
+        key = str(key)
+        if key not in self._storages:
+            path, offset = self._locate(key, storage_type.dtype, numel)
+            self._storages[key] = _Storage(path, offset, storage_type.dtype, numel)
+        return self._storages[key]
+
+
+def unpickle_state_dict(data: bytes, source: Path, locate: StorageLocator) -> dict[str, TensorRef]:
+    """Reads a torch.save()d state dict's data.pkl; non-tensor entries are left out."""
+    try:
+        state = _RestrictedUnpickler(data, locate).load()
+    except CheckpointError:
+        raise
+    except Exception as exc:  # any malformed or hostile pickle ends here, nothing having run
+        raise CheckpointError(f"{source}: {exc}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source}: expected a state dict, found {type(state).__name__}")
+    if "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return {name: TensorRef(name, ref.path, ref.offset, ref.dtype, ref.shape)
+            for name, ref in state.items() if isinstance(ref, TensorRef)}
+
+
+def _zip_member_offset(f, info: zipfile.ZipInfo) -> int:
+    """Where a stored member's bytes start: after its local header, name and extra field."""
+    f.seek(info.header_offset)
+    local = f.read(30)
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+        raise CheckpointError(f"corrupt zip local header for {info.filename}")
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def read_torch_zip(path: Path) -> dict[str, TensorRef]:
+    """A torch.save() zip: <top>/data.pkl plus one stored (uncompressed) <top>/data/<key> per storage."""
+    try:
+        size = path.stat().st_size
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable zip-format PyTorch checkpoint "
+                              f"(truncated, corrupt or legacy format: {exc})") from None
+    with zf, open(path, "rb") as f:
+        pickles = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pickles) != 1:
+            raise CheckpointError(f"{path}: no <name>/data.pkl inside: not a PyTorch checkpoint")
+        top = pickles[0][: -len("data.pkl")]
+        if top + "byteorder" in zf.namelist() and zf.read(top + "byteorder").strip() != b"little":
+            raise CheckpointError(f"{path}: big-endian PyTorch checkpoints are not supported")
+
+        def locate(key: str, dtype: str, numel: int) -> tuple[Path, int]:
+            member = f"{top}data/{key}"
+            try:
+                info = zf.getinfo(member)
+            except KeyError:
+                raise CheckpointError(f"{path}: storage {member} is missing") from None
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise CheckpointError(f"{path}: storage {member} is compressed; cannot map it")
+            offset = _zip_member_offset(f, info)
+            nbytes = numel * np.dtype(NUMPY_DTYPES[dtype]).itemsize
+            if info.file_size < nbytes:
+                raise CheckpointError(f"{path}: storage {member} is shorter than its tensors")
+            _check_extent(path, member, offset, nbytes, size)
+            return path, offset
+
+        try:
+            data = zf.read(pickles[0])
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise CheckpointError(f"{path}: corrupt data.pkl ({exc})") from None
+        return unpickle_state_dict(data, path, locate)
+
+
+# ---- folders -------------------------------------------------------------------------------
+
+SINGLE_FILE_READERS: dict[str, Callable[[Path], dict[str, TensorRef]]] = {
+    "model.safetensors": read_safetensors,
+    "pytorch_model.bin": read_torch_zip,
+}
+
+
+def _read_sharded(index: Path, reader: Callable[[Path], dict[str, TensorRef]]) -> dict[str, TensorRef]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{index}: not a valid index file (needs a 'weight_map' object)") from None
+    tensors: dict[str, TensorRef] = {}
+    for shard in shards:
+        shard_path = index.parent / shard
+        if not shard_path.is_file():
+            raise CheckpointError(f"{index}: names shard {shard}, which is missing")
+        tensors.update(reader(shard_path))
+    for name, shard in weight_map.items():
+        if name not in tensors:
+            raise CheckpointError(f"{index.parent / shard}: tensor {name!r} listed in {index.name} is missing")
+    return tensors
+
+
+def open_checkpoint(folder: Path) -> Checkpoint:
+    """Finds the weights in a Hugging Face model folder; safetensors is preferred."""
+    for filename, reader in SINGLE_FILE_READERS.items():
+        single, index = folder / filename, folder / f"{filename}.index.json"
+        if single.is_file():
+            return Checkpoint(reader(single), str(single))
+        if index.is_file():
+            return Checkpoint(_read_sharded(index, reader), str(index))
+    looked_for = ", ".join(f"{n}, {n}.index.json" for n in SINGLE_FILE_READERS)
+    raise CheckpointError(f"{folder}: no weights found (looked for {looked_for})")

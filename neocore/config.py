@@ -1,0 +1,150 @@
+"""GPT-Neo's shape, read from a Hugging Face config.json and checked for what the engine needs."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+ATTENTION_KINDS = ("global", "local")
+
+
+@dataclass(frozen=True)
+class GPTNeoConfig:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    window_size: int
+    attention_layers: tuple[str, ...]  # one of ATTENTION_KINDS per layer
+    layer_norm_epsilon: float
+    activation_function: str = "gelu_new"
+    bos_token_id: int | None = 50256
+    eos_token_id: int | None = 50256
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def layer_is_local(self) -> list[bool]:
+        return [kind == "local" for kind in self.attention_layers]
+
+    def num_parameters(self) -> int:
+        h, f = self.hidden_size, self.intermediate_size
+        per_layer = 4 * h * h + h + 2 * h * f + f + h + 4 * h
+        return self.vocab_size * h + self.max_position_embeddings * h + self.num_layers * per_layer + 2 * h
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config.json transformers writes for this shape (attention_types run-length coded)."""
+        return {
+            "model_type": "gpt_neo",
+            "architectures": ["GPTNeoForCausalLM"],
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "intermediate_size": self.intermediate_size,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "window_size": self.window_size,
+            "attention_types": [[[kind], 1] for kind in self.attention_layers],
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "activation_function": self.activation_function,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "tie_word_embeddings": True,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "config",
+                  overrides: Mapping[str, Any] | None = None) -> "GPTNeoConfig":
+        """Validates a config.json mapping; overrides replace its fields (and win over it)."""
+        raw = dict(raw)
+        known = {f.name for f in fields(cls)} | {"attention_types"}
+        for key, value in (overrides or {}).items():
+            if key not in known:
+                raise ConfigError(f"{source}: unknown config field {key!r} in overrides")
+            raw[key] = value
+            if key == "attention_layers":
+                raw.pop("attention_types", None)
+        model_type = raw.get("model_type", "gpt_neo")
+        if model_type != "gpt_neo":
+            raise ConfigError(f"{source}: model_type is {model_type!r}, but neocore runs only 'gpt_neo'")
+
+        def integer(key: str, minimum: int = 1, default: Any = None) -> int:
+            value = raw.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"{source}: {key} must be an integer >= {minimum}, got {value!r}")
+            return value
+
+        hidden = integer("hidden_size")
+        layers = integer("num_layers")
+        heads = integer("num_heads")
+        if hidden % heads:
+            raise ConfigError(f"{source}: hidden_size {hidden} is not divisible by num_heads {heads}")
+        inner = raw.get("intermediate_size")
+        inner = 4 * hidden if inner is None else integer("intermediate_size")
+        attention = raw.get("attention_layers") or _expand_attention_types(raw.get("attention_types"), source)
+        attention = tuple(attention)
+        if len(attention) != layers:
+            raise ConfigError(f"{source}: attention_types describe {len(attention)} layers, "
+                              f"but num_layers is {layers}")
+        bad = sorted(set(attention) - set(ATTENTION_KINDS))
+        if bad:
+            raise ConfigError(f"{source}: unknown attention type(s) {bad}; expected 'global' or 'local'")
+        activation = raw.get("activation_function", "gelu_new")
+        if activation != "gelu_new":
+            raise ConfigError(f"{source}: activation_function {activation!r} is not supported (only 'gelu_new')")
+        eps = raw.get("layer_norm_epsilon", 1e-5)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ConfigError(f"{source}: layer_norm_epsilon must be a number in (0, 1), got {eps!r}")
+        eos = raw.get("eos_token_id", 50256)
+        if isinstance(eos, list):  # transformers allows several; the first is the one we stop on
+            eos = eos[0] if eos else None
+        return cls(
+            hidden_size=hidden,
+            num_layers=layers,
+            num_heads=heads,
+            intermediate_size=inner,
+            vocab_size=integer("vocab_size", default=50257),
+            max_position_embeddings=integer("max_position_embeddings", default=2048),
+            window_size=integer("window_size", default=256),
+            attention_layers=attention,
+            layer_norm_epsilon=float(eps),
+            activation_function=activation,
+            bos_token_id=raw.get("bos_token_id", 50256),
+            eos_token_id=eos,
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> "GPTNeoConfig":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: not a readable JSON file ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_dict(raw, str(path), overrides)
+
+
+def _expand_attention_types(types: Any, source: str) -> list[str]:
+    """[[["global", "local"], 12]] -> ["global", "local", ...] (24 entries), as transformers does."""
+    if types is None:
+        raise ConfigError(f"{source}: attention_types is missing")
+    layers: list[str] = []
+    try:
+        for kinds, repeat in types:
+            if not isinstance(repeat, int) or repeat < 0 or not isinstance(kinds, list):
+                raise TypeError
+            layers.extend(list(kinds) * repeat)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: attention_types must look like [[['global', 'local'], 12]], "
+                          f"got {types!r}") from None
+    return layers

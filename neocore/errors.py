@@ -1,0 +1,29 @@
+"""The exceptions neocore raises on bad input. The CLI prints each as one line."""
+
+
+class NeocoreError(Exception):
+    """Base class: a problem with what the user gave neocore, explained in one line."""
+
+
+class ConfigError(NeocoreError):
+    """config.json is missing, malformed, or describes a model neocore cannot run."""
+
+
+class CheckpointError(NeocoreError):
+    """A weight file is missing, truncated, malformed, hostile, or does not fit the config."""
+
+
+class TokenizerError(NeocoreError):
+    """Tokenizer files are missing or malformed, or ids cannot be decoded."""
+
+
+class ContextError(NeocoreError):
+    """A prompt or a generation does not fit in the model's context."""
+
+
+class SamplingError(NeocoreError):
+    """A sampling parameter is out of its valid range."""
+
+
+class ModelNotFoundError(NeocoreError):
+    """A model folder or hub repository id could not be resolved."""

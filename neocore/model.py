@@ -1,0 +1,172 @@
+"""neocore.load() and the Model it returns: the C engine plus what Python keeps around it."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import _core
+from .checkpoint import open_checkpoint
+from .config import GPTNeoConfig
+from .errors import ConfigError, ContextError, ModelNotFoundError, NeocoreError
+from .weights import WEIGHT_DTYPES, WeightLoader
+
+PREFILL_CHUNK = 256  # prompt tokens pushed through the layers together (bounds scratch memory)
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def kernel_path(requested: str | None = None) -> str:
+    """'avx2' or 'generic': the request, else $NEOCORE_ISA, else the best this CPU runs."""
+    choice = (requested or os.environ.get("NEOCORE_ISA") or "auto").lower()
+    if choice == "auto":
+        return "avx2" if _core.cpu_has_avx2_fma() else "generic"
+    if choice not in _core.ISAS:
+        raise NeocoreError(f"unknown kernel path {choice!r} (NEOCORE_ISA takes auto, avx2 or generic)")
+    if choice == "avx2" and not _core.cpu_has_avx2_fma():
+        raise NeocoreError("the avx2 kernel path was requested, but this CPU lacks AVX2+FMA")
+    return choice
+
+
+class Model:
+    """A loaded GPT-Neo model. Not safe to use from several threads at once (one KV cache)."""
+
+    def __init__(self, path: Path, config: GPTNeoConfig, weights: dict[str, Any], dtype: str,
+                 threads: int, context: int, isa: str, tokenizer: Any, load_seconds: float):
+        self.path = path
+        self.config = config
+        self.dtype = dtype
+        self.tokenizer = tokenizer
+        self.load_seconds = load_seconds
+        self._weights = weights
+        shape = {
+            "hidden": config.hidden_size, "n_layers": config.num_layers,
+            "n_heads": config.num_heads, "ffn": config.intermediate_size,
+            "vocab": config.vocab_size, "max_positions": config.max_position_embeddings,
+            "window": config.window_size, "ln_eps": config.layer_norm_epsilon,
+            "layer_is_local": np.array(config.layer_is_local, dtype=np.uint8),
+        }
+        self._engine = _core.Engine(shape, weights, dtype, context, min(PREFILL_CHUNK, context),
+                                    threads, isa)
+        self._last_logits = np.empty((1, config.vocab_size), dtype=np.float32)
+
+    # ---- facts ------------------------------------------------------------------------------
+    @property
+    def threads(self) -> int:
+        return self._engine.threads
+
+    @property
+    def isa(self) -> str:
+        return self._engine.isa
+
+    @property
+    def context_length(self) -> int:
+        return self._engine.n_ctx
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights the engine reads (matrices, biases and norms)."""
+        arrays = [self._weights["wte"], self._weights["wpe"], self._weights["lnf_w"], self._weights["lnf_b"]]
+        arrays += [a for layer in self._weights["layers"] for a in layer.values()]
+        return sum(a.nbytes for a in arrays)
+
+    # ---- the engine -------------------------------------------------------------------------
+    def _tokens(self, ids: Sequence[int]) -> np.ndarray:
+        tokens = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise NeocoreError(f"token ids must lie in [0, {self.config.vocab_size})")
+        return tokens.astype(np.int32)
+
+    def _check_room(self, needed: int) -> None:
+        if self._engine.pos + needed > self.context_length:
+            raise ContextError(f"{self._engine.pos + needed} tokens do not fit in the context of "
+                               f"{self.context_length} positions")
+
+    def reset(self) -> None:
+        """Forgets the cached tokens."""
+        self._engine.reset()
+
+    @property
+    def position(self) -> int:
+        """Tokens in the cache: the position the next token will take."""
+        return self._engine.pos
+
+    def append(self, ids: Sequence[int]) -> np.ndarray:
+        """Feeds tokens after those already cached; returns the logits after the last one
+        (a buffer reused by the next call: copy it to keep it)."""
+        tokens = self._tokens(ids)
+        if tokens.size == 0:
+            raise NeocoreError("no tokens to feed")
+        self._check_room(tokens.size)
+        self._engine.forward(tokens, self._last_logits, False)
+        return self._last_logits[0]
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """float32 [len(ids), vocab]: logits at every position, from a fresh state."""
+        tokens = self._tokens(ids)
+        self.reset()
+        self._check_room(tokens.size)
+        out = np.empty((tokens.size, self.config.vocab_size), dtype=np.float32)
+        if tokens.size:
+            self._engine.forward(tokens, out, True)
+        return out
+
+    def generate_ids(self, ids: Sequence[int], max_new_tokens: int = 32,
+                     stop_at_eos: bool = True) -> list[int]:
+        """Greedy continuation: the new tokens only (ending with EOS if the model chose it)."""
+        if not len(ids):
+            raise NeocoreError("the prompt is empty: give at least one token")
+        if max_new_tokens < 0:
+            raise NeocoreError("max_new_tokens must be >= 0")
+        self.reset()
+        self._check_room(len(ids) + max(max_new_tokens - 1, 0))
+        new: list[int] = []
+        logits = self.append(ids)
+        while len(new) < max_new_tokens:
+            token = int(np.argmax(logits))
+            new.append(token)
+            if (stop_at_eos and token == self.config.eos_token_id) or len(new) == max_new_tokens:
+                break
+            logits = self.append([token])
+        return new
+
+
+def _find_tokenizer(folder: Path) -> Any:
+    from .tokenizer import Tokenizer
+    return Tokenizer.from_dir(folder) if Tokenizer.files_present(folder) else None
+
+
+def load(path: str | os.PathLike, dtype: str = "bfloat16", threads: int | None = None,
+         context: int | None = None, isa: str | None = None, config: str | os.PathLike | None = None,
+         **overrides: Any) -> Model:
+    """Loads a GPT-Neo model folder (config.json plus weights).
+
+    dtype: 'bfloat16' (default; lossless for the published checkpoints) or 'float32'.
+    threads: OpenMP threads (default: every usable core). context: positions to allocate the
+    key/value cache for (default: max_position_embeddings). isa: 'avx2' or 'generic' (default:
+    $NEOCORE_ISA, else the fastest this CPU runs). config: a config.json to use instead of the
+    folder's. Other keywords override config fields (e.g. window_size=24)."""
+    start = time.perf_counter()
+    from .resolve import resolve_model
+    folder = resolve_model(path)
+    if dtype not in WEIGHT_DTYPES:
+        raise NeocoreError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
+    cfg = GPTNeoConfig.from_file(Path(config) if config else folder / "config.json", overrides)
+    context = cfg.max_position_embeddings if context is None else int(context)
+    if not 1 <= context <= cfg.max_position_embeddings:
+        raise ConfigError(f"context must be between 1 and {cfg.max_position_embeddings}, got {context}")
+    threads = usable_cores() if threads is None else int(threads)
+    if threads < 1:
+        raise NeocoreError(f"threads must be >= 1, got {threads}")
+    chosen_isa = kernel_path(isa)
+    weights = WeightLoader(open_checkpoint(folder), cfg, dtype).load_all()
+    tokenizer = _find_tokenizer(folder)
+    return Model(folder, cfg, weights, dtype, threads, context, chosen_isa, tokenizer,
+                 time.perf_counter() - start)

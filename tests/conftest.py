@@ -1,0 +1,147 @@
+"""Shared fixtures: random-weight GPT-Neo models written in the real Hugging Face formats,
+built once per session, with transformers' GPTNeoForCausalLM (fp32, eager) as the reference."""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+REPO = Path(__file__).resolve().parent.parent
+
+torch = pytest.importorskip("torch") if not IN_CI else __import__("torch")
+transformers = pytest.importorskip("transformers") if not IN_CI else __import__("transformers")
+
+# Shapes of the test models. Small ones exercise the window edge with few tokens; "odd" has
+# sizes that are not multiples of the SIMD width; "window256" has the real window.
+SHAPES = {
+    "tiny": dict(vocab_size=50257, max_position_embeddings=160, hidden_size=64, num_layers=4,
+                 num_heads=4, attention_types=[[["global", "local"], 2]], window_size=8),
+    "odd": dict(vocab_size=1003, max_position_embeddings=64, hidden_size=36, num_layers=3,
+                num_heads=3, intermediate_size=100, window_size=5, layer_norm_epsilon=1e-3,
+                attention_types=[[["local", "global", "local"], 1]]),
+    "window256": dict(vocab_size=512, max_position_embeddings=700, hidden_size=32, num_layers=2,
+                      num_heads=2, attention_types=[[["global", "local"], 1]], window_size=256),
+    "gpt-neo-125M": dict(vocab_size=50257, max_position_embeddings=2048, hidden_size=768,
+                         num_layers=12, num_heads=12, attention_types=[[["global", "local"], 6]],
+                         window_size=256, initializer_range=0.02),
+}
+# Small models get larger weights so that greedy decoding does not repeat one token forever;
+# at full width that would make the network chaotic (fp32 torch itself drifts from fp64 by
+# ~1% of the logit range), so the 125M shape keeps transformers' default 0.02.
+SMALL_MODEL_INIT = 0.08
+
+
+def tokenizer_folder() -> Path | None:
+    env = os.environ.get("NEOCORE_TEST_TOKENIZER")
+    folder = Path(env) if env else REPO.parent / "shared" / "gpt2-tokenizer"
+    return folder if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() else None
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_dir() -> Path:
+    folder = tokenizer_folder()
+    if folder is None:
+        message = "GPT-2 tokenizer files not found (../shared/gpt2-tokenizer or $NEOCORE_TEST_TOKENIZER)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return folder
+
+
+@dataclass
+class Reference:
+    """A random model: its Hugging Face folder (fp32 safetensors) and the torch model."""
+    name: str
+    folder: Path
+    torch_model: object
+    config: dict
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            return self.torch_model(torch.tensor([ids])).logits[0].numpy()
+
+    def state_dict(self) -> dict:
+        return self.torch_model.state_dict()
+
+
+def random_model(shape: dict, seed: int = 0):
+    """GPTNeoForCausalLM with weights that survive bf16 and fp16 storage unchanged, and biases and
+    norms moved off their 0/1 init so that a dropped one shows."""
+    torch.manual_seed(seed)
+    vocab = shape["vocab_size"]
+    shape = {"initializer_range": SMALL_MODEL_INIT, **shape}
+    config = transformers.GPTNeoConfig(**shape, bos_token_id=vocab - 1,
+                                       eos_token_id=vocab - 1, attn_implementation="eager")
+    model = transformers.GPTNeoForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+            p.copy_(p.to(torch.bfloat16).float())
+            p[p.abs() < 1e-4] = 0.0  # below fp16's normal range, so fp16 files stay exact too
+    return model
+
+
+@pytest.fixture(scope="session")
+def reference_models(tmp_path_factory):
+    """reference_models(name) -> Reference, built once per session."""
+    cache: dict[str, Reference] = {}
+
+    def get(name: str) -> Reference:
+        if name not in cache:
+            folder = tmp_path_factory.mktemp(name)
+            model = random_model(SHAPES[name])
+            model.save_pretrained(folder, safe_serialization=True)
+            tok = tokenizer_folder()
+            if tok is not None and SHAPES[name]["vocab_size"] == 50257:
+                for f in ("vocab.json", "merges.txt"):
+                    shutil.copy(tok / f, folder / f)
+            cache[name] = Reference(name, folder, model, SHAPES[name])
+        return cache[name]
+
+    return get
+
+
+def write_torch_bin(model, folder: Path, real_style_extras: bool = True) -> Path:
+    """pytorch_model.bin via torch.save, with the buffers that old transformers wrote:
+    per-layer attention.bias masks and masked_bias scalars, and lm_head tied to wte."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = dict(model.state_dict())
+    if real_style_extras:
+        cfg = model.config
+        n = cfg.max_position_embeddings
+        causal = torch.tril(torch.ones((n, n), dtype=torch.bool)).view(1, 1, n, n)
+        for i, kind in enumerate(cfg.attention_layers):
+            mask = torch.bitwise_xor(causal, torch.tril(causal, -cfg.window_size)) if kind == "local" else causal
+            state[f"transformer.h.{i}.attn.attention.bias"] = mask
+            state[f"transformer.h.{i}.attn.attention.masked_bias"] = torch.tensor(-1e9)
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    torch.save(state, folder / "pytorch_model.bin")
+    model.config.to_json_file(folder / "config.json")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def write_bin():
+    return write_torch_bin
+
+
+def assert_logits_close(ours: np.ndarray, ref: np.ndarray) -> None:
+    """The issue's tolerance: max |diff| <= 1e-4 * max |logit| + 1e-5."""
+    assert ours.shape == ref.shape
+    bound = 1e-4 * float(np.abs(ref).max()) + 1e-5
+    worst = float(np.abs(ours - ref).max())
+    assert worst <= bound, f"max |diff| {worst:.3g} exceeds {bound:.3g}"
+
+
+@pytest.fixture(scope="session")
+def logits_close():
+    return assert_logits_close
