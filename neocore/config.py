@@ -69,8 +69,6 @@ class GPTNeoConfig:
             if key not in known:
                 raise ConfigError(f"{source}: unknown config field {key!r} in overrides")
             raw[key] = value
-            if key == "attention_layers":
-                raw.pop("attention_types", None)
         model_type = raw.get("model_type", "gpt_neo")
         if model_type != "gpt_neo":
             raise ConfigError(f"{source}: model_type is {model_type!r}, but neocore runs only 'gpt_neo'")
@@ -88,8 +86,12 @@ class GPTNeoConfig:
             raise ConfigError(f"{source}: hidden_size {hidden} is not divisible by num_heads {heads}")
         inner = raw.get("intermediate_size")
         inner = 4 * hidden if inner is None else integer("intermediate_size")
-        attention = raw.get("attention_layers") or _expand_attention_types(raw.get("attention_types"), source)
-        attention = tuple(attention)
+        # transformers derives attention_layers from attention_types (and may save both):
+        # the latter is the source of truth unless the caller overrides the per-layer list.
+        if overrides and "attention_layers" in overrides:
+            attention = tuple(overrides["attention_layers"])
+        else:
+            attention = tuple(_expand_attention_types(raw.get("attention_types"), source))
         if len(attention) != layers:
             raise ConfigError(f"{source}: attention_types describe {len(attention)} layers, "
                               f"but num_layers is {layers}")

@@ -1,0 +1,213 @@
+"""Checkpoint formats, dtypes, and the broken or hostile files that must fail cleanly."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import neocore
+
+IDS = [5, 17, 900, 3, 44, 1002, 7, 0, 61, 250, 8, 9, 10, 11]
+
+
+@pytest.fixture(scope="module")
+def odd(reference_models):
+    return reference_models("odd")
+
+
+@pytest.fixture(scope="module")
+def baseline(odd):
+    return {dt: neocore.load(odd.folder, dtype=dt).logits(IDS) for dt in ("bfloat16", "float32")}
+
+
+def copy_config(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "config.json", dst / "config.json")
+    return dst
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_bin_with_real_style_buffers_equals_safetensors(odd, baseline, write_bin, tmp_path, dtype):
+    folder = write_bin(odd.torch_model, tmp_path / "bin")
+    with zipfile.ZipFile(folder / "pytorch_model.bin") as zf:  # really carries the extras
+        assert any(n.endswith("data.pkl") for n in zf.namelist())
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    assert "transformer.h.0.attn.attention.bias" in state and "lm_head.weight" in state
+    assert state["lm_head.weight"].data_ptr() == state["transformer.wte.weight"].data_ptr()
+    assert np.array_equal(neocore.load(folder, dtype=dtype).logits(IDS), baseline[dtype])
+
+
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_half_precision_checkpoints_load(odd, baseline, tmp_path, stored, dtype):
+    """The fixture's weights are exact in fp16 and bf16, so the logits must not change at all."""
+    state = {k: v.to(stored).contiguous() for k, v in odd.state_dict().items() if k != "lm_head.weight"}
+    folder = copy_config(odd.folder, tmp_path / str(stored))
+    save_file(state, folder / "model.safetensors")
+    assert np.array_equal(neocore.load(folder, dtype=dtype).logits(IDS), baseline[dtype])
+    bin_folder = tmp_path / f"{stored}-bin"
+    bin_folder.mkdir()
+    torch.save(state, bin_folder / "pytorch_model.bin")
+    copy_config(odd.folder, bin_folder)
+    assert np.array_equal(neocore.load(bin_folder, dtype=dtype).logits(IDS), baseline[dtype])
+
+
+def test_sharded_checkpoints(odd, baseline, tmp_path):
+    st = tmp_path / "sharded-st"
+    odd.torch_model.save_pretrained(st, safe_serialization=True, max_shard_size="20KB")
+    assert (st / "model.safetensors.index.json").is_file() and not (st / "model.safetensors").exists()
+    assert np.array_equal(neocore.load(st).logits(IDS), baseline["bfloat16"])
+
+    state = {k: v for k, v in odd.state_dict().items() if k != "lm_head.weight"}
+    names = sorted(state)
+    shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    pt = copy_config(odd.folder, tmp_path / "sharded-bin")
+    weight_map = {}
+    for shard, keys in shards.items():
+        torch.save({k: state[k] for k in keys}, pt / shard)
+        weight_map.update({k: shard for k in keys})
+    (pt / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert np.array_equal(neocore.load(pt).logits(IDS), baseline["bfloat16"])
+
+    os.remove(pt / "pytorch_model-00002-of-00002.bin")
+    with pytest.raises(neocore.CheckpointError, match="pytorch_model-00002-of-00002.bin.*missing"):
+        neocore.load(pt)
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("payload", ["os.system", "builtins.eval"])
+def test_pickle_that_runs_code_is_refused(odd, tmp_path, payload):
+    marker = tmp_path / "pwned"
+    state = {k: v for k, v in odd.state_dict().items() if k != "lm_head.weight"}
+    if payload == "os.system":
+        state["transformer.h.0.ln_1.weight"] = _RunsCode(marker)
+    else:
+        class Eval:
+            def __reduce__(self):
+                return eval, (f"open({str(marker)!r}, 'w')",)
+        state["evil"] = Eval()
+    folder = copy_config(odd.folder, tmp_path / "evil")
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(neocore.CheckpointError, match=r"pytorch_model\.bin.*refused to load (posix|os|builtins|__builtin__)\.(system|eval)"):
+        neocore.load(folder)
+    assert not marker.exists(), "the pickle's code ran"
+
+
+def test_plain_pickle_in_place_of_a_checkpoint_is_refused(odd, tmp_path):
+    folder = copy_config(odd.folder, tmp_path / "plain")
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(neocore.CheckpointError, match="pytorch_model.bin.*not a readable zip"):
+        neocore.load(folder)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_truncated_file_is_a_clear_error(odd, write_bin, tmp_path, fmt):
+    if fmt == "safetensors":
+        folder = copy_config(odd.folder, tmp_path / "st")
+        shutil.copy(odd.folder / "model.safetensors", folder / "model.safetensors")
+        target = folder / "model.safetensors"
+    else:
+        folder = write_bin(odd.torch_model, tmp_path / "bin")
+        target = folder / "pytorch_model.bin"
+    data = target.read_bytes()
+    for keep in (len(data) // 2, 5):
+        target.write_bytes(data[:keep])
+        with pytest.raises(neocore.CheckpointError, match=f"{target.name}.*(truncated|not a readable zip)"):
+            neocore.load(folder)
+
+
+def _edited_safetensors(odd, tmp_path, edit) -> Path:
+    state = {k: v.clone() for k, v in load_file(odd.folder / "model.safetensors").items()}
+    edit(state)
+    folder = copy_config(odd.folder, tmp_path / "edited")
+    save_file(state, folder / "model.safetensors")
+    return folder
+
+
+def test_missing_tensor(odd, tmp_path):
+    folder = _edited_safetensors(odd, tmp_path, lambda s: s.pop("transformer.h.1.mlp.c_fc.bias"))
+    with pytest.raises(neocore.CheckpointError, match=r"model\.safetensors.*transformer\.h\.1\.mlp\.c_fc\.bias.*missing"):
+        neocore.load(folder)
+
+
+def test_wrong_shape(odd, tmp_path):
+    def edit(s):
+        s["transformer.h.2.attn.attention.q_proj.weight"] = torch.zeros(36, 35)
+    folder = _edited_safetensors(odd, tmp_path, edit)
+    with pytest.raises(neocore.CheckpointError, match=r"q_proj\.weight.*shape \[36, 35\], expected \[36, 36\]"):
+        neocore.load(folder)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "gpt2"}, "model_type is 'gpt2'"),
+    ({"activation_function": "relu"}, "activation_function 'relu'"),
+    ({"num_heads": 5}, "hidden_size 36 is not divisible by num_heads 5"),
+    ({"attention_types": [[["global"], 2]]}, "attention_types describe 2 layers, but num_layers is 3"),
+    ({"attention_types": [[["sparse"], 3]]}, "unknown attention type\\(s\\) \\[.sparse.\\]"),
+    ({"hidden_size": "36"}, "hidden_size must be an integer"),
+])
+def test_bad_config(odd, tmp_path, change, message):
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    shutil.copy(odd.folder / "model.safetensors", folder / "model.safetensors")
+    config = json.loads((odd.folder / "config.json").read_text())
+    config.update(change)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(neocore.ConfigError, match=f"config.json: {message}"):
+        neocore.load(folder)
+
+
+def test_missing_files(odd, tmp_path):
+    with pytest.raises(neocore.ModelNotFoundError, match="no such model folder"):
+        neocore.load(tmp_path / "nowhere")
+    folder = copy_config(odd.folder, tmp_path / "noweights")
+    with pytest.raises(neocore.CheckpointError, match="no weights found.*model.safetensors"):
+        neocore.load(folder)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(neocore.ConfigError, match="config.json: no such file"):
+        neocore.load(empty)
+    (empty / "config.json").write_text("{not json")
+    with pytest.raises(neocore.ConfigError, match="not a readable JSON"):
+        neocore.load(empty)
+
+
+def test_rounding_is_reported_once(odd, tmp_path, caplog):
+    def perturb(s):
+        for k in ("transformer.h.0.mlp.c_fc.weight", "transformer.wte.weight"):
+            s[k] = s[k] + 1e-3 * torch.rand_like(s[k])
+    folder = _edited_safetensors(odd, tmp_path, perturb)
+    with caplog.at_level("WARNING", logger="neocore"):
+        neocore.load(folder)
+        neocore.load(folder, dtype="float32")  # exact weights: nothing to report
+    warnings = [r for r in caplog.records if "rounded" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].getMessage().startswith("2 weight tensor(s)")
+
+
+def test_loading_fp32_peaks_below_the_file_size(reference_models):
+    """Converted tensor by tensor, each mapped region let go: never the whole model twice."""
+    ref = reference_models("gpt-neo-125M")
+    weights = ref.folder / "model.safetensors"
+    # VmHWM is this process image's own peak (ru_maxrss would carry pytest's over the exec)
+    code = ("import neocore, sys; m = neocore.load(sys.argv[1]); status = open('/proc/self/status').read();"
+            "print(int(status.split('VmHWM:')[1].split()[0]) * 1024)")
+    peak = int(subprocess.run([sys.executable, "-c", code, str(ref.folder)], check=True,
+                              capture_output=True, text=True).stdout)
+    assert peak < weights.stat().st_size, f"peak RSS {peak >> 20} MiB vs file {weights.stat().st_size >> 20} MiB"
