@@ -1,8 +1,221 @@
-"""Placeholder replaced by the BPE tokenizer."""
+"""GPT-2's byte-level BPE, as GPT-Neo uses it, giving the ids Hugging Face's tokenizer gives.
+
+Text is split by GPT-2's pre-tokenisation pattern; each piece's UTF-8 bytes are mapped to
+printable characters (bytes_to_unicode) and merged pair by pair, lowest merge rank first.
+Pieces repeat a lot in real text, so each piece's ids are cached."""
+from __future__ import annotations
+
+import codecs
+import json
+from functools import lru_cache
 from pathlib import Path
+from typing import Iterable, Sequence
+
+import regex
+
+from .errors import TokenizerError
+
+# GPT-2's pattern: contractions, letters, numbers, other symbols, and its whitespace rules
+# (a run of spaces leaves its last space to prefix the next word).
+PRETOKENIZE = regex.compile(
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+ENDOFTEXT = "<|endoftext|>"
+_CACHE_LIMIT = 200_000  # pieces remembered; the cache is emptied past it
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (no whitespace or controls)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
 
 
 class Tokenizer:
+    """encode(text) -> ids and decode(ids) -> text, exactly as GPT2TokenizerFast does."""
+
+    def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]],
+                 special_tokens: Iterable[str] = (ENDOFTEXT,)):
+        self.encoder = dict(vocab)
+        self.ranks = {pair: rank for rank, pair in enumerate(merges)}
+        self.special = {tok: self.encoder[tok] for tok in special_tokens if tok in self.encoder}
+        self._special_split = regex.compile("(" + "|".join(regex.escape(t) for t in self.special) + ")") \
+            if self.special else None
+        self.vocab_size = max(self.encoder.values()) + 1 if self.encoder else 0
+        self.id_to_bytes: list[bytes | None] = [None] * self.vocab_size
+        byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
+        for token, i in self.encoder.items():
+            try:
+                self.id_to_bytes[i] = bytes(byte_of[ch] for ch in token)
+            except KeyError:  # a token outside the byte alphabet (an added token): its text
+                self.id_to_bytes[i] = token.encode("utf-8")
+        self._to_unicode = str.maketrans({b: ch for b, ch in bytes_to_unicode().items()})
+        self._cache: dict[str, list[int]] = {}
+
+    # ---- loading ----------------------------------------------------------------------------
     @staticmethod
     def files_present(folder: Path) -> bool:
-        return False
+        folder = Path(folder)
+        return (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() \
+            or (folder / "tokenizer.json").is_file()
+
+    @classmethod
+    def from_dir(cls, folder: str | Path) -> "Tokenizer":
+        """vocab.json + merges.txt, else tokenizer.json."""
+        folder = Path(folder)
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            vocab = _read_json(folder / "vocab.json")
+            merges = _parse_merges((folder / "merges.txt"), _read_text(folder / "merges.txt").splitlines())
+            return cls(_check_vocab(vocab, folder / "vocab.json"), merges)
+        if (folder / "tokenizer.json").is_file():
+            return cls.from_tokenizer_json(folder / "tokenizer.json")
+        raise TokenizerError(f"{folder}: no tokenizer files (looked for vocab.json + merges.txt, tokenizer.json)")
+
+    @classmethod
+    def from_tokenizer_json(cls, path: Path) -> "Tokenizer":
+        data = _read_json(path)
+        try:
+            model = data["model"]
+            if model.get("type", "BPE") != "BPE":
+                raise TokenizerError(f"{path}: model type {model.get('type')!r} is not BPE")
+            vocab = dict(model["vocab"])
+            raw_merges = model["merges"]
+            lines = [m if isinstance(m, str) else " ".join(m) for m in raw_merges]
+            added = [t["content"] for t in data.get("added_tokens", []) if t.get("special")]
+        except (KeyError, TypeError, AttributeError):
+            raise TokenizerError(f"{path}: not a BPE tokenizer.json") from None
+        for t in data.get("added_tokens", []):
+            vocab.setdefault(t["content"], t["id"])
+        return cls(_check_vocab(vocab, path), _parse_merges(path, lines), added or (ENDOFTEXT,))
+
+    # ---- encoding ---------------------------------------------------------------------------
+    @property
+    def eos_id(self) -> int:
+        return self.special.get(ENDOFTEXT, self.vocab_size - 1)
+
+    def _bpe(self, piece: str) -> list[int]:
+        """The ids of one pre-token: merge the lowest-ranked adjacent pair until none is left."""
+        parts = list(piece.encode("utf-8").decode("latin-1").translate(self._to_unicode))
+        ranks = self.ranks
+        while len(parts) > 1:
+            best, best_rank = None, None
+            for pair in zip(parts, parts[1:]):
+                rank = ranks.get(pair)
+                if rank is not None and (best_rank is None or rank < best_rank):
+                    best, best_rank = pair, rank
+            if best is None:
+                break
+            merged, i, n = [], 0, len(parts)
+            while i < n:
+                if i < n - 1 and parts[i] == best[0] and parts[i + 1] == best[1]:
+                    merged.append(best[0] + best[1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        try:
+            return [self.encoder[p] for p in parts]
+        except KeyError as exc:
+            raise TokenizerError(f"symbol {exc.args[0]!r} is not in the vocabulary") from None
+
+    def _encode_ordinary(self, text: str, ids: list[int]) -> None:
+        cache = self._cache
+        if len(cache) > _CACHE_LIMIT:
+            cache.clear()
+        for piece in PRETOKENIZE.findall(text):
+            found = cache.get(piece)
+            if found is None:
+                found = cache[piece] = self._bpe(piece)
+            ids.extend(found)
+
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        """Token ids of text. '<|endoftext|>' becomes its single special id, as Hugging Face
+        does by default; allow_special=False encodes it as plain text instead."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"encode takes a str, got {type(text).__name__}")
+        ids: list[int] = []
+        if not allow_special or self._special_split is None:
+            self._encode_ordinary(text, ids)
+            return ids
+        for i, part in enumerate(self._special_split.split(text)):
+            if i % 2:
+                ids.append(self.special[part])
+            elif part:
+                self._encode_ordinary(part, ids)
+        return ids
+
+    def encode_batch(self, texts: Iterable[str], allow_special: bool = True) -> list[list[int]]:
+        return [self.encode(t, allow_special) for t in texts]
+
+    # ---- decoding ---------------------------------------------------------------------------
+    def token_bytes(self, token_id: int) -> bytes:
+        if not isinstance(token_id, int) or not 0 <= token_id < self.vocab_size \
+                or self.id_to_bytes[token_id] is None:
+            raise TokenizerError(f"token id {token_id!r} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return self.id_to_bytes[token_id]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ids; byte sequences that are not valid UTF-8 become U+FFFD, as in Hugging Face."""
+        return b"".join(self.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")
+
+    def stream_decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Takes ids one at a time and returns only complete characters, holding back a partial
+    multi-byte sequence (an emoji often spans several tokens). The concatenation of what it
+    returns, flush() included, equals Tokenizer.decode of all the ids."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token_id: int) -> str:
+        return self._utf8.decode(self._tokenizer.token_bytes(int(token_id)))
+
+    def flush(self) -> str:
+        """Whatever is held back, as replacement characters if it never completed."""
+        return self._utf8.decode(b"", final=True)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TokenizerError(f"{path}: cannot read ({exc})") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise TokenizerError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object")
+    return data
+
+
+def _check_vocab(vocab: dict, path: Path) -> dict[str, int]:
+    if not vocab or not all(isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in vocab.items()):
+        raise TokenizerError(f"{path}: the vocabulary must map token strings to ids >= 0")
+    return vocab
+
+
+def _parse_merges(path: Path, lines: Iterable[str]) -> list[tuple[str, str]]:
+    merges = []
+    for number, line in enumerate(lines, 1):
+        if not line or line.startswith("#version"):
+            continue
+        pair = line.split(" ")
+        if len(pair) != 2:
+            raise TokenizerError(f"{path}: line {number} is not a merge of two symbols: {line!r}")
+        merges.append((pair[0], pair[1]))
+    return merges

@@ -1,0 +1,148 @@
+"""The BPE tokenizer against Hugging Face's GPT2TokenizerFast on the real GPT-2 files."""
+from __future__ import annotations
+
+import random
+import shutil
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import GPT2TokenizerFast
+
+from neocore import TokenizerError
+from neocore.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def ours(gpt2_tokenizer_dir):
+    return Tokenizer.from_dir(gpt2_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def hf(gpt2_tokenizer_dir):
+    return GPT2TokenizerFast(str(gpt2_tokenizer_dir / "vocab.json"), str(gpt2_tokenizer_dir / "merges.txt"))
+
+
+def one_megabyte_document() -> str:
+    rng = random.Random(0)
+    words = ["the", "model", "GPT-Neo", "tokenizer's", "naïve", "café", "1234", "3.14159", "—", "Ελλάδα",
+             "日本語", "😀", "x=y+1;", "\t", "  ", "\n\n", "don't", "WE'LL", "Москва", "مرحبا", "नमस्ते"]
+    parts = []
+    size = 0
+    while size < 1_000_000:
+        w = rng.choice(words) + rng.choice([" ", " ", "", "\n", "  "])
+        parts.append(w)
+        size += len(w.encode())
+    return "".join(parts)
+
+
+CORPUS = {
+    "prose": "It was the best of times, it was the worst of times; it was the age of wisdom.",
+    "code": "def f(x):\n\tif x  >  1:\n\t\treturn x ** 2  # square\n    \n\treturn None\n\n\n",
+    "spaces": "a    b\t\t c  \n   \n  d   ",
+    "numbers": "1 12 123 1234 12345 3.14159 -42 1e-5 0x1F 1,000,000 2026-11-26",
+    "punctuation": "!!! ??? ... --- ((([]))) @#$%^&* \"quoted\" 'single' `tick`",
+    "contractions": "it's I'm you're we've they'll he'd can't IT'S I'M YOU'RE WE'VE THEY'LL HE'D 'S 'LL 'd",
+    "accents": "naïve café résumé Zürich São Paulo Ångström crème brûlée",
+    "cyrillic": "Съешь же ещё этих мягких французских булок, да выпей чаю.",
+    "greek": "Ξεσκεπάζω την ψυχοφθόρα βδελυγμία.",
+    "cjk": "東京は日本の首都です。我爱自然语言处理。한국어 텍스트",
+    "arabic": "مرحبا بالعالم، هذا اختبار.",
+    "hindi": "नमस्ते दुनिया, यह एक परीक्षण है।",
+    "emoji": "😀 👍🏽 👨‍👩‍👧‍👦 🏳️‍🌈 ❤️ 🇯🇵 👩🏿‍💻",
+    "combining": "e\u0301 a\u0308 n\u0303 Z\u0351\u0327a\u0362l\u0315g\u0338o",
+    "controls": "\x00\x01\x07\x1b[31mred\x1b[0m\x7f\x1c\x1d\x1e\x1f\x85\u2028\u2029\ufeff",
+    "crlf": "line one\r\nline two\r\n\r\nend\r\n",
+    "trailing": "trailing spaces   \n\t ",
+    "empty": "",
+    "special": "before<|endoftext|>after <|endoftext|> <|endoftext|><|endoftext|>",
+    "unicode spaces": "a\u00a0b\u2003c\u3000d\u200be \u202f f",
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_corpus_matches_hugging_face(ours, hf, name):
+    text = CORPUS[name]
+    ids = ours.encode(text)
+    assert ids == hf.encode(text)
+    assert ours.decode(ids) == text
+
+
+def test_one_megabyte_document(ours, hf):
+    text = one_megabyte_document()
+    ids = ours.encode(text)
+    assert ids == hf.encode(text)
+    assert ours.decode(ids) == text
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(max_size=80))
+def test_random_unicode_matches_hugging_face(ours, hf, text):
+    ids = ours.encode(text)
+    assert ids == hf.encode(text)
+    assert ours.decode(ids) == text
+
+
+def test_special_token_as_plain_text(ours, hf):
+    text = "a <|endoftext|> b"
+    plain = ours.encode(text, allow_special=False)
+    assert 50256 not in plain
+    assert plain == hf(text, split_special_tokens=True)["input_ids"]
+    assert ours.encode(text) == hf.encode(text) and 50256 in ours.encode(text)
+
+
+def test_decoding_arbitrary_ids_replaces_invalid_utf8_like_hugging_face(ours, hf):
+    rng = random.Random(1)
+    for _ in range(300):
+        ids = [rng.randrange(ours.vocab_size) for _ in range(rng.randrange(1, 12))]
+        assert ours.decode(ids) == hf.decode(ids, clean_up_tokenization_spaces=False)
+    assert ours.vocab_size == 50257 and ours.eos_id == 50256
+
+
+def test_out_of_range_ids_are_refused(ours):
+    for bad in (50257, -1, 10**9):
+        with pytest.raises(TokenizerError, match="outside the vocabulary"):
+            ours.decode([1, bad])
+
+
+@pytest.mark.parametrize("name", ["emoji", "cjk", "combining", "hindi", "controls"])
+def test_stream_decoder_emits_exactly_decode(ours, name):
+    ids = ours.encode(CORPUS[name])
+    decoder = ours.stream_decoder()
+    pieces = [decoder.add(i) for i in ids] + [decoder.flush()]
+    assert "".join(pieces) == ours.decode(ids) == CORPUS[name]
+    assert all("\ufffd" not in p for p in pieces), "a partial character was emitted"
+
+
+def test_stream_decoder_on_random_ids(ours):
+    rng = random.Random(2)
+    for _ in range(200):
+        ids = [rng.randrange(ours.vocab_size) for _ in range(rng.randrange(1, 10))]
+        decoder = ours.stream_decoder()
+        assert "".join(decoder.add(i) for i in ids) + decoder.flush() == ours.decode(ids)
+
+
+def test_encode_batch(ours, hf):
+    texts = list(CORPUS.values())
+    assert ours.encode_batch(texts) == [hf.encode(t) for t in texts]
+
+
+def test_tokenizer_json_gives_the_same_ids(ours, hf, tmp_path):
+    hf.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    from_json = Tokenizer.from_dir(tmp_path)
+    for text in CORPUS.values():
+        assert from_json.encode(text) == ours.encode(text)
+    assert from_json.eos_id == 50256
+
+
+def test_broken_tokenizer_files(gpt2_tokenizer_dir, tmp_path):
+    with pytest.raises(TokenizerError, match="no tokenizer files"):
+        Tokenizer.from_dir(tmp_path)
+    shutil.copy(gpt2_tokenizer_dir / "merges.txt", tmp_path / "merges.txt")
+    (tmp_path / "vocab.json").write_text("[1, 2]")
+    with pytest.raises(TokenizerError, match="vocab.json: expected a JSON object"):
+        Tokenizer.from_dir(tmp_path)
+    (tmp_path / "vocab.json").write_text('{"a": 0, "b": 1}')
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b c\n")
+    with pytest.raises(TokenizerError, match="line 2 is not a merge"):
+        Tokenizer.from_dir(tmp_path)
