@@ -4,14 +4,14 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from . import _core
 from .checkpoint import open_checkpoint
 from .config import GPTNeoConfig
-from .errors import ConfigError, ContextError, ModelNotFoundError, NeocoreError
+from .errors import ConfigError, ContextError, NeocoreError
 from .weights import WEIGHT_DTYPES, WeightLoader
 
 PREFILL_CHUNK = 256  # prompt tokens pushed through the layers together (bounds scratch memory)
@@ -98,25 +98,24 @@ class Model:
         """Tokens in the cache: the position the next token will take."""
         return self._engine.pos
 
-    def append(self, ids: Sequence[int]) -> np.ndarray:
-        """Feeds tokens after those already cached; returns the logits after the last one
-        (a buffer reused by the next call: copy it to keep it)."""
+    def append(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Feeds tokens after those already cached. Returns the logits after the last one (a
+        buffer reused by the next call: copy it to keep it), or with all_logits a new
+        [len(ids), vocab] array of the logits after each."""
         tokens = self._tokens(ids)
         if tokens.size == 0:
             raise NeocoreError("no tokens to feed")
         self._check_room(tokens.size)
-        self._engine.forward(tokens, self._last_logits, False)
-        return self._last_logits[0]
+        out = np.empty((tokens.size, self.config.vocab_size), np.float32) if all_logits else self._last_logits
+        self._engine.forward(tokens, out, all_logits)
+        return out if all_logits else out[0]
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """float32 [len(ids), vocab]: logits at every position, from a fresh state."""
-        tokens = self._tokens(ids)
         self.reset()
-        self._check_room(tokens.size)
-        out = np.empty((tokens.size, self.config.vocab_size), dtype=np.float32)
-        if tokens.size:
-            self._engine.forward(tokens, out, True)
-        return out
+        if not len(ids):
+            return np.empty((0, self.config.vocab_size), np.float32)
+        return self.append(ids, all_logits=True)
 
     def generate_ids(self, ids: Sequence[int], max_new_tokens: int = 32,
                      stop_at_eos: bool = True) -> list[int]:
@@ -138,6 +137,32 @@ class Model:
         return new
 
 
+    # ---- text -------------------------------------------------------------------------------
+    def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.8,
+                 top_k: int = 40, top_p: float = 0.95, repetition_penalty: float = 1.0,
+                 seed: int | None = None, stop: Sequence[str] = ()) -> str:
+        """The continuation of prompt (without it). temperature=0 is greedy; top_k=0 and
+        top_p=1 switch those filters off. Ends at EOS, max_new_tokens, a full context, or
+        just before the first stop string."""
+        return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p,
+                                   repetition_penalty, seed, stop))
+
+    def stream(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.8,
+               top_k: int = 40, top_p: float = 0.95, repetition_penalty: float = 1.0,
+               seed: int | None = None, stop: Sequence[str] = ()) -> Iterator[str]:
+        """Like generate, as an iterator of text chunks while they are produced (whole
+        characters only). Arguments are checked before the first chunk is asked for."""
+        from .generate import stream
+        return stream(self, prompt, max_new_tokens, temperature, top_k, top_p,
+                      repetition_penalty, seed, stop)
+
+    def score(self, text: str, stride: int | None = None,
+              progress: Callable[[int, int], None] | None = None) -> Any:
+        """Per-token log-probabilities and perplexity of text (see neocore.generate.score)."""
+        from .generate import score
+        return score(self, text, stride, progress)
+
+
 def _find_tokenizer(folder: Path) -> Any:
     from .tokenizer import Tokenizer
     return Tokenizer.from_dir(folder) if Tokenizer.files_present(folder) else None
@@ -145,14 +170,15 @@ def _find_tokenizer(folder: Path) -> Any:
 
 def load(path: str | os.PathLike, dtype: str = "bfloat16", threads: int | None = None,
          context: int | None = None, isa: str | None = None, config: str | os.PathLike | None = None,
-         **overrides: Any) -> Model:
+         progress: Callable[[int, int], None] | None = None, **overrides: Any) -> Model:
     """Loads a GPT-Neo model folder (config.json plus weights).
 
     dtype: 'bfloat16' (default; lossless for the published checkpoints) or 'float32'.
     threads: OpenMP threads (default: every usable core). context: positions to allocate the
     key/value cache for (default: max_position_embeddings). isa: 'avx2' or 'generic' (default:
     $NEOCORE_ISA, else the fastest this CPU runs). config: a config.json to use instead of the
-    folder's. Other keywords override config fields (e.g. window_size=24)."""
+    folder's. progress(done, total) is called while weights load. Other keywords override
+    config fields (e.g. window_size=24)."""
     start = time.perf_counter()
     from .resolve import resolve_model
     folder = resolve_model(path)
@@ -166,7 +192,7 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", threads: int | None =
     if threads < 1:
         raise NeocoreError(f"threads must be >= 1, got {threads}")
     chosen_isa = kernel_path(isa)
-    weights = WeightLoader(open_checkpoint(folder), cfg, dtype).load_all()
+    weights = WeightLoader(open_checkpoint(folder), cfg, dtype).load_all(progress)
     tokenizer = _find_tokenizer(folder)
     return Model(folder, cfg, weights, dtype, threads, context, chosen_isa, tokenizer,
                  time.perf_counter() - start)

@@ -3,7 +3,7 @@ in the reference mode), biases and LayerNorm parameters in float32."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -97,8 +97,9 @@ class WeightLoader:
         ref = self._ref(name, shape)
         return np.array(self._as_float32(ref, self.checkpoint.array(ref)), dtype=np.float32)
 
-    def load_all(self) -> dict[str, Any]:
-        """Every tensor the engine reads, in the structure the Engine constructor takes."""
+    def load_all(self, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """Every tensor the engine reads, in the structure the Engine constructor takes;
+        progress(layers done, layers) is called as it goes."""
         c = self.config
         H, F = c.hidden_size, c.intermediate_size
         weights: dict[str, Any] = {
@@ -124,6 +125,8 @@ class WeightLoader:
                 "proj_w": self.matrix(p + "mlp.c_proj.weight", (H, F)),
                 "proj_b": self.vector(p + "mlp.c_proj.bias", (H,)),
             })
+            if progress:
+                progress(i + 1, c.num_layers)
         weights["lnf_w"] = self.vector("ln_f.weight", (H,))
         weights["lnf_b"] = self.vector("ln_f.bias", (H,))
         if self.rounded:

@@ -1,0 +1,282 @@
+"""neocore bench: speed and memory of neocore, side by side with transformers in one run.
+
+Each engine runs in a fresh worker process (python -m neocore.bench --worker ...), so that
+peak RSS (VmHWM) and load time belong to that engine alone; the parent prints the table,
+the ratios and the bandwidth roofline. `neocore bench make-model` writes random-weight models
+of the real GPT-Neo shapes (bf16-exact fp32 values, as the published checkpoints hold)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPES = {  # hidden, layers, heads
+    "125M": (768, 12, 12),
+    "350M": (1024, 24, 16),
+    "1.3B": (2048, 24, 16),
+    "2.7B": (2560, 32, 20),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", help="model folder to measure")
+    p.add_argument("--make-model", metavar="SHAPE", choices=sorted(SHAPES),
+                   help="write a random-weight model of this shape to --out and exit")
+    p.add_argument("--out", help="folder for --make-model")
+    p.add_argument("--format", choices=["safetensors", "bin"], default="safetensors",
+                   help="file --make-model writes (bin needs torch)")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--threads", default="2", help="comma-separated thread counts, e.g. 1,2")
+    p.add_argument("--compare", default="", help="peers to run too: transformers, transformers-bf16")
+    p.add_argument("--latency", action="store_true", help="also time decode steps at positions 100 and 2000")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+# ---- random models ---------------------------------------------------------------------------
+
+def write_random_model(shape: str, out: Path, fmt: str = "safetensors", seed: int = 0) -> Path:
+    """A GPT-Neo folder with random weights in the real shape; fp32 values with zero low halves."""
+    hidden, layers, heads = SHAPES[shape]
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model_type": "gpt_neo", "architectures": ["GPTNeoForCausalLM"], "hidden_size": hidden,
+        "num_layers": layers, "num_heads": heads, "intermediate_size": None, "vocab_size": 50257,
+        "max_position_embeddings": 2048, "window_size": 256,
+        "attention_types": [[["global", "local"], layers // 2]], "layer_norm_epsilon": 1e-5,
+        "activation_function": "gelu_new", "bos_token_id": 50256, "eos_token_id": 50256,
+        "tie_word_embeddings": True,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    rng = np.random.default_rng(seed)
+
+    def tensor(*shape: int, scale: float = 0.02, offset: float = 0.0) -> np.ndarray:
+        values = (rng.standard_normal(shape, dtype=np.float32) * scale + offset)
+        return (values.view(np.uint32) & 0xFFFF0000).view(np.float32)
+
+    names = {"transformer.wte.weight": (50257, hidden), "transformer.wpe.weight": (2048, hidden)}
+    for i in range(layers):
+        p = f"transformer.h.{i}."
+        names.update({p + "ln_1.weight": (hidden,), p + "ln_1.bias": (hidden,),
+                      p + "ln_2.weight": (hidden,), p + "ln_2.bias": (hidden,)})
+        for proj in ("q", "k", "v", "out"):
+            names[p + f"attn.attention.{proj}_proj.weight"] = (hidden, hidden)
+        names[p + "attn.attention.out_proj.bias"] = (hidden,)
+        names.update({p + "mlp.c_fc.weight": (4 * hidden, hidden), p + "mlp.c_fc.bias": (4 * hidden,),
+                      p + "mlp.c_proj.weight": (hidden, 4 * hidden), p + "mlp.c_proj.bias": (hidden,)})
+    names.update({"transformer.ln_f.weight": (hidden,), "transformer.ln_f.bias": (hidden,)})
+
+    def make(name: str, shape: tuple) -> np.ndarray:
+        return tensor(*shape, offset=1.0 if name.endswith("ln_1.weight") or name.endswith("ln_2.weight")
+                      or name.endswith("ln_f.weight") else 0.0)
+
+    if fmt == "bin":
+        import torch
+        torch.save({n: torch.from_numpy(make(n, s)) for n, s in names.items()}, out / "pytorch_model.bin")
+        return out
+    # safetensors written tensor by tensor, so a 2.7B model never sits in memory whole
+    header, offset = {}, 0
+    for name, shape in names.items():
+        size = int(np.prod(shape)) * 4
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(out / "model.safetensors", "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name, shape in names.items():
+            f.write(make(name, shape).tobytes())
+    return out
+
+
+# ---- measurements (inside a worker) ----------------------------------------------------------
+
+def peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def memory_bandwidth(threads: int, nbytes: int = 1 << 30) -> float:
+    """Read bandwidth in GB/s: each thread sums its share of a large array (numpy drops the GIL)."""
+    data = np.ones(nbytes // 4, dtype=np.float32)
+    parts = np.array_split(data, threads)
+    best = 0.0
+    for _ in range(3):
+        workers = [threading.Thread(target=part.sum) for part in parts]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, data.nbytes / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+class NeocoreRunner:
+    def __init__(self, folder: str, threads: int, dtype: str):
+        import neocore
+        self.model = neocore.load(folder, threads=threads, dtype=dtype)
+
+    def prefill(self, ids: list[int]) -> int:
+        self.model.reset()
+        return int(np.argmax(self.model.append(ids)))
+
+    def step(self, token: int) -> int:
+        return int(np.argmax(self.model.append([token])))
+
+
+class TransformersRunner:
+    def __init__(self, folder: str, threads: int, dtype: str):
+        import torch
+        from transformers import GPTNeoForCausalLM
+        torch.set_num_threads(threads)
+        self.torch = torch
+        torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        self.model = GPTNeoForCausalLM.from_pretrained(folder, dtype=torch_dtype,
+                                                       attn_implementation="eager").eval()
+        self.past = None
+
+    def _run(self, ids: list[int]) -> int:
+        with self.torch.inference_mode():
+            out = self.model(self.torch.tensor([ids]), past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    def prefill(self, ids: list[int]) -> int:
+        self.past = None
+        return self._run(ids)
+
+    def step(self, token: int) -> int:
+        return self._run([token])
+
+
+RUNNERS = {"neocore": NeocoreRunner, "transformers": TransformersRunner}
+
+
+def worker(engine: str, folder: str, threads: int, dtype: str, prompt_tokens: int, new_tokens: int,
+           latency: bool) -> dict:
+    if engine == "transformers":  # library import time is not model load time
+        import torch, transformers  # noqa: F401
+    start = time.perf_counter()
+    runner = RUNNERS[engine](folder, threads, dtype)
+    load = time.perf_counter() - start
+    prompt = np.random.default_rng(0).integers(0, 50000, prompt_tokens).tolist()
+    runner.prefill(prompt[:8])  # warm up
+    start = time.perf_counter()
+    token = runner.prefill(prompt)
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        token = runner.step(token)
+    decode = time.perf_counter() - start
+    result = {"engine": engine, "dtype": dtype, "threads": threads, "load_s": load,
+              "prefill_tok_s": prompt_tokens / ttft, "ttft_s": ttft,
+              "decode_tok_s": new_tokens / decode, "peak_rss": peak_rss()}
+    if latency:
+        steps = 16
+        for position in (100, 2000):
+            long_prompt = np.random.default_rng(1).integers(0, 50000, position).tolist()
+            token = runner.prefill(long_prompt)
+            start = time.perf_counter()
+            for _ in range(steps):
+                token = runner.step(token)
+            result[f"step_ms_at_{position}"] = (time.perf_counter() - start) / steps * 1e3
+    return result
+
+
+# ---- the parent ------------------------------------------------------------------------------
+
+def _spawn(engine: str, args: argparse.Namespace, threads: int, dtype: str) -> dict:
+    spec = json.dumps({"engine": engine, "folder": args.model, "threads": threads, "dtype": dtype,
+                       "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                       "latency": args.latency and engine == "neocore"})
+    proc = subprocess.run([sys.executable, "-m", "neocore.bench", "--worker", spec],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"the {engine} worker failed: {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def weights_bytes_per_token(folder: str) -> int:
+    """Bytes a bf16 decode step reads: every matrix once (the tied lm_head included)."""
+    from .config import GPTNeoConfig
+    c = GPTNeoConfig.from_file(Path(folder) / "config.json")
+    h, f = c.hidden_size, c.intermediate_size
+    return 2 * (c.vocab_size * h + c.num_layers * (4 * h * h + 2 * h * f))
+
+
+def run(args: argparse.Namespace) -> int:
+    from .errors import NeocoreError
+    if args.make_model:
+        if not args.out:
+            raise NeocoreError("--make-model needs --out FOLDER")
+        write_random_model(args.make_model, Path(args.out), args.format)
+        print(f"wrote a random {args.make_model} model to {args.out}")
+        return 0
+    if not args.model:
+        raise NeocoreError("bench needs -m MODEL (a folder; make one with --make-model 125M --out DIR)")
+    thread_counts = [int(t) for t in args.threads.split(",") if t]
+    peers = [p for p in args.compare.split(",") if p]
+    for peer in peers:
+        if peer not in ("transformers", "transformers-bf16"):
+            raise NeocoreError(f"unknown peer {peer!r} (transformers, transformers-bf16)")
+    rows = []
+    for threads in thread_counts:
+        bandwidth = memory_bandwidth(threads)
+        roofline = bandwidth * 1e9 / weights_bytes_per_token(args.model)
+        ours = _spawn("neocore", args, threads, args.dtype)
+        ours["bandwidth_gb_s"], ours["roofline_tok_s"] = bandwidth, roofline
+        rows.append(ours)
+        for peer in peers:
+            theirs = _spawn("transformers", args, threads,
+                            "bfloat16" if peer.endswith("bf16") else "float32")
+            theirs["engine"] = peer
+            rows.append(theirs)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"model {args.model}: prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens (greedy)")
+    print(f"{'engine':20} {'thr':>3} {'load s':>7} {'prefill tok/s':>14} {'decode tok/s':>13} "
+          f"{'peak RSS MiB':>13}")
+    for r in rows:
+        print(f"{r['engine'] + ' ' + r['dtype']:20} {r['threads']:>3} {r['load_s']:>7.2f} "
+              f"{r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.2f} {r['peak_rss'] / 2**20:>13.0f}")
+    for threads in thread_counts:
+        ours = next(r for r in rows if r["engine"] == "neocore" and r["threads"] == threads)
+        print(f"\n{threads} thread(s): read bandwidth {ours['bandwidth_gb_s']:.1f} GB/s -> decode roofline "
+              f"{ours['roofline_tok_s']:.1f} tok/s; neocore reaches "
+              f"{100 * ours['decode_tok_s'] / ours['roofline_tok_s']:.0f}% of it")
+        if "step_ms_at_100" in ours:
+            print(f"  decode step at position 100: {ours['step_ms_at_100']:.2f} ms; at 2000: "
+                  f"{ours['step_ms_at_2000']:.2f} ms ({ours['step_ms_at_2000'] / ours['step_ms_at_100']:.2f}x)")
+        for r in rows:
+            if r["engine"] != "neocore" and r["threads"] == threads:
+                print(f"  vs {r['engine']}: prefill {ours['prefill_tok_s'] / r['prefill_tok_s']:.2f}x, "
+                      f"decode {ours['decode_tok_s'] / r['decode_tok_s']:.2f}x, "
+                      f"peak RSS {ours['peak_rss'] / r['peak_rss']:.2f}x, load {r['load_s'] / ours['load_s']:.1f}x faster")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    parsed = parser.parse_args()
+    if parsed.worker:
+        spec = json.loads(parsed.worker)
+        print(json.dumps(worker(**spec)))
+    else:
+        sys.exit(run(parsed))

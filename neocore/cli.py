@@ -1,0 +1,271 @@
+"""python -m neocore / neocore: generate, chat, score, info (and bench, convert).
+
+Every error reaches the user as one line on stderr and a non-zero exit status; --debug
+shows the traceback instead."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .errors import NeocoreError
+from .sampling import SamplingParams
+
+DEFAULT_MODEL = "EleutherAI/gpt-neo-125M"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"neocore: error: {message} (see --help)\n")
+
+
+class Progress:
+    """A bar on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self, label: str, stream=sys.stderr):
+        self.label = label
+        self.stream = stream
+        self.enabled = stream.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        filled = width * done // max(total, 1)
+        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        if done >= total:
+            self.stream.write("\r" + " " * (len(self.label) + width + 24) + "\r")
+        self.stream.flush()
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=None,
+                   help=f"model folder or Hugging Face repo id (default: $NEOCORE_MODEL, else {DEFAULT_MODEL})")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="weight precision")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
+    p.add_argument("--context", type=int, default=None, help="positions to allocate (default: the model's)")
+    p.add_argument("--config", default=None, help="a config.json to use instead of the model's")
+    p.add_argument("--num-heads", type=int, default=None, help="override the config's num_heads")
+    p.add_argument("--window-size", type=int, default=None, help="override the config's window_size")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    d = SamplingParams()
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="new tokens at most")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
+    p.add_argument("--top-p", type=float, default=d.top_p, help="1 = off")
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="1 = off")
+    p.add_argument("--seed", type=int, default=None, help="random seed (same seed, same text)")
+    p.add_argument("--stop", action="append", default=[], help="stop before this text (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="neocore", description="Run EleutherAI GPT-Neo models on the CPU.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    g = sub.add_parser("generate", help="continue a prompt, streaming the text")
+    _model_args(g)
+    g.add_argument("prompt", nargs="?", help="the prompt (else -f, else standard input)")
+    g.add_argument("-f", "--file", help="read the prompt from this file ('-' for standard input)")
+    _sampling_args(g, max_tokens=128)
+    g.add_argument("--stats", action="store_true", help="print load time and tokens/s to stderr")
+
+    c = sub.add_parser("chat", help="talk with the model, line by line")
+    _model_args(c)
+    _sampling_args(c, max_tokens=200)
+
+    s = sub.add_parser("score", help="perplexity of a text file")
+    _model_args(s)
+    s.add_argument("file", help="text file ('-' for standard input)")
+    s.add_argument("--stride", type=int, default=None, help="window advance for long texts (default: context/2)")
+
+    i = sub.add_parser("info", help="the model's config, size, and how it will run")
+    _model_args(i)
+
+    b = sub.add_parser("bench", help="measure speed and memory (see BENCHMARKS.md)")
+    from .bench import add_arguments as bench_arguments
+    bench_arguments(b)
+    b.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def load_model(args: argparse.Namespace):
+    from .model import load
+    overrides = {k: v for k, v in (("num_heads", args.num_heads), ("window_size", args.window_size))
+                 if v is not None}
+    spec = args.model or os.environ.get("NEOCORE_MODEL") or DEFAULT_MODEL
+    return load(spec, dtype=args.dtype, threads=args.threads, context=args.context,
+                config=args.config, progress=Progress("loading"), **overrides)
+
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        if path == "-":
+            return sys.stdin.read()
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise NeocoreError(f"{path}: cannot read the {what} ({reason})") from None
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    if args.max_tokens < 0:
+        raise NeocoreError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    return dict(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                repetition_penalty=params.repetition_penalty, seed=args.seed, stop=args.stop)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import GenerationStats, stream
+    sampling = _sampling(args)  # check the flags before the (slow) load
+    if args.prompt is not None and args.file:
+        raise NeocoreError("give the prompt as an argument or with -f, not both")
+    if args.prompt is not None:
+        prompt = args.prompt
+    elif args.file:
+        prompt = _read_text(args.file, "prompt file")
+    elif not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    else:
+        raise NeocoreError("no prompt: give it as an argument, with -f FILE, or on standard input")
+    model = load_model(args)
+    stats = GenerationStats()
+    out = sys.stdout
+    for chunk in stream(model, prompt, args.max_tokens, stats=stats, **sampling):
+        out.write(chunk)
+        out.flush()
+    out.write("\n")
+    out.flush()
+    if args.stats:
+        print(f"load: {model.load_seconds:.2f} s; {stats.summary()}", file=sys.stderr)
+    return 0
+
+
+CHAT_USER, CHAT_MODEL = "You:", "Neo:"
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A running transcript; the cache is reused while it holds a prefix of the transcript's
+    tokens, and the oldest turns are dropped once the context would overflow."""
+    from .generate import stream_text, tokens_after
+    from .sampling import Sampler
+    sampling = _sampling(args)
+    model = load_model(args)
+    if model.tokenizer is None:
+        raise NeocoreError(f"{model.path}: no tokenizer files")
+    sampler = Sampler(SamplingParams(sampling["temperature"], sampling["top_k"], sampling["top_p"],
+                                     sampling["repetition_penalty"]), sampling["seed"])
+    stops = ["\n" + CHAT_USER, "\n\n"] + sampling["stop"]
+    interactive = sys.stdin.isatty()
+    turns: list[str] = []
+    cached: list[int] = []  # the tokens the model's cache holds
+    print("neocore chat: Ctrl-C stops an answer, Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input(f"{CHAT_USER} " if interactive else "")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        turns.append(f"{CHAT_USER} {line.strip()}\n{CHAT_MODEL}")
+        budget = model.context_length - args.max_tokens - 1
+        ids = model.tokenizer.encode("".join(turns))
+        while len(turns) > 1 and len(ids) > budget:  # trim: oldest turns go first
+            turns.pop(0)
+            ids = model.tokenizer.encode("".join(turns))
+        if len(ids) > budget:
+            raise NeocoreError("this message alone does not fit in the context; lower --max-tokens")
+        if cached != ids[:len(cached)] or not cached:
+            model.reset()
+            cached = []
+        new_ids = ids[len(cached):]
+        if not new_ids:  # the cache holds the whole transcript: feed nothing twice
+            model.reset()
+            cached, new_ids = [], ids
+        answer = []
+        sys.stdout.write(f"{CHAT_MODEL}" if interactive else "")
+        try:
+            tokens = tokens_after(model, cached, new_ids, sampler, args.max_tokens)
+            for chunk in stream_text(model, tokens, stops):
+                answer.append(chunk)
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        turns[-1] += "".join(answer) + "\n"
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    text = _read_text(args.file, "text file")
+    model = load_model(args)
+    result = model.score(text, stride=args.stride, progress=Progress("scoring"))
+    print(f"perplexity: {result.perplexity:.4f} ({len(result.tokens)} tokens, "
+          f"mean log-prob {result.logprobs.mean():.4f}, window {model.context_length}, stride {result.stride})")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from . import _core
+    model = load_model(args)
+    c = model.config
+    kinds = ", ".join(f"{k} x{c.attention_layers.count(k)}" for k in ("global", "local"))
+    rows = [
+        ("model", str(model.path)),
+        ("hidden size", c.hidden_size), ("layers", f"{c.num_layers} ({kinds})"),
+        ("heads", f"{c.num_heads} x {c.head_dim}"), ("MLP size", c.intermediate_size),
+        ("vocabulary", c.vocab_size), ("positions", c.max_position_embeddings),
+        ("local window", c.window_size), ("layer norm eps", c.layer_norm_epsilon),
+        ("parameters", f"{c.num_parameters():,}"),
+        ("weight dtype", model.dtype),
+        ("weight memory", f"{model.weight_bytes() / 2**20:.1f} MiB"),
+        ("context", model.context_length),
+        ("kernel path", f"{model.isa} (this CPU {'has' if _core.cpu_has_avx2_fma() else 'lacks'} AVX2+FMA)"),
+        ("threads", model.threads),
+        ("tokenizer", "yes" if model.tokenizer else "none found"),
+        ("load time", f"{model.load_seconds:.2f} s"),
+    ]
+    for key, value in rows:
+        print(f"{key + ':':16} {value}")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "score": cmd_score, "info": cmd_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "bench":
+            from .bench import run as bench_run
+            return bench_run(args)
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    except Exception as exc:  # every failure is one line unless --debug asks for more
+        if args.debug:
+            raise
+        kind = "" if isinstance(exc, NeocoreError) else f"{type(exc).__name__}: "
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"neocore: error: {kind}{message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

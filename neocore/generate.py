@@ -1,0 +1,173 @@
+"""Text in, text out: generation with stop strings and streaming, and scoring (perplexity)."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .errors import ContextError, NeocoreError, SamplingError
+from .sampling import Sampler, SamplingParams
+
+
+@dataclass
+class GenerationStats:
+    """Timings of one generation, filled in while it runs."""
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0   # prefill and the first token's choice
+    new_tokens: int = 0
+    decode_seconds: float = 0.0   # everything after the first new token
+
+    def summary(self) -> str:
+        prefill = self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else float("nan")
+        decode = (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds else float("nan")
+        return (f"prompt: {self.prompt_tokens} tokens, {prefill:.1f} tokens/s; "
+                f"generated: {self.new_tokens} tokens, {decode:.1f} tokens/s")
+
+
+def tokens_after(model, context_ids: list[int], new_ids: Sequence[int], sampler: Sampler,
+                 max_new_tokens: int, stats: GenerationStats | None = None) -> Iterator[int]:
+    """Feeds new_ids after what the cache holds, then yields sampled tokens, feeding each one
+    before choosing the next. context_ids mirrors the cache and is extended in place (a
+    yielded token is in it once the next is chosen). Ends at max_new_tokens or a full context."""
+    stats = stats or GenerationStats()
+    started = time.perf_counter()
+    logits = model.append(new_ids)
+    context_ids.extend(new_ids)
+    stats.prompt_tokens = len(new_ids)
+    for produced in range(max_new_tokens):
+        token = sampler.choose(logits, context_ids)
+        now = time.perf_counter()
+        if produced == 0:
+            stats.prompt_seconds, first = now - started, now
+        else:
+            stats.decode_seconds = now - first
+        stats.new_tokens = produced + 1
+        yield token
+        if produced + 1 == max_new_tokens or model.position >= model.context_length:
+            return
+        logits = model.append([token])
+        context_ids.append(token)
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of text that could still grow into a stop string."""
+    longest = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:k]):
+                longest = k
+                break
+    return longest
+
+
+def stream_text(model, tokens: Iterator[int], stop: Sequence[str] = ()) -> Iterator[str]:
+    """Turns tokens into text chunks: whole characters only, ending before EOS or before the
+    first stop string (which may span tokens); text that might begin a stop is held back."""
+    tokenizer = model.tokenizer
+    decoder = tokenizer.stream_decoder()
+    stops = [s for s in stop if s]
+    text, emitted = "", 0
+    finished = False
+    for token in tokens:
+        if token == model.config.eos_token_id:
+            break
+        text += decoder.add(token)
+        cut = min((text.find(s) for s in stops if s in text), default=-1)
+        if cut >= 0:
+            text, finished = text[:cut], True
+            break
+        safe = len(text) - _held_back(text, stops)
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+    if not finished:
+        text += decoder.flush()
+        cut = min((text.find(s) for s in stops if s in text), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+    if len(text) > emitted:
+        yield text[emitted:]
+
+
+def prompt_ids(model, prompt: str) -> list[int]:
+    """The prompt's tokens; an empty prompt starts from <|endoftext|>, GPT-Neo's document start."""
+    if model.tokenizer is None:
+        raise NeocoreError(f"{model.path}: no tokenizer files (vocab.json + merges.txt or tokenizer.json)")
+    ids = model.tokenizer.encode(prompt) or [model.tokenizer.eos_id]
+    if len(ids) >= model.context_length:
+        raise ContextError(f"the prompt is {len(ids)} tokens long; the context holds "
+                           f"{model.context_length}, and room is needed for at least one new token")
+    return ids
+
+
+def stream(model, prompt: str, max_new_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
+           top_p: float = 0.95, repetition_penalty: float = 1.0, seed: int | None = None,
+           stop: Sequence[str] = (), stats: GenerationStats | None = None) -> Iterator[str]:
+    """Text chunks of the continuation as they are produced (see Model.stream)."""
+    params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise SamplingError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if isinstance(stop, str):
+        stop = [stop]
+    ids = prompt_ids(model, prompt)
+    if max_new_tokens == 0:
+        return iter(())
+    model.reset()
+    tokens = tokens_after(model, [], ids, Sampler(params, seed), max_new_tokens, stats)
+    return stream_text(model, tokens, stop)
+
+
+SCORE_CHUNK = 256  # positions whose logits are held at once while scoring
+
+
+@dataclass
+class Score:
+    tokens: list[int]        # the text's tokens
+    logprobs: np.ndarray     # natural log-probability of each, given what came before
+    stride: int              # tokens advanced between windows (texts longer than the context)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(-float(np.mean(self.logprobs))) if self.logprobs.size else float("nan")
+
+
+def score(model, text: str, stride: int | None = None,
+          progress: Callable[[int, int], None] | None = None) -> Score:
+    """Log-probability of every token of text, each predicted from <|endoftext|> and the text
+    before it. A text longer than the context is read in windows of context length that
+    advance by stride tokens (default half the context); each window scores only its last
+    stride tokens, so every token after the first window sees at least context - stride."""
+    if model.tokenizer is None:
+        raise NeocoreError(f"{model.path}: no tokenizer files to score text with")
+    tokens = model.tokenizer.encode(text)
+    if not tokens:
+        raise NeocoreError("the text is empty: nothing to score")
+    ids = [model.tokenizer.eos_id] + tokens
+    window = model.context_length
+    stride = window // 2 if stride is None else stride
+    if not 1 <= stride <= window - 1 and window > 1:
+        raise NeocoreError(f"stride must be between 1 and {window - 1}, got {stride}")
+    logprobs = np.empty(len(tokens), dtype=np.float64)
+    scored = 0  # logprobs[k] is tokens[k] = ids[k + 1], predicted at input position k
+    start = 0   # first position of the current window
+    while scored < len(tokens):
+        end = min(start + window, len(ids))
+        model.reset()
+        if scored > start:  # context only: no logits needed
+            model.append(ids[start:scored])
+        for at in range(scored, end - 1, SCORE_CHUNK):
+            chunk = ids[at:min(at + SCORE_CHUNK, end - 1)]
+            rows = model.append(chunk, all_logits=True)
+            top = rows.max(axis=1, keepdims=True)
+            log_total = np.log(np.exp(rows - top).sum(axis=1, dtype=np.float64))
+            targets = np.asarray(ids[at + 1:at + 1 + len(chunk)])
+            picked = rows[np.arange(len(chunk)), targets].astype(np.float64)
+            logprobs[at:at + len(chunk)] = picked - top[:, 0] - log_total
+        scored = end - 1
+        if progress:
+            progress(scored, len(tokens))
+        start += stride
+    return Score(tokens, logprobs, stride)

@@ -1,0 +1,152 @@
+"""The command line, run as a user runs it: in a subprocess."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import neocore
+
+PROMPT = "The old lighthouse keeper climbed the stairs"
+
+
+def run_cli(*args: str, stdin: str | None = None, env: dict | None = None, timeout: float = 120):
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "neocore", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture(scope="module")
+def tiny(reference_models, gpt2_tokenizer_dir) -> Path:
+    return reference_models("tiny").folder
+
+
+def assert_one_line_error(proc, pattern: str) -> None:
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert pattern in lines[0], lines[0]
+
+
+def test_generate_greedy_matches_the_api(tiny):
+    proc = run_cli("generate", "-m", str(tiny), PROMPT, "--max-tokens", "30", "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr
+    expected = neocore.load(tiny).generate(PROMPT, max_new_tokens=30, temperature=0)
+    assert proc.stdout == expected + "\n"
+
+
+def test_prompt_from_file_and_stdin(tiny, tmp_path):
+    (tmp_path / "prompt.txt").write_text(PROMPT)
+    args = ["--max-tokens", "20", "--temperature", "0.9", "--seed", "5"]
+    from_arg = run_cli("generate", "-m", str(tiny), PROMPT, *args)
+    from_file = run_cli("generate", "-m", str(tiny), "-f", str(tmp_path / "prompt.txt"), *args)
+    from_stdin = run_cli("generate", "-m", str(tiny), *args, stdin=PROMPT)
+    assert from_arg.returncode == 0 and from_arg.stdout.strip()
+    assert from_arg.stdout == from_file.stdout == from_stdin.stdout
+
+
+def test_stats_go_to_stderr(tiny):
+    proc = run_cli("generate", "-m", str(tiny), PROMPT, "--max-tokens", "10", "--stats")
+    assert proc.returncode == 0
+    assert "load:" in proc.stderr and "tokens/s" in proc.stderr and "tokens/s" not in proc.stdout
+
+
+def test_output_streams_before_the_process_ends(reference_models, gpt2_tokenizer_dir):
+    """With the 125M shape, 400 tokens take many seconds: text must arrive well before the end."""
+    folder = reference_models("gpt-neo-125M").folder
+    proc = subprocess.Popen([sys.executable, "-m", "neocore", "generate", "-m", str(folder), PROMPT,
+                             "--max-tokens", "400", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = proc.stdout.read1(64)
+        assert first, "no output"
+        assert proc.poll() is None, "the process ended before its first output was read"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_chat_through_piped_stdin(tiny):
+    proc = run_cli("chat", "-m", str(tiny), "--max-tokens", "20", "--seed", "1",
+                   stdin="Hello there\nWhat is the weather like?\n")
+    assert proc.returncode == 0, proc.stderr
+    answers = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(answers) >= 2
+    assert "Ctrl-D" in proc.stderr
+
+
+def test_chat_trims_a_transcript_longer_than_the_context(tiny):
+    lines = "".join(f"Tell me about item number {i} in the long list please\n" for i in range(12))
+    proc = run_cli("chat", "-m", str(tiny), "--max-tokens", "40", "--seed", "2", stdin=lines)
+    assert proc.returncode == 0, proc.stderr
+    assert len([line for line in proc.stdout.splitlines() if line.strip()]) >= 12
+
+
+def test_score_and_info(tiny, tmp_path):
+    text = "Once upon a time, there was a small village by the sea."
+    (tmp_path / "text.txt").write_text(text)
+    proc = run_cli("score", "-m", str(tiny), str(tmp_path / "text.txt"))
+    assert proc.returncode == 0, proc.stderr
+    expected = neocore.load(tiny).score(text).perplexity
+    assert f"perplexity: {expected:.4f}" in proc.stdout
+    info = run_cli("info", "-m", str(tiny), "--threads", "1")
+    assert info.returncode == 0
+    assert "hidden size:     64" in info.stdout and "threads:         1" in info.stdout
+    assert "kernel path:" in info.stdout
+
+
+@pytest.mark.parametrize("args, stdin, message", [
+    (["generate", "-m", "/nonexistent/model", "hi"], None, "no such model folder"),
+    (["generate", "-f", "/nonexistent/prompt.txt"], None, "cannot read the prompt file"),
+    (["generate", "--top-p", "2", "hi"], None, "top_p must be in (0, 1]"),
+    (["generate", "--temperature", "-1", "hi"], None, "temperature must be"),
+    (["generate", "--top-k", "-3", "hi"], None, "top_k must be"),
+    (["generate", "--max-tokens", "-3", "hi"], None, "--max-tokens must be"),
+    (["generate", "--top-p", "abc", "hi"], None, "invalid float value"),
+    (["generate", "word " * 300], None, "the prompt is 301 tokens long; the context holds 160"),
+    (["score", "/nonexistent/text.txt"], None, "cannot read the text file"),
+    (["generate", "--threads", "0", "hi"], None, "threads must be >= 1"),
+])
+def test_bad_input_is_one_line_and_a_failure(tiny, args, stdin, message):
+    if "-m" not in args:
+        args = [args[0], "-m", str(tiny), *args[1:]]
+    assert_one_line_error(run_cli(*args, stdin=stdin), message)
+
+
+def test_unknown_repo_id_offline(tmp_path):
+    proc = run_cli("generate", "-m", "nobody/no-such-model", "hi", env={"HF_HUB_CACHE": str(tmp_path)})
+    assert_one_line_error(proc, "nobody/no-such-model: not a local folder")
+
+
+def test_repo_id_from_a_prefilled_hub_cache(tiny, tmp_path):
+    """The hub's cache layout: models--owner--name/{refs/main, snapshots/<commit>/files}."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--EleutherAI--gpt-neo-tiny"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for name in ("config.json", "model.safetensors", "vocab.json", "merges.txt"):
+        shutil.copy(tiny / name, snapshot / name)
+    proc = run_cli("generate", "-m", "EleutherAI/gpt-neo-tiny", PROMPT, "--max-tokens", "12", "--temperature", "0",
+                   env={"HF_HUB_CACHE": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == neocore.load(tiny).generate(PROMPT, max_new_tokens=12, temperature=0) + "\n"
+    via_env = run_cli("generate", PROMPT, "--max-tokens", "12", "--temperature", "0",
+                      env={"HF_HUB_CACHE": str(tmp_path), "NEOCORE_MODEL": "EleutherAI/gpt-neo-tiny"})
+    assert via_env.stdout == proc.stdout
+
+
+def test_missing_hub_library_says_what_to_install(tmp_path):
+    blocker = tmp_path / "huggingface_hub"
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text("raise ImportError('blocked for the test')")
+    proc = run_cli("info", "-m", "EleutherAI/gpt-neo-125M",
+                   env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert_one_line_error(proc, "pip install 'neocore[hub]'")

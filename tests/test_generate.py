@@ -1,0 +1,184 @@
+"""Text generation, sampling and scoring against transformers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                          TopKLogitsWarper, TopPLogitsWarper)
+
+import neocore
+from neocore.sampling import SamplingParams, process_logits
+from neocore.weights import bf16_to_f32
+
+PROMPT = "The old lighthouse keeper climbed the stairs"
+
+
+@pytest.fixture(scope="module")
+def tiny(reference_models, gpt2_tokenizer_dir):
+    ref = reference_models("tiny")
+    return ref, neocore.load(ref.folder)
+
+
+def hf_continuation(ref, model, prompt: str, n: int) -> str:
+    ids = model.tokenizer.encode(prompt)
+    with torch.no_grad():
+        out = ref.torch_model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    new = out[0, len(ids):].tolist()
+    if model.config.eos_token_id in new:
+        new = new[:new.index(model.config.eos_token_id)]
+    return model.tokenizer.decode(new)
+
+
+def test_greedy_text_equals_transformers(tiny):
+    ref, model = tiny
+    for prompt in (PROMPT, "Hello", "def main():\n    "):
+        expected = hf_continuation(ref, model, prompt, 48)
+        assert len(expected) > 20
+        assert model.generate(prompt, max_new_tokens=48, temperature=0) == expected
+
+
+def test_stream_yields_the_same_text_in_whole_characters(tiny):
+    _, model = tiny
+    chunks = list(model.stream(PROMPT, max_new_tokens=60, seed=4))
+    assert len(chunks) > 5
+    assert "".join(chunks) == model.generate(PROMPT, max_new_tokens=60, seed=4)
+
+
+def test_seeded_sampling_is_reproducible_across_runs_and_threads(reference_models, tiny):
+    ref, model = tiny
+    two = neocore.load(ref.folder, threads=2)
+    one = neocore.load(ref.folder, threads=1)
+    kwargs = dict(max_new_tokens=40, temperature=0.9, top_k=50, top_p=0.9, repetition_penalty=1.1)
+    a = one.generate(PROMPT, seed=123, **kwargs)
+    assert a == one.generate(PROMPT, seed=123, **kwargs) == two.generate(PROMPT, seed=123, **kwargs)
+    assert a != two.generate(PROMPT, seed=124, **kwargs)
+
+
+def hf_processors(params: SamplingParams) -> LogitsProcessorList:
+    processors = LogitsProcessorList()
+    if params.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    processors.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k:
+        processors.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1:
+        processors.append(TopPLogitsWarper(params.top_p))
+    return processors
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.3),
+    SamplingParams(temperature=0.7, top_k=0, top_p=1.0),
+    SamplingParams(temperature=1.0, top_k=10, top_p=1.0),
+    SamplingParams(temperature=1.0, top_k=0, top_p=0.8),
+    SamplingParams(temperature=0.6, top_k=40, top_p=0.9, repetition_penalty=1.2),
+    SamplingParams(temperature=1.5, top_k=3, top_p=0.5, repetition_penalty=0.8),
+])
+def test_processors_match_transformers(params):
+    rng = np.random.default_rng(7)
+    for trial in range(5):
+        logits = (rng.standard_normal(1000) * 3).astype(np.float32)
+        previous = rng.integers(0, 1000, 30).tolist()
+        ours = process_logits(logits, previous, params)
+        theirs = hf_processors(params)(torch.tensor([previous]), torch.from_numpy(logits.copy())[None])[0].numpy()
+        assert np.array_equal(np.isfinite(ours), np.isfinite(theirs)), "different tokens survive the filters"
+        kept = np.isfinite(ours)
+        assert kept.sum() >= 1
+        np.testing.assert_allclose(ours[kept], theirs[kept], rtol=1e-6)
+
+
+def test_greedy_applies_the_repetition_penalty_like_transformers(tiny):
+    ref, model = tiny
+    ids = model.tokenizer.encode(PROMPT)
+    with torch.no_grad():
+        out = ref.torch_model.generate(torch.tensor([ids]), max_new_tokens=30, do_sample=False,
+                                       repetition_penalty=1.5, pad_token_id=0)
+    expected = model.tokenizer.decode(out[0, len(ids):].tolist())
+    assert model.generate(PROMPT, max_new_tokens=30, temperature=0, repetition_penalty=1.5) == expected
+
+
+def test_stop_string_spanning_two_tokens(tiny):
+    _, model = tiny
+    ids = model.tokenizer.encode(PROMPT)
+    new = model.generate_ids(ids, max_new_tokens=30)
+    pieces = [model.tokenizer.decode([t]) for t in new]
+    k = next(i for i in range(3, len(pieces) - 1) if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 2)
+    stop = pieces[k][-2:] + pieces[k + 1][:2]
+    full = model.tokenizer.decode(new)
+    expected = full[:full.find(stop)]
+    assert model.generate(PROMPT, max_new_tokens=30, temperature=0, stop=[stop]) == expected
+    streamed = list(model.stream(PROMPT, max_new_tokens=30, temperature=0, stop=["never appears", stop]))
+    assert "".join(streamed) == expected and not any(stop in c for c in streamed)
+
+
+def test_eos_ends_generation(tiny):
+    ref, model = tiny
+    eos = model.config.eos_token_id
+    steered = neocore.load(ref.folder)
+    # Point the final LayerNorm's bias along EOS's (tied) embedding: EOS then wins every step.
+    eos_row = bf16_to_f32(steered._weights["wte"][eos])
+    steered._weights["lnf_b"][:] = 1000 * eos_row / np.linalg.norm(eos_row)
+    ids = model.tokenizer.encode(PROMPT)
+    assert steered.generate_ids(ids, max_new_tokens=10) == [eos]
+    assert steered.generate_ids(ids, max_new_tokens=3, stop_at_eos=False) == [eos] * 3
+    assert steered.generate(PROMPT, max_new_tokens=10, temperature=0) == ""
+    assert model.generate(PROMPT, max_new_tokens=10, temperature=0) != ""
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-1), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=2), "top_p"), (dict(top_p=0), "top_p"), (dict(top_k=-1), "top_k"),
+    (dict(repetition_penalty=0), "repetition_penalty"), (dict(max_new_tokens=-1), "max_new_tokens"),
+])
+def test_nonsense_parameters_are_refused_before_generating(tiny, kwargs, message):
+    _, model = tiny
+    with pytest.raises(neocore.SamplingError, match=message):
+        model.stream(PROMPT, **kwargs)
+
+
+def test_prompt_longer_than_the_context(tiny):
+    _, model = tiny
+    with pytest.raises(neocore.ContextError, match="the prompt is .* tokens long; the context holds 160"):
+        model.generate("word " * 200)
+
+
+def test_generation_stops_at_a_full_context(tiny):
+    _, model = tiny
+    prompt = "word " * 150
+    text = model.generate(prompt, max_new_tokens=100, temperature=0)
+    assert model.position == model.context_length
+    assert len(model.tokenizer.encode(prompt)) + len(model.tokenizer.encode(text)) >= model.context_length - 2
+
+
+def hf_logprobs(ref, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        logits = ref.torch_model(torch.tensor([ids])).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    return logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
+
+
+def test_score_matches_transformers(tiny):
+    ref, model = tiny
+    text = "Once upon a time, there was a small village by the sea."
+    result = model.score(text)
+    ids = [model.tokenizer.eos_id] + model.tokenizer.encode(text)
+    expected = hf_logprobs(ref, ids)
+    np.testing.assert_allclose(result.logprobs, expected, atol=1e-4)
+    assert result.perplexity == pytest.approx(np.exp(-expected.mean()), rel=1e-4)
+
+
+def test_score_windows_a_text_longer_than_the_context(tiny):
+    """Context 160, stride 60: each window scores only the tokens the previous one did not."""
+    ref, model = tiny
+    text = " ".join(f"item{i} costs {i * 7 % 13} coins;" for i in range(80))
+    ids = [model.tokenizer.eos_id] + model.tokenizer.encode(text)
+    assert len(ids) > 3 * model.context_length
+    result = model.score(text, stride=60)
+    expected = np.empty(len(ids) - 1)
+    done, start, window = 0, 0, model.context_length
+    while done < len(ids) - 1:
+        end = min(start + window, len(ids))
+        expected[done:end - 1] = hf_logprobs(ref, ids[start:end])[done - start:]
+        done, start = end - 1, start + 60
+    np.testing.assert_allclose(result.logprobs, expected, atol=1e-4)
