@@ -9,54 +9,170 @@
 #include <omp.h>
 #include "internal.h"
 
-/* Eight independent lanes let the compiler vectorise without reassociating a sum. */
-static inline float dot(const float *a, const float *b, int n)
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define TARGET_AVX2 __attribute__((target("avx2,fma")))
+#endif
+
+/* count rows of a [*, C] matrix, one after the other */
+typedef struct {
+    const float *rows;
+    int count;
+} RowRun;
+
+/* The key (or value) rows first..last in order, as at most three runs of consecutive rows:
+ * the cached ones (a ring buffer wraps at most once) and then this chunk's. */
+static int row_runs(RowRun runs[3], const float *fresh, const float *cache, int slots, int pos0,
+                    int first, int last, int C)
 {
-    float lanes[8] = {0};
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int l = 0; l < 8; l++) lanes[l] += a[i + l] * b[i + l];
+    int n = 0;
+    const int last_cached = pos0 - 1 < last ? pos0 - 1 : last;
+    if (first <= last_cached) {
+        const int count = last_cached - first + 1, slot = first % slots;
+        const int before_wrap = count < slots - slot ? count : slots - slot;
+        runs[n++] = (RowRun){cache + (size_t)slot * C, before_wrap};
+        if (count > before_wrap) runs[n++] = (RowRun){cache, count - before_wrap};
+    }
+    const int first_fresh = first > pos0 ? first : pos0;
+    if (first_fresh <= last)
+        runs[n++] = (RowRun){fresh + (size_t)(first_fresh - pos0) * C, last - first_fresh + 1};
+    return n;
+}
+
+/* ---- the two inner loops, scalar reference and AVX2 --------------------------------------- */
+
+static float dot_generic(const float *a, const float *b, int n)
+{
     float sum = 0.0f;
-    for (; i < n; i++) sum += a[i] * b[i];
-    for (int l = 0; l < 8; l++) sum += lanes[l];
+    for (int i = 0; i < n; i++) sum += a[i] * b[i];
     return sum;
 }
 
-void attention_forward(float *out, const float *q, const float *k_new, const float *v_new,
-                       const float *k_cache, const float *v_cache, int slots, int pos0, int T,
-                       int n_heads, int head_dim, int window, float *scores, int scores_stride,
-                       int n_threads)
+/* out[d] = sum_j weights[j] * rows[j][offset + d] over the runs */
+static void weighted_rows_generic(float *out, const float *weights, const RowRun *runs, int n_runs,
+                                  int C, int offset, int n)
 {
-    const int C = n_heads * head_dim;
-    #pragma omp parallel for collapse(2) num_threads(n_threads) schedule(static)
-    for (int h = 0; h < n_heads; h++) {
-        for (int t = 0; t < T; t++) {
-            float *s = scores + (size_t)omp_get_thread_num() * scores_stride;
-            const int p = pos0 + t;
-            const int first = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
-            const int n_keys = p - first + 1;
-            const float *qh = q + (size_t)t * C + (size_t)h * head_dim;
-            float max_score = -INFINITY;
-            for (int j = first; j <= p; j++) {
-                const float *key = j >= pos0 ? k_new + (size_t)(j - pos0) * C
-                                             : k_cache + (size_t)(j % slots) * C;
-                float sc = dot(qh, key + (size_t)h * head_dim, head_dim);
-                s[j - first] = sc;
-                if (sc > max_score) max_score = sc;
-            }
-            float total = 0.0f;
-            for (int i = 0; i < n_keys; i++) {
-                s[i] = expf(s[i] - max_score);
-                total += s[i];
-            }
-            float *oh = out + (size_t)t * C + (size_t)h * head_dim;
-            for (int d = 0; d < head_dim; d++) oh[d] = 0.0f;
-            for (int j = first; j <= p; j++) {
-                const float *value = j >= pos0 ? v_new + (size_t)(j - pos0) * C
-                                               : v_cache + (size_t)(j % slots) * C;
-                const float weight = s[j - first] / total;
-                for (int d = 0; d < head_dim; d++) oh[d] += weight * value[(size_t)h * head_dim + d];
-            }
+    for (int d = 0; d < n; d++) out[d] = 0.0f;
+    for (int r = 0, j = 0; r < n_runs; r++)
+        for (int c = 0; c < runs[r].count; c++, j++) {
+            const float *row = runs[r].rows + (size_t)c * C + offset;
+            for (int d = 0; d < n; d++) out[d] += weights[j] * row[d];
         }
+}
+
+#if defined(__x86_64__)
+TARGET_AVX2 static inline float dot_avx2(const float *a, const float *b, int n)
+{
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
     }
+    for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    __m256 v = _mm256_add_ps(acc0, acc1);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    float sum = _mm_cvtss_f32(s);
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+/* Columns in blocks of 32 held in four registers across all rows, so out is written once. */
+TARGET_AVX2 static void weighted_rows_avx2(float *out, const float *weights, const RowRun *runs,
+                                           int n_runs, int C, int offset, int n)
+{
+    int d = 0;
+    for (; d + 32 <= n; d += 32) {
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int r = 0, j = 0; r < n_runs; r++)
+            for (int c = 0; c < runs[r].count; c++, j++) {
+                const float *row = runs[r].rows + (size_t)c * C + offset + d;
+                const __m256 w = _mm256_set1_ps(weights[j]);
+                for (int a = 0; a < 4; a++) acc[a] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 8 * a), acc[a]);
+            }
+        for (int a = 0; a < 4; a++) _mm256_storeu_ps(out + d + 8 * a, acc[a]);
+    }
+    if (d < n) weighted_rows_generic(out + d, weights, runs, n_runs, C, offset + d, n - d);
+}
+#endif
+
+/* ---- one query of one head ------------------------------------------------------------------ */
+
+/* out = softmax(q . keys) . values over the keys position pos0 + t may see. isa is a constant
+ * at each call site, so each instantiation keeps only its own inner loops. */
+static inline __attribute__((always_inline)) void
+attend(const NeoIsa isa, float *out, const float *q, const float *k_new, const float *v_new,
+       const float *k_cache, const float *v_cache, int slots, int pos0, int t, int h, int C,
+       int head_dim, int window, float *s)
+{
+    const int p = pos0 + t;
+    const int first = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+    const int offset = h * head_dim;
+    const float *qh = q + (size_t)t * C + offset;
+    RowRun runs[3];
+    int n_runs = row_runs(runs, k_new, k_cache, slots, pos0, first, p, C);
+    float max_score = -INFINITY;
+    int n_keys = 0;
+    for (int r = 0; r < n_runs; r++)
+        for (int c = 0; c < runs[r].count; c++, n_keys++) {
+            const float *key = runs[r].rows + (size_t)c * C + offset;
+#if defined(__x86_64__)
+            float score = isa == NEO_ISA_AVX2 ? dot_avx2(qh, key, head_dim) : dot_generic(qh, key, head_dim);
+#else
+            float score = dot_generic(qh, key, head_dim);
+#endif
+            s[n_keys] = score;
+            if (score > max_score) max_score = score;
+        }
+    float total = 0.0f;
+    for (int i = 0; i < n_keys; i++) {
+        s[i] = expf(s[i] - max_score);
+        total += s[i];
+    }
+    for (int i = 0; i < n_keys; i++) s[i] /= total;
+    n_runs = row_runs(runs, v_new, v_cache, slots, pos0, first, p, C);
+    float *oh = out + (size_t)t * C + offset;
+#if defined(__x86_64__)
+    if (isa == NEO_ISA_AVX2) {
+        weighted_rows_avx2(oh, s, runs, n_runs, C, offset, head_dim);
+        return;
+    }
+#endif
+    weighted_rows_generic(oh, s, runs, n_runs, C, offset, head_dim);
+}
+
+#define ATTENTION_PARAMS                                                                        \
+    float *out, const float *q, const float *k_new, const float *v_new, const float *k_cache,   \
+    const float *v_cache, int slots, int pos0, int T, int n_heads, int head_dim, int window,    \
+    float *scores, int scores_stride, int n_threads
+
+/* Every (head, query) pair is independent: threads split them with a static schedule. */
+#define ATTENTION_LOOP(isa)                                                                     \
+    const int C = n_heads * head_dim;                                                           \
+    _Pragma("omp parallel for collapse(2) num_threads(n_threads) schedule(static)")             \
+    for (int h = 0; h < n_heads; h++)                                                           \
+        for (int t = 0; t < T; t++)                                                             \
+            attend(isa, out, q, k_new, v_new, k_cache, v_cache, slots, pos0, t, h, C, head_dim,  \
+                   window, scores + (size_t)omp_get_thread_num() * scores_stride);
+
+static void attention_generic(ATTENTION_PARAMS) { ATTENTION_LOOP(NEO_ISA_GENERIC) }
+
+#if defined(__x86_64__)
+TARGET_AVX2 static void attention_avx2(ATTENTION_PARAMS) { ATTENTION_LOOP(NEO_ISA_AVX2) }
+#endif
+
+void attention_forward(ATTENTION_PARAMS, NeoIsa isa)
+{
+#if defined(__x86_64__)
+    if (isa == NEO_ISA_AVX2) {
+        attention_avx2(out, q, k_new, v_new, k_cache, v_cache, slots, pos0, T, n_heads, head_dim,
+                       window, scores, scores_stride, n_threads);
+        return;
+    }
+#endif
+    (void)isa;
+    attention_generic(out, q, k_new, v_new, k_cache, v_cache, slots, pos0, T, n_heads, head_dim,
+                      window, scores, scores_stride, n_threads);
 }

@@ -86,7 +86,7 @@ static void forward_chunk(const NeoConfig *c, const NeoWeights *w, NeoState *s,
         matmul_forward(s->k, s->xn, L->k_w, w->dtype, NULL, T, C, C, 0, nt, isa);
         matmul_forward(s->v, s->xn, L->v_w, w->dtype, NULL, T, C, C, 0, nt, isa);
         attention_forward(s->att, s->q, s->k, s->v, s->key_cache[l], s->value_cache[l], slots,
-                          pos0, T, c->n_heads, c->head_dim, window, s->scores, s->n_ctx, nt);
+                          pos0, T, c->n_heads, c->head_dim, window, s->scores, s->n_ctx, nt, isa);
         cache_store(s->key_cache[l], slots, s->k, pos0, T, C);
         cache_store(s->value_cache[l], slots, s->v, pos0, T, C);
         matmul_forward(s->x, s->att, L->out_w, w->dtype, L->out_b, T, C, C, 1, nt, isa);

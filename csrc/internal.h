@@ -28,6 +28,6 @@ void embedding_forward(float *x, const int32_t *tokens, int T, int pos0, const v
 void attention_forward(float *out, const float *q, const float *k_new, const float *v_new,
                        const float *k_cache, const float *v_cache, int slots, int pos0, int T,
                        int n_heads, int head_dim, int window, float *scores, int scores_stride,
-                       int n_threads);
+                       int n_threads, NeoIsa isa);
 
 #endif
