@@ -83,19 +83,9 @@ def write_random_model(shape: str, out: Path, fmt: str = "safetensors", seed: in
         import torch
         torch.save({n: torch.from_numpy(make(n, s)) for n, s in names.items()}, out / "pytorch_model.bin")
         return out
-    # safetensors written tensor by tensor, so a 2.7B model never sits in memory whole
-    header, offset = {}, 0
-    for name, shape in names.items():
-        size = int(np.prod(shape)) * 4
-        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(out / "model.safetensors", "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for name, shape in names.items():
-            f.write(make(name, shape).tobytes())
+    from .checkpoint import write_safetensors
+    write_safetensors(out / "model.safetensors",
+                      [(name, "F32", shape, lambda n=name, s=shape: make(n, s)) for name, shape in names.items()])
     return out
 
 

@@ -28,50 +28,71 @@ from .errors import CheckpointError
 NUMPY_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
+    "BOOL": np.bool_, "F32BE": np.dtype(">f4"),
 }
 
 
 @dataclass(frozen=True)
 class TensorRef:
-    """Where a tensor's bytes lie: little-endian, C-contiguous, at offset in path."""
+    """Where a tensor's bytes lie: C-contiguous at offset in path. A tuple of paths holds the
+    bytes split over whole files, in order; transposed means the file holds the [in, out]
+    transpose of the [out, in] tensor named by shape."""
     name: str
-    path: Path
+    path: Path | tuple[Path, ...]
     offset: int
     dtype: str
     shape: tuple[int, ...]
+    transposed: bool = False
 
     @property
     def nbytes(self) -> int:
         return prod(self.shape) * np.dtype(NUMPY_DTYPES[self.dtype]).itemsize
 
+    @property
+    def mappable(self) -> bool:
+        """Usable in place: one file, stored as the engine reads it."""
+        return isinstance(self.path, Path) and not self.transposed and self.dtype != "F32BE"
+
 
 class Checkpoint:
     """The tensors of one model, by name, and the memory maps that reach their bytes."""
 
-    def __init__(self, tensors: dict[str, TensorRef], description: str):
+    def __init__(self, tensors: dict[str, TensorRef], description: str,
+                 config: dict[str, Any] | None = None):
         self.tensors = tensors
         self.description = description  # e.g. the file it came from, for error messages
+        self.config = config  # a config.json-style dict, for formats that carry none
         self._maps: dict[Path, mmap.mmap] = {}
 
     def array(self, ref: TensorRef) -> np.ndarray:
-        """A read-only view of the tensor's bytes, straight from the mapped file."""
-        mm = self._maps.get(ref.path)
+        """The tensor as [out, in]: a read-only view straight from the mapped file, or, for a
+        tensor split over files, their bytes joined."""
+        count = prod(ref.shape)
+        dtype = NUMPY_DTYPES[ref.dtype]
+        if isinstance(ref.path, tuple):
+            try:
+                data = np.frombuffer(b"".join(p.read_bytes() for p in ref.path), dtype=dtype, count=count)
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"{ref.path[0]}: cannot read ({exc})") from None
+        else:
+            data = np.frombuffer(self._map(ref.path), dtype=dtype, count=count, offset=ref.offset)
+        return data.reshape(ref.shape[::-1]).T if ref.transposed else data.reshape(ref.shape)
+
+    def _map(self, path: Path) -> mmap.mmap:
+        mm = self._maps.get(path)
         if mm is None:
             try:
-                with open(ref.path, "rb") as f:
+                with open(path, "rb") as f:
                     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             except (OSError, ValueError) as exc:
-                raise CheckpointError(f"{ref.path}: cannot map the file ({exc})") from None
-            self._maps[ref.path] = mm
-        count = prod(ref.shape)
-        return np.frombuffer(mm, dtype=NUMPY_DTYPES[ref.dtype], count=count,
-                             offset=ref.offset).reshape(ref.shape)
+                raise CheckpointError(f"{path}: cannot map the file ({exc})") from None
+            self._maps[path] = mm
+        return mm
 
     def release(self, ref: TensorRef) -> None:
         """Drops the tensor's pages from this process once it has been converted, so that
         loading never holds a converted copy and the whole source file at once."""
-        mm = self._maps.get(ref.path)
+        mm = self._maps.get(ref.path) if isinstance(ref.path, Path) else None
         if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         start = ref.offset - ref.offset % mmap.PAGESIZE
@@ -131,6 +152,30 @@ def read_safetensors(path: Path) -> dict[str, TensorRef]:
         _check_extent(path, name, ref.offset, ref.nbytes, size)
         tensors[name] = ref
     return tensors
+
+
+SafetensorsEntry = tuple[str, str, tuple[int, ...], Callable[[], np.ndarray]]  # name, dtype, shape, data
+
+
+def write_safetensors(path: Path, entries: list[SafetensorsEntry], metadata: dict[str, str] | None = None) -> None:
+    """Writes tensors one at a time (each made only when its turn comes), so that a model
+    never has to sit in memory whole; offsets are padded as the format asks (8-byte header)."""
+    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape, _ in entries:
+        size = prod(shape) * np.dtype(NUMPY_DTYPES[dtype]).itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, dtype, shape, make in entries:
+            data = np.ascontiguousarray(make(), dtype=NUMPY_DTYPES[dtype])
+            if data.shape != tuple(shape):
+                raise ValueError(f"{name}: made shape {data.shape}, declared {shape}")
+            f.write(data.tobytes())
 
 
 # ---- PyTorch pickles -----------------------------------------------------------------------
@@ -301,13 +346,48 @@ def _read_sharded(index: Path, reader: Callable[[Path], dict[str, TensorRef]]) -
     return tensors
 
 
+def find_unzipped_pickle(folder: Path) -> Path | None:
+    """data.pkl of an unzipped torch.save() archive: in the folder or one folder down."""
+    candidates = [folder / "data.pkl"] + sorted(folder.glob("*/data.pkl"))
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def read_unzipped(pickle_path: Path) -> dict[str, TensorRef]:
+    """An unzipped pytorch_model.bin: data.pkl beside data/<key>, one file per storage."""
+    top = pickle_path.parent
+
+    def locate(key: str, dtype: str, numel: int) -> tuple[Path, int]:
+        path = top / "data" / key
+        if not path.is_file():
+            raise CheckpointError(f"{path}: storage file is missing")
+        nbytes = numel * np.dtype(NUMPY_DTYPES[dtype]).itemsize
+        if path.stat().st_size < nbytes:
+            raise CheckpointError(f"{path}: truncated: holds {path.stat().st_size} bytes, "
+                                  f"its storage needs {nbytes}")
+        return path, 0
+
+    try:
+        data = pickle_path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{pickle_path}: cannot read ({exc.strerror})") from None
+    return unpickle_state_dict(data, pickle_path, locate)
+
+
 def open_checkpoint(folder: Path) -> Checkpoint:
-    """Finds the weights in a Hugging Face model folder; safetensors is preferred."""
+    """Finds the weights in a model folder, whatever their format (safetensors preferred)."""
     for filename, reader in SINGLE_FILE_READERS.items():
         single, index = folder / filename, folder / f"{filename}.index.json"
         if single.is_file():
             return Checkpoint(reader(single), str(single))
         if index.is_file():
             return Checkpoint(_read_sharded(index, reader), str(index))
+    unzipped = find_unzipped_pickle(folder)
+    if unzipped is not None:
+        return Checkpoint(read_unzipped(unzipped), str(unzipped))
+    from .java_port import is_java_port_folder, read_java_port
+    if is_java_port_folder(folder):
+        tensors, config = read_java_port(folder)
+        return Checkpoint(tensors, str(folder), config)
     looked_for = ", ".join(f"{n}, {n}.index.json" for n in SINGLE_FILE_READERS)
-    raise CheckpointError(f"{folder}: no weights found (looked for {looked_for})")
+    raise CheckpointError(f"{folder}: no weights found (looked for {looked_for}, an unzipped "
+                          f"checkpoint's data.pkl + data/, and the Java port's input/ + decoderN/ folders)")

@@ -89,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="the model's config, size, and how it will run")
     _model_args(i)
 
+    v = sub.add_parser("convert", help="write a bfloat16 safetensors folder that loads instantly")
+    v.add_argument("src", help="model folder in any supported format")
+    v.add_argument("dst", help="folder to write")
+    v.add_argument("--tokenizer", help="folder with the tokenizer files (default: SRC's)")
+    v.add_argument("--config", default=None, help="a config.json to use instead of SRC's")
+    v.add_argument("--num-heads", type=int, default=None, help="override the config's num_heads")
+    v.add_argument("--window-size", type=int, default=None, help="override the config's window_size")
+    v.add_argument("--debug", action="store_true", help="show tracebacks")
+
     b = sub.add_parser("bench", help="measure speed and memory (see BENCHMARKS.md)")
     from .bench import add_arguments as bench_arguments
     bench_arguments(b)
@@ -96,10 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _overrides(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in (("num_heads", args.num_heads), ("window_size", args.window_size)) if v is not None}
+
+
 def load_model(args: argparse.Namespace):
     from .model import load
-    overrides = {k: v for k, v in (("num_heads", args.num_heads), ("window_size", args.window_size))
-                 if v is not None}
+    overrides = _overrides(args)
     spec = args.model or os.environ.get("NEOCORE_MODEL") or DEFAULT_MODEL
     return load(spec, dtype=args.dtype, threads=args.threads, context=args.context,
                 config=args.config, progress=Progress("loading"), **overrides)
@@ -243,7 +255,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "score": cmd_score, "info": cmd_info}
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+    start = time.perf_counter()
+    dst = convert(args.src, args.dst, tokenizer=args.tokenizer, config=args.config,
+                  progress=Progress("converting"), **_overrides(args))
+    print(f"wrote {dst} ({(dst / 'model.safetensors').stat().st_size / 2**20:.1f} MiB of bfloat16 weights) "
+          f"in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "chat": cmd_chat, "score": cmd_score, "info": cmd_info}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -75,6 +75,8 @@ class GPTNeoConfig:
 
         def integer(key: str, minimum: int = 1, default: Any = None) -> int:
             value = raw.get(key, default)
+            if value is None:
+                raise ConfigError(f"{source}: {key} is missing (give it as an override: {key}=...)")
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ConfigError(f"{source}: {key} must be an integer >= {minimum}, got {value!r}")
             return value

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from . import _core
-from .checkpoint import open_checkpoint
+from .checkpoint import Checkpoint, open_checkpoint
 from .config import GPTNeoConfig
 from .errors import ConfigError, ContextError, NeocoreError
 from .weights import WEIGHT_DTYPES, WeightLoader
@@ -168,6 +168,14 @@ def _find_tokenizer(folder: Path) -> Any:
     return Tokenizer.from_dir(folder) if Tokenizer.files_present(folder) else None
 
 
+def resolve_config(folder: Path, checkpoint: Checkpoint, config: str | os.PathLike | None,
+                   overrides: dict[str, Any]) -> GPTNeoConfig:
+    """config= if given, else the folder's config.json, else the shape the format implies."""
+    if config is None and checkpoint.config is not None and not (folder / "config.json").is_file():
+        return GPTNeoConfig.from_dict(checkpoint.config, f"{folder} (shape inferred from its files)", overrides)
+    return GPTNeoConfig.from_file(Path(config) if config else folder / "config.json", overrides)
+
+
 def load(path: str | os.PathLike, dtype: str = "bfloat16", threads: int | None = None,
          context: int | None = None, isa: str | None = None, config: str | os.PathLike | None = None,
          progress: Callable[[int, int], None] | None = None, **overrides: Any) -> Model:
@@ -184,7 +192,8 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", threads: int | None =
     folder = resolve_model(path)
     if dtype not in WEIGHT_DTYPES:
         raise NeocoreError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
-    cfg = GPTNeoConfig.from_file(Path(config) if config else folder / "config.json", overrides)
+    checkpoint = open_checkpoint(folder)
+    cfg = resolve_config(folder, checkpoint, config, overrides)
     context = cfg.max_position_embeddings if context is None else int(context)
     if not 1 <= context <= cfg.max_position_embeddings:
         raise ConfigError(f"context must be between 1 and {cfg.max_position_embeddings}, got {context}")
@@ -192,7 +201,10 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", threads: int | None =
     if threads < 1:
         raise NeocoreError(f"threads must be >= 1, got {threads}")
     chosen_isa = kernel_path(isa)
-    weights = WeightLoader(open_checkpoint(folder), cfg, dtype).load_all(progress)
+    loader = WeightLoader(checkpoint, cfg, dtype)
+    weights = loader.load_all(progress)
     tokenizer = _find_tokenizer(folder)
-    return Model(folder, cfg, weights, dtype, threads, context, chosen_isa, tokenizer,
-                 time.perf_counter() - start)
+    model = Model(folder, cfg, weights, dtype, threads, context, chosen_isa, tokenizer,
+                  time.perf_counter() - start)
+    model.matrices_in_place = loader.in_place
+    return model

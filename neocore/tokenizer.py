@@ -60,22 +60,37 @@ class Tokenizer:
 
     # ---- loading ----------------------------------------------------------------------------
     @staticmethod
+    def _vocab_and_merges(folder: Path) -> tuple[Path, Path] | None:
+        """vocab.json + merges.txt, or the Java port's tokenizer/tokens.map + merges.bpe."""
+        for vocab, merges in ((folder / "vocab.json", folder / "merges.txt"),
+                              (folder / "tokenizer" / "tokens.map", folder / "tokenizer" / "merges.bpe")):
+            if vocab.is_file() and merges.is_file():
+                return vocab, merges
+        return None
+
+    @staticmethod
     def files_present(folder: Path) -> bool:
         folder = Path(folder)
-        return (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() \
-            or (folder / "tokenizer.json").is_file()
+        return Tokenizer._vocab_and_merges(folder) is not None or (folder / "tokenizer.json").is_file()
 
     @classmethod
     def from_dir(cls, folder: str | Path) -> "Tokenizer":
-        """vocab.json + merges.txt, else tokenizer.json."""
+        """vocab.json + merges.txt, else tokenizer.json, else the Java port's tokenizer/."""
         folder = Path(folder)
-        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            vocab = _read_json(folder / "vocab.json")
-            merges = _parse_merges((folder / "merges.txt"), _read_text(folder / "merges.txt").splitlines())
-            return cls(_check_vocab(vocab, folder / "vocab.json"), merges)
+        if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
+            pair = cls._vocab_and_merges(folder)
+            if pair is not None:
+                vocab_path, merges_path = pair
+                text = _read_text(vocab_path).strip()
+                if vocab_path.suffix == ".map":  # the vocab JSON without its outer braces
+                    text = "{" + text + "}"
+                vocab = _read_json(vocab_path, text)
+                merges = _parse_merges(merges_path, _read_text(merges_path).splitlines())
+                return cls(_check_vocab(vocab, vocab_path), merges)
         if (folder / "tokenizer.json").is_file():
             return cls.from_tokenizer_json(folder / "tokenizer.json")
-        raise TokenizerError(f"{folder}: no tokenizer files (looked for vocab.json + merges.txt, tokenizer.json)")
+        raise TokenizerError(f"{folder}: no tokenizer files (looked for vocab.json + merges.txt, "
+                             f"tokenizer.json, tokenizer/tokens.map + merges.bpe)")
 
     @classmethod
     def from_tokenizer_json(cls, path: Path) -> "Tokenizer":
@@ -193,9 +208,9 @@ def _read_text(path: Path) -> str:
         raise TokenizerError(f"{path}: cannot read ({exc})") from None
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, text: str | None = None) -> dict:
     try:
-        data = json.loads(_read_text(path))
+        data = json.loads(_read_text(path) if text is None else text)
     except json.JSONDecodeError as exc:
         raise TokenizerError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):

@@ -3,6 +3,7 @@ in the reference mode), biases and LayerNorm parameters in float32."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -62,25 +63,25 @@ class WeightLoader:
         if ref.shape != shape:
             raise CheckpointError(f"{self.checkpoint.description}: tensor {ref.name!r} has shape "
                                   f"{list(ref.shape)}, expected {list(shape)} from the config")
-        if ref.dtype not in ("F32", "F16", "BF16", "F64"):
+        if ref.dtype not in ("F32", "F16", "BF16", "F64", "F32BE"):
             raise CheckpointError(f"{self.checkpoint.description}: tensor {ref.name!r} is {ref.dtype}, "
                                   f"not a floating-point weight")
         return ref
 
     def _as_float32(self, ref: TensorRef, stored: np.ndarray) -> np.ndarray:
-        return bf16_to_f32(stored) if ref.dtype == "BF16" else stored.astype(np.float32)
+        return bf16_to_f32(stored) if ref.dtype == "BF16" else np.ascontiguousarray(stored, dtype=np.float32)
 
     def matrix(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """A weight matrix in the engine's dtype; used in place when the file already holds it."""
         ref = self._ref(name, shape)
         stored = self.checkpoint.array(ref)
         target = "BF16" if self.dtype == "bfloat16" else "F32"
-        if ref.dtype == target:
+        if ref.dtype == target and ref.mappable:
             self.in_place += 1
             return stored
         if self.dtype == "float32":
             result = self._as_float32(ref, stored)
-        elif ref.dtype == "F32":
+        elif ref.dtype in ("F32", "F32BE"):
             result, changed = f32_to_bf16(stored)
             if changed:
                 self.rounded.append(ref.name)
@@ -97,40 +98,62 @@ class WeightLoader:
         ref = self._ref(name, shape)
         return np.array(self._as_float32(ref, self.checkpoint.array(ref)), dtype=np.float32)
 
+    def read(self, spec: "WeightSpec") -> np.ndarray:
+        return self.matrix(spec.name, spec.shape) if spec.is_matrix else self.vector(spec.name, spec.shape)
+
     def load_all(self, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
         """Every tensor the engine reads, in the structure the Engine constructor takes;
         progress(layers done, layers) is called as it goes."""
-        c = self.config
-        H, F = c.hidden_size, c.intermediate_size
-        weights: dict[str, Any] = {
-            "wte": self.matrix("wte.weight", (c.vocab_size, H)),
-            "wpe": self.matrix("wpe.weight", (c.max_position_embeddings, H)),
-            "layers": [],
-        }
-        for i in range(c.num_layers):
-            p = f"h.{i}."
-            a = p + "attn.attention."
-            weights["layers"].append({
-                "ln1_w": self.vector(p + "ln_1.weight", (H,)),
-                "ln1_b": self.vector(p + "ln_1.bias", (H,)),
-                "q_w": self.matrix(a + "q_proj.weight", (H, H)),
-                "k_w": self.matrix(a + "k_proj.weight", (H, H)),
-                "v_w": self.matrix(a + "v_proj.weight", (H, H)),
-                "out_w": self.matrix(a + "out_proj.weight", (H, H)),
-                "out_b": self.vector(a + "out_proj.bias", (H,)),
-                "ln2_w": self.vector(p + "ln_2.weight", (H,)),
-                "ln2_b": self.vector(p + "ln_2.bias", (H,)),
-                "fc_w": self.matrix(p + "mlp.c_fc.weight", (F, H)),
-                "fc_b": self.vector(p + "mlp.c_fc.bias", (F,)),
-                "proj_w": self.matrix(p + "mlp.c_proj.weight", (H, F)),
-                "proj_b": self.vector(p + "mlp.c_proj.bias", (H,)),
-            })
-            if progress:
-                progress(i + 1, c.num_layers)
-        weights["lnf_w"] = self.vector("ln_f.weight", (H,))
-        weights["lnf_b"] = self.vector("ln_f.bias", (H,))
+        weights: dict[str, Any] = {"layers": [{} for _ in range(self.config.num_layers)]}
+        for spec in weight_table(self.config):
+            target = weights if spec.layer is None else weights["layers"][spec.layer]
+            target[spec.key] = self.read(spec)
+            if progress and spec.layer is not None and spec.key == LAST_LAYER_KEY:
+                progress(spec.layer + 1, self.config.num_layers)
+        self.report_rounding()
+        return weights
+
+    def report_rounding(self) -> None:
         if self.rounded:
             log.warning("%d weight tensor(s) were not exactly representable in bfloat16 and were "
                         "rounded to nearest (e.g. %s); load with dtype='float32' for exact weights",
                         len(self.rounded), self.rounded[0])
-        return weights
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    name: str                 # Hugging Face name, without the "transformer." prefix
+    shape: tuple[int, ...]
+    is_matrix: bool           # held in the engine's dtype; else float32
+    key: str                  # its name in the Engine's weight structure
+    layer: int | None = None  # its block, for per-layer tensors
+
+
+LAYER_TENSORS = (  # (key, Hugging Face name within the block, matrix?, shape from (H, F))
+    ("ln1_w", "ln_1.weight", False, lambda H, F: (H,)),
+    ("ln1_b", "ln_1.bias", False, lambda H, F: (H,)),
+    ("q_w", "attn.attention.q_proj.weight", True, lambda H, F: (H, H)),
+    ("k_w", "attn.attention.k_proj.weight", True, lambda H, F: (H, H)),
+    ("v_w", "attn.attention.v_proj.weight", True, lambda H, F: (H, H)),
+    ("out_w", "attn.attention.out_proj.weight", True, lambda H, F: (H, H)),
+    ("out_b", "attn.attention.out_proj.bias", False, lambda H, F: (H,)),
+    ("ln2_w", "ln_2.weight", False, lambda H, F: (H,)),
+    ("ln2_b", "ln_2.bias", False, lambda H, F: (H,)),
+    ("fc_w", "mlp.c_fc.weight", True, lambda H, F: (F, H)),
+    ("fc_b", "mlp.c_fc.bias", False, lambda H, F: (F,)),
+    ("proj_w", "mlp.c_proj.weight", True, lambda H, F: (H, F)),
+    ("proj_b", "mlp.c_proj.bias", False, lambda H, F: (H,)),
+)
+LAST_LAYER_KEY = LAYER_TENSORS[-1][0]
+
+
+def weight_table(c: GPTNeoConfig) -> list[WeightSpec]:
+    """Every tensor of a GPT-Neo model, in checkpoint order (lm_head is wte, so not listed)."""
+    H, F = c.hidden_size, c.intermediate_size
+    table = [WeightSpec("wte.weight", (c.vocab_size, H), True, "wte"),
+             WeightSpec("wpe.weight", (c.max_position_embeddings, H), True, "wpe")]
+    for i in range(c.num_layers):
+        table += [WeightSpec(f"h.{i}.{name}", shape(H, F), matrix, key, i)
+                  for key, name, matrix, shape in LAYER_TENSORS]
+    table += [WeightSpec("ln_f.weight", (H,), False, "lnf_w"), WeightSpec("ln_f.bias", (H,), False, "lnf_b")]
+    return table

@@ -180,13 +180,14 @@ def test_missing_files(odd, tmp_path):
     folder = copy_config(odd.folder, tmp_path / "noweights")
     with pytest.raises(neocore.CheckpointError, match="no weights found.*model.safetensors"):
         neocore.load(folder)
-    empty = tmp_path / "empty"
-    empty.mkdir()
+    no_config = tmp_path / "noconfig"
+    no_config.mkdir()
+    shutil.copy(odd.folder / "model.safetensors", no_config / "model.safetensors")
     with pytest.raises(neocore.ConfigError, match="config.json: no such file"):
-        neocore.load(empty)
-    (empty / "config.json").write_text("{not json")
+        neocore.load(no_config)
+    (no_config / "config.json").write_text("{not json")
     with pytest.raises(neocore.ConfigError, match="not a readable JSON"):
-        neocore.load(empty)
+        neocore.load(no_config)
 
 
 def test_rounding_is_reported_once(odd, tmp_path, caplog):

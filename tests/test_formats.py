@@ -1,0 +1,180 @@
+"""Every weight format a user may hold gives the same logits as the Hugging Face safetensors
+folder; convert writes a standard folder that loads in place, and in transformers too."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPTNeoForCausalLM, GPT2TokenizerFast
+
+import neocore
+from neocore.tokenizer import Tokenizer
+
+IDS = [5, 17, 900, 3, 44, 1002, 7, 0, 61, 250, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
+DTYPES = ["bfloat16", "float32"]
+
+
+@pytest.fixture(scope="module")
+def tiny(reference_models, gpt2_tokenizer_dir):
+    ref = reference_models("tiny")
+    return ref, {dt: neocore.load(ref.folder, dtype=dt).logits(IDS) for dt in DTYPES}
+
+
+def unzip_checkpoint(ref, write_bin, tmp_path: Path) -> Path:
+    zipped = write_bin(ref.torch_model, tmp_path / "zipped")
+    folder = tmp_path / "unzipped"
+    folder.mkdir()
+    with zipfile.ZipFile(zipped / "pytorch_model.bin") as zf:
+        zf.extractall(folder)
+    shutil.copy(zipped / "config.json", folder / "config.json")
+    return folder
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unzipped_checkpoint_folder(tiny, write_bin, tmp_path, dtype):
+    ref, baseline = tiny
+    folder = unzip_checkpoint(ref, write_bin, tmp_path)
+    assert list(folder.glob("*/data.pkl")) and not (folder / "pytorch_model.bin").exists()
+    assert np.array_equal(neocore.load(folder, dtype=dtype).logits(IDS), baseline[dtype])
+
+
+def test_truncated_storage_file_of_an_unzipped_checkpoint(tiny, write_bin, tmp_path):
+    ref, _ = tiny
+    folder = unzip_checkpoint(ref, write_bin, tmp_path)
+    storage = max((p for p in folder.glob("*/data/*")), key=lambda p: p.stat().st_size)
+    storage.write_bytes(storage.read_bytes()[:100])
+    with pytest.raises(neocore.CheckpointError, match=f"{storage.name}: truncated"):
+        neocore.load(folder)
+
+
+JAVA_FILES = {  # Hugging Face name in a block -> Java port file in decoderN/
+    "ln_1.weight": "att.norm.w", "ln_1.bias": "att.norm.b",
+    "attn.attention.q_proj.weight": "att.query.w", "attn.attention.k_proj.weight": "att.key.w",
+    "attn.attention.v_proj.weight": "att.value.w", "attn.attention.out_proj.weight": "att.proj.w",
+    "attn.attention.out_proj.bias": "att.proj.b", "ln_2.weight": "mlp.norm.w", "ln_2.bias": "mlp.norm.b",
+    "mlp.c_fc.weight": "mlp.layer1.w", "mlp.c_fc.bias": "mlp.layer1.b",
+    "mlp.c_proj.weight": "mlp.layer2.w", "mlp.c_proj.bias": "mlp.layer2.b",
+}
+
+
+def write_java_port(ref, folder: Path, tokenizer_dir: Path, properties: bool) -> Path:
+    """The layout of huplay's GPT-NEO parameter repositories, written independently of neocore."""
+    state = {k: v.numpy() for k, v in ref.state_dict().items()}
+
+    def dat(path: Path, array: np.ndarray) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(np.ascontiguousarray(array, dtype=">f4").tobytes())
+
+    wte = np.ascontiguousarray(state["transformer.wte.weight"], dtype=">f4").tobytes()
+    (folder / "input").mkdir(parents=True)
+    third = len(wte) // 3
+    for i, piece in enumerate([wte[:third], wte[third:2 * third], wte[2 * third:]], 1):
+        (folder / "input" / f"wte.dat.part{i}").write_bytes(piece)
+    dat(folder / "input" / "wpe.dat", state["transformer.wpe.weight"])
+    layers = ref.config["num_layers"]
+    for i in range(layers):
+        for name, java in JAVA_FILES.items():
+            value = state[f"transformer.h.{i}.{name}"]
+            dat(folder / f"decoder{i + 1}" / f"{java}.dat", value.T if value.ndim == 2 else value)
+    dat(folder / "output" / "norm.w.dat", state["transformer.ln_f.weight"])
+    dat(folder / "output" / "norm.b.dat", state["transformer.ln_f.bias"])
+    (folder / "tokenizer").mkdir()
+    vocab = (tokenizer_dir / "vocab.json").read_text(encoding="utf-8").strip()
+    (folder / "tokenizer" / "tokens.map").write_text(vocab[1:-1], encoding="utf-8")
+    merges = (tokenizer_dir / "merges.txt").read_text(encoding="utf-8").split("\n", 1)[1]
+    (folder / "tokenizer" / "merges.bpe").write_text(merges, encoding="utf-8")
+    if properties:
+        kinds = "".join(f"attention.type.{i + 1} = {k}\n" for i, k in enumerate(ref.torch_model.config.attention_layers))
+        (folder / "model.properties").write_text(
+            f"name = test\ntoken.count = {ref.config['vocab_size']}\nend.of.text.token = {ref.config['vocab_size'] - 1}\n"
+            f"max.length = {ref.config['max_position_embeddings']}\nhidden.size = {ref.config['hidden_size']}\n"
+            f"feedforward.size = {4 * ref.config['hidden_size']}\ndecoder.count = {layers}\n"
+            f"attention.head.count = {ref.config['num_heads']}\n{kinds}epsilon = 1e-5f\n"
+            f"attention.local.size = {ref.config['window_size']}\ndata.type = FLOAT32\n"
+            f"byte.order = BIG_ENDIAN\nweights.transposed = true\n")
+    return folder
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_java_port_folder_with_properties(tiny, gpt2_tokenizer_dir, tmp_path, dtype):
+    ref, baseline = tiny
+    folder = write_java_port(ref, tmp_path / "java", gpt2_tokenizer_dir, properties=True)
+    model = neocore.load(folder, dtype=dtype)
+    assert np.array_equal(model.logits(IDS), baseline[dtype])
+    hf = GPT2TokenizerFast(str(gpt2_tokenizer_dir / "vocab.json"), str(gpt2_tokenizer_dir / "merges.txt"))
+    text = "Hello from the Java port's tokenizer folder, naïve café 😀"
+    assert model.tokenizer.encode(text) == hf.encode(text)
+
+
+def test_java_port_folder_shape_from_file_sizes_and_overrides(tiny, gpt2_tokenizer_dir, tmp_path):
+    ref, baseline = tiny
+    folder = write_java_port(ref, tmp_path / "java", gpt2_tokenizer_dir, properties=False)
+    with pytest.raises(neocore.ConfigError, match="num_heads is missing .*num_heads="):
+        neocore.load(folder)  # hidden size 64 is no member of the family: heads are not known
+    model = neocore.load(folder, num_heads=4, window_size=8)
+    assert model.config.hidden_size == 64 and model.config.num_layers == 4
+    assert np.array_equal(model.logits(IDS), baseline["bfloat16"])
+    (tmp_path / "cfg.json").write_text((ref.folder / "config.json").read_text())
+    assert np.array_equal(neocore.load(folder, config=tmp_path / "cfg.json").logits(IDS), baseline["bfloat16"])
+
+
+def test_java_port_broken_folders(tiny, gpt2_tokenizer_dir, tmp_path):
+    ref, _ = tiny
+    folder = write_java_port(ref, tmp_path / "java", gpt2_tokenizer_dir, properties=True)
+    bad = folder / "decoder3" / "att.key.w.dat"
+    good = bad.read_bytes()
+    bad.write_bytes(good[:-8])
+    with pytest.raises(neocore.CheckpointError, match=r"decoder3/att\.key\.w\.dat: holds \d+ bytes"):
+        neocore.load(folder)
+    bad.write_bytes(good)
+    shutil.rmtree(folder / "decoder2")
+    with pytest.raises(neocore.CheckpointError, match="decoder2: decoder folder is missing"):
+        neocore.load(folder)
+
+
+def test_unrecognisable_folder_says_what_it_looked_for(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "weights.npz").write_bytes(b"\0" * 10)
+    with pytest.raises(neocore.CheckpointError, match="no weights found.*model.safetensors.*pytorch_model.bin"
+                                                      ".*data.pkl.*decoderN"):
+        neocore.load(tmp_path)
+
+
+def test_convert_round_trip(tiny, write_bin, tmp_path):
+    ref, baseline = tiny
+    src = write_bin(ref.torch_model, tmp_path / "src")
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(ref.folder / name, src / name)
+    dst = tmp_path / "converted"
+    proc = subprocess.run([sys.executable, "-m", "neocore", "convert", str(src), str(dst)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    header_len = int.from_bytes((dst / "model.safetensors").read_bytes()[:8], "little")
+    header = json.loads((dst / "model.safetensors").read_bytes()[8:8 + header_len])
+    assert header["transformer.wte.weight"]["dtype"] == "BF16" and "lm_head.weight" not in header
+    model = neocore.load(dst)
+    assert model.matrices_in_place == 2 + 6 * ref.config["num_layers"]  # used straight from the map
+    assert np.array_equal(model.logits(IDS), baseline["bfloat16"])
+    assert model.tokenizer is not None
+    theirs = GPTNeoForCausalLM.from_pretrained(dst, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        their_logits = theirs(torch.tensor([IDS])).logits[0].numpy()
+    ref_logits = ref.logits(IDS)
+    assert np.abs(their_logits - ref_logits).max() <= 1e-4 * np.abs(ref_logits).max() + 1e-5
+
+
+def test_convert_a_java_port_folder(tiny, gpt2_tokenizer_dir, tmp_path):
+    ref, baseline = tiny
+    folder = write_java_port(ref, tmp_path / "java", gpt2_tokenizer_dir, properties=True)
+    from neocore.convert import convert
+    dst = convert(folder, tmp_path / "converted")
+    assert np.array_equal(neocore.load(dst).logits(IDS), baseline["bfloat16"])
+    assert Tokenizer.from_dir(dst).encode("a test") == Tokenizer.from_dir(gpt2_tokenizer_dir).encode("a test")
+    assert json.loads((dst / "config.json").read_text())["num_heads"] == 4
