@@ -94,7 +94,7 @@ static void forward_chunk(const NeoConfig *c, const NeoWeights *w, NeoState *s,
         /* x += c_proj(gelu_new(c_fc(ln_2(x)))) */
         layernorm_forward(s->xn, s->x, L->ln2_w, L->ln2_b, T, C, c->ln_eps, nt);
         matmul_forward(s->h, s->xn, L->fc_w, w->dtype, L->fc_b, T, C, c->ffn, 0, nt, isa);
-        gelu_new_forward(s->h, (size_t)T * c->ffn, nt);
+        gelu_new_forward(s->h, (size_t)T * c->ffn, nt, isa);
         matmul_forward(s->x, s->h, L->proj_w, w->dtype, L->proj_b, T, c->ffn, C, 1, nt, isa);
     }
 }

@@ -22,7 +22,6 @@ static inline float matrix_element(const void *m, NeoDType dtype, size_t i)
 
 void layernorm_forward(float *out, const float *x, const float *weight, const float *bias,
                        int T, int C, float eps, int n_threads);
-void gelu_new_forward(float *x, size_t n, int n_threads);
 void embedding_forward(float *x, const int32_t *tokens, int T, int pos0, const void *wte,
                        const void *wpe, NeoDType dtype, int C);
 void attention_forward(float *out, const float *q, const float *k_new, const float *v_new,

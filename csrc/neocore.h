@@ -84,5 +84,6 @@ int neo_forward(const NeoConfig *cfg, const NeoWeights *w, NeoState *s,
 /* Kernels, exposed so tests can compare the SIMD paths with the scalar reference. */
 void matmul_forward(float *out, const float *x, const void *w, NeoDType dtype, const float *bias,
                     int T, int K, int N, int accumulate, int n_threads, NeoIsa isa);
+void gelu_new_forward(float *x, size_t n, int n_threads, NeoIsa isa);
 
 #endif

@@ -55,6 +55,7 @@ cdef extern from "neocore.h":
     void matmul_forward(float *out, const float *x, const void *w, NeoDType dtype,
                         const float *bias, int T, int K, int N, int accumulate, int n_threads,
                         NeoIsa isa) nogil
+    void gelu_new_forward(float *x, size_t n, int n_threads, NeoIsa isa) nogil
 
 
 ISAS = {"generic": NEO_ISA_GENERIC, "avx2": NEO_ISA_AVX2}
@@ -202,3 +203,13 @@ def matmul(float[:, ::1] out, const float[:, ::1] x, w, const float[::1] bias, b
     with nogil:
         matmul_forward(&out[0, 0], &x[0, 0], <const void *>wp, dt, bp, T, K, N, accumulate,
                        threads, path)
+
+
+def gelu_new(float[::1] x, int threads, str isa) -> None:
+    """x = gelu_new(x) in place with the chosen kernel path."""
+    if isa == "avx2" and not neo_cpu_has_avx2_fma():
+        raise ValueError("this CPU has no AVX2+FMA")
+    cdef NeoIsa path = ISAS[isa]
+    if x.shape[0]:
+        with nogil:
+            gelu_new_forward(&x[0], x.shape[0], threads, path)

@@ -64,3 +64,18 @@ def test_bf16_conversion_is_lossless_when_low_bits_are_zero():
     bits, changed = f32_to_bf16(exact)
     assert not changed
     assert np.array_equal(bf16_to_f32(bits), exact)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_gelu_new_matches_float64_formula(isa):
+    rng = np.random.default_rng(3)
+    x = np.concatenate([np.linspace(-12, 12, 20001), rng.standard_normal(50003) * 3,
+                        [0.0, -0.0, 1e-30, -1e-20, 0.2499, 0.2501, -0.25, 40.0, -40.0, 1e4]]).astype(np.float32)
+    expected = torch.nn.functional.gelu(torch.from_numpy(x).double(), approximate="tanh").numpy()
+    y = x.copy()
+    _core.gelu_new(y, 2, isa)
+    # float32 evaluation of the same formula: as close as torch's own float32 result is
+    torch32 = torch.nn.functional.gelu(torch.from_numpy(x), approximate="tanh").numpy()
+    bound = np.abs(torch32 - expected).max()
+    assert np.abs(y - expected).max() <= max(bound, 5e-7)
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=5e-7)
