@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", default="", help="peers to run too: transformers, transformers-bf16")
     p.add_argument("--latency", action="store_true", help="also time decode steps at positions 100 and 2000")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--load-only", action="store_true", help="measure load time and peak RSS only")
+    p.add_argument("--tokenizer", metavar="DIR", help="measure encode throughput against Hugging Face instead")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--worker", help=argparse.SUPPRESS)
 
@@ -163,6 +165,8 @@ def worker(engine: str, folder: str, threads: int, dtype: str, prompt_tokens: in
     start = time.perf_counter()
     runner = RUNNERS[engine](folder, threads, dtype)
     load = time.perf_counter() - start
+    if prompt_tokens == 0:  # --load-only
+        return {"engine": engine, "dtype": dtype, "threads": threads, "load_s": load, "peak_rss": peak_rss()}
     prompt = np.random.default_rng(0).integers(0, 50000, prompt_tokens).tolist()
     runner.prefill(prompt[:8])  # warm up
     start = time.perf_counter()
@@ -191,7 +195,8 @@ def worker(engine: str, folder: str, threads: int, dtype: str, prompt_tokens: in
 
 def _spawn(engine: str, args: argparse.Namespace, threads: int, dtype: str) -> dict:
     spec = json.dumps({"engine": engine, "folder": args.model, "threads": threads, "dtype": dtype,
-                       "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                       "prompt_tokens": 0 if args.load_only else args.prompt_tokens,
+                       "new_tokens": args.new_tokens,
                        "latency": args.latency and engine == "neocore"})
     proc = subprocess.run([sys.executable, "-m", "neocore.bench", "--worker", spec],
                           capture_output=True, text=True)
@@ -217,6 +222,18 @@ def run(args: argparse.Namespace) -> int:
         write_random_model(args.make_model, Path(args.out), args.format)
         print(f"wrote a random {args.make_model} model to {args.out}")
         return 0
+    if args.tokenizer:
+        results = tokenizer_throughput(args.tokenizer)
+        if args.json:
+            print(json.dumps(results, indent=2))
+            return 0
+        print(f"encode, one thread, {results[0]['megabytes']:.1f} MB of mixed text in documents:")
+        for r in results:
+            print(f"  {r['engine']:22} {r['mb_s']:6.2f} MB/s")
+        if len(results) == 2:
+            print(f"  ratio neocore / hf: {results[0]['mb_s'] / results[1]['mb_s']:.2f}; "
+                  f"identical ids: {results[0]['identical_ids']}")
+        return 0
     if not args.model:
         raise NeocoreError("bench needs -m MODEL (a folder; make one with --make-model 125M --out DIR)")
     thread_counts = [int(t) for t in args.threads.split(",") if t]
@@ -239,11 +256,17 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
+    if args.load_only:
+        print(f"model {args.model}: load only")
+        print(f"{'engine':24} {'load s':>8} {'peak RSS MiB':>13}")
+        for r in rows:
+            print(f"{r['engine'] + ' ' + r['dtype']:24} {r['load_s']:>8.2f} {r['peak_rss'] / 2**20:>13.0f}")
+        return 0
     print(f"model {args.model}: prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens (greedy)")
-    print(f"{'engine':20} {'thr':>3} {'load s':>7} {'prefill tok/s':>14} {'decode tok/s':>13} "
+    print(f"{'engine':24} {'thr':>3} {'load s':>7} {'prefill tok/s':>14} {'decode tok/s':>13} "
           f"{'peak RSS MiB':>13}")
     for r in rows:
-        print(f"{r['engine'] + ' ' + r['dtype']:20} {r['threads']:>3} {r['load_s']:>7.2f} "
+        print(f"{r['engine'] + ' ' + r['dtype']:24} {r['threads']:>3} {r['load_s']:>7.2f} "
               f"{r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.2f} {r['peak_rss'] / 2**20:>13.0f}")
     for threads in thread_counts:
         ours = next(r for r in rows if r["engine"] == "neocore" and r["threads"] == threads)
@@ -259,6 +282,54 @@ def run(args: argparse.Namespace) -> int:
                       f"decode {ours['decode_tok_s'] / r['decode_tok_s']:.2f}x, "
                       f"peak RSS {ours['peak_rss'] / r['peak_rss']:.2f}x, load {r['load_s'] / ours['load_s']:.1f}x faster")
     return 0
+
+
+def mixed_text(megabytes: float, seed: int = 0) -> list[str]:
+    """Documents of prose, code, numbers and several scripts, about megabytes in all."""
+    rng = np.random.default_rng(seed)
+    words = ("the of and to in is that for it was on with as his they be at one have this from "
+             "model tokenizer GPT-Neo naïve café Zürich résumé 3.14159 2026 1,000,000 x_1 = y[2] + 3; "
+             "def return {} () [] :: -> != <= >= && || Привет мир Ελληνικά 日本語の文章 中文 한국어 "
+             "مرحبا नमस्ते 😀 👍🏽 don't I'LL we've").split()
+    docs, size = [], 0
+    while size < megabytes * 1e6:
+        n = int(rng.integers(50, 400))
+        picks = rng.integers(0, len(words), n)
+        seps = rng.choice([" ", " ", " ", "  ", "\n", "\t", ", ", ". "], n)
+        doc = "".join(words[i] + sep for i, sep in zip(picks, seps))
+        docs.append(doc)
+        size += len(doc.encode())
+    return docs
+
+
+def tokenizer_throughput(folder: str, megabytes: float = 4.0) -> list[dict]:
+    """Single-threaded encode MB/s of neocore's tokenizer and Hugging Face's, same documents."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    from .tokenizer import Tokenizer
+    docs = mixed_text(megabytes)
+    total = sum(len(d.encode()) for d in docs) / 1e6
+    results = []
+    ours = Tokenizer.from_dir(folder)
+    runners = {"neocore": lambda: [ours.encode(d) for d in docs]}
+    try:
+        from transformers import GPT2TokenizerFast
+        hf = GPT2TokenizerFast(str(Path(folder) / "vocab.json"), str(Path(folder) / "merges.txt"))
+        runners["hf tokenizers (fast)"] = lambda: [hf.encode(d) for d in docs]
+    except ImportError:
+        pass
+    outputs = {}
+    for name, run_once in runners.items():
+        if name == "neocore":
+            ours._cache.clear()  # a cold cache, as on a first document
+        start = time.perf_counter()
+        outputs[name] = run_once()
+        results.append({"engine": name, "mb_s": total / (time.perf_counter() - start), "megabytes": total})
+    if len(outputs) == 2:
+        a, b = outputs.values()
+        for r in results:
+            r["identical_ids"] = a == b
+    return results
 
 
 if __name__ == "__main__":
