@@ -81,6 +81,9 @@ void neo_state_free(NeoState *s);
 int neo_forward(const NeoConfig *cfg, const NeoWeights *w, NeoState *s,
                 const int32_t *tokens, int n, float *logits, int all_logits);
 
+/* float32 -> bfloat16 bits, rounding to nearest even; returns 1 if any value changed. */
+int neo_f32_to_bf16(uint16_t *dst, const float *src, size_t n, int n_threads);
+
 /* Kernels, exposed so tests can compare the SIMD paths with the scalar reference. */
 void matmul_forward(float *out, const float *x, const void *w, NeoDType dtype, const float *bias,
                     int T, int K, int N, int accumulate, int n_threads, NeoIsa isa);

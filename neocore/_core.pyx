@@ -3,7 +3,7 @@
 
 Python owns every weight array; an Engine holds pointers into them, plus a reference to
 each so they outlive it. forward() is the single Python -> C call of a step."""
-from libc.stdint cimport int32_t, uint8_t, uintptr_t
+from libc.stdint cimport int32_t, uint8_t, uint16_t, uintptr_t
 from libc.stdlib cimport calloc, free
 
 import numpy as np
@@ -56,6 +56,7 @@ cdef extern from "neocore.h":
                         const float *bias, int T, int K, int N, int accumulate, int n_threads,
                         NeoIsa isa) nogil
     void gelu_new_forward(float *x, size_t n, int n_threads, NeoIsa isa) nogil
+    int neo_f32_to_bf16(unsigned short *dst, const float *src, size_t n, int n_threads) nogil
 
 
 ISAS = {"generic": NEO_ISA_GENERIC, "avx2": NEO_ISA_AVX2}
@@ -213,3 +214,14 @@ def gelu_new(float[::1] x, int threads, str isa) -> None:
     if x.shape[0]:
         with nogil:
             gelu_new_forward(&x[0], x.shape[0], threads, path)
+
+
+def f32_to_bf16(unsigned short[::1] dst, const float[::1] src, int threads) -> bool:
+    """dst = bfloat16 bits of src (round to nearest even); True if any value was rounded."""
+    if dst.shape[0] != src.shape[0]:
+        raise ValueError("dst and src differ in length")
+    cdef int rounded = 0
+    if src.shape[0]:
+        with nogil:
+            rounded = neo_f32_to_bf16(&dst[0], &src[0], src.shape[0], threads)
+    return bool(rounded)

@@ -201,7 +201,7 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", threads: int | None =
     if threads < 1:
         raise NeocoreError(f"threads must be >= 1, got {threads}")
     chosen_isa = kernel_path(isa)
-    loader = WeightLoader(checkpoint, cfg, dtype)
+    loader = WeightLoader(checkpoint, cfg, dtype, threads)
     weights = loader.load_all(progress)
     tokenizer = _find_tokenizer(folder)
     model = Model(folder, cfg, weights, dtype, threads, context, chosen_isa, tokenizer,

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import _core
 from .checkpoint import Checkpoint, TensorRef
 from .config import GPTNeoConfig
 from .errors import CheckpointError
@@ -15,26 +16,15 @@ from .errors import CheckpointError
 log = logging.getLogger("neocore")
 
 WEIGHT_DTYPES = ("bfloat16", "float32")
-_CHUNK = 1 << 20  # elements converted at a time, to bound temporaries
 
 
-def f32_to_bf16(values: np.ndarray) -> tuple[np.ndarray, bool]:
+def f32_to_bf16(values: np.ndarray, threads: int = 1) -> tuple[np.ndarray, bool]:
     """Rounds float32 to bfloat16 bits (round to nearest, ties to even; NaN stays NaN).
     Returns the uint16 bits and whether any value changed (False when every low half is 0)."""
-    flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-    out = np.empty(flat.shape, dtype=np.uint16)
-    rounded = False
-    for start in range(0, flat.size, _CHUNK):
-        bits = flat[start:start + _CHUNK].view(np.uint32)
-        if bits.size and np.any(bits & 0xFFFF):
-            rounded = True
-            nearest = (bits.astype(np.uint64) + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            nan = (bits & 0x7FFFFFFF) > 0x7F800000
-            nearest[nan] = (bits[nan] >> 16) | 0x0040  # keep NaN quiet rather than round it to inf
-            out[start:start + _CHUNK] = nearest.astype(np.uint16)
-        else:
-            out[start:start + _CHUNK] = bits >> 16
-    return out.reshape(values.shape), rounded
+    source = np.ascontiguousarray(values, dtype=np.float32)
+    out = np.empty(source.shape, dtype=np.uint16)
+    changed = _core.f32_to_bf16(out.reshape(-1), source.reshape(-1), threads)
+    return out, changed
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -44,12 +34,13 @@ def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
 class WeightLoader:
     """Reads one model's tensors by their Hugging Face names, checking presence and shape."""
 
-    def __init__(self, checkpoint: Checkpoint, config: GPTNeoConfig, dtype: str):
+    def __init__(self, checkpoint: Checkpoint, config: GPTNeoConfig, dtype: str, threads: int = 1):
         if dtype not in WEIGHT_DTYPES:
             raise ValueError(f"dtype must be one of {WEIGHT_DTYPES}, got {dtype!r}")
         self.checkpoint = checkpoint
         self.config = config
         self.dtype = dtype
+        self.threads = threads
         names = checkpoint.tensors
         # GPTNeoForCausalLM saves under "transformer.", a bare GPTNeoModel without a prefix
         self.prefix = "transformer." if "transformer.wte.weight" in names else ""
@@ -82,11 +73,11 @@ class WeightLoader:
         if self.dtype == "float32":
             result = self._as_float32(ref, stored)
         elif ref.dtype in ("F32", "F32BE"):
-            result, changed = f32_to_bf16(stored)
+            result, changed = f32_to_bf16(stored, self.threads)
             if changed:
                 self.rounded.append(ref.name)
         else:
-            result, changed = f32_to_bf16(self._as_float32(ref, stored))
+            result, changed = f32_to_bf16(self._as_float32(ref, stored), self.threads)
             if changed:
                 self.rounded.append(ref.name)
         del stored
