@@ -4,7 +4,8 @@
  * in fp32; the softmax runs over the keys the query may see. A global layer sees every
  * earlier position; a local one sees key j from query i iff 0 <= i - j <= window - 1.
  * Keys of the current chunk are read from k_new/v_new, older ones from the cache (slot
- * j % slots), so a local layer's ring buffer is only written after the chunk's attention. */
+ * j % slots), so a local layer's ring buffer is only written after the chunk's attention.
+ * The cache is head-major, so one head's keys stream from memory in order. */
 #include <math.h>
 #include <omp.h>
 #include "internal.h"
@@ -14,28 +15,32 @@
 #define TARGET_AVX2 __attribute__((target("avx2,fma")))
 #endif
 
-/* count rows of a [*, C] matrix, one after the other */
+/* count rows of head_dim floats, stride floats apart */
 typedef struct {
     const float *rows;
     int count;
+    int stride;
 } RowRun;
 
-/* The key (or value) rows first..last in order, as at most three runs of consecutive rows:
- * the cached ones (a ring buffer wraps at most once) and then this chunk's. */
+/* Head h's key (or value) rows first..last in order, as at most three runs: the cached ones
+ * (head-major [n_heads][slots][head_dim], a ring buffer wrapping at most once) and then this
+ * chunk's ([T][C], the head's slice of each row). */
 static int row_runs(RowRun runs[3], const float *fresh, const float *cache, int slots, int pos0,
-                    int first, int last, int C)
+                    int first, int last, int C, int h, int head_dim)
 {
     int n = 0;
+    const float *head_cache = cache + (size_t)h * slots * head_dim;
     const int last_cached = pos0 - 1 < last ? pos0 - 1 : last;
     if (first <= last_cached) {
         const int count = last_cached - first + 1, slot = first % slots;
         const int before_wrap = count < slots - slot ? count : slots - slot;
-        runs[n++] = (RowRun){cache + (size_t)slot * C, before_wrap};
-        if (count > before_wrap) runs[n++] = (RowRun){cache, count - before_wrap};
+        runs[n++] = (RowRun){head_cache + (size_t)slot * head_dim, before_wrap, head_dim};
+        if (count > before_wrap) runs[n++] = (RowRun){head_cache, count - before_wrap, head_dim};
     }
     const int first_fresh = first > pos0 ? first : pos0;
     if (first_fresh <= last)
-        runs[n++] = (RowRun){fresh + (size_t)(first_fresh - pos0) * C, last - first_fresh + 1};
+        runs[n++] = (RowRun){fresh + (size_t)(first_fresh - pos0) * C + (size_t)h * head_dim,
+                             last - first_fresh + 1, C};
     return n;
 }
 
@@ -50,12 +55,12 @@ static float dot_generic(const float *a, const float *b, int n)
 
 /* out[d] = sum_j weights[j] * rows[j][offset + d] over the runs */
 static void weighted_rows_generic(float *out, const float *weights, const RowRun *runs, int n_runs,
-                                  int C, int offset, int n)
+                                  int offset, int n)
 {
     for (int d = 0; d < n; d++) out[d] = 0.0f;
     for (int r = 0, j = 0; r < n_runs; r++)
         for (int c = 0; c < runs[r].count; c++, j++) {
-            const float *row = runs[r].rows + (size_t)c * C + offset;
+            const float *row = runs[r].rows + (size_t)c * runs[r].stride + offset;
             for (int d = 0; d < n; d++) out[d] += weights[j] * row[d];
         }
 }
@@ -81,20 +86,20 @@ TARGET_AVX2 static inline float dot_avx2(const float *a, const float *b, int n)
 
 /* Columns in blocks of 32 held in four registers across all rows, so out is written once. */
 TARGET_AVX2 static void weighted_rows_avx2(float *out, const float *weights, const RowRun *runs,
-                                           int n_runs, int C, int offset, int n)
+                                           int n_runs, int n)
 {
     int d = 0;
     for (; d + 32 <= n; d += 32) {
         __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         for (int r = 0, j = 0; r < n_runs; r++)
             for (int c = 0; c < runs[r].count; c++, j++) {
-                const float *row = runs[r].rows + (size_t)c * C + offset + d;
+                const float *row = runs[r].rows + (size_t)c * runs[r].stride + d;
                 const __m256 w = _mm256_set1_ps(weights[j]);
                 for (int a = 0; a < 4; a++) acc[a] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 8 * a), acc[a]);
             }
         for (int a = 0; a < 4; a++) _mm256_storeu_ps(out + d + 8 * a, acc[a]);
     }
-    if (d < n) weighted_rows_generic(out + d, weights, runs, n_runs, C, offset + d, n - d);
+    if (d < n) weighted_rows_generic(out + d, weights, runs, n_runs, d, n - d);
 }
 #endif
 
@@ -112,12 +117,12 @@ attend(const NeoIsa isa, float *out, const float *q, const float *k_new, const f
     const int offset = h * head_dim;
     const float *qh = q + (size_t)t * C + offset;
     RowRun runs[3];
-    int n_runs = row_runs(runs, k_new, k_cache, slots, pos0, first, p, C);
+    int n_runs = row_runs(runs, k_new, k_cache, slots, pos0, first, p, C, h, head_dim);
     float max_score = -INFINITY;
     int n_keys = 0;
     for (int r = 0; r < n_runs; r++)
         for (int c = 0; c < runs[r].count; c++, n_keys++) {
-            const float *key = runs[r].rows + (size_t)c * C + offset;
+            const float *key = runs[r].rows + (size_t)c * runs[r].stride;
 #if defined(__x86_64__)
             float score = isa == NEO_ISA_AVX2 ? dot_avx2(qh, key, head_dim) : dot_generic(qh, key, head_dim);
 #else
@@ -132,15 +137,15 @@ attend(const NeoIsa isa, float *out, const float *q, const float *k_new, const f
         total += s[i];
     }
     for (int i = 0; i < n_keys; i++) s[i] /= total;
-    n_runs = row_runs(runs, v_new, v_cache, slots, pos0, first, p, C);
+    n_runs = row_runs(runs, v_new, v_cache, slots, pos0, first, p, C, h, head_dim);
     float *oh = out + (size_t)t * C + offset;
 #if defined(__x86_64__)
     if (isa == NEO_ISA_AVX2) {
-        weighted_rows_avx2(oh, s, runs, n_runs, C, offset, head_dim);
+        weighted_rows_avx2(oh, s, runs, n_runs, head_dim);
         return;
     }
 #endif
-    weighted_rows_generic(oh, s, runs, n_runs, C, offset, head_dim);
+    weighted_rows_generic(oh, s, runs, n_runs, 0, head_dim);
 }
 
 #define ATTENTION_PARAMS                                                                        \

@@ -62,10 +62,16 @@ NeoState *neo_state_new(const NeoConfig *c, int n_ctx, int chunk, int n_threads,
     return s;
 }
 
-static void cache_store(float *cache, int slots, const float *rows, int pos0, int T, int C)
+/* rows [T][n_heads * head_dim] into the head-major cache [n_heads][slots][head_dim] */
+static void cache_store(float *cache, int slots, const float *rows, int pos0, int T, int n_heads,
+                        int head_dim)
 {
-    for (int t = 0; t < T; t++)
-        memcpy(cache + (size_t)((pos0 + t) % slots) * C, rows + (size_t)t * C, sizeof(float) * C);
+    for (int t = 0; t < T; t++) {
+        const int slot = (pos0 + t) % slots;
+        for (int h = 0; h < n_heads; h++)
+            memcpy(cache + ((size_t)h * slots + slot) * head_dim,
+                   rows + (size_t)t * n_heads * head_dim + (size_t)h * head_dim, sizeof(float) * head_dim);
+    }
 }
 
 /* T tokens at positions pos0.. through every layer; leaves the final hidden states in s->x. */
@@ -87,8 +93,8 @@ static void forward_chunk(const NeoConfig *c, const NeoWeights *w, NeoState *s,
         matmul_forward(s->v, s->xn, L->v_w, w->dtype, NULL, T, C, C, 0, nt, isa);
         attention_forward(s->att, s->q, s->k, s->v, s->key_cache[l], s->value_cache[l], slots,
                           pos0, T, c->n_heads, c->head_dim, window, s->scores, s->n_ctx, nt, isa);
-        cache_store(s->key_cache[l], slots, s->k, pos0, T, C);
-        cache_store(s->value_cache[l], slots, s->v, pos0, T, C);
+        cache_store(s->key_cache[l], slots, s->k, pos0, T, c->n_heads, c->head_dim);
+        cache_store(s->value_cache[l], slots, s->v, pos0, T, c->n_heads, c->head_dim);
         matmul_forward(s->x, s->att, L->out_w, w->dtype, L->out_b, T, C, C, 1, nt, isa);
 
         /* x += c_proj(gelu_new(c_fc(ln_2(x)))) */

@@ -65,7 +65,7 @@ typedef struct {
     /* scratch for one chunk: [chunk, hidden] each, h is [chunk, ffn] */
     float *x, *xn, *q, *k, *v, *att, *h;
     float *scores;  /* [n_threads, n_ctx]: one attention row per thread */
-    float **key_cache, **value_cache; /* per layer: [slots, hidden]; slots = window (local) or n_ctx */
+    float **key_cache, **value_cache; /* per layer: [n_heads][slots][head_dim]; slots = window (local) or n_ctx */
     int *cache_slots;
 } NeoState;
 
