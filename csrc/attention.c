@@ -10,11 +10,6 @@
 #include <omp.h>
 #include "internal.h"
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define TARGET_AVX2 __attribute__((target("avx2,fma")))
-#endif
-
 /* count rows of head_dim floats, stride floats apart */
 typedef struct {
     const float *rows;

@@ -49,9 +49,6 @@ static void gelu_new_generic(float *x, size_t n, int n_threads)
 }
 
 #if defined(__x86_64__)
-#include <immintrin.h>
-#define INLINE_AVX2 static inline __attribute__((always_inline, target("avx2,fma")))
-
 /* e^x for x in [-87, 88]: 2^n e^r with n = round(x / ln 2), |r| <= ln(2)/2, ln 2 split in two
  * so r is exact, and e^r by its Taylor series to r^7 (error below half an fp32 ulp). */
 INLINE_AVX2 __m256 exp_avx2(__m256 x)
@@ -92,7 +89,7 @@ INLINE_AVX2 __m256 tanh_avx2(__m256 u)
     return _mm256_or_ps(t, _mm256_and_ps(u, sign));
 }
 
-__attribute__((target("avx2,fma"))) static void gelu_new_avx2(float *x, size_t n, int n_threads)
+TARGET_AVX2 static void gelu_new_avx2(float *x, size_t n, int n_threads)
 {
     const size_t n8 = n / 8 * 8;
     #pragma omp parallel for num_threads(n_threads) schedule(static) if (n > 8192)

@@ -6,6 +6,13 @@
 #include <string.h>
 #include "neocore.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+/* The AVX2+FMA paths are compiled per function, so the library itself stays portable. */
+#define TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define INLINE_AVX2 static inline __attribute__((always_inline, target("avx2,fma")))
+#endif
+
 static inline float bf16_to_f32(uint16_t b)
 {
     uint32_t bits = (uint32_t)b << 16;

@@ -31,22 +31,14 @@ static void matmul_generic(float *out, const float *x, const void *w, NeoDType d
 
 /* ---- AVX2 + FMA ------------------------------------------------------------------------ */
 #if defined(__x86_64__)
-#include <immintrin.h>
 #include <stdlib.h>
-
-#define INLINE_AVX2 static inline __attribute__((always_inline, target("avx2,fma")))
-#define TARGET_AVX2 __attribute__((target("avx2,fma")))
 
 /* Decode (T = 1) is bound by reading the weights once. One row at a time keeps a single
  * sequential stream per thread, which the hardware prefetcher follows best (several rows side
  * by side measured 30-40% slower here); four accumulators hide the FMA latency, and a software
  * prefetch runs PREFETCH_BYTES ahead. */
-#ifndef MV_BLOCK
 #define MV_BLOCK 16           /* rows a thread takes at a time (static schedule) */
-#endif
-#ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 1024
-#endif
 
 /* Prefill (T > 1) is bound by arithmetic: W is widened once into packed fp32 panels of
  * PANEL columns, and a GEMM_ROWS x PANEL register tile (12 ymm accumulators) runs over K. */
