@@ -2,9 +2,12 @@
 Hugging Face repo id fetched into the hub's cache (config, tokenizer, one weight file)."""
 from __future__ import annotations
 
+import logging
 import os
 import re
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from .errors import ModelNotFoundError
 
@@ -26,30 +29,47 @@ def resolve_model(spec: str | os.PathLike) -> Path:
 
 
 def fetch_from_hub(repo_id: str) -> Path:
+    """The repo's files from the hub cache; what the cache lacks is downloaded, if the hub can be
+    reached at all (checked first, so that no network means one quick error, not retries)."""
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download
     except ImportError:
         raise ModelNotFoundError(
             f"{repo_id}: not a local folder; to fetch it from the Hugging Face Hub, "
             f"pip install 'neocore[hub]' (or download its files into a folder and pass -m FOLDER)") from None
+    online = not constants.HF_HUB_OFFLINE and _reachable(constants.ENDPOINT)
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its retry chatter would break the one-line error rule
 
     def fetch(filename: str) -> Path | None:
-        try:
-            return Path(hf_hub_download(repo_id, filename))
-        except Exception as exc:  # offline, not cached, missing file, unknown repo, ...
-            fetch.last_error = exc
-            return None
+        for local_only in (True, False) if online else (True,):
+            try:
+                return Path(hf_hub_download(repo_id, filename, local_files_only=local_only))
+            except Exception:  # not cached, missing file, unknown repo, no network, ...
+                continue
+        return None
 
-    fetch.last_error = None
-    config = fetch("config.json")
-    if config is None:
-        reason = type(fetch.last_error).__name__ if fetch.last_error else "unknown error"
-        raise ModelNotFoundError(
-            f"{repo_id}: not a local folder, and the Hugging Face Hub could not provide it "
-            f"({reason}: offline, not cached, or no such repository); download its files into a "
-            f"folder and pass -m FOLDER")
-    for name in TOKENIZER_FILES:
-        fetch(name)
-    if not any(fetch(name) for name in WEIGHT_FILES):
-        raise ModelNotFoundError(f"{repo_id}: the hub has none of {', '.join(WEIGHT_FILES)} for it")
+    try:
+        config = fetch("config.json")
+        if config is None:
+            where = "the hub has no such repository" if online else \
+                "it is not in the local hub cache and the hub cannot be reached (offline)"
+            raise ModelNotFoundError(f"{repo_id}: not a local folder, and {where}; download its files "
+                                     f"into a folder and pass -m FOLDER")
+        for name in TOKENIZER_FILES:
+            fetch(name)
+        if not any(fetch(name) for name in WEIGHT_FILES):
+            raise ModelNotFoundError(f"{repo_id}: found none of {', '.join(WEIGHT_FILES)} for it")
+    finally:
+        hub_log.setLevel(level)
     return config.parent
+
+
+def _reachable(endpoint: str) -> bool:
+    """Whether the hub's host name resolves: a missing network fails here at once."""
+    host = urlparse(endpoint).hostname
+    try:
+        return bool(host) and bool(socket.getaddrinfo(host, 443))
+    except OSError:
+        return False

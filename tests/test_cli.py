@@ -150,3 +150,26 @@ def test_missing_hub_library_says_what_to_install(tmp_path):
     proc = run_cli("info", "-m", "EleutherAI/gpt-neo-125M",
                    env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
     assert_one_line_error(proc, "pip install 'neocore[hub]'")
+
+
+def test_no_network_is_one_quick_line(tmp_path):
+    """Not offline by setting, but the hub cannot be reached: no retries, one line."""
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "https://hub.invalid", "HF_HUB_CACHE": str(tmp_path)}
+    started = time.monotonic()
+    proc = run_cli("generate", "-m", "EleutherAI/gpt-neo-125M", "hi", env=env)
+    assert time.monotonic() - started < 30
+    assert_one_line_error(proc, "the hub cannot be reached")
+
+
+def test_cached_repo_is_used_without_network(tiny, tmp_path):
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "models--someone--tiny"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for name in ("config.json", "model.safetensors", "vocab.json", "merges.txt"):
+        shutil.copy(tiny / name, repo / "snapshots" / commit / name)
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "https://hub.invalid", "HF_HUB_CACHE": str(tmp_path)}
+    proc = run_cli("generate", "-m", "someone/tiny", PROMPT, "--max-tokens", "5", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
