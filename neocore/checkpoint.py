@@ -139,7 +139,7 @@ def read_safetensors(path: Path) -> dict[str, TensorRef]:
         try:
             dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
             if not all(isinstance(d, int) and d >= 0 for d in shape) or not isinstance(begin, int) \
-                    or not isinstance(end, int):
+                    or not isinstance(end, int) or begin < 0 or end < begin:
                 raise TypeError
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors entry for {name!r}") from None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -37,7 +38,8 @@ def kernel_path(requested: str | None = None) -> str:
 
 
 class Model:
-    """A loaded GPT-Neo model. Not safe to use from several threads at once (one KV cache)."""
+    """A loaded GPT-Neo model. It holds one key/value cache: calls from several threads are
+    serialised by a lock (never a crash), but interleaved generations would mix their contexts."""
 
     def __init__(self, path: Path, config: GPTNeoConfig, weights: dict[str, Any], dtype: str,
                  threads: int, context: int, isa: str, tokenizer: Any, load_seconds: float):
@@ -57,6 +59,7 @@ class Model:
         self._engine = _core.Engine(shape, weights, dtype, context, min(PREFILL_CHUNK, context),
                                     threads, isa)
         self._last_logits = np.empty((1, config.vocab_size), dtype=np.float32)
+        self._lock = threading.Lock()
 
     # ---- facts ------------------------------------------------------------------------------
     @property
@@ -91,7 +94,8 @@ class Model:
 
     def reset(self) -> None:
         """Forgets the cached tokens."""
-        self._engine.reset()
+        with self._lock:
+            self._engine.reset()
 
     @property
     def position(self) -> int:
@@ -105,9 +109,10 @@ class Model:
         tokens = self._tokens(ids)
         if tokens.size == 0:
             raise NeocoreError("no tokens to feed")
-        self._check_room(tokens.size)
         out = np.empty((tokens.size, self.config.vocab_size), np.float32) if all_logits else self._last_logits
-        self._engine.forward(tokens, out, all_logits)
+        with self._lock:
+            self._check_room(tokens.size)
+            self._engine.forward(tokens, out, all_logits)
         return out if all_logits else out[0]
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:

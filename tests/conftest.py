@@ -20,7 +20,8 @@ torch = pytest.importorskip("torch") if not IN_CI else __import__("torch")
 transformers = pytest.importorskip("transformers") if not IN_CI else __import__("transformers")
 
 # Shapes of the test models. Small ones exercise the window edge with few tokens; "odd" has
-# sizes that are not multiples of the SIMD width; "window256" has the real window.
+# sizes that are not multiples of the SIMD width; "window256" has the real window;
+# "wide-heads" has the 128-wide heads of the 1.3B and 2.7B models.
 SHAPES = {
     "tiny": dict(vocab_size=50257, max_position_embeddings=160, hidden_size=64, num_layers=4,
                  num_heads=4, attention_types=[[["global", "local"], 2]], window_size=8),
@@ -29,6 +30,8 @@ SHAPES = {
                 attention_types=[[["local", "global", "local"], 1]]),
     "window256": dict(vocab_size=512, max_position_embeddings=700, hidden_size=32, num_layers=2,
                       num_heads=2, attention_types=[[["global", "local"], 1]], window_size=256),
+    "wide-heads": dict(vocab_size=300, max_position_embeddings=96, hidden_size=256, num_layers=3,
+                       num_heads=2, attention_types=[[["local"], 1], [["global"], 2]], window_size=16),
     "gpt-neo-125M": dict(vocab_size=50257, max_position_embeddings=2048, hidden_size=768,
                          num_layers=12, num_heads=12, attention_types=[[["global", "local"], 6]],
                          window_size=256, initializer_range=0.02),

@@ -22,6 +22,7 @@ def random_ids(vocab: int, n: int, seed: int = 1) -> list[int]:
     ("tiny", [1, 5, 30]),        # window 8: 30 tokens is nearly 4 windows
     ("odd", [7, 21]),            # sizes that are no multiple of 8; window 5
     ("window256", [600]),        # the real window, well past it and across prefill chunks
+    ("wide-heads", [9, 70]),     # head_dim 128, a local first layer, window 16
 ])
 def test_logits_match_transformers(reference_models, logits_close, name, lengths, dtype, isa):
     ref = reference_models(name)
@@ -115,3 +116,31 @@ def test_out_of_range_token_is_refused(reference_models):
         model.logits([1, 1003])
     with pytest.raises(neocore.NeocoreError, match="token ids"):
         model.logits([-1])
+
+
+def test_concurrent_calls_do_not_corrupt_the_engine(reference_models):
+    """One cache per model: calls from several threads are serialised, never interleaved in C."""
+    import threading
+    ref = reference_models("wide-heads")  # 96 positions
+    model = neocore.load(ref.folder)
+    ids = random_ids(300, 20, seed=21)
+    expected = model.logits(ids)
+    model.reset()
+    errors = []
+
+    def work():
+        try:
+            for token in random_ids(300, 30, seed=threading.get_ident() % 1000):
+                model.append([token])
+        except Exception as exc:  # noqa: BLE001 - any failure is the test's failure
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and model.position == 90
+    with pytest.raises(neocore.ContextError):
+        model.append(random_ids(300, 7))
+    assert np.array_equal(model.logits(ids), expected)
