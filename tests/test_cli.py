@@ -173,3 +173,50 @@ def test_cached_repo_is_used_without_network(tiny, tmp_path):
     proc = run_cli("generate", "-m", "someone/tiny", PROMPT, "--max-tokens", "5", env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
+
+
+def _read_until(fd: int, needle: bytes, timeout: float) -> bytes:
+    import select
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while needle not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    return seen
+
+
+def test_chat_on_a_terminal_ctrl_c_stops_the_answer_and_ctrl_d_quits(reference_models, gpt2_tokenizer_dir):
+    """Through a pseudo-terminal, as a person types: the loading bar shows, Ctrl-C (SIGINT)
+    ends the current answer but not the program, Ctrl-D at the prompt quits cleanly."""
+    import pty
+    import signal
+    folder = reference_models("gpt-neo-125M").folder
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "neocore", "chat", "-m", str(folder), "--threads", "1",
+                             "--max-tokens", "1000", "--seed", "3", "--stop", "never-stop"],
+                            stdin=terminal, stdout=terminal, stderr=terminal, close_fds=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    os.close(terminal)
+    try:
+        banner = _read_until(controller, b"You: ", 60)
+        assert b"loading [" in banner and b"Ctrl-D quits" in banner
+        os.write(controller, b"Tell me a long story\n")
+        _read_until(controller, b"Neo:", 30)
+        time.sleep(1.0)  # some of the answer streams out
+        proc.send_signal(signal.SIGINT)
+        after = _read_until(controller, b"You: ", 30)
+        assert b"[stopped]" in after and proc.poll() is None
+        os.write(controller, b"\x04")  # Ctrl-D at an empty prompt
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(controller)
