@@ -61,10 +61,13 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
-    """Drops the least likely tokens whose total probability is at most 1 - p (keeping one)."""
+    """Drops the least likely tokens whose total probability is at most 1 - p (keeping one).
+    Tokens already at -inf carry no probability, so only the others need sorting (after top-k,
+    a few dozen instead of the whole vocabulary)."""
     if p >= 1.0:
         return logits
-    order = np.argsort(logits, kind="stable")  # ascending, as transformers sorts
+    candidates = np.flatnonzero(np.isfinite(logits))
+    order = candidates[np.argsort(logits[candidates])]  # ascending, as transformers sorts (ties unordered there too)
     cumulative = np.cumsum(_softmax(logits[order]))
     remove = cumulative <= (1 - p)
     remove[-1] = False
@@ -92,7 +95,7 @@ class Sampler:
         scores = process_logits(logits, previous, self.params)
         if self.params.greedy:
             return int(np.argmax(scores))
-        probs = _softmax(scores.astype(np.float64))
-        cumulative = np.cumsum(probs)
-        return int(min(np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right"),
-                       probs.size - 1))
+        candidates = np.flatnonzero(np.isfinite(scores))  # the filters' survivors, in token order
+        cumulative = np.cumsum(_softmax(scores[candidates]), dtype=np.float64)
+        pick = np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right")
+        return int(candidates[min(pick, candidates.size - 1)])
