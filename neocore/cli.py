@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -127,17 +128,16 @@ def _read_text(path: str, what: str) -> str:
         raise NeocoreError(f"{path}: cannot read the {what} ({reason})") from None
 
 
-def _sampling(args: argparse.Namespace) -> dict:
-    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    """The sampling flags, checked (before the slow load)."""
     if args.max_tokens < 0:
         raise NeocoreError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    return dict(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                repetition_penalty=params.repetition_penalty, seed=args.seed, stop=args.stop)
+    return SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import GenerationStats, stream
-    sampling = _sampling(args)  # check the flags before the (slow) load
+    params = _sampling(args)
     if args.prompt is not None and args.file:
         raise NeocoreError("give the prompt as an argument or with -f, not both")
     if args.prompt is not None:
@@ -151,7 +151,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = load_model(args)
     stats = GenerationStats()
     out = sys.stdout
-    for chunk in stream(model, prompt, args.max_tokens, stats=stats, **sampling):
+    for chunk in stream(model, prompt, args.max_tokens, **asdict(params), seed=args.seed, stop=args.stop,
+                        stats=stats):
         out.write(chunk)
         out.flush()
     out.write("\n")
@@ -169,13 +170,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     tokens, and the oldest turns are dropped once the context would overflow."""
     from .generate import stream_text, tokens_after
     from .sampling import Sampler
-    sampling = _sampling(args)
+    sampler = Sampler(_sampling(args), args.seed)
     model = load_model(args)
     if model.tokenizer is None:
         raise NeocoreError(f"{model.path}: no tokenizer files")
-    sampler = Sampler(SamplingParams(sampling["temperature"], sampling["top_k"], sampling["top_p"],
-                                     sampling["repetition_penalty"]), sampling["seed"])
-    stops = ["\n" + CHAT_USER, "\n\n"] + sampling["stop"]
+    stops = ["\n" + CHAT_USER, "\n\n"] + args.stop
     interactive = sys.stdin.isatty()
     turns: list[str] = []
     cached: list[int] = []  # the tokens the model's cache holds

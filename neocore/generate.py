@@ -63,6 +63,11 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return longest
 
 
+def _first_stop(text: str, stops: Sequence[str]) -> int:
+    """Where the earliest stop string starts in text, or -1."""
+    return min((text.find(s) for s in stops if s in text), default=-1)
+
+
 def stream_text(model, tokens: Iterator[int], stop: Sequence[str] = ()) -> Iterator[str]:
     """Turns tokens into text chunks: whole characters only, ending before EOS or before the
     first stop string (which may span tokens); text that might begin a stop is held back."""
@@ -75,7 +80,7 @@ def stream_text(model, tokens: Iterator[int], stop: Sequence[str] = ()) -> Itera
         if token == model.config.eos_token_id:
             break
         text += decoder.add(token)
-        cut = min((text.find(s) for s in stops if s in text), default=-1)
+        cut = _first_stop(text, stops)
         if cut >= 0:
             text, finished = text[:cut], True
             break
@@ -85,7 +90,7 @@ def stream_text(model, tokens: Iterator[int], stop: Sequence[str] = ()) -> Itera
             emitted = safe
     if not finished:
         text += decoder.flush()
-        cut = min((text.find(s) for s in stops if s in text), default=-1)
+        cut = _first_stop(text, stops)
         if cut >= 0:
             text = text[:cut]
     if len(text) > emitted:

@@ -125,6 +125,8 @@ class Model:
     def generate_ids(self, ids: Sequence[int], max_new_tokens: int = 32,
                      stop_at_eos: bool = True) -> list[int]:
         """Greedy continuation: the new tokens only (ending with EOS if the model chose it)."""
+        from .generate import tokens_after
+        from .sampling import Sampler, SamplingParams
         if not len(ids):
             raise NeocoreError("the prompt is empty: give at least one token")
         if max_new_tokens < 0:
@@ -132,15 +134,11 @@ class Model:
         self.reset()
         self._check_room(len(ids) + max(max_new_tokens - 1, 0))
         new: list[int] = []
-        logits = self.append(ids)
-        while len(new) < max_new_tokens:
-            token = int(np.argmax(logits))
+        for token in tokens_after(self, [], ids, Sampler(SamplingParams(temperature=0)), max_new_tokens):
             new.append(token)
-            if (stop_at_eos and token == self.config.eos_token_id) or len(new) == max_new_tokens:
+            if stop_at_eos and token == self.config.eos_token_id:
                 break
-            logits = self.append([token])
         return new
-
 
     # ---- text -------------------------------------------------------------------------------
     def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.8,
