@@ -8,6 +8,7 @@ the file sizes, with the head count of the known family members."""
 from __future__ import annotations
 
 import re
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,13 @@ def read_properties(path: Path) -> dict[str, str]:
     return props
 
 
+def _bytes(pieces: tuple[Path, ...]) -> int:
+    return sum(p.stat().st_size for p in pieces)
+
+
 def _floats(path: Path) -> int:
     """Number of float32 values in a .dat file (or its .partN pieces)."""
-    size = sum(p.stat().st_size for p in _pieces(path))
+    size = _bytes(_pieces(path))
     if size % 4:
         raise CheckpointError(f"{path}: {size} bytes is not a whole number of float32 values")
     return size // 4
@@ -123,10 +128,7 @@ def read_java_port(folder: Path) -> tuple[dict[str, TensorRef], dict[str, Any]]:
     tensors = {}
     for name, (path, shape, transposed) in files.items():
         pieces = _pieces(path)
-        expected = 4
-        for d in shape:
-            expected *= d
-        actual = sum(p.stat().st_size for p in pieces)
+        expected, actual = 4 * prod(shape), _bytes(pieces)
         if actual != expected:
             raise CheckpointError(f"{pieces[0]}: holds {actual} bytes, but {name} of shape "
                                   f"{list(shape)} needs {expected} (wrong size or truncated)")
