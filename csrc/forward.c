@@ -14,11 +14,10 @@ void neo_state_free(NeoState *s)
     if (!s) return;
     float *buffers[] = {s->x, s->xn, s->q, s->k, s->v, s->att, s->h, s->scores};
     for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free(buffers[i]);
-    if (s->key_cache)
-        for (int l = 0; s->cache_slots && l < s->n_layers; l++) {
-            free(s->key_cache[l]);
-            free(s->value_cache[l]);
-        }
+    for (int l = 0; l < s->n_layers; l++) {  /* either table may be missing after a failed new */
+        if (s->key_cache) free(s->key_cache[l]);
+        if (s->value_cache) free(s->value_cache[l]);
+    }
     free(s->key_cache);
     free(s->value_cache);
     free(s->cache_slots);
