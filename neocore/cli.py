@@ -50,6 +50,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="weight precision")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
     p.add_argument("--context", type=int, default=None, help="positions to allocate (default: the model's)")
+    _config_args(p)
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    """What every command that reads a model takes: its config, overrides, tracebacks."""
     p.add_argument("--config", default=None, help="a config.json to use instead of the model's")
     p.add_argument("--num-heads", type=int, default=None, help="override the config's num_heads")
     p.add_argument("--window-size", type=int, default=None, help="override the config's window_size")
@@ -94,10 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("src", help="model folder in any supported format")
     v.add_argument("dst", help="folder to write")
     v.add_argument("--tokenizer", help="folder with the tokenizer files (default: SRC's)")
-    v.add_argument("--config", default=None, help="a config.json to use instead of SRC's")
-    v.add_argument("--num-heads", type=int, default=None, help="override the config's num_heads")
-    v.add_argument("--window-size", type=int, default=None, help="override the config's window_size")
-    v.add_argument("--debug", action="store_true", help="show tracebacks")
+    _config_args(v)
 
     b = sub.add_parser("bench", help="measure speed and memory (see BENCHMARKS.md)")
     from .bench import add_arguments as bench_arguments

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from .checkpoint import open_checkpoint, write_safetensors
 from .errors import NeocoreError, TokenizerError
-from .model import resolve_config
+from .model import resolve_config, usable_cores
 from .resolve import resolve_model
 from .tokenizer import Tokenizer
 from .weights import WeightLoader, weight_table
@@ -28,22 +28,20 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
         raise NeocoreError(f"{dst}: the destination must differ from the source folder")
     checkpoint = open_checkpoint(folder)
     cfg = resolve_config(folder, checkpoint, config, overrides)
-    loader = WeightLoader(checkpoint, cfg, "bfloat16")
+    loader = WeightLoader(checkpoint, cfg, "bfloat16", usable_cores())
     table = weight_table(cfg)
-    done = []
 
-    def make(spec):
+    def make(index: int, spec):
         def read():
-            done.append(spec)
             if progress:
-                progress(len(done), len(table))
+                progress(index + 1, len(table))
             return loader.read(spec)
         return read
 
     dst.mkdir(parents=True, exist_ok=True)
     write_safetensors(dst / "model.safetensors",
-                      [(f"transformer.{spec.name}", "BF16" if spec.is_matrix else "F32", spec.shape, make(spec))
-                       for spec in table])
+                      [(f"transformer.{spec.name}", "BF16" if spec.is_matrix else "F32", spec.shape,
+                        make(i, spec)) for i, spec in enumerate(table)])
     loader.report_rounding()
     (dst / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
     copy_tokenizer(Path(tokenizer) if tokenizer else folder, dst, required=tokenizer is not None)

@@ -70,14 +70,9 @@ class WeightLoader:
         if ref.dtype == target and ref.mappable:
             self.in_place += 1
             return stored
-        if self.dtype == "float32":
-            result = self._as_float32(ref, stored)
-        elif ref.dtype in ("F32", "F32BE"):
-            result, changed = f32_to_bf16(stored, self.threads)
-            if changed:
-                self.rounded.append(ref.name)
-        else:
-            result, changed = f32_to_bf16(self._as_float32(ref, stored), self.threads)
+        result = self._as_float32(ref, stored)  # a view, not a copy, for little-endian fp32
+        if self.dtype == "bfloat16":
+            result, changed = f32_to_bf16(result, self.threads)
             if changed:
                 self.rounded.append(ref.name)
         del stored
