@@ -1,5 +1,7 @@
 /* cpu_features.c: may the AVX2 + FMA path run here? CPUID says what the core has, XGETBV
- * whether the OS saves the YMM registers across context switches; both must agree. */
+ * whether the OS saves the YMM registers across context switches; both must agree. The
+ * vendor picks tuning choices that help on one CPU family and hurt on another. */
+#include <string.h>
 #include "neocore.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -17,6 +19,18 @@ int neo_cpu_has_avx2_fma(void)
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
     return (b & (1u << 5)) != 0; /* AVX2 */
 }
+
+int neo_cpu_is_amd(void)
+{
+    static int cached = -1; /* CPUID is slow under virtualisation: ask once */
+    if (cached < 0) {
+        unsigned a, vendor[3];
+        cached = __get_cpuid(0, &a, &vendor[0], &vendor[2], &vendor[1])
+                 && memcmp(vendor, "AuthenticAMD", 12) == 0;
+    }
+    return cached;
+}
 #else
 int neo_cpu_has_avx2_fma(void) { return 0; }
+int neo_cpu_is_amd(void) { return 0; }
 #endif

@@ -71,6 +71,8 @@ typedef struct {
 
 /* Run-time CPU check: 1 when AVX2 and FMA are usable (CPUID and the OS saving YMM state). */
 int neo_cpu_has_avx2_fma(void);
+/* 1 on AMD processors (CPUID vendor string), where the decode kernel prefetches. */
+int neo_cpu_is_amd(void);
 
 NeoState *neo_state_new(const NeoConfig *cfg, int n_ctx, int chunk, int n_threads, NeoIsa isa);
 void neo_state_free(NeoState *s);
