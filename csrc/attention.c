@@ -1,10 +1,11 @@
-/* attention.c: causal self-attention of one layer over the cache and the current chunk.
+/* attention.c: causal self-attention of one layer for a step's rows, each over its own
+ * sequence's cache and the rows its sequence brings to this step.
  *
  * As in transformers' GPTNeoSelfAttention: scores are q.k with no 1/sqrt(head_dim) scaling,
  * in fp32; the softmax runs over the keys the query may see. A global layer sees every
  * earlier position; a local one sees key j from query i iff 0 <= i - j <= window - 1.
- * Keys of the current chunk are read from k_new/v_new, older ones from the cache (slot
- * j % slots), so a local layer's ring buffer is only written after the chunk's attention.
+ * Keys of the current step are read from k_new/v_new, older ones from the cache (slot
+ * j % slots), so a local layer's ring buffer is only written after the step's attention.
  * The cache is head-major, so one head's keys stream from memory in order. */
 #include <math.h>
 #include <omp.h>
@@ -144,18 +145,24 @@ attend(const NeoIsa isa, float *out, const float *q, const float *k_new, const f
 }
 
 #define ATTENTION_PARAMS                                                                        \
-    float *out, const float *q, const float *k_new, const float *v_new, const float *k_cache,   \
-    const float *v_cache, int slots, int pos0, int T, int n_heads, int head_dim, int window,    \
+    float *out, const float *q, const float *k_new, const float *v_new,                        \
+    const NeoSequence *sequences, int layer, int slots, const Segment *segments,   \
+    const int32_t *row_segment, int n_rows, int n_heads, int head_dim, int window,             \
     float *scores, int scores_stride, int n_threads
 
-/* Every (head, query) pair is independent: threads split them with a static schedule. */
+/* Every (row, head) pair is independent: threads split them with a static schedule. A row
+ * reads its own sequence's cache and the fresh rows of its own segment. */
 #define ATTENTION_LOOP(isa)                                                                     \
     const int C = n_heads * head_dim;                                                           \
     _Pragma("omp parallel for collapse(2) num_threads(n_threads) schedule(static)")             \
-    for (int h = 0; h < n_heads; h++)                                                           \
-        for (int t = 0; t < T; t++)                                                             \
-            attend(isa, out, q, k_new, v_new, k_cache, v_cache, slots, pos0, t, h, C, head_dim,  \
-                   window, scores + (size_t)omp_get_thread_num() * scores_stride);
+    for (int r = 0; r < n_rows; r++)                                                            \
+        for (int h = 0; h < n_heads; h++) {                                                     \
+            const Segment *sg = &segments[row_segment[r]];                                      \
+            const size_t first_row = (size_t)sg->row0 * C;                                      \
+            attend(isa, out + first_row, q + first_row, k_new + first_row, v_new + first_row,   \
+                   sequences[sg->seq].key_cache[layer], sequences[sg->seq].value_cache[layer], slots, sg->pos0, r - sg->row0,   \
+                   h, C, head_dim, window, scores + (size_t)omp_get_thread_num() * scores_stride); \
+        }
 
 static void attention_generic(ATTENTION_PARAMS) { ATTENTION_LOOP(NEO_ISA_GENERIC) }
 
@@ -167,12 +174,14 @@ void attention_forward(ATTENTION_PARAMS, NeoIsa isa)
 {
 #if defined(__x86_64__)
     if (isa == NEO_ISA_AVX2) {
-        attention_avx2(out, q, k_new, v_new, k_cache, v_cache, slots, pos0, T, n_heads, head_dim,
-                       window, scores, scores_stride, n_threads);
+        attention_avx2(out, q, k_new, v_new, sequences, layer, slots, segments,
+                       row_segment, n_rows, n_heads, head_dim, window, scores, scores_stride,
+                       n_threads);
         return;
     }
 #endif
     (void)isa;
-    attention_generic(out, q, k_new, v_new, k_cache, v_cache, slots, pos0, T, n_heads, head_dim,
-                      window, scores, scores_stride, n_threads);
+    attention_generic(out, q, k_new, v_new, sequences, layer, slots, segments,
+                      row_segment, n_rows, n_heads, head_dim, window, scores, scores_stride,
+                      n_threads);
 }

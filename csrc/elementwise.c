@@ -2,15 +2,13 @@
 #include <math.h>
 #include "internal.h"
 
-void embedding_forward(float *x, const int32_t *tokens, int T, int pos0, const void *wte,
-                       const void *wpe, NeoDType dtype, int C)
+void embedding_forward(float *x, const int32_t *tokens, const int32_t *positions, int T,
+                       const NeoMatrix *wte, const NeoMatrix *wpe, int C)
 {
-    for (int t = 0; t < T; t++) {
-        size_t tok_row = (size_t)tokens[t] * C, pos_row = (size_t)(pos0 + t) * C;
+    for (int t = 0; t < T; t++)
         for (int i = 0; i < C; i++)
-            x[(size_t)t * C + i] = matrix_element(wte, dtype, tok_row + i)
-                                 + matrix_element(wpe, dtype, pos_row + i);
-    }
+            x[(size_t)t * C + i] = matrix_element(wte, tokens[t], i, C)
+                                 + matrix_element(wpe, positions[t], i, C);
 }
 
 /* Mean and variance are summed in double so the statistics are exact to fp32 whatever C is. */

@@ -1,7 +1,26 @@
-/* forward.c: the run state and one forward step of GPT-Neo, top to bottom. */
+/* forward.c: the run state (sequence slots and their caches) and one forward step of GPT-Neo
+ * over a batch of rows, top to bottom. */
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include "internal.h"
+
+/* The step's order of rows: sequences with a single row first (they run through the decode
+ * kernels), then those with several (the prefill kernels). Built and checked before anything
+ * is written, so a refused batch leaves the state as it was. */
+typedef struct {
+    Segment *segments;      /* [max_rows], in step order */
+    int n_segments;
+    int n_single;           /* rows (= segments) of single-row sequences, first in step order */
+    int32_t *row_segment;   /* [max_rows] step row -> its segment */
+    int32_t *tokens;        /* [max_rows] in step order */
+    int32_t *positions;     /* [max_rows] */
+    int32_t *logit_rows;    /* [max_rows] step rows whose logits are wanted, in step order */
+    int32_t *logit_dest;    /* [max_rows] where each of them goes among the wanted rows */
+    int n_logits;
+    uint8_t *seen;          /* [n_seqs] scratch: sequences met so far while planning */
+    float *spare_row;       /* [vocab] for putting logit rows into batch order */
+} StepPlan;
 
 static int cache_slots(const NeoConfig *c, int layer, int n_ctx)
 {
@@ -9,56 +28,196 @@ static int cache_slots(const NeoConfig *c, int layer, int n_ctx)
     return c->layer_is_local[layer] && c->window < n_ctx ? c->window : n_ctx;
 }
 
+static size_t sequence_cache_bytes(const NeoState *s)
+{
+    size_t floats = 0;
+    for (int l = 0; l < s->n_layers; l++) floats += 2 * (size_t)s->cache_slots[l] * s->hidden;
+    return floats * sizeof(float);
+}
+
+/* One anonymous mapping per sequence: the kernel backs a page only once it is written, and
+ * munmap hands it all back (malloc would keep freed memory, and zero it on reuse). */
+static int sequence_map(NeoState *s, NeoSequence *q)
+{
+    void *base = mmap(NULL, sequence_cache_bytes(s), PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) return 0;
+    float *next = base;
+    for (int l = 0; l < s->n_layers; l++) {
+        q->key_cache[l] = next;
+        next += (size_t)s->cache_slots[l] * s->hidden;
+        q->value_cache[l] = next;
+        next += (size_t)s->cache_slots[l] * s->hidden;
+    }
+    return 1;
+}
+
+void neo_seq_clear(NeoState *s, int seq)
+{
+    if (!s || seq < 0 || seq >= s->n_seqs) return;
+    NeoSequence *q = &s->seq[seq];
+    if (q->key_cache && q->key_cache[0]) {
+        munmap(q->key_cache[0], sequence_cache_bytes(s));
+        memset(q->key_cache, 0, sizeof(float *) * s->n_layers);
+        memset(q->value_cache, 0, sizeof(float *) * s->n_layers);
+    }
+    q->len = 0;
+}
+
+static void plan_free(StepPlan *p)
+{
+    if (!p) return;
+    free(p->segments);
+    free(p->row_segment);
+    free(p->tokens);
+    free(p->positions);
+    free(p->logit_rows);
+    free(p->logit_dest);
+    free(p->seen);
+    free(p->spare_row);
+    free(p);
+}
+
+static StepPlan *plan_new(int max_rows, int n_seqs, int vocab)
+{
+    StepPlan *p = calloc(1, sizeof *p);
+    if (!p) return NULL;
+    p->segments = calloc(max_rows, sizeof(Segment));
+    p->row_segment = calloc(max_rows, sizeof(int32_t));
+    p->tokens = calloc(max_rows, sizeof(int32_t));
+    p->positions = calloc(max_rows, sizeof(int32_t));
+    p->logit_rows = calloc(max_rows, sizeof(int32_t));
+    p->logit_dest = calloc(max_rows, sizeof(int32_t));
+    p->seen = calloc(n_seqs, 1);
+    p->spare_row = calloc(vocab, sizeof(float));
+    if (!(p->segments && p->row_segment && p->tokens && p->positions && p->logit_rows
+          && p->logit_dest && p->seen && p->spare_row)) {
+        plan_free(p);
+        return NULL;
+    }
+    return p;
+}
+
 void neo_state_free(NeoState *s)
 {
     if (!s) return;
     float *buffers[] = {s->x, s->xn, s->q, s->k, s->v, s->att, s->h, s->scores};
     for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free(buffers[i]);
-    for (int l = 0; l < s->n_layers; l++) {  /* either table may be missing after a failed new */
-        if (s->key_cache) free(s->key_cache[l]);
-        if (s->value_cache) free(s->value_cache[l]);
+    for (int i = 0; s->seq && i < s->n_seqs; i++) {
+        neo_seq_clear(s, i);
+        free(s->seq[i].key_cache);
+        free(s->seq[i].value_cache);
     }
-    free(s->key_cache);
-    free(s->value_cache);
+    free(s->seq);
     free(s->cache_slots);
+    plan_free(s->plan);
     free(s);
 }
 
-NeoState *neo_state_new(const NeoConfig *c, int n_ctx, int chunk, int n_threads, NeoIsa isa)
+NeoState *neo_state_new(const NeoConfig *c, int n_seqs, int n_ctx, int max_rows, int n_threads,
+                        NeoIsa isa)
 {
+    if (n_seqs < 1 || max_rows < 1 || n_ctx < 1 || n_ctx > c->max_positions) return NULL;
     NeoState *s = calloc(1, sizeof *s);
     if (!s) return NULL;
+    s->n_seqs = n_seqs;
     s->n_ctx = n_ctx;
-    s->chunk = chunk;
+    s->max_rows = max_rows;
     s->n_threads = n_threads;
     s->isa = isa;
     s->n_layers = c->n_layers;
-    size_t act = (size_t)chunk * c->hidden;
-    /* calloc: cache pages are only backed by memory once a position is written. */
+    s->hidden = c->hidden;
+    size_t act = (size_t)max_rows * c->hidden;
     s->x = calloc(act, sizeof(float));
     s->xn = calloc(act, sizeof(float));
     s->q = calloc(act, sizeof(float));
     s->k = calloc(act, sizeof(float));
     s->v = calloc(act, sizeof(float));
     s->att = calloc(act, sizeof(float));
-    s->h = calloc((size_t)chunk * c->ffn, sizeof(float));
+    s->h = calloc((size_t)max_rows * c->ffn, sizeof(float));
     s->scores = calloc((size_t)n_threads * n_ctx, sizeof(float));
-    s->key_cache = calloc(c->n_layers, sizeof(float *));
-    s->value_cache = calloc(c->n_layers, sizeof(float *));
     s->cache_slots = calloc(c->n_layers, sizeof(int));
+    s->seq = calloc(n_seqs, sizeof(NeoSequence));
+    s->plan = plan_new(max_rows, n_seqs, c->vocab);
     int ok = s->x && s->xn && s->q && s->k && s->v && s->att && s->h && s->scores
-          && s->key_cache && s->value_cache && s->cache_slots;
-    for (int l = 0; ok && l < c->n_layers; l++) {
-        s->cache_slots[l] = cache_slots(c, l, n_ctx);
-        s->key_cache[l] = calloc((size_t)s->cache_slots[l] * c->hidden, sizeof(float));
-        s->value_cache[l] = calloc((size_t)s->cache_slots[l] * c->hidden, sizeof(float));
-        ok = s->key_cache[l] && s->value_cache[l];
+          && s->cache_slots && s->seq && s->plan;
+    for (int l = 0; ok && l < c->n_layers; l++) s->cache_slots[l] = cache_slots(c, l, n_ctx);
+    for (int i = 0; ok && i < n_seqs; i++) {
+        s->seq[i].key_cache = calloc(c->n_layers, sizeof(float *));
+        s->seq[i].value_cache = calloc(c->n_layers, sizeof(float *));
+        ok = s->seq[i].key_cache && s->seq[i].value_cache;
     }
     if (!ok) {
         neo_state_free(s);
         return NULL;
     }
     return s;
+}
+
+/* Splits the batch into segments, checks it, and orders the rows for the step. */
+static int plan_step(const NeoConfig *c, NeoState *s, const NeoBatch *b)
+{
+    StepPlan *p = s->plan;
+    if (b->n_rows > s->max_rows) return NEO_ERR_BAD_BATCH;
+    for (int r = 0; r < b->n_rows; r++) {
+        if (b->tokens[r] < 0 || b->tokens[r] >= c->vocab) return NEO_ERR_BAD_TOKEN;
+        if (b->seqs[r] < 0 || b->seqs[r] >= s->n_seqs) return NEO_ERR_BAD_BATCH;
+    }
+    /* Runs of equal sequence ids, in batch order; a sequence may own only one run. */
+    Segment runs[b->n_rows];
+    int n_runs = 0;
+    for (int r = 0; r < b->n_rows; r++) {
+        if (r > 0 && b->seqs[r] == b->seqs[r - 1]) {
+            runs[n_runs - 1].n_rows++;
+            continue;
+        }
+        if (p->seen[b->seqs[r]]) {  /* seen in an earlier run: undo the marks and refuse */
+            for (int i = 0; i < n_runs; i++) p->seen[runs[i].seq] = 0;
+            return NEO_ERR_BAD_BATCH;
+        }
+        p->seen[b->seqs[r]] = 1;
+        runs[n_runs++] = (Segment){b->seqs[r], s->seq[b->seqs[r]].len, r, 1};
+    }
+    int status = NEO_OK;
+    for (int i = 0; i < n_runs; i++) {
+        p->seen[runs[i].seq] = 0;
+        if (runs[i].pos0 + runs[i].n_rows > s->n_ctx) status = NEO_ERR_CONTEXT_FULL;
+    }
+    if (status != NEO_OK) return status;
+    for (int i = 0; i < n_runs; i++) {
+        NeoSequence *q = &s->seq[runs[i].seq];
+        if (!q->key_cache[0] && !sequence_map(s, q)) return NEO_ERR_NO_MEMORY;
+    }
+
+    /* Step order: single-row segments, then the rest, each group in batch order. row0 of a
+     * run is its first batch row until it is given its step row here. */
+    int row = 0, wanted_before = 0;
+    p->n_segments = 0;
+    p->n_logits = 0;
+    int32_t wanted_rank[b->n_rows];
+    for (int r = 0; r < b->n_rows; r++) wanted_rank[r] = b->want_logits[r] ? wanted_before++ : -1;
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < n_runs; i++) {
+            const int single = runs[i].n_rows == 1;
+            if (single != (pass == 0)) continue;
+            Segment sg = runs[i];
+            const int batch_row0 = sg.row0;
+            sg.row0 = row;
+            p->segments[p->n_segments] = sg;
+            for (int t = 0; t < sg.n_rows; t++, row++) {
+                p->row_segment[row] = p->n_segments;
+                p->tokens[row] = b->tokens[batch_row0 + t];
+                p->positions[row] = sg.pos0 + t;
+                if (wanted_rank[batch_row0 + t] >= 0) {
+                    p->logit_rows[p->n_logits] = row;
+                    p->logit_dest[p->n_logits++] = wanted_rank[batch_row0 + t];
+                }
+            }
+            p->n_segments++;
+        }
+        if (pass == 0) p->n_single = row;
+    }
+    return NEO_OK;
 }
 
 /* rows [T][n_heads * head_dim] into the head-major cache [n_heads][slots][head_dim] */
@@ -73,13 +232,24 @@ static void cache_store(float *cache, int slots, const float *rows, int pos0, in
     }
 }
 
-/* T tokens at positions pos0.. through every layer; leaves the final hidden states in s->x. */
-static void forward_chunk(const NeoConfig *c, const NeoWeights *w, NeoState *s,
-                          const int32_t *tokens, int T, int pos0)
+/* out (+)= bias + x @ w.T for the step's rows: single-row sequences through the decode
+ * kernel, the others through the prefill kernel, so a row's sums never depend on the batch. */
+static void linear(const NeoState *s, float *out, const float *x, const NeoMatrix *w,
+                   const float *bias, int n_rows, int n_single, int K, int N, int accumulate)
 {
-    const int C = c->hidden, nt = s->n_threads;
-    const NeoIsa isa = s->isa;
-    embedding_forward(s->x, tokens, T, pos0, w->wte, w->wpe, w->dtype, C);
+    if (n_single > 0)
+        matvec_forward(out, x, w, bias, n_single, K, N, accumulate, s->n_threads, s->isa);
+    if (n_rows > n_single)
+        matmul_forward(out + (size_t)n_single * N, x + (size_t)n_single * K, w, bias,
+                       n_rows - n_single, K, N, accumulate, s->n_threads, s->isa);
+}
+
+/* The planned rows through every layer; leaves the final hidden states in s->x. */
+static void forward_rows(const NeoConfig *c, const NeoWeights *w, NeoState *s, const StepPlan *p,
+                         int T)
+{
+    const int C = c->hidden, S = p->n_single, nt = s->n_threads;
+    embedding_forward(s->x, p->tokens, p->positions, T, &w->wte, &w->wpe, C);
     for (int l = 0; l < c->n_layers; l++) {
         const NeoLayerWeights *L = &w->layers[l];
         const int slots = s->cache_slots[l];
@@ -87,46 +257,71 @@ static void forward_chunk(const NeoConfig *c, const NeoWeights *w, NeoState *s,
 
         /* x += out_proj(attention(ln_1(x))) */
         layernorm_forward(s->xn, s->x, L->ln1_w, L->ln1_b, T, C, c->ln_eps, nt);
-        matmul_forward(s->q, s->xn, L->q_w, w->dtype, NULL, T, C, C, 0, nt, isa);
-        matmul_forward(s->k, s->xn, L->k_w, w->dtype, NULL, T, C, C, 0, nt, isa);
-        matmul_forward(s->v, s->xn, L->v_w, w->dtype, NULL, T, C, C, 0, nt, isa);
-        attention_forward(s->att, s->q, s->k, s->v, s->key_cache[l], s->value_cache[l], slots,
-                          pos0, T, c->n_heads, c->head_dim, window, s->scores, s->n_ctx, nt, isa);
-        cache_store(s->key_cache[l], slots, s->k, pos0, T, c->n_heads, c->head_dim);
-        cache_store(s->value_cache[l], slots, s->v, pos0, T, c->n_heads, c->head_dim);
-        matmul_forward(s->x, s->att, L->out_w, w->dtype, L->out_b, T, C, C, 1, nt, isa);
+        linear(s, s->q, s->xn, &L->q, NULL, T, S, C, C, 0);
+        linear(s, s->k, s->xn, &L->k, NULL, T, S, C, C, 0);
+        linear(s, s->v, s->xn, &L->v, NULL, T, S, C, C, 0);
+        attention_forward(s->att, s->q, s->k, s->v, s->seq, l, slots, p->segments, p->row_segment,
+                          T, c->n_heads, c->head_dim, window, s->scores, s->n_ctx, nt, s->isa);
+        for (int i = 0; i < p->n_segments; i++) {
+            const Segment *sg = &p->segments[i];
+            const size_t first = (size_t)sg->row0 * C;
+            cache_store(s->seq[sg->seq].key_cache[l], slots, s->k + first, sg->pos0, sg->n_rows,
+                        c->n_heads, c->head_dim);
+            cache_store(s->seq[sg->seq].value_cache[l], slots, s->v + first, sg->pos0, sg->n_rows,
+                        c->n_heads, c->head_dim);
+        }
+        linear(s, s->x, s->att, &L->out, L->out_b, T, S, C, C, 1);
 
         /* x += c_proj(gelu_new(c_fc(ln_2(x)))) */
         layernorm_forward(s->xn, s->x, L->ln2_w, L->ln2_b, T, C, c->ln_eps, nt);
-        matmul_forward(s->h, s->xn, L->fc_w, w->dtype, L->fc_b, T, C, c->ffn, 0, nt, isa);
-        gelu_new_forward(s->h, (size_t)T * c->ffn, nt, isa);
-        matmul_forward(s->x, s->h, L->proj_w, w->dtype, L->proj_b, T, c->ffn, C, 1, nt, isa);
+        linear(s, s->h, s->xn, &L->fc, L->fc_b, T, S, C, c->ffn, 0);
+        gelu_new_forward(s->h, (size_t)T * c->ffn, nt, s->isa);
+        linear(s, s->x, s->h, &L->proj, L->proj_b, T, S, c->ffn, C, 1);
     }
 }
 
-int neo_forward(const NeoConfig *c, const NeoWeights *w, NeoState *s,
-                const int32_t *tokens, int n, float *logits, int all_logits)
+/* logits = ln_f(x) @ wte.T for the wanted rows, then each row moved to its batch place. */
+static void logits_forward(const NeoConfig *c, const NeoWeights *w, NeoState *s,
+                           const StepPlan *p, float *logits)
 {
-    if (n <= 0) return NEO_OK;
-    if (n > s->n_ctx - s->pos) return NEO_ERR_CONTEXT_FULL;
-    for (int i = 0; i < n; i++)
-        if (tokens[i] < 0 || tokens[i] >= c->vocab) return NEO_ERR_BAD_TOKEN;
-
-    const int C = c->hidden;
-    for (int done = 0; done < n;) {
-        const int T = n - done < s->chunk ? n - done : s->chunk;
-        forward_chunk(c, w, s, tokens + done, T, s->pos);
-        s->pos += T;
-        done += T;
-        /* Logits only where asked: every position, or the last one of the last chunk. */
-        const int first = all_logits ? 0 : (done == n ? T - 1 : T);
-        if (first < T) {
-            float *dst = all_logits ? logits + (size_t)(done - T) * c->vocab : logits;
-            layernorm_forward(s->xn, s->x + (size_t)first * C, w->lnf_w, w->lnf_b, T - first, C,
-                              c->ln_eps, s->n_threads);
-            matmul_forward(dst, s->xn, w->wte, w->dtype, NULL, T - first, C, c->vocab, 0,
-                           s->n_threads, s->isa);
-        }
+    const int C = c->hidden, V = c->vocab;
+    int n_single = 0;
+    for (int i = 0; i < p->n_logits; i++) {
+        memcpy(s->att + (size_t)i * C, s->x + (size_t)p->logit_rows[i] * C, sizeof(float) * C);
+        n_single += p->logit_rows[i] < p->n_single;
     }
+    layernorm_forward(s->xn, s->att, w->lnf_w, w->lnf_b, p->n_logits, C, c->ln_eps, s->n_threads);
+    linear(s, logits, s->xn, &w->wte, NULL, p->n_logits, n_single, C, V, 0);
+    /* Row i belongs at logit_dest[i]: follow each cycle of the permutation once. */
+    char done[p->n_logits];
+    memset(done, 0, sizeof done);
+    for (int i = 0; i < p->n_logits; i++) {
+        if (done[i] || p->logit_dest[i] == i) continue;
+        memcpy(p->spare_row, logits + (size_t)i * V, sizeof(float) * V);
+        int at = i;
+        do {  /* the spare row holds what was at `at`; put it where it belongs */
+            const int to = p->logit_dest[at];
+            float *dst = logits + (size_t)to * V;
+            for (int j = 0; j < V; j++) {
+                const float kept = dst[j];
+                dst[j] = p->spare_row[j];
+                p->spare_row[j] = kept;
+            }
+            done[at] = 1;
+            at = to;
+        } while (at != i);
+    }
+}
+
+int neo_step(const NeoConfig *c, const NeoWeights *w, NeoState *s, const NeoBatch *batch,
+             float *logits)
+{
+    if (batch->n_rows <= 0) return NEO_OK;
+    int status = plan_step(c, s, batch);
+    if (status != NEO_OK) return status;
+    const StepPlan *p = s->plan;
+    forward_rows(c, w, s, p, batch->n_rows);
+    for (int i = 0; i < p->n_segments; i++) s->seq[p->segments[i].seq].len += p->segments[i].n_rows;
+    if (p->n_logits) logits_forward(c, w, s, p, logits);
     return NEO_OK;
 }

@@ -21,18 +21,39 @@ static inline float bf16_to_f32(uint16_t b)
     return f;
 }
 
-/* Element i of a weight matrix stored as dtype, widened to fp32. */
-static inline float matrix_element(const void *m, NeoDType dtype, size_t i)
+/* Element (row, col) of a weight matrix with cols columns, widened to fp32. */
+static inline float matrix_element(const NeoMatrix *m, size_t row, size_t col, size_t cols)
 {
-    return dtype == NEO_BF16 ? bf16_to_f32(((const uint16_t *)m)[i]) : ((const float *)m)[i];
+    const size_t i = row * cols + col;
+    switch (m->dtype) {
+    case NEO_BF16: return bf16_to_f32(((const uint16_t *)m->data)[i]);
+    case NEO_I8: {
+        const size_t blocks = (cols + NEO_I8_BLOCK - 1) / NEO_I8_BLOCK;
+        return ((const int8_t *)m->data)[i] * m->scales[row * blocks + col / NEO_I8_BLOCK];
+    }
+    default: return ((const float *)m->data)[i];
+    }
 }
+
+/* A step's rows of one sequence: rows row0 .. row0 + n_rows - 1 (in the step's order) at
+ * positions pos0 ... of sequence seq. */
+typedef struct {
+    int seq;
+    int pos0;
+    int row0;
+    int n_rows;
+} Segment;
 
 void layernorm_forward(float *out, const float *x, const float *weight, const float *bias,
                        int T, int C, float eps, int n_threads);
-void embedding_forward(float *x, const int32_t *tokens, int T, int pos0, const void *wte,
-                       const void *wpe, NeoDType dtype, int C);
+/* x[t] = wte[tokens[t]] + wpe[positions[t]] */
+void embedding_forward(float *x, const int32_t *tokens, const int32_t *positions, int T,
+                       const NeoMatrix *wte, const NeoMatrix *wpe, int C);
+/* One layer's attention for every row of a step: row r belongs to segments[row_segment[r]]
+ * and reads that sequence's key/value cache of this layer. */
 void attention_forward(float *out, const float *q, const float *k_new, const float *v_new,
-                       const float *k_cache, const float *v_cache, int slots, int pos0, int T,
+                       const NeoSequence *sequences, int layer, int slots,
+                       const Segment *segments, const int32_t *row_segment, int n_rows,
                        int n_heads, int head_dim, int window, float *scores, int scores_stride,
                        int n_threads, NeoIsa isa);
 

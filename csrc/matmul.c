@@ -1,9 +1,11 @@
 /* matmul.c: out[t, n] (+)= bias[n] + sum_k x[t, k] * w[n, k]
  *
- * x is fp32 [T, K]; w is [N, K] (nn.Linear layout) in fp32 or bf16, widened to fp32 on load;
- * every sum is accumulated in fp32. Threads split the output columns n with a static
+ * x is fp32 [T, K]; w is [N, K] (nn.Linear layout) in fp32, bf16 or int8, widened to fp32 on
+ * load; every sum is accumulated in fp32. Threads split the output columns n with a static
  * schedule and each output is summed by one thread in a fixed order, so the result does not
- * depend on the thread count. Two paths: a scalar reference and an AVX2+FMA path. */
+ * depend on the thread count, nor on the other rows: the decode kernel (matvec_forward) sums
+ * each row as it would alone, the prefill GEMM (matmul_forward) sums each output along k.
+ * Two paths: a scalar reference and an AVX2+FMA path. */
 #include <string.h>
 #include "neocore.h"
 #include "internal.h"
@@ -15,15 +17,15 @@ static inline void store_output(float *out, float sum, const float *bias, int n,
     *out = accumulate ? *out + value : value;
 }
 
-static void matmul_generic(float *out, const float *x, const void *w, NeoDType dtype,
-                           const float *bias, int T, int K, int N, int accumulate, int n_threads)
+static void matmul_generic(float *out, const float *x, const NeoMatrix *w, const float *bias,
+                           int T, int K, int N, int accumulate, int n_threads)
 {
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int n = 0; n < N; n++) {
         for (int t = 0; t < T; t++) {
             float sum = 0.0f;
             for (int k = 0; k < K; k++)
-                sum += x[(size_t)t * K + k] * matrix_element(w, dtype, (size_t)n * K + k);
+                sum += x[(size_t)t * K + k] * matrix_element(w, n, k, K);
             store_output(&out[(size_t)t * N + n], sum, bias, n, accumulate);
         }
     }
@@ -65,37 +67,65 @@ INLINE_AVX2 float hsum8(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
-/* sum_k x[k] * w[row + k] */
-INLINE_AVX2 float dot_row_avx2(const NeoDType dtype, const int prefetch_nta, const float *x,
-                               const void *w, size_t row, int K)
+/* sums[r] = sum_k x[r * K + k] * w[row + k] for R rows of x (R a constant, 1 to MV_ROWS) that
+ * share each widened weight vector. Every row is summed in the same order whatever R is. */
+#define MV_ROWS 3  /* 4 R accumulators + 4 weight vectors fit the 16 ymm registers */
+INLINE_AVX2 void dot_rows_avx2(const NeoDType dtype, const int R, int prefetch_nta, float *sums,
+                               const float *x, const void *w, size_t row, int K)
 {
     const char *bytes = (const char *)w + row * (dtype == NEO_BF16 ? 2 : 4);
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256 acc[MV_ROWS][4];
+    for (int r = 0; r < R; r++)
+        for (int a = 0; a < 4; a++) acc[r][a] = _mm256_setzero_ps();
     int k = 0;
     for (; k + 32 <= K; k += 32) {
         if (prefetch_nta)
             _mm_prefetch(bytes + (size_t)k * (dtype == NEO_BF16 ? 2 : 4) + PREFETCH_BYTES, _MM_HINT_NTA);
-        for (int a = 0; a < 4; a++)
-            acc[a] = _mm256_fmadd_ps(widen8(w, dtype, row + k + 8 * a), _mm256_loadu_ps(x + k + 8 * a), acc[a]);
+        for (int a = 0; a < 4; a++) {
+            const __m256 wv = widen8(w, dtype, row + k + 8 * a);
+            for (int r = 0; r < R; r++)
+                acc[r][a] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (size_t)r * K + k + 8 * a), acc[r][a]);
+        }
     }
-    for (; k + 8 <= K; k += 8)
-        acc[0] = _mm256_fmadd_ps(widen8(w, dtype, row + k), _mm256_loadu_ps(x + k), acc[0]);
-    float sum = hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-    for (; k < K; k++) sum += x[k] * matrix_element(w, dtype, row + k);
-    return sum;
+    for (; k + 8 <= K; k += 8) {
+        const __m256 wv = widen8(w, dtype, row + k);
+        for (int r = 0; r < R; r++)
+            acc[r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (size_t)r * K + k), acc[r][0]);
+    }
+    const NeoMatrix m = {dtype, w, NULL};
+    for (int r = 0; r < R; r++) {
+        float sum = hsum8(_mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3])));
+        for (int j = k; j < K; j++) sum += x[(size_t)r * K + j] * matrix_element(&m, 0, row + j, 0);
+        sums[r] = sum;
+    }
 }
 
+/* Outputs n_begin..n_end for all T rows: each weight row is read from memory once, by the
+ * first group of rows, and from L1 by the others. */
 INLINE_AVX2 void matvec_block_avx2(const NeoDType dtype, const int prefetch_nta, float *out,
-                                   const float *x, const void *w, const float *bias, int n_begin,
-                                   int n_end, int K, int accumulate)
+                                   const float *x, const void *w, const float *bias, int T,
+                                   int n_begin, int n_end, int K, int N, int accumulate)
 {
-    for (int n = n_begin; n < n_end; n++)
-        store_output(&out[n], dot_row_avx2(dtype, prefetch_nta, x, w, (size_t)n * K, K), bias, n,
-                     accumulate);
+    float sums[MV_ROWS];
+    for (int n = n_begin; n < n_end; n++) {
+        for (int t = 0; t < T; t += MV_ROWS) {
+            const int R = T - t < MV_ROWS ? T - t : MV_ROWS, prefetch = prefetch_nta && t == 0;
+            const float *xt = x + (size_t)t * K;
+            if (R == 3)
+                dot_rows_avx2(dtype, 3, prefetch, sums, xt, w, (size_t)n * K, K);
+            else if (R == 2)
+                dot_rows_avx2(dtype, 2, prefetch, sums, xt, w, (size_t)n * K, K);
+            else
+                dot_rows_avx2(dtype, 1, prefetch, sums, xt, w, (size_t)n * K, K);
+            for (int r = 0; r < R; r++)
+                store_output(&out[(size_t)(t + r) * N + n], sums[r], bias, n, accumulate);
+        }
+    }
 }
 
 TARGET_AVX2 static void matvec_avx2(float *out, const float *x, const void *w, NeoDType dtype,
-                                    const float *bias, int K, int N, int accumulate, int n_threads)
+                                    const float *bias, int T, int K, int N, int accumulate,
+                                    int n_threads)
 {
     const int n_blocks = (N + MV_BLOCK - 1) / MV_BLOCK, nta = neo_cpu_is_amd();
     #pragma omp parallel for num_threads(n_threads) schedule(static)
@@ -103,13 +133,13 @@ TARGET_AVX2 static void matvec_avx2(float *out, const float *x, const void *w, N
         int n_begin = b * MV_BLOCK, n_end = n_begin + MV_BLOCK < N ? n_begin + MV_BLOCK : N;
         /* constant arguments: each combination compiles to its own loop */
         if (dtype == NEO_BF16 && nta)
-            matvec_block_avx2(NEO_BF16, 1, out, x, w, bias, n_begin, n_end, K, accumulate);
+            matvec_block_avx2(NEO_BF16, 1, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
         else if (dtype == NEO_BF16)
-            matvec_block_avx2(NEO_BF16, 0, out, x, w, bias, n_begin, n_end, K, accumulate);
+            matvec_block_avx2(NEO_BF16, 0, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
         else if (nta)
-            matvec_block_avx2(NEO_F32, 1, out, x, w, bias, n_begin, n_end, K, accumulate);
+            matvec_block_avx2(NEO_F32, 1, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
         else
-            matvec_block_avx2(NEO_F32, 0, out, x, w, bias, n_begin, n_end, K, accumulate);
+            matvec_block_avx2(NEO_F32, 0, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
     }
 }
 
@@ -150,7 +180,7 @@ TARGET_AVX2 static void pack_panel(float *panel, const void *w, NeoDType dtype, 
     }
     for (; k < K; k++)
         for (int j = 0; j < PANEL; j++)
-            panel[(size_t)k * PANEL + j] = n0 + j < N ? matrix_element(w, dtype, (size_t)(n0 + j) * K + k) : 0.0f;
+            panel[(size_t)k * PANEL + j] = n0 + j < N ? matrix_element(&(NeoMatrix){dtype, w, NULL}, n0 + j, k, K) : 0.0f;
 }
 
 /* out[t0.., n0..n0+PANEL) for GEMM_ROWS rows of x: broadcast x[t, k] against the packed row k.
@@ -205,17 +235,32 @@ TARGET_AVX2 static void gemm_avx2(float *out, const float *x, const void *w, Neo
 
 #endif
 
-void matmul_forward(float *out, const float *x, const void *w, NeoDType dtype, const float *bias,
-                    int T, int K, int N, int accumulate, int n_threads, NeoIsa isa)
+/* int8 weights have no AVX2 kernel yet: they take the scalar path. */
+static int avx2_runs(const NeoMatrix *w, NeoIsa isa)
+{
+    return isa == NEO_ISA_AVX2 && w->dtype != NEO_I8;
+}
+
+void matmul_forward(float *out, const float *x, const NeoMatrix *w, const float *bias, int T,
+                    int K, int N, int accumulate, int n_threads, NeoIsa isa)
 {
 #if defined(__x86_64__)
-    if (isa == NEO_ISA_AVX2) {
-        if (T == 1)
-            matvec_avx2(out, x, w, dtype, bias, K, N, accumulate, n_threads);
-        else
-            gemm_avx2(out, x, w, dtype, bias, T, K, N, accumulate, n_threads);
+    if (avx2_runs(w, isa)) {
+        gemm_avx2(out, x, w->data, w->dtype, bias, T, K, N, accumulate, n_threads);
         return;
     }
 #endif
-    matmul_generic(out, x, w, dtype, bias, T, K, N, accumulate, n_threads);
+    matmul_generic(out, x, w, bias, T, K, N, accumulate, n_threads);
+}
+
+void matvec_forward(float *out, const float *x, const NeoMatrix *w, const float *bias, int T,
+                    int K, int N, int accumulate, int n_threads, NeoIsa isa)
+{
+#if defined(__x86_64__)
+    if (avx2_runs(w, isa)) {
+        matvec_avx2(out, x, w->data, w->dtype, bias, T, K, N, accumulate, n_threads);
+        return;
+    }
+#endif
+    matmul_generic(out, x, w, bias, T, K, N, accumulate, n_threads);
 }

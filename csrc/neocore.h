@@ -2,24 +2,38 @@
  *
  * Three structs, as in llama2.c: the model's shape (NeoConfig), pointers to its weights
  * (NeoWeights, owned by Python: mapped or converted arrays), and the run state (NeoState:
- * scratch buffers and the key/value cache). neo_forward() runs a whole forward step. */
+ * scratch buffers and the key/value caches of its sequence slots). neo_step() runs a whole
+ * forward step over a batch of rows from any number of sequences. */
 #ifndef NEOCORE_H
 #define NEOCORE_H
 
 #include <stddef.h>
 #include <stdint.h>
 
-/* Storage type of every weight matrix; biases and LayerNorm parameters are always fp32. */
-typedef enum { NEO_F32 = 0, NEO_BF16 = 1 } NeoDType;
+/* Storage type of a weight matrix; biases and LayerNorm parameters are always fp32. */
+typedef enum { NEO_F32 = 0, NEO_BF16 = 1, NEO_I8 = 2 } NeoDType;
+
+/* int8 matrices carry one fp32 scale per block of this many consecutive elements of a row. */
+#define NEO_I8_BLOCK 32
+
+/* A weight matrix [rows, cols] in nn.Linear layout [out, in]. For NEO_I8, data holds int8
+ * values and scales[rows][ceil(cols / NEO_I8_BLOCK)] the step of each block: an element is
+ * value * scale. scales is NULL for the other types. */
+typedef struct {
+    NeoDType dtype;
+    const void *data;
+    const float *scales;
+} NeoMatrix;
 
 /* Kernel path. NEO_ISA_AVX2 needs AVX2 + FMA, checked at run time. */
 typedef enum { NEO_ISA_GENERIC = 0, NEO_ISA_AVX2 = 1 } NeoIsa;
 
 enum {
     NEO_OK = 0,
-    NEO_ERR_CONTEXT_FULL = 1, /* the step would run past the state's context */
+    NEO_ERR_CONTEXT_FULL = 1, /* a sequence would run past the state's context */
     NEO_ERR_BAD_TOKEN = 2,    /* a token id outside [0, vocab) */
     NEO_ERR_NO_MEMORY = 3,
+    NEO_ERR_BAD_BATCH = 4,    /* too many rows, a bad sequence id, or a sequence's rows apart */
 };
 
 typedef struct {
@@ -37,36 +51,55 @@ typedef struct {
 
 typedef struct {
     const float *ln1_w, *ln1_b;
-    const void *q_w, *k_w, *v_w;      /* [hidden, hidden], nn.Linear layout [out, in] */
-    const void *out_w;                /* [hidden, hidden] */
+    NeoMatrix q, k, v;                /* [hidden, hidden] */
+    NeoMatrix out;                    /* [hidden, hidden] */
     const float *out_b;
     const float *ln2_w, *ln2_b;
-    const void *fc_w;                 /* [ffn, hidden] */
+    NeoMatrix fc;                     /* [ffn, hidden] */
     const float *fc_b;
-    const void *proj_w;               /* [hidden, ffn] */
+    NeoMatrix proj;                   /* [hidden, ffn] */
     const float *proj_b;
 } NeoLayerWeights;
 
 typedef struct {
-    NeoDType dtype;          /* of every matrix below */
-    const void *wte;         /* [vocab, hidden]; also the (tied) output projection */
-    const void *wpe;         /* [max_positions, hidden] */
+    NeoMatrix wte;           /* [vocab, hidden]; also the (tied) output projection */
+    NeoMatrix wpe;           /* [max_positions, hidden] */
     const NeoLayerWeights *layers;
     const float *lnf_w, *lnf_b;
 } NeoWeights;
 
+/* One step's work, as llama.cpp's batch: rows of (sequence, token). A sequence's rows are
+ * consecutive and take the positions after what its cache holds. The model never knows why
+ * a row is there: a decode token, a prompt chunk, a scored text. */
 typedef struct {
-    int n_ctx;      /* positions the cache holds; a step may not go past it */
-    int chunk;      /* tokens processed together in one batched pass */
+    int n_rows;
+    const int32_t *tokens;       /* [n_rows] */
+    const int32_t *seqs;         /* [n_rows] sequence slot of each row */
+    const uint8_t *want_logits;  /* [n_rows] 1 where the row's logits are wanted */
+} NeoBatch;
+
+/* A sequence slot: its length and, once it holds a token, its key/value cache (per layer
+ * [n_heads][slots][head_dim]; slots = window for local layers, n_ctx for global ones). The
+ * cache is mapped on first use and handed back when the sequence is cleared: pages are
+ * backed only where positions were written, so idle slots cost nothing. */
+typedef struct {
+    int len;
+    float **key_cache, **value_cache;
+} NeoSequence;
+
+typedef struct {
+    int n_seqs;     /* sequence slots */
+    int n_ctx;      /* positions each sequence may hold */
+    int max_rows;   /* rows one step may carry */
     int n_threads;
     NeoIsa isa;
-    int n_layers;
-    int pos;        /* tokens already in the cache */
-    /* scratch for one chunk: [chunk, hidden] each, h is [chunk, ffn] */
+    int n_layers, hidden;
+    int *cache_slots;    /* per layer */
+    NeoSequence *seq;    /* [n_seqs] */
+    /* scratch for one step: [max_rows, hidden] each, h is [max_rows, ffn] */
     float *x, *xn, *q, *k, *v, *att, *h;
-    float *scores;  /* [n_threads, n_ctx]: one attention row per thread */
-    float **key_cache, **value_cache; /* per layer: [n_heads][slots][head_dim]; slots = window (local) or n_ctx */
-    int *cache_slots;
+    float *scores;       /* [n_threads, n_ctx]: one attention row per thread */
+    void *plan;          /* the step's row order and segments (forward.c) */
 } NeoState;
 
 /* Run-time CPU check: 1 when AVX2 and FMA are usable (CPUID and the OS saving YMM state). */
@@ -74,20 +107,31 @@ int neo_cpu_has_avx2_fma(void);
 /* 1 on AMD processors (CPUID vendor string), where the decode kernel prefetches. */
 int neo_cpu_is_amd(void);
 
-NeoState *neo_state_new(const NeoConfig *cfg, int n_ctx, int chunk, int n_threads, NeoIsa isa);
+NeoState *neo_state_new(const NeoConfig *cfg, int n_seqs, int n_ctx, int max_rows,
+                        int n_threads, NeoIsa isa);
 void neo_state_free(NeoState *s);
 
-/* Append n tokens at position s->pos and advance it. Writes logits for every token
- * ([n, vocab]) when all_logits is set, else for the last one only ([vocab]).
- * Returns NEO_OK or a NEO_ERR_* code (the state is left unchanged on error). */
-int neo_forward(const NeoConfig *cfg, const NeoWeights *w, NeoState *s,
-                const int32_t *tokens, int n, float *logits, int all_logits);
+/* Forgets what sequence seq holds and hands its cache memory back. */
+void neo_seq_clear(NeoState *s, int seq);
+
+/* One forward step over a batch: appends each row's token to its sequence and writes the
+ * logits of the rows that want them, in batch order, to logits ([wanted rows, vocab]).
+ * A row's result does not depend on the other rows: a sequence with one row in the step is
+ * computed by the decode kernels (matvec order), one with several by the prefill kernels,
+ * whatever else the batch holds. Returns NEO_OK or a NEO_ERR_* code (state unchanged then). */
+int neo_step(const NeoConfig *cfg, const NeoWeights *w, NeoState *s, const NeoBatch *batch,
+             float *logits);
 
 /* float32 -> bfloat16 bits, rounding to nearest even; returns 1 if any value changed. */
 int neo_f32_to_bf16(uint16_t *dst, const float *src, size_t n, int n_threads);
 
-/* Kernels, exposed so tests can compare the SIMD paths with the scalar reference. */
-void matmul_forward(float *out, const float *x, const void *w, NeoDType dtype, const float *bias,
+/* Kernels, exposed so tests can compare the SIMD paths with the scalar reference.
+ * out[t, n] (+)= bias[n] + sum_k x[t, k] * w[n, k]. matmul_forward is the prefill GEMM;
+ * matvec_forward streams each weight row once for all T rows (decode), each row summed in
+ * the same order as when it is alone. */
+void matmul_forward(float *out, const float *x, const NeoMatrix *w, const float *bias,
+                    int T, int K, int N, int accumulate, int n_threads, NeoIsa isa);
+void matvec_forward(float *out, const float *x, const NeoMatrix *w, const float *bias,
                     int T, int K, int N, int accumulate, int n_threads, NeoIsa isa);
 void gelu_new_forward(float *x, size_t n, int n_threads, NeoIsa isa);
 

@@ -1,8 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """The one bridge between Python and the C core in csrc/ (see neocore.h).
 
-Python owns every weight array; an Engine holds pointers into them, plus a reference to
-each so they outlive it. forward() is the single Python -> C call of a step."""
+Python owns every weight array; a Core holds pointers into them, plus a reference to
+each so they outlive it. step() is the single Python -> C call of a step."""
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uintptr_t
 from libc.stdlib cimport calloc, free
 
@@ -12,6 +12,7 @@ cdef extern from "neocore.h":
     ctypedef enum NeoDType:
         NEO_F32
         NEO_BF16
+        NEO_I8
     ctypedef enum NeoIsa:
         NEO_ISA_GENERIC
         NEO_ISA_AVX2
@@ -19,6 +20,13 @@ cdef extern from "neocore.h":
         NEO_OK
         NEO_ERR_CONTEXT_FULL
         NEO_ERR_BAD_TOKEN
+        NEO_ERR_NO_MEMORY
+        NEO_ERR_BAD_BATCH
+        NEO_I8_BLOCK
+    ctypedef struct NeoMatrix:
+        NeoDType dtype
+        const void *data
+        const float *scales
     ctypedef struct NeoConfig:
         int hidden, n_layers, n_heads, head_dim, ffn, vocab, max_positions, window
         float ln_eps
@@ -26,46 +34,58 @@ cdef extern from "neocore.h":
     ctypedef struct NeoLayerWeights:
         const float *ln1_w
         const float *ln1_b
-        const void *q_w
-        const void *k_w
-        const void *v_w
-        const void *out_w
+        NeoMatrix q, k, v, out
         const float *out_b
         const float *ln2_w
         const float *ln2_b
-        const void *fc_w
+        NeoMatrix fc
         const float *fc_b
-        const void *proj_w
+        NeoMatrix proj
         const float *proj_b
     ctypedef struct NeoWeights:
-        NeoDType dtype
-        const void *wte
-        const void *wpe
+        NeoMatrix wte, wpe
         const NeoLayerWeights *layers
         const float *lnf_w
         const float *lnf_b
+    ctypedef struct NeoSequence:
+        int len
     ctypedef struct NeoState:
-        int n_ctx, chunk, n_threads, pos
+        int n_seqs, n_ctx, max_rows, n_threads
+        NeoSequence *seq
+    ctypedef struct NeoBatch:
+        int n_rows
+        const int32_t *tokens
+        const int32_t *seqs
+        const uint8_t *want_logits
 
     int neo_cpu_has_avx2_fma()
-    NeoState *neo_state_new(const NeoConfig *cfg, int n_ctx, int chunk, int n_threads, NeoIsa isa)
+    int neo_cpu_is_amd()
+    NeoState *neo_state_new(const NeoConfig *cfg, int n_seqs, int n_ctx, int max_rows,
+                            int n_threads, NeoIsa isa)
     void neo_state_free(NeoState *s)
-    int neo_forward(const NeoConfig *cfg, const NeoWeights *w, NeoState *s,
-                    const int32_t *tokens, int n, float *logits, int all_logits) nogil
-    void matmul_forward(float *out, const float *x, const void *w, NeoDType dtype,
-                        const float *bias, int T, int K, int N, int accumulate, int n_threads,
-                        NeoIsa isa) nogil
+    void neo_seq_clear(NeoState *s, int seq)
+    int neo_step(const NeoConfig *cfg, const NeoWeights *w, NeoState *s, const NeoBatch *batch,
+                 float *logits) nogil
+    void matmul_forward(float *out, const float *x, const NeoMatrix *w, const float *bias,
+                        int T, int K, int N, int accumulate, int n_threads, NeoIsa isa) nogil
+    void matvec_forward(float *out, const float *x, const NeoMatrix *w, const float *bias,
+                        int T, int K, int N, int accumulate, int n_threads, NeoIsa isa) nogil
     void gelu_new_forward(float *x, size_t n, int n_threads, NeoIsa isa) nogil
     int neo_f32_to_bf16(unsigned short *dst, const float *src, size_t n, int n_threads) nogil
 
 
 ISAS = {"generic": NEO_ISA_GENERIC, "avx2": NEO_ISA_AVX2}
-DTYPES = {"float32": NEO_F32, "bfloat16": NEO_BF16}
-MATRIX_NUMPY_DTYPE = {"float32": np.float32, "bfloat16": np.uint16}  # bf16 travels as raw uint16
+DTYPES = {"float32": NEO_F32, "bfloat16": NEO_BF16, "int8": NEO_I8}
+MATRIX_NUMPY_DTYPE = {"float32": np.float32, "bfloat16": np.uint16, "int8": np.int8}  # bf16 travels as raw uint16
+I8_BLOCK = NEO_I8_BLOCK
 
 
 def cpu_has_avx2_fma() -> bool:
     return bool(neo_cpu_has_avx2_fma())
+
+
+def cpu_is_amd() -> bool:
+    return bool(neo_cpu_is_amd())
 
 
 cdef uintptr_t _address(object array, object dtype, tuple shape, str name) except 0:
@@ -80,7 +100,34 @@ class ContextFull(Exception):
     pass
 
 
-cdef class Engine:
+class BadBatch(Exception):
+    pass
+
+
+def matrix_dtype(w) -> str:
+    """The engine dtype of a matrix: an int8 one is an object with .values and .scales."""
+    if hasattr(w, "scales"):
+        return "int8"
+    return "bfloat16" if w.dtype == np.uint16 else "float32"
+
+
+cdef int _set_matrix(NeoMatrix *m, object w, int rows, int cols, str name) except -1:
+    """Points m at a weight matrix after checking its type and shape."""
+    dtype = matrix_dtype(w)
+    m.dtype = DTYPES[dtype]
+    m.scales = NULL
+    if dtype == "int8":
+        blocks = (cols + NEO_I8_BLOCK - 1) // NEO_I8_BLOCK
+        m.data = <const void *>_address(w.values, np.int8, (rows, cols), name)
+        m.scales = <const float *>_address(w.scales, np.float32, (rows, blocks), name + " scales")
+    else:
+        m.data = <const void *>_address(w, MATRIX_NUMPY_DTYPE[dtype], (rows, cols), name)
+    return 0
+
+
+cdef class Core:
+    """The model's weights and a run state with n_seqs sequence slots. step() runs one forward
+    step over a batch of (sequence, token) rows: the single Python -> C call of a step."""
     cdef NeoConfig cfg
     cdef NeoWeights weights
     cdef NeoLayerWeights *layers
@@ -93,17 +140,19 @@ cdef class Engine:
         self.layers = NULL
         self.state = NULL
 
-    def __init__(self, shape: dict, weights: dict, str dtype, int n_ctx, int chunk, int threads,
-                 str isa):
+    def __init__(self, shape: dict, weights: dict, int n_seqs, int n_ctx, int max_rows,
+                 int threads, str isa):
         """shape: hidden, n_layers, n_heads, ffn, vocab, max_positions, window, ln_eps,
-        layer_is_local (uint8 array). weights: wte, wpe, lnf_w, lnf_b, layers (list of dicts)."""
+        layer_is_local (uint8 array). weights: wte, wpe, lnf_w, lnf_b, layers (list of dicts);
+        matrices are float32, bf16 as uint16, or int8 objects with .values and .scales."""
         cdef int H = shape["hidden"], F = shape["ffn"], L = shape["n_layers"]
         cdef int V = shape["vocab"], P = shape["max_positions"]
         if isa not in ISAS:
             raise ValueError(f"unknown kernel path {isa!r}")
         if isa == "avx2" and not neo_cpu_has_avx2_fma():
             raise ValueError("this CPU has no AVX2+FMA: the avx2 kernel path cannot run")
-        mat = MATRIX_NUMPY_DTYPE[dtype]
+        if not 1 <= n_ctx <= P:
+            raise ValueError(f"n_ctx must be between 1 and {P}")
         f32 = np.float32
         local = np.ascontiguousarray(shape["layer_is_local"], dtype=np.uint8)
         self.keep_alive = [local, weights]
@@ -120,9 +169,8 @@ cdef class Engine:
         self.cfg.ln_eps = shape["ln_eps"]
         self.cfg.layer_is_local = <const uint8_t *><uintptr_t>_address(local, np.uint8, (L,), "layer_is_local")
 
-        self.weights.dtype = DTYPES[dtype]
-        self.weights.wte = <const void *>_address(weights["wte"], mat, (V, H), "wte")
-        self.weights.wpe = <const void *>_address(weights["wpe"], mat, (P, H), "wpe")
+        _set_matrix(&self.weights.wte, weights["wte"], V, H, "wte")
+        _set_matrix(&self.weights.wpe, weights["wpe"], P, H, "wpe")
         self.weights.lnf_w = <const float *>_address(weights["lnf_w"], f32, (H,), "ln_f.weight")
         self.weights.lnf_b = <const float *>_address(weights["lnf_b"], f32, (H,), "ln_f.bias")
         self.layers = <NeoLayerWeights *>calloc(L, sizeof(NeoLayerWeights))
@@ -133,77 +181,108 @@ cdef class Engine:
             lw = weights["layers"][i]
             self.layers[i].ln1_w = <const float *>_address(lw["ln1_w"], f32, (H,), f"h.{i}.ln_1.weight")
             self.layers[i].ln1_b = <const float *>_address(lw["ln1_b"], f32, (H,), f"h.{i}.ln_1.bias")
-            self.layers[i].q_w = <const void *>_address(lw["q_w"], mat, (H, H), f"h.{i}.q_proj.weight")
-            self.layers[i].k_w = <const void *>_address(lw["k_w"], mat, (H, H), f"h.{i}.k_proj.weight")
-            self.layers[i].v_w = <const void *>_address(lw["v_w"], mat, (H, H), f"h.{i}.v_proj.weight")
-            self.layers[i].out_w = <const void *>_address(lw["out_w"], mat, (H, H), f"h.{i}.out_proj.weight")
+            _set_matrix(&self.layers[i].q, lw["q_w"], H, H, f"h.{i}.q_proj.weight")
+            _set_matrix(&self.layers[i].k, lw["k_w"], H, H, f"h.{i}.k_proj.weight")
+            _set_matrix(&self.layers[i].v, lw["v_w"], H, H, f"h.{i}.v_proj.weight")
+            _set_matrix(&self.layers[i].out, lw["out_w"], H, H, f"h.{i}.out_proj.weight")
             self.layers[i].out_b = <const float *>_address(lw["out_b"], f32, (H,), f"h.{i}.out_proj.bias")
             self.layers[i].ln2_w = <const float *>_address(lw["ln2_w"], f32, (H,), f"h.{i}.ln_2.weight")
             self.layers[i].ln2_b = <const float *>_address(lw["ln2_b"], f32, (H,), f"h.{i}.ln_2.bias")
-            self.layers[i].fc_w = <const void *>_address(lw["fc_w"], mat, (F, H), f"h.{i}.c_fc.weight")
+            _set_matrix(&self.layers[i].fc, lw["fc_w"], F, H, f"h.{i}.c_fc.weight")
             self.layers[i].fc_b = <const float *>_address(lw["fc_b"], f32, (F,), f"h.{i}.c_fc.bias")
-            self.layers[i].proj_w = <const void *>_address(lw["proj_w"], mat, (H, F), f"h.{i}.c_proj.weight")
+            _set_matrix(&self.layers[i].proj, lw["proj_w"], H, F, f"h.{i}.c_proj.weight")
             self.layers[i].proj_b = <const float *>_address(lw["proj_b"], f32, (H,), f"h.{i}.c_proj.bias")
         self.weights.layers = self.layers
-        self.state = neo_state_new(&self.cfg, n_ctx, chunk, threads, ISAS[isa])
+        self.state = neo_state_new(&self.cfg, n_seqs, n_ctx, max_rows, threads, ISAS[isa])
         if self.state == NULL:
-            raise MemoryError("could not allocate the run state (key/value cache)")
+            raise MemoryError("could not allocate the run state")
 
     def __dealloc__(self):
         neo_state_free(self.state)
         free(self.layers)
 
     @property
-    def pos(self) -> int:
-        """Tokens held in the cache."""
-        return self.state.pos
-
-    @property
     def n_ctx(self) -> int:
         return self.state.n_ctx
 
-    def reset(self) -> None:
-        self.state.pos = 0
+    @property
+    def n_seqs(self) -> int:
+        return self.state.n_seqs
 
-    def forward(self, const int32_t[::1] tokens, float[:, ::1] logits, bint all_logits) -> None:
-        """Appends tokens to the cache; logits gets one row per token, or one for the last."""
-        cdef int n = tokens.shape[0]
-        cdef int rows = n if all_logits else 1
+    @property
+    def max_rows(self) -> int:
+        return self.state.max_rows
+
+    def length(self, int seq) -> int:
+        """Tokens sequence seq holds."""
+        if not 0 <= seq < self.state.n_seqs:
+            raise IndexError(f"no sequence slot {seq}")
+        return self.state.seq[seq].len
+
+    def clear(self, int seq) -> None:
+        """Forgets sequence seq and hands back its cache memory."""
+        if not 0 <= seq < self.state.n_seqs:
+            raise IndexError(f"no sequence slot {seq}")
+        neo_seq_clear(self.state, seq)
+
+    def step(self, const int32_t[::1] tokens, const int32_t[::1] seqs,
+             const uint8_t[::1] want_logits, float[:, ::1] logits) -> None:
+        """One forward step: row r appends tokens[r] to sequence seqs[r] (a sequence's rows
+        consecutive); logits gets a row for each row with want_logits set, in order."""
+        cdef NeoBatch batch
+        cdef int n = tokens.shape[0], r, wanted = 0
+        if seqs.shape[0] != n or want_logits.shape[0] != n:
+            raise ValueError("tokens, seqs and want_logits differ in length")
         if n == 0:
             return
-        if logits.shape[0] < rows or logits.shape[1] != self.cfg.vocab:
-            raise ValueError(f"logits buffer must be at least [{rows}, {self.cfg.vocab}]")
+        for r in range(n):
+            wanted += want_logits[r] != 0
+        if logits.shape[0] < wanted or logits.shape[1] != self.cfg.vocab:
+            raise ValueError(f"logits buffer must be at least [{wanted}, {self.cfg.vocab}]")
+        batch.n_rows = n
+        batch.tokens = &tokens[0]
+        batch.seqs = &seqs[0]
+        batch.want_logits = &want_logits[0]
         cdef int rc
         with nogil:
-            rc = neo_forward(&self.cfg, &self.weights, self.state, &tokens[0], n, &logits[0, 0],
-                             all_logits)
+            rc = neo_step(&self.cfg, &self.weights, self.state, &batch, &logits[0, 0])
         if rc == NEO_ERR_CONTEXT_FULL:
-            raise ContextFull(f"{self.state.pos} + {n} tokens exceed the context of {self.state.n_ctx}")
+            raise ContextFull(f"a sequence would run past the context of {self.state.n_ctx}")
         if rc == NEO_ERR_BAD_TOKEN:
             raise ValueError(f"token ids must lie in [0, {self.cfg.vocab})")
+        if rc == NEO_ERR_BAD_BATCH:
+            raise BadBatch(f"a batch takes at most {self.state.max_rows} rows, sequence slots "
+                           f"0..{self.state.n_seqs - 1}, and each sequence's rows together")
+        if rc == NEO_ERR_NO_MEMORY:
+            raise MemoryError("no memory for a sequence's key/value cache")
         if rc != NEO_OK:
-            raise RuntimeError(f"neo_forward failed with code {rc}")
+            raise RuntimeError(f"neo_step failed with code {rc}")
 
 
 def matmul(float[:, ::1] out, const float[:, ::1] x, w, const float[::1] bias, bint accumulate,
-           int threads, str isa) -> None:
-    """out (+)= bias + x @ w.T with the chosen kernel path; w is float32 or bf16-as-uint16."""
+           int threads, str isa, str kernel="gemm") -> None:
+    """out (+)= bias + x @ w.T with the chosen kernel path; kernel is "gemm" (prefill) or
+    "matvec" (decode); w as Core takes it."""
     cdef int T = x.shape[0], K = x.shape[1]
-    cdef int N = w.shape[0]
-    dtype = "bfloat16" if w.dtype == np.uint16 else "float32"
-    cdef uintptr_t wp = _address(w, MATRIX_NUMPY_DTYPE[dtype], (N, K), "w")
+    cdef int N = (w.values if hasattr(w, "scales") else w).shape[0]
+    cdef NeoMatrix m
+    _set_matrix(&m, w, N, K, "w")
     if out.shape[0] != T or out.shape[1] != N:
         raise ValueError("out must be [T, N]")
     if bias is not None and bias.shape[0] != N:
         raise ValueError("bias must be [N]")
     if isa == "avx2" and not neo_cpu_has_avx2_fma():
         raise ValueError("this CPU has no AVX2+FMA")
+    if kernel not in ("gemm", "matvec"):
+        raise ValueError(f"unknown kernel {kernel!r}")
     cdef const float *bp = &bias[0] if bias is not None else NULL
-    cdef NeoDType dt = DTYPES[dtype]
     cdef NeoIsa path = ISAS[isa]
+    cdef bint decode = kernel == "matvec"
     with nogil:
-        matmul_forward(&out[0, 0], &x[0, 0], <const void *>wp, dt, bp, T, K, N, accumulate,
-                       threads, path)
+        if decode:
+            matvec_forward(&out[0, 0], &x[0, 0], &m, bp, T, K, N, accumulate, threads, path)
+        else:
+            matmul_forward(&out[0, 0], &x[0, 0], &m, bp, T, K, N, accumulate, threads, path)
 
 
 def gelu_new(float[::1] x, int threads, str isa) -> None:

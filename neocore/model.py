@@ -15,7 +15,9 @@ from .config import GPTNeoConfig
 from .errors import ConfigError, ContextError, NeocoreError
 from .weights import WEIGHT_DTYPES, WeightLoader
 
-PREFILL_CHUNK = 256  # prompt tokens pushed through the layers together (bounds scratch memory)
+PREFILL_CHUNK = 256  # rows one step may carry (bounds scratch memory)
+SEQUENCE_SLOTS = 256  # sequences the run state can hold at once; an idle slot costs no cache memory
+DIRECT_SLOT = 0       # the sequence of append/logits/score; the engine uses the others
 
 
 def usable_cores() -> int:
@@ -38,8 +40,10 @@ def kernel_path(requested: str | None = None) -> str:
 
 
 class Model:
-    """A loaded GPT-Neo model. It holds one key/value cache: calls from several threads are
-    serialised by a lock (never a crash), but interleaved generations would mix their contexts."""
+    """A loaded GPT-Neo model. Its run state holds many sequences: generation goes through an
+    engine (neocore.engine) that advances them together; append/logits/score work on one
+    sequence of their own. Calls from several threads are serialised by a lock (never a
+    crash), but interleaved append calls would mix their contexts."""
 
     def __init__(self, path: Path, config: GPTNeoConfig, weights: dict[str, Any], dtype: str,
                  threads: int, context: int, isa: str, tokenizer: Any, load_seconds: float):
@@ -56,23 +60,22 @@ class Model:
             "window": config.window_size, "ln_eps": config.layer_norm_epsilon,
             "layer_is_local": np.array(config.layer_is_local, dtype=np.uint8),
         }
-        self._engine = _core.Engine(shape, weights, dtype, context, min(PREFILL_CHUNK, context),
-                                    threads, isa)
+        self._core = _core.Core(shape, weights, SEQUENCE_SLOTS, context, PREFILL_CHUNK, threads, isa)
         self._last_logits = np.empty((1, config.vocab_size), dtype=np.float32)
         self._lock = threading.Lock()
 
     # ---- facts ------------------------------------------------------------------------------
     @property
     def threads(self) -> int:
-        return self._engine.threads
+        return self._core.threads
 
     @property
     def isa(self) -> str:
-        return self._engine.isa
+        return self._core.isa
 
     @property
     def context_length(self) -> int:
-        return self._engine.n_ctx
+        return self._core.n_ctx
 
     def weight_bytes(self) -> int:
         """Bytes of weights the engine reads (matrices, biases and norms)."""
@@ -88,19 +91,19 @@ class Model:
         return tokens.astype(np.int32)
 
     def _check_room(self, needed: int) -> None:
-        if self._engine.pos + needed > self.context_length:
-            raise ContextError(f"{self._engine.pos + needed} tokens do not fit in the context of "
+        if self.position + needed > self.context_length:
+            raise ContextError(f"{self.position + needed} tokens do not fit in the context of "
                                f"{self.context_length} positions")
 
     def reset(self) -> None:
         """Forgets the cached tokens."""
         with self._lock:
-            self._engine.reset()
+            self._core.clear(DIRECT_SLOT)
 
     @property
     def position(self) -> int:
         """Tokens in the cache: the position the next token will take."""
-        return self._engine.pos
+        return self._core.length(DIRECT_SLOT)
 
     def append(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Feeds tokens after those already cached. Returns the logits after the last one (a
@@ -110,10 +113,28 @@ class Model:
         if tokens.size == 0:
             raise NeocoreError("no tokens to feed")
         out = np.empty((tokens.size, self.config.vocab_size), np.float32) if all_logits else self._last_logits
+        chunk = self._core.max_rows
         with self._lock:
             self._check_room(tokens.size)
-            self._engine.forward(tokens, out, all_logits)
+            for start in range(0, tokens.size, chunk):
+                part = tokens[start:start + chunk]
+                want = np.zeros(part.size, np.uint8)
+                want[:] = all_logits
+                want[-1] |= start + chunk >= tokens.size
+                self._core.step(part, np.full(part.size, DIRECT_SLOT, np.int32), want,
+                                out[start:] if all_logits else out)
         return out if all_logits else out[0]
+
+    def step(self, tokens: np.ndarray, seqs: np.ndarray, want_logits: np.ndarray,
+             logits: np.ndarray) -> None:
+        """One forward step over rows of (sequence slot, token) from any sequences (see
+        neocore.engine); slot DIRECT_SLOT belongs to append."""
+        with self._lock:
+            self._core.step(tokens, seqs, want_logits, logits)
+
+    def clear_sequence(self, seq: int) -> None:
+        with self._lock:
+            self._core.clear(seq)
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """float32 [len(ids), vocab]: logits at every position, from a fresh state."""
