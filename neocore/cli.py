@@ -101,6 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--tokenizer", help="folder with the tokenizer files (default: SRC's)")
     _config_args(v)
 
+    r = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs neocore[server])")
+    _model_args(r)
+    r.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    r.add_argument("--port", type=int, default=8000)
+    r.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    r.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
+    r.add_argument("--api-key", default=os.environ.get("NEOCORE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $NEOCORE_API_KEY, else none)")
+    r.add_argument("--name", default=None, help="the model name clients use (default: the folder's name)")
+    r.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds running requests get to finish on SIGTERM")
+
     b = sub.add_parser("bench", help="measure speed and memory (see BENCHMARKS.md)")
     from .bench import add_arguments as bench_arguments
     bench_arguments(b)
@@ -164,26 +176,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-CHAT_USER, CHAT_MODEL = "You:", "Neo:"
-
-
 def cmd_chat(args: argparse.Namespace) -> int:
     """A running transcript; the cache is reused while it holds a prefix of the transcript's
     tokens, and the oldest turns are dropped once the context would overflow."""
+    from . import chat
     from .generate import stream_text, tokens_after
     from .sampling import Sampler
     sampler = Sampler(_sampling(args), args.seed)
     model = load_model(args)
     if model.tokenizer is None:
         raise NeocoreError(f"{model.path}: no tokenizer files")
-    stops = ["\n" + CHAT_USER, "\n\n"] + args.stop
+    stops = chat.STOPS + args.stop
     interactive = sys.stdin.isatty()
     turns: list[str] = []
     cached: list[int] = []  # the tokens the model's cache holds
     print("neocore chat: Ctrl-C stops an answer, Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
-            line = input(f"{CHAT_USER} " if interactive else "")
+            line = input(f"{chat.USER} " if interactive else "")
         except EOFError:
             print(file=sys.stderr)
             return 0
@@ -192,7 +202,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         if not line.strip():
             continue
-        turns.append(f"{CHAT_USER} {line.strip()}\n{CHAT_MODEL}")
+        turns.append(chat.turn("user", line) + chat.MODEL)
         budget = model.context_length - args.max_tokens - 1
         ids = model.tokenizer.encode("".join(turns))
         while len(turns) > 1 and len(ids) > budget:  # trim: oldest turns go first
@@ -208,7 +218,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             model.reset()
             cached, new_ids = [], ids
         answer = []
-        sys.stdout.write(f"{CHAT_MODEL}" if interactive else "")
+        sys.stdout.write(chat.MODEL if interactive else "")
         try:
             tokens = tokens_after(model, cached, new_ids, sampler, args.max_tokens)
             for chunk in stream_text(model, tokens, stops):
@@ -220,6 +230,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
         turns[-1] += "".join(answer) + "\n"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if not 0 <= args.port <= 65535:
+        raise NeocoreError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.max_queue < 0:
+        raise NeocoreError(f"--max-queue must be >= 0, got {args.max_queue}")
+    from .server import serve  # before the slow load: says at once when the extra is missing
+    model = load_model(args)
+    print(f"neocore: serving {args.name or model.path.name} on http://{args.host}:{args.port}/v1 "
+          f"({model.threads} threads, up to {args.max_batch} sequences at once)", file=sys.stderr, flush=True)
+    serve(model, args.host, args.port, args.max_batch, args.max_queue, args.api_key, args.name,
+          args.shutdown_timeout)
+    return 0
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -266,7 +290,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "chat": cmd_chat, "score": cmd_score, "info": cmd_info}
+COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "chat": cmd_chat, "score": cmd_score, "info": cmd_info,
+            "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,3 +27,11 @@ class SamplingError(NeocoreError):
 
 class ModelNotFoundError(NeocoreError):
     """A model folder or hub repository id could not be resolved."""
+
+
+class QueueFullError(NeocoreError):
+    """The engine already has as many requests waiting as it was told to hold."""
+
+
+class EngineClosedError(NeocoreError):
+    """The engine is shutting down and takes no more requests."""

@@ -68,33 +68,57 @@ def _first_stop(text: str, stops: Sequence[str]) -> int:
     return min((text.find(s) for s in stops if s in text), default=-1)
 
 
+class TextStream:
+    """Token ids in, text out: whole characters only, ending before the first stop string
+    (which may span tokens); text that might still grow into a stop string is held back."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.decoder = tokenizer.stream_decoder()
+        self.stops = [s for s in stop if s]
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False  # a stop string was found: nothing more comes
+
+    def _take(self, upto: int) -> str:
+        chunk = self.text[self.emitted:upto] if upto > self.emitted else ""
+        self.emitted = max(self.emitted, upto)
+        return chunk
+
+    def add(self, token: int) -> str:
+        """The text this token completes that can be shown now."""
+        if self.stopped:
+            return ""
+        self.text += self.decoder.add(token)
+        cut = _first_stop(self.text, self.stops)
+        if cut >= 0:
+            self.text, self.stopped = self.text[:cut], True
+            return self._take(cut)
+        return self._take(len(self.text) - _held_back(self.text, self.stops))
+
+    def finish(self) -> str:
+        """The rest, once no token follows."""
+        if not self.stopped:
+            self.text += self.decoder.flush()
+            cut = _first_stop(self.text, self.stops)
+            if cut >= 0:
+                self.text = self.text[:cut]
+        return self._take(len(self.text))
+
+
 def stream_text(model, tokens: Iterator[int], stop: Sequence[str] = ()) -> Iterator[str]:
-    """Turns tokens into text chunks: whole characters only, ending before EOS or before the
-    first stop string (which may span tokens); text that might begin a stop is held back."""
-    tokenizer = model.tokenizer
-    decoder = tokenizer.stream_decoder()
-    stops = [s for s in stop if s]
-    text, emitted = "", 0
-    finished = False
+    """Text chunks of tokens, ending before EOS or the first stop string (see TextStream)."""
+    text = TextStream(model.tokenizer, stop)
     for token in tokens:
         if token == model.config.eos_token_id:
             break
-        text += decoder.add(token)
-        cut = _first_stop(text, stops)
-        if cut >= 0:
-            text, finished = text[:cut], True
-            break
-        safe = len(text) - _held_back(text, stops)
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-    if not finished:
-        text += decoder.flush()
-        cut = _first_stop(text, stops)
-        if cut >= 0:
-            text = text[:cut]
-    if len(text) > emitted:
-        yield text[emitted:]
+        chunk = text.add(token)
+        if chunk:
+            yield chunk
+        if text.stopped:
+            return
+    rest = text.finish()
+    if rest:
+        yield rest
 
 
 def prompt_ids(model, prompt: str) -> list[int]:
@@ -108,21 +132,68 @@ def prompt_ids(model, prompt: str) -> list[int]:
     return ids
 
 
+def _params(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+            repetition_penalty: float) -> SamplingParams:
+    params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise SamplingError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    return params
+
+
+def _chunks_text(handle, stats: GenerationStats) -> Iterator[str]:
+    """A request's text as it comes; leaving early cancels the request."""
+    from .engine import Chunk  # noqa: F401  (the chunks' type)
+    started = time.perf_counter()
+    first = None
+    try:
+        for chunk in handle:
+            if chunk.finish_reason == "error":
+                raise NeocoreError(chunk.error or "generation failed")
+            if chunk.tokens:
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                    stats.prompt_seconds = now - started
+                stats.new_tokens += len(chunk.tokens)
+                stats.decode_seconds = now - first
+            if chunk.text:
+                yield chunk.text
+    finally:
+        handle.cancel()
+
+
 def stream(model, prompt: str, max_new_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
            top_p: float = 0.95, repetition_penalty: float = 1.0, seed: int | None = None,
            stop: Sequence[str] = (), stats: GenerationStats | None = None) -> Iterator[str]:
     """Text chunks of the continuation as they are produced (see Model.stream)."""
-    params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise SamplingError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if isinstance(stop, str):
-        stop = [stop]
+    from .engine import Request
+    params = _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     ids = prompt_ids(model, prompt)
     if max_new_tokens == 0:
         return iter(())
-    model.reset()
-    tokens = tokens_after(model, [], ids, Sampler(params, seed), max_new_tokens, stats)
-    return stream_text(model, tokens, stop)
+    stats = stats or GenerationStats()
+    stats.prompt_tokens = len(ids)
+    handle = model.engine.submit(Request(ids, params, max_new_tokens, seed, 0, _stops(stop)))
+    return _chunks_text(handle, stats)
+
+
+def _stops(stop: Sequence[str] | str) -> list[str]:
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def generate_many(model, prompts: Sequence[str], max_new_tokens: int = 128, temperature: float = 0.8,
+                  top_k: int = 40, top_p: float = 0.95, repetition_penalty: float = 1.0,
+                  seed: int | None = None, stop: Sequence[str] = ()) -> list[str]:
+    """The continuation of each prompt, decoded together; prompt i samples with its own
+    generator derived from (seed, i), so its text does not depend on the other prompts."""
+    from .engine import Request
+    params = _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    ids = [prompt_ids(model, p) for p in prompts]
+    if max_new_tokens == 0:
+        return ["" for _ in prompts]
+    handles = [model.engine.submit(Request(p, params, max_new_tokens, seed, i, _stops(stop)))
+               for i, p in enumerate(ids)]
+    return [handle.result().text for handle in handles]
 
 
 SCORE_CHUNK = 256  # positions whose logits are held at once while scoring

@@ -63,6 +63,7 @@ class Model:
         self._core = _core.Core(shape, weights, SEQUENCE_SLOTS, context, PREFILL_CHUNK, threads, isa)
         self._last_logits = np.empty((1, config.vocab_size), dtype=np.float32)
         self._lock = threading.Lock()
+        self._engine: Any = None
 
     # ---- facts ------------------------------------------------------------------------------
     @property
@@ -143,33 +144,65 @@ class Model:
             return np.empty((0, self.config.vocab_size), np.float32)
         return self.append(ids, all_logits=True)
 
-    def generate_ids(self, ids: Sequence[int], max_new_tokens: int = 32,
-                     stop_at_eos: bool = True) -> list[int]:
-        """Greedy continuation: the new tokens only (ending with EOS if the model chose it)."""
-        from .generate import tokens_after
-        from .sampling import Sampler, SamplingParams
-        if not len(ids):
-            raise NeocoreError("the prompt is empty: give at least one token")
+    @property
+    def engine(self) -> Any:
+        """The engine that generates for this model (neocore.engine.Engine), made on first use
+        with its defaults unless start_engine made it first."""
+        with self._lock:
+            if self._engine is None:
+                from .engine import Engine
+                self._engine = Engine(self)
+            return self._engine
+
+    def start_engine(self, max_batch: int = 16, max_queue: int | None = None) -> Any:
+        """Makes this model's engine with these limits (a model has one engine)."""
+        from .engine import Engine
+        with self._lock:
+            if self._engine is not None:
+                raise NeocoreError("this model already has an engine")
+            self._engine = Engine(self, max_batch, max_queue)
+            return self._engine
+
+    def generate_ids(self, ids: Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int = 32,
+                     stop_at_eos: bool = True) -> list[int] | list[list[int]]:
+        """Greedy continuation: the new tokens only (ending with EOS if the model chose it).
+        A list of id lists gives a list of continuations, decoded together."""
+        from .engine import Request
+        from .sampling import SamplingParams
+        many = len(ids) > 0 and not isinstance(ids[0], (int, np.integer))
+        prompts = [list(p) for p in ids] if many else [list(ids)]
         if max_new_tokens < 0:
             raise NeocoreError("max_new_tokens must be >= 0")
-        self.reset()
-        self._check_room(len(ids) + max(max_new_tokens - 1, 0))
-        new: list[int] = []
-        for token in tokens_after(self, [], ids, Sampler(SamplingParams(temperature=0)), max_new_tokens):
-            new.append(token)
-            if stop_at_eos and token == self.config.eos_token_id:
-                break
-        return new
+        for prompt in prompts:
+            if not prompt:
+                raise NeocoreError("the prompt is empty: give at least one token")
+            if len(prompt) + max(max_new_tokens - 1, 0) > self.context_length:
+                raise ContextError(f"{len(prompt) + max_new_tokens - 1} tokens do not fit in the "
+                                   f"context of {self.context_length} positions")
+        if max_new_tokens == 0:
+            results: list[list[int]] = [[] for _ in prompts]
+        else:
+            greedy = SamplingParams(temperature=0)
+            handles = [self.engine.submit(Request(p, greedy, max_new_tokens, stop_at_eos=stop_at_eos,
+                                                  text=False)) for p in prompts]
+            results = [handle.result().tokens for handle in handles]
+        return results if many else results[0]
 
     # ---- text -------------------------------------------------------------------------------
-    def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.8,
+    def generate(self, prompt: str | Sequence[str], max_new_tokens: int = 128, temperature: float = 0.8,
                  top_k: int = 40, top_p: float = 0.95, repetition_penalty: float = 1.0,
-                 seed: int | None = None, stop: Sequence[str] = ()) -> str:
-        """The continuation of prompt (without it). temperature=0 is greedy; top_k=0 and
-        top_p=1 switch those filters off. Ends at EOS, max_new_tokens, a full context, or
-        just before the first stop string."""
-        return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p,
-                                   repetition_penalty, seed, stop))
+                 seed: int | None = None, stop: Sequence[str] = ()) -> str | list[str]:
+        """The continuation of prompt (without it); for a list of prompts, a list of
+        continuations decoded together, each what that prompt gives alone (prompt i samples
+        with a generator derived from seed and i). temperature=0 is greedy; top_k=0 and top_p=1
+        switch those filters off. Ends at EOS, max_new_tokens, a full context, or just before
+        the first stop string."""
+        from .generate import generate_many
+        if isinstance(prompt, str):
+            return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p,
+                                       repetition_penalty, seed, stop))
+        return generate_many(self, list(prompt), max_new_tokens, temperature, top_k, top_p,
+                             repetition_penalty, seed, stop)
 
     def stream(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.8,
                top_k: int = 40, top_p: float = 0.95, repetition_penalty: float = 1.0,

@@ -77,25 +77,71 @@ def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
 
 def process_logits(logits: np.ndarray, previous: Sequence[int], params: SamplingParams) -> np.ndarray:
     """The filtered, tempered scores a token is drawn from (a new float32 array)."""
+    return process_rows(logits[None], [previous], [params])[0]
+
+
+def process_rows(logits: np.ndarray, previous: Sequence[Sequence[int]],
+                 params: Sequence[SamplingParams]) -> np.ndarray:
+    """process_logits for every row of logits [B, vocab] at once (a new array). Each row's
+    result depends only on that row: whole-vocabulary work is done for rows sharing a setting
+    together, the rest on each row's few survivors."""
     scores = np.array(logits, dtype=np.float32)
-    scores = apply_repetition_penalty(scores, previous, params.repetition_penalty)
-    if params.greedy:
+    for row, (p, seen) in enumerate(zip(params, previous)):
+        apply_repetition_penalty(scores[row], seen, p.repetition_penalty)
+    sampled = [row for row, p in enumerate(params) if not p.greedy]
+    if not sampled:
         return scores
-    scores /= np.float32(params.temperature)
-    scores = apply_top_k(scores, params.top_k)
-    return apply_top_p(scores, params.top_p)
+    temperatures = np.array([params[row].temperature for row in sampled], dtype=np.float32)
+    scores[sampled] /= temperatures[:, None]
+    by_k: dict[int, list[int]] = {}
+    for row in sampled:
+        by_k.setdefault(params[row].top_k, []).append(row)
+    for k, rows in by_k.items():
+        if 0 < k < scores.shape[1]:
+            kth = np.partition(scores[rows], -k, axis=1)[:, -k]
+            block = scores[rows]
+            block[block < kth[:, None]] = -np.inf
+            scores[rows] = block
+    for row in sampled:
+        apply_top_p(scores[row], params[row].top_p)
+    return scores
+
+
+def choose_rows(logits: np.ndarray, previous: Sequence[Sequence[int]],
+                params: Sequence[SamplingParams], rngs: Sequence[np.random.Generator]) -> np.ndarray:
+    """The next token of every row of logits [B, vocab]: greedy rows by argmax, the others
+    drawn with their own generator from their filters' survivors."""
+    scores = process_rows(logits, previous, params)
+    chosen = np.argmax(scores, axis=1)
+    for row, (p, rng) in enumerate(zip(params, rngs)):
+        if p.greedy:
+            continue
+        candidates = np.flatnonzero(np.isfinite(scores[row]))  # the survivors, in token order
+        cumulative = np.cumsum(_softmax(scores[row, candidates]), dtype=np.float64)
+        pick = np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")
+        chosen[row] = candidates[min(pick, candidates.size - 1)]
+    return chosen
+
+
+def log_softmax_rows(logits: np.ndarray) -> np.ndarray:
+    """Natural log-probabilities of logits [B, vocab], in float64."""
+    top = logits.max(axis=1, keepdims=True)
+    shifted = logits.astype(np.float64) - top
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def sequence_rng(seed: int | None, index: int = 0) -> np.random.Generator:
+    """The generator of the index-th sequence of a request with this seed: its draws never
+    depend on the other sequences (None: fresh entropy)."""
+    return np.random.default_rng(None if seed is None else [seed, index])
 
 
 class Sampler:
+    """Chooses tokens for one sequence (the chat loop's)."""
+
     def __init__(self, params: SamplingParams, seed: int | None = None):
         self.params = params
-        self.rng = np.random.default_rng(seed)
+        self.rng = sequence_rng(seed)
 
     def choose(self, logits: np.ndarray, previous: Sequence[int]) -> int:
-        scores = process_logits(logits, previous, self.params)
-        if self.params.greedy:
-            return int(np.argmax(scores))
-        candidates = np.flatnonzero(np.isfinite(scores))  # the filters' survivors, in token order
-        cumulative = np.cumsum(_softmax(scores[candidates]), dtype=np.float64)
-        pick = np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right")
-        return int(candidates[min(pick, candidates.size - 1)])
+        return int(choose_rows(logits[None], [previous], [self.params], [self.rng])[0])

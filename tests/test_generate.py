@@ -8,6 +8,7 @@ from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
                           TopKLogitsWarper, TopPLogitsWarper)
 
 import neocore
+from neocore.engine import Request
 from neocore.sampling import SamplingParams, process_logits
 from neocore.weights import bf16_to_f32
 
@@ -147,8 +148,12 @@ def test_generation_stops_at_a_full_context(tiny):
     _, model = tiny
     prompt = "word " * 150
     text = model.generate(prompt, max_new_tokens=100, temperature=0)
-    assert model.position == model.context_length
     assert len(model.tokenizer.encode(prompt)) + len(model.tokenizer.encode(text)) >= model.context_length - 2
+    ids = model.tokenizer.encode(prompt)
+    done = model.engine.submit(Request(ids, SamplingParams(temperature=0), 100, text=False,
+                                       stop_at_eos=False)).result()
+    # every position holds a token, and the last one's logits chose one more
+    assert done.finish_reason == "length" and len(done.tokens) == model.context_length - len(ids) + 1
 
 
 def hf_logprobs(ref, ids: list[int]) -> np.ndarray:

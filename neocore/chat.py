@@ -1,0 +1,24 @@
+"""The chat transcript format shared by `neocore chat` and the server's chat route: GPT-Neo is
+a plain language model, so a conversation is written as a script it continues."""
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+USER, MODEL = "You:", "Neo:"
+STOPS = ["\n" + USER, "\n\n"]  # the model's turn ends where it would start the user's
+
+
+def turn(role: str, content: str) -> str:
+    """One message as a transcript line: user and assistant turns are labelled, a system
+    message stands alone at its place."""
+    content = content.strip()
+    if role == "user":
+        return f"{USER} {content}\n"
+    if role == "assistant":
+        return f"{MODEL} {content}\n"
+    return f"{content}\n"
+
+
+def transcript(messages: Iterable[Mapping[str, str]]) -> str:
+    """The text the model continues to answer: the messages, then the model's label."""
+    return "".join(turn(m["role"], m["content"]) for m in messages) + MODEL

@@ -1,0 +1,428 @@
+"""The engine: one loop that owns a model's sequence slots and advances every active sequence
+each step, as vLLM's engine does. Requests come in from any thread (or asyncio task), join the
+running batch between steps, and leave it when done; each caller reads its own Stream of
+chunks. Model.generate, the server and the Ray layer are all thin users of it.
+
+A step carries one row for every decoding sequence and, while rows are left, whole prefill
+chunks of new prompts (PREFILL_CHUNK tokens, cut from the start of each prompt), so running
+streams keep flowing while a long prompt is read. A sequence's chunk boundaries depend only on
+its own prompt, and the C step computes each row independently of the others, so what a
+request produces never depends on what else is running."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterator, Sequence
+
+import numpy as np
+
+from .errors import ContextError, EngineClosedError, NeocoreError, QueueFullError
+from .generate import TextStream
+from .sampling import SamplingParams, choose_rows, log_softmax_rows, sequence_rng
+
+PREFILL_CHUNK = 128  # prompt tokens a sequence brings to one step
+
+
+@dataclass
+class Request:
+    """What to generate: prompt token ids, sampling, and when to stop."""
+    prompt: Sequence[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_new_tokens: int = 128
+    seed: int | None = None
+    seed_index: int = 0          # which of a seed's sequences this is (a batch's prompt index)
+    stop: Sequence[str] = ()     # stop before these strings (text mode only)
+    stop_at_eos: bool = True
+    text: bool = True            # decode to text (needs the model's tokenizer)
+    logprobs: int | None = None  # report the chosen token's log-probability and this many top ones
+    prompt_logprobs: bool = False  # also report each prompt token's log-probability (echo)
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float | None                 # None for the first prompt token (nothing predicts it)
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Chunk:
+    """What one step added to a sequence. finish_reason is set on its last chunk: 'stop' (EOS
+    or a stop string), 'length' (max_new_tokens or a full context), 'cancelled' or 'error'."""
+    tokens: list[int]
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Completion:
+    tokens: list[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    logprobs: list[TokenLogprob]
+    prompt_logprobs: list[TokenLogprob]
+
+
+class Stream:
+    """A request's chunks as they are produced: iterate it (threads) or `async for` it (asyncio,
+    when submitted from a running event loop). cancel() ends the sequence at the next step."""
+
+    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop | None):
+        self.request = request
+        self.prompt_logprobs: list[TokenLogprob] = []
+        self._loop = loop
+        self._queue: Any = asyncio.Queue() if loop else queue.SimpleQueue()
+        self._cancelled = threading.Event()
+        self._completion: Completion | None = None
+
+    def _put(self, chunk: Chunk) -> None:
+        if self._loop:
+            try:
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, chunk)
+            except RuntimeError:  # the caller's loop is gone: nobody is listening
+                self._cancelled.set()
+        else:
+            self._queue.put(chunk)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def __iter__(self) -> Iterator[Chunk]:
+        if self._loop:
+            raise TypeError("this stream was submitted from an event loop: use `async for`")
+        while True:
+            chunk = self._queue.get()
+            yield chunk
+            if chunk.finish_reason:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        if not self._loop:
+            raise TypeError("this stream was submitted outside an event loop: use `for`")
+        while True:
+            chunk = await self._queue.get()
+            yield chunk
+            if chunk.finish_reason:
+                return
+
+    def result(self) -> Completion:
+        """Waits for the whole completion (threads only); the chunks are read once, so
+        iterate the stream or ask for its result, not both."""
+        if self._completion is None:
+            self._completion = _collect(self, list(self))
+        return self._completion
+
+    async def aresult(self) -> Completion:
+        if self._completion is None:
+            self._completion = _collect(self, [chunk async for chunk in self])
+        return self._completion
+
+
+def _collect(stream: Stream, chunks: list[Chunk]) -> Completion:
+    last = chunks[-1]
+    if last.finish_reason == "error":
+        raise NeocoreError(last.error or "generation failed")
+    return Completion(tokens=[t for c in chunks for t in c.tokens], text="".join(c.text for c in chunks),
+                      finish_reason=last.finish_reason or "", prompt_tokens=len(stream.request.prompt),
+                      logprobs=[lp for c in chunks for lp in c.logprobs],
+                      prompt_logprobs=stream.prompt_logprobs)
+
+
+@dataclass
+class EngineStats:
+    """Counters for /metrics; times in seconds."""
+    requests: int = 0
+    finished: int = 0
+    tokens_generated: int = 0
+    prompt_tokens: int = 0
+    steps: int = 0
+    step_seconds: float = 0.0      # in the C step
+    python_seconds: float = 0.0    # the rest of each step: batching, sampling, text
+    first_token_seconds: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1024))
+    recent_tokens: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Generated tokens per second over the last window seconds."""
+        now = time.monotonic()
+        recent = [t for t in self.recent_tokens if now - t <= window]
+        return len(recent) / window
+
+
+class _Sequence:
+    """A request in the running batch: its slot and where it stands."""
+
+    def __init__(self, stream: Stream, slot: int, tokenizer: Any, submitted: float):
+        request = stream.request
+        self.stream = stream
+        self.request = request
+        self.slot = slot
+        self.pending = list(request.prompt)   # prompt tokens not yet fed
+        self.fed = 0                          # prompt tokens fed so far
+        self.history = list(request.prompt)   # for the repetition penalty
+        self.next_token: int | None = None    # sampled, fed in the next step
+        self.generated = 0
+        self.rng = sequence_rng(request.seed, request.seed_index)
+        self.text = TextStream(tokenizer, request.stop) if request.text else None
+        self.submitted = submitted
+        self.first_token_at: float | None = None
+
+    def rows(self) -> list[int]:
+        """The tokens this sequence brings to the next step."""
+        if self.next_token is not None:
+            return [self.next_token]
+        return self.pending[:PREFILL_CHUNK]
+
+
+class Engine:
+    """Owns a model's sequence slots (all but the one Model.append uses) and runs the loop on
+    a thread of its own, started on the first request. max_batch bounds the sequences decoded
+    together; max_queue, the requests waiting for a place (None: unbounded)."""
+
+    def __init__(self, model: Any, max_batch: int = 16, max_queue: int | None = None):
+        from .model import DIRECT_SLOT, SEQUENCE_SLOTS
+        largest = min(SEQUENCE_SLOTS - 1, model._core.max_rows - PREFILL_CHUNK)  # room for a prefill chunk
+        if not 1 <= max_batch <= largest:
+            raise NeocoreError(f"max_batch must be between 1 and {largest}, got {max_batch}")
+        if max_queue is not None and max_queue < 0:
+            raise NeocoreError(f"max_queue must be >= 0, got {max_queue}")
+        self.model = model
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.stats = EngineStats()
+        self._free_slots = [s for s in range(SEQUENCE_SLOTS - 1, -1, -1) if s != DIRECT_SLOT]
+        self._waiting: collections.deque[tuple[Stream, float]] = collections.deque()
+        self._running: list[_Sequence] = []
+        self._work = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._logits = np.empty((0, model.config.vocab_size), np.float32)
+
+    # ---- callers' side ------------------------------------------------------------------------
+    def check(self, request: Request) -> None:
+        """Raises a NeocoreError for a request that cannot run (before it is queued)."""
+        model = self.model
+        if not len(request.prompt):
+            raise NeocoreError("the prompt is empty: give at least one token")
+        tokens = np.asarray(request.prompt)
+        if tokens.dtype.kind not in "iu" or tokens.min() < 0 or tokens.max() >= model.config.vocab_size:
+            raise NeocoreError(f"token ids must be integers in [0, {model.config.vocab_size})")
+        if len(request.prompt) >= model.context_length:
+            raise ContextError(f"the prompt is {len(request.prompt)} tokens long; the context holds "
+                               f"{model.context_length}, and room is needed for at least one new token")
+        if isinstance(request.max_new_tokens, bool) or not isinstance(request.max_new_tokens, int) \
+                or request.max_new_tokens < 1:
+            raise NeocoreError(f"max_new_tokens must be an integer >= 1, got {request.max_new_tokens!r}")
+        if request.text and model.tokenizer is None:
+            raise NeocoreError(f"{model.path}: no tokenizer files to turn tokens into text")
+        if request.logprobs is not None and not 0 <= request.logprobs <= 20:
+            raise NeocoreError(f"logprobs must be between 0 and 20, got {request.logprobs}")
+
+    def submit(self, request: Request) -> Stream:
+        """Queues a request; its Stream is read with `for`, or with `async for` when submit is
+        called from a running event loop. Raises QueueFullError when max_queue are waiting."""
+        self.check(request)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        stream = Stream(request, loop)
+        with self._work:
+            if self._closed:
+                raise EngineClosedError("the engine is shutting down")
+            if self.max_queue is not None and len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"{len(self._waiting)} requests are already waiting")
+            self._waiting.append((stream, time.monotonic()))
+            self.stats.requests += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="neocore-engine", daemon=True)
+                self._thread.start()
+            self._work.notify()
+        return stream
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self._running)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stops taking requests, lets queued and running ones finish (for at most timeout
+        seconds, then cancels them) and ends the loop."""
+        with self._work:
+            self._closed = True
+            self._work.notify()
+            thread = self._thread
+        if thread is None:
+            return
+        thread.join(timeout)
+        if thread.is_alive():
+            with self._work:
+                for seq in self._running:
+                    seq.stream.cancel()
+                for stream, _ in self._waiting:
+                    stream.cancel()
+            thread.join()
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._work:
+                while not self._waiting and not self._running and not self._closed:
+                    self._work.wait()
+                if self._closed and not self._waiting and not self._running:
+                    return
+            try:
+                self.step()
+            except Exception as exc:  # a failed step must not strand the callers
+                for seq in list(self._running):
+                    self._finish(seq, "error", error=str(exc) or type(exc).__name__)
+
+    def _admit(self) -> None:
+        with self._work:
+            while self._waiting and len(self._running) < self.max_batch:
+                stream, submitted = self._waiting.popleft()
+                if stream.cancelled:
+                    stream._put(Chunk([], finish_reason="cancelled"))
+                    continue
+                seq = _Sequence(stream, self._free_slots.pop(), self.model.tokenizer, submitted)
+                self._running.append(seq)
+
+    def step(self) -> None:
+        """One step: admit waiting requests, run one forward step over every active sequence's
+        rows, sample, and hand each sequence its chunk."""
+        started = time.perf_counter()
+        self._admit()
+        for seq in [s for s in self._running if s.stream.cancelled]:
+            self._finish(seq, "cancelled")
+        budget = self.model._core.max_rows
+        batch: list[tuple[_Sequence, list[int]]] = []
+        for seq in sorted(self._running, key=lambda s: s.next_token is None):  # decoders first
+            rows = seq.rows()
+            if len(rows) <= budget:
+                batch.append((seq, rows))
+                budget -= len(rows)
+        if not batch:
+            return
+        tokens = np.fromiter((t for _, rows in batch for t in rows), np.int32)
+        seqs = np.concatenate([np.full(len(rows), seq.slot, np.int32) for seq, rows in batch])
+        want = np.zeros(tokens.size, np.uint8)
+        at = 0
+        for seq, rows in batch:
+            if seq.request.prompt_logprobs and seq.next_token is None:
+                want[at:at + len(rows)] = 1
+            if seq.next_token is not None or len(rows) == len(seq.pending):
+                want[at + len(rows) - 1] = 1   # the row whose logits choose the next token
+            at += len(rows)
+        wanted = int(want.sum())
+        if self._logits.shape[0] < wanted:
+            self._logits = np.empty((wanted, self.model.config.vocab_size), np.float32)
+        logits = self._logits[:wanted]
+        c_started = time.perf_counter()
+        self.model.step(tokens, seqs, want, logits)
+        c_seconds = time.perf_counter() - c_started
+        self._after_step(batch, logits)
+        self.stats.steps += 1
+        self.stats.step_seconds += c_seconds
+        self.stats.python_seconds += time.perf_counter() - started - c_seconds
+
+    def _after_step(self, batch: list[tuple[_Sequence, list[int]]], logits: np.ndarray) -> None:
+        """Records what was fed, then samples every sequence that now needs a token, together."""
+        choosers: list[tuple[_Sequence, np.ndarray]] = []
+        at = 0
+        for seq, rows in batch:
+            if seq.next_token is not None:
+                choosers.append((seq, logits[at]))
+                at += 1
+                continue
+            if seq.request.prompt_logprobs:
+                self._record_prompt_logprobs(seq, rows, logits[at:at + len(rows)])
+                at += len(rows) - 1
+            seq.pending = seq.pending[len(rows):]
+            seq.fed += len(rows)
+            self.stats.prompt_tokens += len(rows)
+            if not seq.pending:
+                choosers.append((seq, logits[at]))
+                at += 1
+            elif seq.request.prompt_logprobs:
+                at += 1
+        if not choosers:
+            return
+        rows_logits = np.stack([row for _, row in choosers])
+        sequences = [seq for seq, _ in choosers]
+        chosen = choose_rows(rows_logits, [s.history for s in sequences],
+                             [s.request.params for s in sequences], [s.rng for s in sequences])
+        wants_logprobs = [i for i, s in enumerate(sequences) if s.request.logprobs is not None]
+        logprobs = log_softmax_rows(rows_logits[wants_logprobs]) if wants_logprobs else None
+        for i, seq in enumerate(sequences):
+            entry = None
+            if logprobs is not None and i in wants_logprobs:
+                entry = _logprob_entry(logprobs[wants_logprobs.index(i)], int(chosen[i]), seq.request.logprobs)
+            self._deliver(seq, int(chosen[i]), entry)
+
+    def _record_prompt_logprobs(self, seq: _Sequence, rows: list[int], logits: np.ndarray) -> None:
+        """Row j's logits predict prompt token fed + j + 1: the log-probability of each."""
+        stream = seq.stream
+        if seq.fed == 0:
+            stream.prompt_logprobs.append(TokenLogprob(rows[0], None))
+        targets = seq.request.prompt[seq.fed + 1:seq.fed + len(rows) + 1]
+        if not len(targets):
+            return
+        table = log_softmax_rows(logits[:len(targets)])
+        for j, target in enumerate(targets):
+            stream.prompt_logprobs.append(_logprob_entry(table[j], int(target), seq.request.logprobs or 0))
+
+    def _deliver(self, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> None:
+        request, now = seq.request, time.monotonic()
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            self.stats.first_token_seconds.append(now - seq.submitted)
+        seq.generated += 1
+        seq.history.append(token)
+        self.stats.tokens_generated += 1
+        self.stats.recent_tokens.append(now)
+        chunk = Chunk([token], logprobs=[logprob] if logprob else [])
+        eos = request.stop_at_eos and token == self.model.config.eos_token_id
+        if seq.text is not None and not eos:
+            chunk.text = seq.text.add(token)
+        if eos or (seq.text is not None and seq.text.stopped):
+            chunk.finish_reason = "stop"
+        elif seq.generated >= request.max_new_tokens or seq.fed + seq.generated > self.model.context_length:
+            # the token just chosen could not be fed: the context is full
+            chunk.finish_reason = "length"
+        if chunk.finish_reason:
+            if seq.text is not None:
+                chunk.text += seq.text.finish()
+            self._release(seq)
+        else:
+            seq.next_token = token
+        seq.stream._put(chunk)
+
+    def _finish(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
+        self._release(seq)
+        seq.stream._put(Chunk([], finish_reason=reason, error=error))
+
+    def _release(self, seq: _Sequence) -> None:
+        self.model.clear_sequence(seq.slot)
+        self._free_slots.append(seq.slot)
+        if seq in self._running:
+            self._running.remove(seq)
+        self.stats.finished += 1
+
+
+def _logprob_entry(row: np.ndarray, token: int, top: int) -> TokenLogprob:
+    best = np.argpartition(-row, top)[:top] if top else np.empty(0, np.int64)
+    best = best[np.argsort(-row[best])]
+    return TokenLogprob(token, float(row[token]), [(int(t), float(row[t])) for t in best])

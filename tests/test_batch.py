@@ -1,0 +1,255 @@
+"""Many sequences in one step: batched logits against single-sequence logits and transformers,
+row independence, batched generation against one prompt at a time, and the engine's
+bookkeeping (stops, cancellation, slot reuse, errors)."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import neocore
+from neocore import _core
+from neocore.engine import Engine, Request
+from neocore.sampling import SamplingParams
+from neocore.weights import bf16_to_f32
+
+GREEDY = SamplingParams(temperature=0)
+
+
+def run_schedule(model, schedule, seqs_ids):
+    """Feeds sequences through model.step in the given steps: schedule is a list of steps, each
+    a list of (sequence index, number of tokens). Returns, per sequence, the logits of every
+    position, collected as they come."""
+    fed = [0] * len(seqs_ids)
+    got = [[] for _ in seqs_ids]
+    slots = [1 + i for i in range(len(seqs_ids))]
+    for slot in slots:
+        model.clear_sequence(slot)
+    for step in schedule:
+        tokens, seqs = [], []
+        for i, n in step:
+            tokens += seqs_ids[i][fed[i]:fed[i] + n]
+            seqs += [slots[i]] * n
+        logits = np.empty((len(tokens), model.config.vocab_size), np.float32)
+        model.step(np.array(tokens, np.int32), np.array(seqs, np.int32), np.ones(len(tokens), np.uint8), logits)
+        at = 0
+        for i, n in step:
+            got[i].append(logits[at:at + n].copy())
+            fed[i] += n
+            at += n
+    return [np.concatenate(g) for g in got]
+
+
+def random_schedule(lengths, rng, max_chunk):
+    """Steps that advance every unfinished sequence by a random amount (1 = a decode row)."""
+    left = list(lengths)
+    schedule = []
+    while any(left):
+        step = []
+        for i in rng.permutation(len(left)):
+            if left[i] and rng.random() < 0.8:
+                n = int(min(left[i], rng.choice([1, 1, 2, rng.integers(1, max_chunk + 1)])))
+                step.append((int(i), n))
+                left[i] -= n
+        if step:
+            schedule.append(step)
+    return schedule
+
+
+@pytest.mark.parametrize("name, lengths", [("tiny", [30, 7, 19, 1, 40]), ("window256", [600, 300, 45, 270])])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batched_logits_match_single_sequence_and_transformers(reference_models, logits_close, name, lengths,
+                                                              threads):
+    ref = reference_models(name)
+    model = neocore.load(ref.folder, threads=threads)
+    rng = np.random.default_rng(len(lengths) + threads)
+    seqs_ids = [rng.integers(0, ref.config["vocab_size"], n).tolist() for n in lengths]
+    batched = run_schedule(model, random_schedule(lengths, rng, 96), seqs_ids)
+    for ids, ours in zip(seqs_ids, batched):
+        np.testing.assert_allclose(ours, model.logits(ids), rtol=0, atol=1e-4 * np.abs(ours).max() + 1e-5)
+        logits_close(ours, ref.logits(ids))
+
+
+def test_a_rows_result_does_not_depend_on_the_other_rows(reference_models):
+    """Bit for bit: a sequence fed alone and the same sequence fed with others in every step."""
+    ref = reference_models("window256")
+    model = neocore.load(ref.folder, threads=2)
+    rng = np.random.default_rng(3)
+    ids = [rng.integers(0, 512, n).tolist() for n in (290, 150, 60, 300)]
+    mine = [(0, 100), (0, 100), (0, 1), (0, 1), (0, 60), (0, 1), (0, 27)]
+    crowd = [[(1, 50), (2, 3)], [(1, 1), (3, 100)], [(1, 1), (2, 1), (3, 1)], [(3, 150), (2, 20)],
+             [(1, 98)], [(2, 36), (3, 49)], []]
+    alone = run_schedule(model, [[step] for step in mine], ids[:1])[0]
+    together = run_schedule(model, [[step] + others for step, others in zip(mine, crowd)], ids)[0]
+    assert np.array_equal(alone, together)
+
+
+def test_batched_step_refuses_bad_batches_and_leaves_the_state_alone(reference_models):
+    ref = reference_models("tiny")
+    model = neocore.load(ref.folder)
+    logits = np.empty((4, model.config.vocab_size), np.float32)
+    ok = np.array([5, 6], np.int32), np.array([1, 1], np.int32)
+    model.step(*ok, np.ones(2, np.uint8), logits)
+    bad = [
+        (np.array([1, 2, 3], np.int32), np.array([1, 2, 1], np.int32), _core.BadBatch),   # rows apart
+        (np.array([1], np.int32), np.array([999], np.int32), _core.BadBatch),            # no such slot
+        (np.array([1, 50257], np.int32), np.array([2, 2], np.int32), ValueError),          # token id
+        (np.zeros(200, np.int32), np.full(200, 1, np.int32), _core.ContextFull),          # past 160
+    ]
+    for tokens, seqs, error in bad:
+        with pytest.raises(error):
+            model.step(tokens, seqs, np.zeros(tokens.size, np.uint8), logits)
+    assert model._core.length(1) == 2 and model._core.length(2) == 0
+    model.step(np.array([7], np.int32), np.array([1], np.int32), np.ones(1, np.uint8), logits)
+    np.testing.assert_allclose(logits[0], model.logits([5, 6, 7])[-1], atol=1e-5)
+
+
+PROMPTS = ["The old lighthouse keeper", "def fibonacci(n):", "Hello", "In 1887, the city of",
+           "import numpy as np\n", "Once upon a time there was a", "x", "The results show that the"]
+
+
+@pytest.fixture(scope="module")
+def tiny(reference_models):
+    return neocore.load(reference_models("tiny").folder)
+
+
+def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny):
+    together = tiny.generate(PROMPTS, max_new_tokens=30, temperature=0)
+    alone = [tiny.generate(p, max_new_tokens=30, temperature=0) for p in PROMPTS]
+    assert together == alone
+    assert len(set(together)) == len(PROMPTS)
+
+
+def test_batched_generate_ids_equals_single(tiny, reference_models):
+    ref = reference_models("tiny")
+    prompts = [tiny.tokenizer.encode(p) for p in PROMPTS[:4]]
+    together = tiny.generate_ids(prompts, max_new_tokens=20)
+    for ids, new in zip(prompts, together):
+        assert new == tiny.generate_ids(ids, max_new_tokens=20)
+        import torch
+        with torch.no_grad():
+            out = ref.torch_model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, pad_token_id=0)
+        assert new == out[0, len(ids):].tolist()[:len(new)]
+
+
+def test_seeded_batch_does_not_depend_on_the_other_prompts(tiny):
+    kwargs = dict(max_new_tokens=25, temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.1, seed=7)
+    batch = tiny.generate(PROMPTS, **kwargs)
+    assert batch == tiny.generate(PROMPTS, **kwargs)               # reproducible
+    assert batch[0] == tiny.generate(PROMPTS[0], **kwargs)         # prompt 0 alone
+    other = tiny.generate([PROMPTS[0], "Something else entirely", PROMPTS[2]], **kwargs)
+    assert other[0] == batch[0] and other[2] == batch[2]           # neighbours changed, rows did not
+    params = SamplingParams(1.0, 50, 0.9, 1.1)
+    ids = tiny.tokenizer.encode(PROMPTS[5])
+    alone = tiny.engine.submit(Request(ids, params, 25, seed=7, seed_index=5)).result().text
+    assert alone == batch[5]
+    assert len(set(batch)) > 1
+
+
+def test_stops_eos_and_lengths_are_per_sequence(tiny):
+    full = tiny.generate(PROMPTS[:3], max_new_tokens=30, temperature=0)
+    stop = full[1][5:9]
+    got = tiny.generate(PROMPTS[:3], max_new_tokens=30, temperature=0, stop=[stop])
+    for f, g in zip(full, got):
+        assert g == (f[:f.index(stop)] if stop in f else f)
+    handles = [tiny.engine.submit(Request(tiny.tokenizer.encode(p), GREEDY, n, text=False))
+               for p, n in zip(PROMPTS, [1, 5, 17, 30, 2, 9, 3, 12])]
+    for handle, n in zip(handles, [1, 5, 17, 30, 2, 9, 3, 12]):
+        done = handle.result()
+        assert done.finish_reason == "length" and len(done.tokens) == n
+
+
+def test_eos_ends_only_the_sequences_that_stop_at_it(reference_models):
+    ref = reference_models("tiny")
+    steered = neocore.load(ref.folder)
+    eos = steered.config.eos_token_id
+    # The final LayerNorm's bias along EOS's (tied) embedding: EOS then wins every step.
+    eos_row = bf16_to_f32(steered._weights["wte"][eos])
+    steered._weights["lnf_b"][:] = 1000 * eos_row / np.linalg.norm(eos_row)
+    ids = steered.tokenizer.encode(PROMPTS[0])
+    stops = steered.engine.submit(Request(ids, GREEDY, 5, text=False))
+    runs_on = steered.engine.submit(Request(ids, GREEDY, 5, text=False, stop_at_eos=False))
+    text = steered.engine.submit(Request(ids, GREEDY, 5))
+    assert (stops.result().tokens, stops.result().finish_reason) == ([eos], "stop")
+    done = runs_on.result()
+    assert (done.tokens, done.finish_reason) == ([eos] * 5, "length")
+    assert (text.result().text, text.result().finish_reason) == ("", "stop")
+
+
+def test_cancel_frees_the_slot_and_others_continue(tiny):
+    engine = tiny.engine
+    ids = tiny.tokenizer.encode(PROMPTS[0])
+    long = engine.submit(Request(ids, GREEDY, 150, text=False, stop_at_eos=False))
+    others = [engine.submit(Request(tiny.tokenizer.encode(p), GREEDY, 20, text=False)) for p in PROMPTS[1:4]]
+    seen = 0
+    for chunk in long:
+        seen += 1
+        if seen == 3:
+            long.cancel()
+        if chunk.finish_reason:
+            assert chunk.finish_reason == "cancelled"
+    assert 3 <= seen < 100
+    expected = tiny.generate_ids([tiny.tokenizer.encode(p) for p in PROMPTS[1:4]], max_new_tokens=20)
+    assert [h.result().tokens for h in others] == expected
+    assert engine.active == 0 and len(engine._free_slots) == 255
+
+
+def test_many_threads_submitting_at_once(tiny):
+    results: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        results[i] = tiny.generate(PROMPTS[i % len(PROMPTS)], max_new_tokens=12, temperature=0)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    expected = tiny.generate(PROMPTS, max_new_tokens=12, temperature=0)
+    assert [results[i] for i in range(12)] == [expected[i % len(PROMPTS)] for i in range(12)]
+
+
+def test_logprobs_and_echo_logprobs_match_the_logits(tiny):
+    ids = tiny.tokenizer.encode(PROMPTS[3])
+    done = tiny.engine.submit(Request(ids, GREEDY, 6, text=False, logprobs=3, prompt_logprobs=True)).result()
+    logits = tiny.logits(ids + done.tokens[:-1]).astype(np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) \
+        - logits.max(1, keepdims=True)
+    sequence = ids + done.tokens
+    assert done.prompt_logprobs[0].logprob is None and len(done.prompt_logprobs) == len(ids)
+    for pos, entry in enumerate(done.prompt_logprobs[1:] + done.logprobs, start=1):
+        assert entry.token == sequence[pos]
+        assert entry.logprob == pytest.approx(logp[pos - 1, sequence[pos]], abs=1e-4)
+        assert len(entry.top) == 3 and entry.top[0][0] == int(np.argmax(logp[pos - 1]))
+
+
+def test_engine_refuses_bad_requests(tiny):
+    engine = tiny.engine
+    with pytest.raises(neocore.NeocoreError, match="empty"):
+        engine.submit(Request([], GREEDY, 5))
+    with pytest.raises(neocore.ContextError):
+        engine.submit(Request([1] * 160, GREEDY, 5))
+    with pytest.raises(neocore.NeocoreError, match="token ids"):
+        engine.submit(Request([50257], GREEDY, 5))
+    with pytest.raises(neocore.NeocoreError, match="max_new_tokens"):
+        engine.submit(Request([1], GREEDY, 0))
+    with pytest.raises(neocore.NeocoreError, match="max_batch"):
+        Engine(tiny, max_batch=0)
+
+
+def test_queue_limit(reference_models):
+    model = neocore.load(reference_models("tiny").folder)
+    engine = model.start_engine(max_batch=1, max_queue=1)
+    ids = model.tokenizer.encode(PROMPTS[0])
+    first = engine.submit(Request(ids, GREEDY, 100, text=False, stop_at_eos=False))
+    for chunk in first:  # running now, so the queue is empty
+        break
+    second = engine.submit(Request(ids, GREEDY, 5, text=False))
+    with pytest.raises(neocore.QueueFullError):
+        engine.submit(Request(ids, GREEDY, 5, text=False))
+    first.cancel()
+    assert len(second.result().tokens) == 5
+    engine.close(5)
+    with pytest.raises(neocore.EngineClosedError):
+        engine.submit(Request(ids, GREEDY, 5))
