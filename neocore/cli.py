@@ -239,8 +239,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise NeocoreError(f"--max-queue must be >= 0, got {args.max_queue}")
     from .server import serve  # before the slow load: says at once when the extra is missing
     model = load_model(args)
-    print(f"neocore: serving {args.name or model.path.name} on http://{args.host}:{args.port}/v1 "
-          f"({model.threads} threads, up to {args.max_batch} sequences at once)", file=sys.stderr, flush=True)
     serve(model, args.host, args.port, args.max_batch, args.max_queue, args.api_key, args.name,
           args.shutdown_timeout)
     return 0

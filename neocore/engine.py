@@ -187,7 +187,7 @@ class _Sequence:
 class Engine:
     """Owns a model's sequence slots (all but the one Model.append uses) and runs the loop on
     a thread of its own, started on the first request. max_batch bounds the sequences decoded
-    together; max_queue, the requests waiting for a place (None: unbounded)."""
+    together; max_queue, the requests that may wait once the batch is full (None: unbounded)."""
 
     def __init__(self, model: Any, max_batch: int = 16, max_queue: int | None = None):
         from .model import DIRECT_SLOT, SEQUENCE_SLOTS
@@ -240,7 +240,8 @@ class Engine:
         with self._work:
             if self._closed:
                 raise EngineClosedError("the engine is shutting down")
-            if self.max_queue is not None and len(self._waiting) >= self.max_queue:
+            free_places = self.max_batch - len(self._running)
+            if self.max_queue is not None and len(self._waiting) - free_places >= self.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests are already waiting")
             self._waiting.append((stream, time.monotonic()))
             self.stats.requests += 1

@@ -11,6 +11,8 @@ import asyncio
 import json
 import math
 import secrets
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
@@ -423,9 +425,14 @@ def serve(model: Any, host: str = "127.0.0.1", port: int = 8000, max_batch: int 
     engine = model.start_engine(max_batch, max_queue)
     app = build_app()
     app.state.served = Served(model, engine, name or model.path.name, api_key)
+    print(f"neocore: serving {app.state.served.name} on http://{host}:{port}/v1 ({model.threads} threads, "
+          f"up to {max_batch} sequences at once)", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=shutdown_timeout)
     server = uvicorn.Server(config)
+    # uvicorn hands a caught SIGTERM back to the previous handler once it has shut down: make
+    # that one a no-op, so a requested stop ends the process with status 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         server.run()
     finally:
