@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--load-only", action="store_true", help="measure load time and peak RSS only")
     p.add_argument("--tokenizer", metavar="DIR", help="measure encode throughput against Hugging Face instead")
+    p.add_argument("--serve", action="store_true",
+                   help="load test: concurrent streaming clients against `neocore serve` (see --clients)")
+    p.add_argument("--clients", default="1,2,4,8,16,32", help="client counts for --serve")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--worker", help=argparse.SUPPRESS)
 
@@ -223,8 +226,25 @@ def weights_bytes_per_token(folder: str) -> int:
     return 2 * (c.vocab_size * h + c.num_layers * (4 * h * h + 2 * h * f))
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
 def run(args: argparse.Namespace) -> int:
     from .errors import NeocoreError
+    if args.serve:
+        if not args.model:
+            raise NeocoreError("--serve needs -m MODEL")
+        from .bench_serve import run as serve_bench
+        return serve_bench(args)
     if args.make_model:
         if not args.out:
             raise NeocoreError("--make-model needs --out FOLDER")
