@@ -253,3 +253,31 @@ def test_queue_limit(reference_models):
     engine.close(5)
     with pytest.raises(neocore.EngineClosedError):
         engine.submit(Request(ids, GREEDY, 5))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_cache_memory_follows_what_sequences_hold(reference_models):
+    """255 sequence slots of the real 125M shape would be 38 GB of cache if they were backed up
+    front; only written positions take memory, and clearing a sequence hands it back."""
+    ref = reference_models("gpt-neo-125M")
+    model = neocore.load(ref.folder, threads=2)
+    cfg = model.config
+    per_token = 2 * cfg.num_layers * cfg.hidden_size * 4  # keys and values, fp32
+    seqs, length = 16, 100
+    logits = np.empty((1, cfg.vocab_size), np.float32)
+    before = _rss_bytes()
+    for first in range(1, seqs + 1, 2):
+        slots = np.repeat(np.array([first, first + 1], np.int32), length)
+        want = np.zeros(slots.size, np.uint8)
+        want[-1] = 1
+        model.step(np.arange(slots.size, dtype=np.int32) % 1000, slots, want, logits)
+    grown = _rss_bytes() - before
+    held = seqs * length * per_token
+    assert held * 0.8 < grown < held * 1.5 + (64 << 20), (grown, held)
+    for slot in range(1, seqs + 1):
+        model.clear_sequence(slot)
+    assert _rss_bytes() - before < 0.2 * grown
