@@ -46,14 +46,6 @@ def apply_repetition_penalty(logits: np.ndarray, previous: Sequence[int], penalt
     return logits
 
 
-def apply_top_k(logits: np.ndarray, k: int) -> np.ndarray:
-    """Keeps the k highest (and any tied with the k-th); the rest become -inf."""
-    if 0 < k < logits.size:
-        kth = np.partition(logits, -k)[-k]
-        logits[logits < kth] = -np.inf
-    return logits
-
-
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max()
     e = np.exp(shifted)
@@ -91,17 +83,19 @@ def process_rows(logits: np.ndarray, previous: Sequence[Sequence[int]],
     sampled = [row for row, p in enumerate(params) if not p.greedy]
     if not sampled:
         return scores
-    temperatures = np.array([params[row].temperature for row in sampled], dtype=np.float32)
-    scores[sampled] /= temperatures[:, None]
+    # greedy rows are divided by 1, which leaves them exactly as they are
+    scores /= np.array([p.temperature or 1.0 for p in params], dtype=np.float32)[:, None]
     by_k: dict[int, list[int]] = {}
     for row in sampled:
         by_k.setdefault(params[row].top_k, []).append(row)
     for k, rows in by_k.items():
         if 0 < k < scores.shape[1]:
-            kth = np.partition(scores[rows], -k, axis=1)[:, -k]
-            block = scores[rows]
+            whole = len(rows) == len(scores)
+            block = scores if whole else scores[rows]  # a view when every row shares k
+            kth = np.partition(block, -k, axis=1)[:, -k]
             block[block < kth[:, None]] = -np.inf
-            scores[rows] = block
+            if not whole:
+                scores[rows] = block
     for row in sampled:
         apply_top_p(scores[row], params[row].top_p)
     return scores
