@@ -281,3 +281,16 @@ def test_cache_memory_follows_what_sequences_hold(reference_models):
     for slot in range(1, seqs + 1):
         model.clear_sequence(slot)
     assert _rss_bytes() - before < 0.2 * grown
+
+
+def test_asyncio_streams(tiny):
+    """Submitted from a running event loop, streams are read with `async for`."""
+    import asyncio
+
+    async def main() -> list[str]:
+        streams = [tiny.engine.submit(Request(tiny.tokenizer.encode(p), GREEDY, 15)) for p in PROMPTS[:4]]
+        with pytest.raises(TypeError):
+            next(iter(streams[0]))
+        return [(await s.aresult()).text for s in streams]
+
+    assert asyncio.run(main()) == tiny.generate(PROMPTS[:4], max_new_tokens=15, temperature=0)
