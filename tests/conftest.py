@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from neocore.tokenizer import BUNDLED_GPT2
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -42,21 +44,10 @@ SHAPES = {
 SMALL_MODEL_INIT = 0.08
 
 
-def tokenizer_folder() -> Path | None:
-    env = os.environ.get("NEOCORE_TEST_TOKENIZER")
-    folder = Path(env) if env else REPO.parent / "shared" / "gpt2-tokenizer"
-    return folder if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() else None
-
-
 @pytest.fixture(scope="session")
 def gpt2_tokenizer_dir() -> Path:
-    folder = tokenizer_folder()
-    if folder is None:
-        message = "GPT-2 tokenizer files not found (../shared/gpt2-tokenizer or $NEOCORE_TEST_TOKENIZER)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return folder
+    """The GPT-2 vocab.json + merges.txt shipped inside the package."""
+    return BUNDLED_GPT2
 
 
 @dataclass
@@ -103,10 +94,9 @@ def reference_models(tmp_path_factory):
             folder = tmp_path_factory.mktemp(name)
             model = random_model(SHAPES[name])
             model.save_pretrained(folder, safe_serialization=True)
-            tok = tokenizer_folder()
-            if tok is not None and SHAPES[name]["vocab_size"] == 50257:
+            if SHAPES[name]["vocab_size"] == 50257:
                 for f in ("vocab.json", "merges.txt"):
-                    shutil.copy(tok / f, folder / f)
+                    shutil.copy(BUNDLED_GPT2 / f, folder / f)
             cache[name] = Reference(name, folder, model, SHAPES[name])
         return cache[name]
 
