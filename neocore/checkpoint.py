@@ -220,13 +220,24 @@ def _rebuild_tensor(storage: _Storage, storage_offset: int, size: tuple, stride:
     return TensorRef("", storage.path, storage.offset + storage_offset * itemsize, storage.dtype, shape)
 
 
+def _rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any, state: Any = None) -> TensorRef:
+    """torch._utils._rebuild_parameter(_with_state): a Parameter is its tensor. Hooks and
+    state are refused unless empty, as torch.load(weights_only=True) would not restore them."""
+    if not isinstance(data, TensorRef):
+        raise pickle.UnpicklingError("a Parameter that does not hold a tensor")
+    if backward_hooks or state:
+        raise pickle.UnpicklingError("a Parameter carrying hooks or attributes (only plain tensors are read)")
+    return data
+
+
 def _refuse(module: str, name: str) -> None:
     raise pickle.UnpicklingError(f"refused to load {module}.{name}: a weight file may hold only "
                                  f"tensors and dicts (the pickle tries to run code)")
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits OrderedDict, torch's tensor rebuild function and storage types; nothing else."""
+    """Admits OrderedDict, torch's tensor and Parameter rebuild functions and storage types;
+    nothing else."""
 
     def __init__(self, data: bytes, locate: StorageLocator):
         import io
@@ -239,6 +250,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return OrderedDict
         if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
             return _rebuild_tensor
+        if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
+            return _rebuild_parameter
         if module == "torch" and name in STORAGE_TYPES:
             return _StorageType(STORAGE_TYPES[name])
         _refuse(module, name)
