@@ -228,6 +228,8 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", threads: int | None =
     threads = usable_cores() if threads is None else int(threads)
     if threads < 1:
         raise NeocoreError(f"threads must be >= 1, got {threads}")
+    if not _core.built_with_openmp():
+        threads = 1
     chosen_isa = kernel_path(isa)
     loader = WeightLoader(checkpoint, cfg, dtype, threads)
     weights = loader.load_all(progress)
