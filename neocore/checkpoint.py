@@ -236,9 +236,11 @@ def _refuse(module: str, name: str) -> None:
                                  f"tensors and dicts (the pickle tries to run code)")
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _RestrictedUnpickler(pickle._Unpickler):
     """Admits OrderedDict, torch's tensor and Parameter rebuild functions and storage types;
-    nothing else."""
+    nothing else. The pure-Python unpickler, because the C one sizes its memo by the indices
+    the pickle names: one corrupt PUT index made it allocate and clear gigabytes (a state
+    dict's pickle is a few kB, so the speed does not matter)."""
 
     def __init__(self, data: bytes, locate: StorageLocator):
         import io

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
-import shutil
 import struct
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -50,22 +52,47 @@ def model_folder(base: Path, dst: Path, weights: str, data: bytes | None = None,
     return dst
 
 
-def check_outcome(folder: Path, culprits: tuple[str, ...], case: str, failures: list[str]) -> None:
-    """culprits: the files a message may blame (a config that disagrees with the weights may be
-    reported against the weight file)."""
+# Loads each folder (a path per line on stdin) under an address-space limit, so that a
+# mutation that makes neocore allocate gigabytes fails the test instead of the machine.
+LOADER = """
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+import neocore
+for folder in sys.stdin.read().splitlines():
     try:
         model = neocore.load(folder, threads=1)
         model.logits([0, 1, 2])
-        for token in (model.config.bos_token_id, model.config.eos_token_id):
-            if token is not None and type(token) is not int:
-                failures.append(f"{case}: loaded with a token id of type {type(token).__name__}")
-    except neocore.NeocoreError as exc:
-        message = str(exc)
+        tokens = (model.config.bos_token_id, model.config.eos_token_id)
+        outcome = {"loaded": True, "odd tokens": [repr(t) for t in tokens if t is not None and type(t) is not int]}
+    except Exception as exc:
+        outcome = {"loaded": False, "neocore": isinstance(exc, neocore.NeocoreError),
+                   "error": type(exc).__name__, "message": str(exc)}
+    print(json.dumps(outcome), flush=True)
+""".replace("MEMORY_LIMIT", str(3 << 30))
+
+
+def check_outcomes(cases: list[tuple[str, Path]], culprits: tuple[str, ...]) -> None:
+    """Each (description, folder) must load with integer token ids, or fail with a one-line
+    NeocoreError naming one of culprits (a config that disagrees with the weights may be
+    reported against the weight file) and saying more than that, without running out of memory."""
+    env = {**os.environ, "PYTHONPATH": str(Path(neocore.__file__).parent.parent)}
+    proc = subprocess.run([sys.executable, "-c", LOADER], input="\n".join(str(f) for _, f in cases),
+                          capture_output=True, text=True, env=env, timeout=300)
+    outcomes = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert proc.returncode == 0 and len(outcomes) == len(cases), \
+        f"the loader died after {len(outcomes)} cases ({cases[len(outcomes)][0]}): {proc.stderr[-2000:]}"
+    failures = []
+    for (what, folder), outcome in zip(cases, outcomes):
+        if outcome["loaded"]:
+            if outcome["odd tokens"]:
+                failures.append(f"{what}: loaded with token ids {outcome['odd tokens']}")
+            continue
+        message = outcome["message"]
         named = next((name for name in culprits if f"{folder / name}: " in message), None)
-        if named is None or "\n" in message or len(message) <= len(str(folder / named)) + 10:
-            failures.append(f"{case}: {type(exc).__name__}: {message[:200]}")
-    except Exception as exc:  # the bug this test exists to find
-        failures.append(f"{case}: raw {type(exc).__name__}: {str(exc)[:200]}")
+        if not outcome["neocore"] or named is None or "\n" in message or "MemoryError" in message \
+                or len(message) <= len(str(folder / named)) + 10:
+            failures.append(f"{what}: {outcome['error']}: {message[:200]}")
+    assert not failures, "\n".join(failures)
 
 
 # ---- safetensors ---------------------------------------------------------------------------
@@ -110,12 +137,11 @@ def mutate_safetensors(blob: bytes, rng: random.Random) -> tuple[str, bytes]:
 def test_mutated_safetensors_fail_cleanly(base, tmp_path):
     rng = random.Random(1301)
     blob = (base / "model.safetensors").read_bytes()
-    failures: list[str] = []
+    cases = []
     for i in range(SAFETENSORS_CASES):
         what, data = mutate_safetensors(blob, rng)
-        folder = model_folder(base, tmp_path / str(i), "model.safetensors", data=data)
-        check_outcome(folder, ("model.safetensors",), f"case {i} ({what})", failures)
-    assert not failures, "\n".join(failures)
+        cases.append((f"case {i} ({what})", model_folder(base, tmp_path / str(i), "model.safetensors", data=data)))
+    check_outcomes(cases, ("model.safetensors",))
 
 
 # ---- pytorch_model.bin ---------------------------------------------------------------------
@@ -161,12 +187,11 @@ def mutate_bin(blob: bytes, rng: random.Random) -> tuple[str, bytes]:
 def test_mutated_bin_fails_cleanly(base, tmp_path):
     rng = random.Random(1302)
     blob = (base / "bin").read_bytes()
-    failures: list[str] = []
+    cases = []
     for i in range(BIN_CASES):
         what, data = mutate_bin(blob, rng)
-        folder = model_folder(base, tmp_path / str(i), "pytorch_model.bin", data=data)
-        check_outcome(folder, ("pytorch_model.bin",), f"case {i} ({what})", failures)
-    assert not failures, "\n".join(failures)
+        cases.append((f"case {i} ({what})", model_folder(base, tmp_path / str(i), "pytorch_model.bin", data=data)))
+    check_outcomes(cases, ("pytorch_model.bin",))
 
 
 # ---- config.json ---------------------------------------------------------------------------
@@ -198,12 +223,11 @@ def mutate_config(text: bytes, rng: random.Random) -> tuple[str, bytes]:
 def test_mutated_config_fails_cleanly(base, tmp_path):
     rng = random.Random(1303)
     text = (base / "config.json").read_bytes()
-    failures: list[str] = []
+    cases = []
     for i in range(CONFIG_CASES):
         what, config = mutate_config(text, rng)
-        folder = model_folder(base, tmp_path / str(i), "model.safetensors", config=config)
-        check_outcome(folder, ("config.json", "model.safetensors"), f"case {i} ({what})", failures)
-    assert not failures, "\n".join(failures)
+        cases.append((f"case {i} ({what})", model_folder(base, tmp_path / str(i), "model.safetensors", config=config)))
+    check_outcomes(cases, ("config.json", "model.safetensors"))
 
 
 def test_the_unmutated_files_load(base, tmp_path):
