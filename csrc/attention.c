@@ -8,8 +8,12 @@
  * j % slots), so a local layer's ring buffer is only written after the step's attention.
  * The cache is head-major, so one head's keys stream from memory in order. */
 #include <math.h>
-#include <omp.h>
 #include "internal.h"
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_thread_num(void) { return 0; } /* built without OpenMP: one thread */
+#endif
 
 /* count rows of head_dim floats, stride floats apart */
 typedef struct {

@@ -4,6 +4,15 @@
 #include <string.h>
 #include "neocore.h"
 
+int neo_built_with_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 

@@ -106,6 +106,8 @@ typedef struct {
 int neo_cpu_has_avx2_fma(void);
 /* 1 on AMD processors (CPUID vendor string), where the decode kernel prefetches. */
 int neo_cpu_is_amd(void);
+/* 1 when compiled with OpenMP; without it every step runs on one thread. */
+int neo_built_with_openmp(void);
 
 NeoState *neo_state_new(const NeoConfig *cfg, int n_seqs, int n_ctx, int max_rows,
                         int n_threads, NeoIsa isa);

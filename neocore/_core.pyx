@@ -60,6 +60,7 @@ cdef extern from "neocore.h":
 
     int neo_cpu_has_avx2_fma()
     int neo_cpu_is_amd()
+    int neo_built_with_openmp()
     NeoState *neo_state_new(const NeoConfig *cfg, int n_seqs, int n_ctx, int max_rows,
                             int n_threads, NeoIsa isa)
     void neo_state_free(NeoState *s)
@@ -86,6 +87,10 @@ def cpu_has_avx2_fma() -> bool:
 
 def cpu_is_amd() -> bool:
     return bool(neo_cpu_is_amd())
+
+
+def built_with_openmp() -> bool:
+    return bool(neo_built_with_openmp())
 
 
 cdef uintptr_t _address(object array, object dtype, tuple shape, str name) except 0:

@@ -138,7 +138,8 @@ def read_safetensors(path: Path) -> dict[str, TensorRef]:
             continue
         try:
             dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            if not all(isinstance(d, int) and d >= 0 for d in shape) or not isinstance(begin, int) \
+            if not isinstance(dtype, str) or not all(isinstance(d, int) and d >= 0 for d in shape) \
+                    or not isinstance(begin, int) \
                     or not isinstance(end, int) or begin < 0 or end < begin:
                 raise TypeError
         except (KeyError, TypeError, ValueError):
@@ -220,13 +221,26 @@ def _rebuild_tensor(storage: _Storage, storage_offset: int, size: tuple, stride:
     return TensorRef("", storage.path, storage.offset + storage_offset * itemsize, storage.dtype, shape)
 
 
+def _rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any, state: Any = None) -> TensorRef:
+    """torch._utils._rebuild_parameter(_with_state): a Parameter is its tensor. Hooks and
+    state are refused unless empty, as torch.load(weights_only=True) would not restore them."""
+    if not isinstance(data, TensorRef):
+        raise pickle.UnpicklingError("a Parameter that does not hold a tensor")
+    if backward_hooks or state:
+        raise pickle.UnpicklingError("a Parameter carrying hooks or attributes (only plain tensors are read)")
+    return data
+
+
 def _refuse(module: str, name: str) -> None:
     raise pickle.UnpicklingError(f"refused to load {module}.{name}: a weight file may hold only "
                                  f"tensors and dicts (the pickle tries to run code)")
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits OrderedDict, torch's tensor rebuild function and storage types; nothing else."""
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Admits OrderedDict, torch's tensor and Parameter rebuild functions and storage types;
+    nothing else. The pure-Python unpickler, because the C one sizes its memo by the indices
+    the pickle names: one corrupt PUT index made it allocate and clear gigabytes (a state
+    dict's pickle is a few kB, so the speed does not matter)."""
 
     def __init__(self, data: bytes, locate: StorageLocator):
         import io
@@ -239,6 +253,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return OrderedDict
         if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
             return _rebuild_tensor
+        if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
+            return _rebuild_parameter
         if module == "torch" and name in STORAGE_TYPES:
             return _StorageType(STORAGE_TYPES[name])
         _refuse(module, name)
@@ -262,8 +278,10 @@ def unpickle_state_dict(data: bytes, source: Path, locate: StorageLocator) -> di
         state = _RestrictedUnpickler(data, locate).load()
     except CheckpointError:
         raise
-    except Exception as exc:  # any malformed or hostile pickle ends here, nothing having run
+    except pickle.UnpicklingError as exc:  # ours say what was refused; the pickle module's what broke
         raise CheckpointError(f"{source}: {exc}") from None
+    except Exception as exc:  # any malformed or hostile pickle ends here, nothing having run
+        raise CheckpointError(f"{source}: corrupt data.pkl ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{source}: expected a state dict, found {type(state).__name__}")
     if "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -282,12 +300,16 @@ def _zip_member_offset(f, info: zipfile.ZipInfo) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
+# What zipfile raises on a damaged archive (a garbled name is a UnicodeDecodeError, a ValueError)
+ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error, NotImplementedError)
+
+
 def read_torch_zip(path: Path) -> dict[str, TensorRef]:
     """A torch.save() zip: <top>/data.pkl plus one stored (uncompressed) <top>/data/<key> per storage."""
     try:
         size = path.stat().st_size
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except ZIP_ERRORS as exc:
         raise CheckpointError(f"{path}: not a readable zip-format PyTorch checkpoint "
                               f"(truncated, corrupt or legacy format: {exc})") from None
     with zf, open(path, "rb") as f:
@@ -295,8 +317,6 @@ def read_torch_zip(path: Path) -> dict[str, TensorRef]:
         if len(pickles) != 1:
             raise CheckpointError(f"{path}: no <name>/data.pkl inside: not a PyTorch checkpoint")
         top = pickles[0][: -len("data.pkl")]
-        if top + "byteorder" in zf.namelist() and zf.read(top + "byteorder").strip() != b"little":
-            raise CheckpointError(f"{path}: big-endian PyTorch checkpoints are not supported")
 
         def locate(key: str, dtype: str, numel: int) -> tuple[Path, int]:
             member = f"{top}data/{key}"
@@ -315,8 +335,11 @@ def read_torch_zip(path: Path) -> dict[str, TensorRef]:
 
         try:
             data = zf.read(pickles[0])
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise CheckpointError(f"{path}: corrupt data.pkl ({exc})") from None
+            byteorder = zf.read(top + "byteorder").strip() if top + "byteorder" in zf.namelist() else b"little"
+        except ZIP_ERRORS as exc:
+            raise CheckpointError(f"{path}: corrupt zip member ({exc})") from None
+        if byteorder != b"little":
+            raise CheckpointError(f"{path}: big-endian PyTorch checkpoints are not supported")
         return unpickle_state_dict(data, path, locate)
 
 

@@ -269,8 +269,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("weight memory", f"{model.weight_bytes() / 2**20:.1f} MiB"),
         ("context", model.context_length),
         ("kernel path", f"{model.isa} (this CPU {'has' if _core.cpu_has_avx2_fma() else 'lacks'} AVX2+FMA)"),
-        ("threads", model.threads),
-        ("tokenizer", "yes" if model.tokenizer else "none found"),
+        ("threads", model.threads if _core.built_with_openmp() else f"{model.threads} (built without OpenMP)"),
+        ("tokenizer", "none found" if model.tokenizer is None else
+         "bundled GPT-2 (the model folder has none)" if model.tokenizer.bundled else model.tokenizer.source),
         ("load time", f"{model.load_seconds:.2f} s"),
     ]
     for key, value in rows:

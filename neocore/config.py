@@ -9,6 +9,7 @@ from typing import Any, Mapping
 from .errors import ConfigError
 
 ATTENTION_KINDS = ("global", "local")
+C_INT_MAX = 2**31 - 1  # sizes reach the engine as C ints
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,8 @@ class GPTNeoConfig:
             value = raw.get(key, default)
             if value is None:
                 raise ConfigError(f"{source}: {key} is missing (give it as an override: {key}=...)")
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ConfigError(f"{source}: {key} must be an integer >= {minimum}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= C_INT_MAX:
+                raise ConfigError(f"{source}: {key} must be an integer from {minimum} to {C_INT_MAX}, got {value!r}")
             return value
 
         hidden = integer("hidden_size")
@@ -109,6 +110,10 @@ class GPTNeoConfig:
         eos = raw.get("eos_token_id", 50256)
         if isinstance(eos, list):  # transformers allows several; the first is the one we stop on
             eos = eos[0] if eos else None
+        for key, token in (("bos_token_id", raw.get("bos_token_id", 50256)), ("eos_token_id", eos)):
+            if token is not None and (isinstance(token, bool) or not isinstance(token, int)
+                                      or not 0 <= token <= C_INT_MAX):
+                raise ConfigError(f"{source}: {key} must be a token id (an integer >= 0) or null, got {token!r}")
         return cls(
             hidden_size=hidden,
             num_layers=layers,

@@ -220,9 +220,13 @@ class Model:
         return score(self, text, stride, progress)
 
 
-def _find_tokenizer(folder: Path) -> Any:
-    from .tokenizer import Tokenizer
-    return Tokenizer.from_dir(folder) if Tokenizer.files_present(folder) else None
+def _find_tokenizer(folder: Path, vocab_size: int) -> Any:
+    """The folder's own tokenizer files, else the bundled GPT-2 one when the model's
+    vocabulary holds all its ids (every GPT-Neo model's does), else None."""
+    from .tokenizer import GPT2_VOCAB_SIZE, Tokenizer
+    if Tokenizer.files_present(folder):
+        return Tokenizer.from_dir(folder)
+    return Tokenizer.gpt2() if vocab_size >= GPT2_VOCAB_SIZE else None
 
 
 def resolve_config(folder: Path, checkpoint: Checkpoint, config: str | os.PathLike | None,
@@ -257,10 +261,12 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", threads: int | None =
     threads = usable_cores() if threads is None else int(threads)
     if threads < 1:
         raise NeocoreError(f"threads must be >= 1, got {threads}")
+    if not _core.built_with_openmp():
+        threads = 1
     chosen_isa = kernel_path(isa)
     loader = WeightLoader(checkpoint, cfg, dtype, threads)
     weights = loader.load_all(progress)
-    tokenizer = _find_tokenizer(folder)
+    tokenizer = _find_tokenizer(folder, cfg.vocab_size)
     model = Model(folder, cfg, weights, dtype, threads, context, chosen_isa, tokenizer,
                   time.perf_counter() - start)
     model.matrices_in_place = loader.in_place

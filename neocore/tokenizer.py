@@ -21,6 +21,10 @@ PRETOKENIZE = regex.compile(
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 ENDOFTEXT = "<|endoftext|>"
 _CACHE_LIMIT = 200_000  # pieces remembered; the cache is emptied past it
+# GPT-2's vocab.json + merges.txt, which every GPT-Neo model uses, shipped with the package so
+# that a weight folder without tokenizer files can still be run (provenance in SOURCE.md).
+BUNDLED_GPT2 = Path(__file__).resolve().parent / "data" / "gpt2"
+GPT2_VOCAB_SIZE = 50257
 
 
 @lru_cache(maxsize=1)
@@ -57,6 +61,12 @@ class Tokenizer:
                 self.id_to_bytes[i] = token.encode("utf-8")
         self._to_unicode = str.maketrans({b: ch for b, ch in bytes_to_unicode().items()})
         self._cache: dict[str, list[int]] = {}
+        self.source: Path | None = None  # the folder or file it was read from
+
+    @property
+    def bundled(self) -> bool:
+        """Whether this is neocore's own copy of the GPT-2 vocabulary."""
+        return self.source == BUNDLED_GPT2
 
     # ---- loading ----------------------------------------------------------------------------
     @staticmethod
@@ -74,9 +84,20 @@ class Tokenizer:
         return Tokenizer._vocab_and_merges(folder) is not None or (folder / "tokenizer.json").is_file()
 
     @classmethod
+    def gpt2(cls) -> "Tokenizer":
+        """The GPT-2 tokenizer bundled with neocore (the one every GPT-Neo model uses)."""
+        return cls.from_dir(BUNDLED_GPT2)
+
+    @classmethod
     def from_dir(cls, folder: str | Path) -> "Tokenizer":
         """vocab.json + merges.txt, else tokenizer.json, else the Java port's tokenizer/."""
         folder = Path(folder)
+        tokenizer = cls._read_dir(folder)
+        tokenizer.source = folder
+        return tokenizer
+
+    @classmethod
+    def _read_dir(cls, folder: Path) -> "Tokenizer":
         if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
             pair = cls._vocab_and_merges(folder)
             if pair is not None:
@@ -107,7 +128,9 @@ class Tokenizer:
             raise TokenizerError(f"{path}: not a BPE tokenizer.json") from None
         for t in data.get("added_tokens", []):
             vocab.setdefault(t["content"], t["id"])
-        return cls(_check_vocab(vocab, path), _parse_merges(path, lines), added or (ENDOFTEXT,))
+        tokenizer = cls(_check_vocab(vocab, path), _parse_merges(path, lines), added or (ENDOFTEXT,))
+        tokenizer.source = path
+        return tokenizer
 
     # ---- encoding ---------------------------------------------------------------------------
     @property

@@ -10,14 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from neocore.tokenizer import BUNDLED_GPT2
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-REPO = Path(__file__).resolve().parent.parent
 
-torch = pytest.importorskip("torch") if not IN_CI else __import__("torch")
-transformers = pytest.importorskip("transformers") if not IN_CI else __import__("transformers")
+
+def reference(module: str):
+    """torch or transformers, imported when a test needs the reference: where it is missing
+    (no torch build for Python 3.9) such tests are skipped, except in CI, where it is an error."""
+    return __import__(module) if IN_CI else pytest.importorskip(module)
+
 
 # Shapes of the test models. Small ones exercise the window edge with few tokens; "odd" has
 # sizes that are not multiples of the SIMD width; "window256" has the real window;
@@ -42,21 +47,10 @@ SHAPES = {
 SMALL_MODEL_INIT = 0.08
 
 
-def tokenizer_folder() -> Path | None:
-    env = os.environ.get("NEOCORE_TEST_TOKENIZER")
-    folder = Path(env) if env else REPO.parent / "shared" / "gpt2-tokenizer"
-    return folder if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() else None
-
-
 @pytest.fixture(scope="session")
 def gpt2_tokenizer_dir() -> Path:
-    folder = tokenizer_folder()
-    if folder is None:
-        message = "GPT-2 tokenizer files not found (../shared/gpt2-tokenizer or $NEOCORE_TEST_TOKENIZER)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return folder
+    """The GPT-2 vocab.json + merges.txt shipped inside the package."""
+    return BUNDLED_GPT2
 
 
 @dataclass
@@ -68,6 +62,7 @@ class Reference:
     config: dict
 
     def logits(self, ids: list[int]) -> np.ndarray:
+        torch = reference("torch")
         with torch.no_grad():
             return self.torch_model(torch.tensor([ids])).logits[0].numpy()
 
@@ -78,6 +73,7 @@ class Reference:
 def random_model(shape: dict, seed: int = 0):
     """GPTNeoForCausalLM with weights that survive bf16 and fp16 storage unchanged, and biases and
     norms moved off their 0/1 init so that a dropped one shows."""
+    torch, transformers = reference("torch"), reference("transformers")
     torch.manual_seed(seed)
     vocab = shape["vocab_size"]
     shape = {"initializer_range": SMALL_MODEL_INIT, **shape}
@@ -103,10 +99,9 @@ def reference_models(tmp_path_factory):
             folder = tmp_path_factory.mktemp(name)
             model = random_model(SHAPES[name])
             model.save_pretrained(folder, safe_serialization=True)
-            tok = tokenizer_folder()
-            if tok is not None and SHAPES[name]["vocab_size"] == 50257:
+            if SHAPES[name]["vocab_size"] == 50257:
                 for f in ("vocab.json", "merges.txt"):
-                    shutil.copy(tok / f, folder / f)
+                    shutil.copy(BUNDLED_GPT2 / f, folder / f)
             cache[name] = Reference(name, folder, model, SHAPES[name])
         return cache[name]
 
@@ -116,6 +111,7 @@ def reference_models(tmp_path_factory):
 def write_torch_bin(model, folder: Path, real_style_extras: bool = True) -> Path:
     """pytorch_model.bin via torch.save, with the buffers that old transformers wrote:
     per-layer attention.bias masks and masked_bias scalars, and lm_head tied to wte."""
+    torch = reference("torch")
     folder.mkdir(parents=True, exist_ok=True)
     state = dict(model.state_dict())
     if real_style_extras:

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,44 @@ def test_pickle_that_runs_code_is_refused(odd, tmp_path, payload):
     with pytest.raises(neocore.CheckpointError, match=r"pytorch_model\.bin.*refused to load (posix|os|builtins|__builtin__)\.(system|eval)"):
         neocore.load(folder)
     assert not marker.exists(), "the pickle's code ran"
+
+
+def _pickle_of(path: Path) -> bytes:
+    with zipfile.ZipFile(path) as zf:
+        return zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl")))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_bin_of_parameters_loads(odd, baseline, tmp_path, dtype):
+    """torch.save(dict(model.named_parameters())) pickles Parameters, as torch.load(weights_only=True) accepts."""
+    folder = copy_config(odd.folder, tmp_path / "params")
+    torch.save(dict(odd.torch_model.named_parameters()), folder / "pytorch_model.bin")
+    assert b"_rebuild_parameter\n" in _pickle_of(folder / "pytorch_model.bin")
+    assert isinstance(next(iter(torch.load(folder / "pytorch_model.bin", weights_only=True).values())),
+                      torch.nn.Parameter)
+    assert np.array_equal(neocore.load(folder, dtype=dtype).logits(IDS), baseline[dtype])
+
+
+def test_parameter_with_state(odd, baseline, tmp_path, monkeypatch):
+    """_rebuild_parameter_with_state loads when its state is empty; attributes are refused."""
+    def with_empty_state(self, proto):
+        return torch._utils._rebuild_parameter_with_state, (self.data, self.requires_grad, OrderedDict(), {})
+
+    params = dict(odd.torch_model.named_parameters())
+    folder = copy_config(odd.folder, tmp_path / "state")
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.Parameter, "__reduce_ex__", with_empty_state)
+        torch.save(params, folder / "pytorch_model.bin")
+    assert b"_rebuild_parameter_with_state" in _pickle_of(folder / "pytorch_model.bin")
+    torch.load(folder / "pytorch_model.bin", weights_only=True)
+    assert np.array_equal(neocore.load(folder).logits(IDS), baseline["bfloat16"])
+
+    tagged = torch.nn.Parameter(params["transformer.wpe.weight"].detach().clone())
+    tagged.note = "an attribute"
+    torch.save({**params, "transformer.wpe.weight": tagged}, folder / "pytorch_model.bin")
+    assert b"_rebuild_parameter_with_state" in _pickle_of(folder / "pytorch_model.bin")
+    with pytest.raises(neocore.CheckpointError, match=r"pytorch_model\.bin: a Parameter carrying hooks or attributes"):
+        neocore.load(folder)
 
 
 def test_plain_pickle_in_place_of_a_checkpoint_is_refused(odd, tmp_path):

@@ -1,7 +1,11 @@
-"""The BPE tokenizer against Hugging Face's GPT2TokenizerFast on the real GPT-2 files."""
+"""The BPE tokenizer against Hugging Face's GPT2TokenizerFast on the real GPT-2 files (the
+copy bundled in the package), and how a model finds its tokenizer."""
 from __future__ import annotations
 
+import hashlib
+import json
 import random
+import re
 import shutil
 
 import pytest
@@ -9,13 +13,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import GPT2TokenizerFast
 
+import neocore
 from neocore import TokenizerError
-from neocore.tokenizer import Tokenizer
+from neocore.cli import main as cli_main
+from neocore.tokenizer import BUNDLED_GPT2, Tokenizer
 
 
 @pytest.fixture(scope="module")
-def ours(gpt2_tokenizer_dir):
-    return Tokenizer.from_dir(gpt2_tokenizer_dir)
+def ours():
+    return neocore.Tokenizer.gpt2()
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +152,54 @@ def test_broken_tokenizer_files(gpt2_tokenizer_dir, tmp_path):
     (tmp_path / "merges.txt").write_text("#version: 0.2\na b c\n")
     with pytest.raises(TokenizerError, match="line 2 is not a merge"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_bundled_files_are_the_ones_source_md_records():
+    """The shipped bytes are those whose provenance SOURCE.md states, and the license is beside them."""
+    recorded = dict(re.findall(r"^\| (\S+) \| \d+ \| ([0-9a-f]{64}) \|$",
+                               (BUNDLED_GPT2 / "SOURCE.md").read_text(), re.M))
+    assert set(recorded) == {"vocab.json", "merges.txt"}
+    for name, digest in recorded.items():
+        assert hashlib.sha256((BUNDLED_GPT2 / name).read_bytes()).hexdigest() == digest
+    assert "MIT License" in (BUNDLED_GPT2 / "LICENSE").read_text()
+
+
+def run_info(folder, capsys) -> str:
+    assert cli_main(["info", "-m", str(folder)]) == 0
+    return next(line for line in capsys.readouterr().out.splitlines() if line.startswith("tokenizer:"))
+
+
+def test_a_folder_without_tokenizer_files_uses_the_bundled_one(reference_models, hf, tmp_path, capsys):
+    src = reference_models("tiny").folder
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(src / name, bare / name)
+    model = neocore.load(bare)
+    assert model.tokenizer.bundled
+    assert model.tokenizer.encode(CORPUS["prose"]) == hf.encode(CORPUS["prose"])
+    assert "bundled GPT-2" in run_info(bare, capsys)
+
+
+def test_a_folder_s_own_tokenizer_files_win(reference_models, tmp_path, capsys):
+    """A vocabulary with two ids swapped must be the one used, not the bundled copy."""
+    src = reference_models("tiny").folder
+    own = tmp_path / "own"
+    own.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(src / name, own / name)
+    vocab = json.loads((BUNDLED_GPT2 / "vocab.json").read_text(encoding="utf-8"))
+    vocab["Hello"], vocab["Ġworld"] = vocab["Ġworld"], vocab["Hello"]
+    (own / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    shutil.copy(BUNDLED_GPT2 / "merges.txt", own / "merges.txt")
+    model = neocore.load(own)
+    assert not model.tokenizer.bundled
+    assert model.tokenizer.encode("Hello world") == [995, 15496]
+    assert Tokenizer.gpt2().encode("Hello world") == [15496, 995]
+    assert run_info(own, capsys) == f"tokenizer:       {own}"
+
+
+def test_a_model_too_small_for_gpt2_ids_gets_no_tokenizer(reference_models, capsys):
+    folder = reference_models("odd").folder  # vocab_size 1003, no tokenizer files
+    assert neocore.load(folder).tokenizer is None
+    assert run_info(folder, capsys).endswith("none found")
