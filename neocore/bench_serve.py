@@ -70,17 +70,21 @@ def _peak_rss_mib(pid: int) -> float:
 
 async def _round(base: str, prompts: list[str], new_tokens: int) -> dict:
     import httpx
-    before = _metric(base, "neocore_generated_tokens_total")
+    names = ("neocore_generated_tokens_total", "neocore_engine_forward_seconds_total",
+             "neocore_engine_python_seconds_total", "neocore_engine_steps_total")
+    before = [_metric(base, name) for name in names]
     async with httpx.AsyncClient(timeout=600) as http:
         start = time.perf_counter()
         results = await asyncio.gather(*[_client(http, base, p, new_tokens) for p in prompts])
         wall = time.perf_counter() - start
-    generated = _metric(base, "neocore_generated_tokens_total") - before
+    generated, forward, python, steps = (_metric(base, name) - b for name, b in zip(names, before))
     ttft = _quantiles([r[0] for r in results])
     itl = _quantiles([gap for r in results for gap in r[1]])
     return {"clients": len(prompts), "tokens": int(generated), "seconds": wall,
             "tok_s": generated / wall, "ttft_p50": ttft[0], "ttft_p95": ttft[1],
-            "itl_p50": itl[0], "itl_p95": itl[1]}
+            "itl_p50": itl[0], "itl_p95": itl[1],
+            "engine_python_ms_per_step": 1e3 * python / max(steps, 1),
+            "engine_forward_ms_per_step": 1e3 * forward / max(steps, 1)}
 
 
 def _worker(kind: str, folder: str, threads: int, prompts: list[str], new_tokens: int) -> dict:
@@ -162,13 +166,15 @@ def run(args: argparse.Namespace) -> int:
     from .bench import cpu_model
     print(f"model {folder}: {threads} threads, {args.new_tokens} new tokens per client (greedy), CPU {cpu_model()}")
     print(f"neocore prefill (one 128-token prompt): {prefill:.0f} tok/s")
-    print("clients  tok/s  x1-stream  %prefill  TTFT p50/p95 s  ITL p50/p95 ms  server RSS MiB  transformers tok/s  ratio")
+    print("clients  tok/s  x1-stream  %prefill  TTFT p50/p95 s  ITL p50/p95 ms  step C/Python ms  "
+          "server RSS MiB  transformers tok/s  ratio")
     one = rows[0]["tok_s"] if rows else float("nan")
     by_n = {p["clients"]: p["tok_s"] for p in peers}
     for r in rows:
         hf = by_n.get(r["clients"], float("nan"))
         print(f"{r['clients']:7d} {r['tok_s']:6.1f} {r['tok_s'] / one:9.2f} {100 * r['tok_s'] / prefill:8.0f}% "
               f"{r['ttft_p50']:7.2f}/{r['ttft_p95']:.2f} {1e3 * r['itl_p50']:8.1f}/{1e3 * r['itl_p95']:.1f} "
+              f"{r['engine_forward_ms_per_step']:9.1f}/{r['engine_python_ms_per_step']:.2f} "
               f"{r['server_peak_rss_mib']:14.0f} {hf:18.1f} {r['tok_s'] / hf:6.2f}")
     return 0
 
