@@ -40,24 +40,28 @@ static int row_runs(RowRun runs[3], const float *fresh, const float *cache, int 
     return n;
 }
 
-/* ---- the two inner loops, scalar reference and AVX2 --------------------------------------- */
+/* ---- the two inner loops: scalar reference, portable, AVX2 ---------------------------------- */
 
-static float dot_generic(const float *a, const float *b, int n)
+static float dot_scalar(const float *a, const float *b, int n)
 {
     float sum = 0.0f;
     for (int i = 0; i < n; i++) sum += a[i] * b[i];
     return sum;
 }
 
-/* out[d] = sum_j weights[j] * rows[j][offset + d] over the runs */
-static void weighted_rows_generic(float *out, const float *weights, const RowRun *runs, int n_runs,
-                                  int offset, int n)
+/* out[d] = sum_j weights[j] * rows[j][offset + d] over the runs. Each out[d] is summed over j
+ * in order; the loop over d is contiguous and vectorises without changing any sum, so this
+ * one loop is both the scalar reference and the portable path. */
+static void weighted_rows_generic(float *restrict out, const float *restrict weights,
+                                  const RowRun *runs, int n_runs, int offset, int n)
 {
     for (int d = 0; d < n; d++) out[d] = 0.0f;
     for (int r = 0, j = 0; r < n_runs; r++)
         for (int c = 0; c < runs[r].count; c++, j++) {
-            const float *row = runs[r].rows + (size_t)c * runs[r].stride + offset;
-            for (int d = 0; d < n; d++) out[d] += weights[j] * row[d];
+            const float *restrict row = runs[r].rows + (size_t)c * runs[r].stride + offset;
+            const float wj = weights[j];
+            #pragma omp simd
+            for (int d = 0; d < n; d++) out[d] += wj * row[d];
         }
 }
 
@@ -101,6 +105,15 @@ TARGET_AVX2 static void weighted_rows_avx2(float *out, const float *weights, con
 
 /* ---- one query of one head ------------------------------------------------------------------ */
 
+static inline __attribute__((always_inline)) float attention_dot(const NeoIsa isa, const float *a,
+                                                                 const float *b, int n)
+{
+#if defined(__x86_64__)
+    if (isa == NEO_ISA_AVX2) return dot_avx2(a, b, n);
+#endif
+    return isa == NEO_ISA_SCALAR ? dot_scalar(a, b, n) : dot_lanes(NEO_F32, a, b, n);
+}
+
 /* out = softmax(q . keys) . values over the keys position pos0 + t may see. isa is a constant
  * at each call site, so each instantiation keeps only its own inner loops. */
 static inline __attribute__((always_inline)) void
@@ -119,11 +132,7 @@ attend(const NeoIsa isa, float *out, const float *q, const float *k_new, const f
     for (int r = 0; r < n_runs; r++)
         for (int c = 0; c < runs[r].count; c++, n_keys++) {
             const float *key = runs[r].rows + (size_t)c * runs[r].stride;
-#if defined(__x86_64__)
-            float score = isa == NEO_ISA_AVX2 ? dot_avx2(qh, key, head_dim) : dot_generic(qh, key, head_dim);
-#else
-            float score = dot_generic(qh, key, head_dim);
-#endif
+            float score = attention_dot(isa, qh, key, head_dim);
             s[n_keys] = score;
             if (score > max_score) max_score = score;
         }
@@ -165,6 +174,7 @@ attend(const NeoIsa isa, float *out, const float *q, const float *k_new, const f
         }
 
 static void attention_generic(ATTENTION_PARAMS) { ATTENTION_LOOP(NEO_ISA_GENERIC) }
+static void attention_scalar(ATTENTION_PARAMS) { ATTENTION_LOOP(NEO_ISA_SCALAR) }
 
 #if defined(__x86_64__)
 TARGET_AVX2 static void attention_avx2(ATTENTION_PARAMS) { ATTENTION_LOOP(NEO_ISA_AVX2) }
@@ -180,8 +190,7 @@ void attention_forward(ATTENTION_PARAMS, NeoIsa isa)
         return;
     }
 #endif
-    (void)isa;
-    attention_generic(out, q, k_new, v_new, sequences, layer, slots, segments,
-                      row_segment, n_rows, n_heads, head_dim, window, scores, scores_stride,
-                      n_threads);
+    (isa == NEO_ISA_SCALAR ? attention_scalar : attention_generic)(
+        out, q, k_new, v_new, sequences, layer, slots, segments, row_segment, n_rows, n_heads,
+        head_dim, window, scores, scores_stride, n_threads);
 }

@@ -21,6 +21,35 @@ static inline float bf16_to_f32(uint16_t b)
     return f;
 }
 
+/* Element i of an fp32 or bf16 array; dtype is a constant where it is inlined, so each use
+ * compiles to one plain load (and for bf16 a shift that vectorises). */
+static inline __attribute__((always_inline)) float fp_element(const void *data, NeoDType dtype, size_t i)
+{
+    return dtype == NEO_BF16 ? bf16_to_f32(((const uint16_t *)data)[i]) : ((const float *)data)[i];
+}
+
+/* sum_i a[i] * b[i] (b fp32 or bf16) for the portable path, in an order fixed by the source so
+ * that the compiler may vectorise it but never reorder it (no -ffast-math): lane l sums the
+ * products at i = l (mod DOT_LANES) in index order, the lanes are then folded in halves (lane
+ * l + 8 into l, then + 4, + 2, + 1), and the tail is added last. 16 lanes are four 128-bit
+ * vectors (SSE2, NEON), enough independent sums to hide the add latency. Constant loop bounds
+ * throughout, so the fold unrolls too. */
+#define DOT_LANES 16
+static inline __attribute__((always_inline)) float dot_lanes(const NeoDType dtype, const float *restrict a,
+                                                             const void *restrict b, int n)
+{
+    float acc[DOT_LANES] = {0};
+    int i = 0;
+    for (; i + DOT_LANES <= n; i += DOT_LANES)
+        for (int l = 0; l < DOT_LANES; l++) acc[l] += a[i + l] * fp_element(b, dtype, i + l);
+    for (int l = 0; l < 8; l++) acc[l] += acc[l + 8];
+    for (int l = 0; l < 4; l++) acc[l] += acc[l + 4];
+    for (int l = 0; l < 2; l++) acc[l] += acc[l + 2];
+    float sum = acc[0] + acc[1];
+    for (; i < n; i++) sum += a[i] * fp_element(b, dtype, i);
+    return sum;
+}
+
 /* Element (row, col) of a weight matrix with cols columns, widened to fp32. */
 static inline float matrix_element(const NeoMatrix *m, size_t row, size_t col, size_t cols)
 {

@@ -5,7 +5,9 @@
  * schedule and each output is summed by one thread in a fixed order, so the result does not
  * depend on the thread count, nor on the other rows: the decode kernel (matvec_forward) sums
  * each row as it would alone, the prefill GEMM (matmul_forward) sums each output along k.
- * Two paths: a scalar reference and an AVX2+FMA path. */
+ * Paths: the scalar reference (the tests' oracle), the portable path (plain C the compiler
+ * vectorises), AVX2+FMA here, and AVX-512 in matmul_avx512.c. */
+#include <stdlib.h>
 #include <string.h>
 #include "neocore.h"
 #include "internal.h"
@@ -17,8 +19,10 @@ static inline void store_output(float *out, float sum, const float *bias, int n,
     *out = accumulate ? *out + value : value;
 }
 
-static void matmul_generic(float *out, const float *x, const NeoMatrix *w, const float *bias,
-                           int T, int K, int N, int accumulate, int n_threads)
+/* ---- scalar reference: one product at a time, k in order ------------------------------- */
+
+static void matmul_scalar(float *out, const float *x, const NeoMatrix *w, const float *bias,
+                          int T, int K, int N, int accumulate, int n_threads)
 {
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int n = 0; n < N; n++) {
@@ -31,10 +35,116 @@ static void matmul_generic(float *out, const float *x, const NeoMatrix *w, const
     }
 }
 
+/* ---- portable path: contiguous constant-length inner loops the compiler vectorises -------- */
+
+/* Row n of w as fp32: fp32 rows are used in place, others are widened into buf (bf16 by a
+ * 16-bit shift, which vectorises as zero-extend and shift). */
+static const float *weight_row(float *restrict buf, const NeoMatrix *w, int n, int K)
+{
+    const size_t first = (size_t)n * K;
+    if (w->dtype == NEO_F32) return (const float *)w->data + first;
+    if (w->dtype == NEO_BF16) {
+        const uint16_t *restrict src = (const uint16_t *)w->data + first;
+        for (int k = 0; k < K; k++) buf[k] = bf16_to_f32(src[k]);
+    } else {
+        for (int k = 0; k < K; k++) buf[k] = matrix_element(w, n, k, K);
+    }
+    return buf;
+}
+
+/* Decode: each weight row is read from memory once and dotted with every row of x, widened on
+ * the fly (dot_lanes, the same order for every row whatever T is). int8 rows are widened into
+ * buf first. */
+static void matvec_generic(float *out, const float *x, const NeoMatrix *w, const float *bias,
+                           int T, int K, int N, int accumulate, int n_threads)
+{
+    #pragma omp parallel num_threads(n_threads)
+    {
+        float *buf = w->dtype == NEO_I8 ? malloc(sizeof(float) * (size_t)K) : NULL;
+        #pragma omp for schedule(static)
+        for (int n = 0; n < N; n++) {
+            const size_t first = (size_t)n * K;
+            for (int t = 0; t < T; t++) {
+                const float *xt = x + (size_t)t * K;
+                float sum;
+                if (w->dtype == NEO_BF16)
+                    sum = dot_lanes(NEO_BF16, xt, (const uint16_t *)w->data + first, K);
+                else if (w->dtype == NEO_F32)
+                    sum = dot_lanes(NEO_F32, xt, (const float *)w->data + first, K);
+                else if (buf)
+                    sum = dot_lanes(NEO_F32, xt, weight_row(buf, w, n, K), K);
+                else
+                    continue;  /* out of memory: leave the output rather than crash */
+                store_output(&out[(size_t)t * N + n], sum, bias, n, accumulate);
+            }
+        }
+        free(buf);
+    }
+}
+
+/* Prefill: W is widened once into fp32 panels of GEN_PANEL columns ([K][GEN_PANEL]); a tile of
+ * GEN_ROWS x GEN_PANEL sums runs over k, each x[t, k] times the panel's row k, so every output
+ * is summed along k in order whatever T is. The tile is written with the compiler's generic
+ * vectors (GCC/Clang vector_size: SSE2 on x86-64, NEON on aarch64, scalar code elsewhere)
+ * because GCC's auto-vectoriser kept the same tile written as float arrays in memory, storing
+ * and reloading every sum at every k (4x slower). 12 accumulators of 4 + 2 panel vectors + x
+ * fit the 16 registers of SSE2. */
+#define GEN_PANEL 8
+#define GEN_ROWS 6
+typedef float f32x4 __attribute__((vector_size(16)));
+
+static void pack_panel_generic(float *restrict panel, float *restrict buf, const NeoMatrix *w,
+                               int n0, int K, int N)
+{
+    for (int j = 0; j < GEN_PANEL; j++) {
+        if (n0 + j >= N) {
+            for (int k = 0; k < K; k++) panel[(size_t)k * GEN_PANEL + j] = 0.0f;
+            continue;
+        }
+        const float *row = weight_row(buf, w, n0 + j, K);
+        for (int k = 0; k < K; k++) panel[(size_t)k * GEN_PANEL + j] = row[k];
+    }
+}
+
+/* Rows past T are read as row T-1 and not stored. panel is 16-byte aligned. */
+static void gemm_tile_generic(float *out, const float *x, const float *restrict panel,
+                              const float *bias, int t0, int n0, int T, int K, int N, int accumulate)
+{
+    const float *xr[GEN_ROWS];
+    f32x4 acc[GEN_ROWS][GEN_PANEL / 4] = {{{0}}};
+    for (int i = 0; i < GEN_ROWS; i++) xr[i] = x + (size_t)(t0 + i < T ? t0 + i : T - 1) * K;
+    for (int k = 0; k < K; k++) {
+        const f32x4 *p = (const f32x4 *)(panel + (size_t)k * GEN_PANEL);
+        for (int i = 0; i < GEN_ROWS; i++)
+            for (int j = 0; j < GEN_PANEL / 4; j++) acc[i][j] += xr[i][k] * p[j];
+    }
+    for (int i = 0; i < GEN_ROWS && t0 + i < T; i++)
+        for (int j = 0; j < GEN_PANEL && n0 + j < N; j++)
+            store_output(&out[(size_t)(t0 + i) * N + n0 + j], acc[i][j / 4][j % 4], bias, n0 + j, accumulate);
+}
+
+static void gemm_generic(float *out, const float *x, const NeoMatrix *w, const float *bias,
+                         int T, int K, int N, int accumulate, int n_threads)
+{
+    const int n_panels = (N + GEN_PANEL - 1) / GEN_PANEL;
+    #pragma omp parallel num_threads(n_threads)
+    {
+        float *panel = aligned_alloc(64, sizeof(float) * GEN_PANEL * (size_t)K);
+        float *buf = malloc(sizeof(float) * (size_t)K);
+        #pragma omp for schedule(static)
+        for (int p = 0; p < n_panels; p++) {
+            if (!panel || !buf) continue;  /* out of memory: leave the outputs rather than crash */
+            pack_panel_generic(panel, buf, w, p * GEN_PANEL, K, N);
+            for (int t = 0; t < T; t += GEN_ROWS)
+                gemm_tile_generic(out, x, panel, bias, t, p * GEN_PANEL, T, K, N, accumulate);
+        }
+        free(panel);
+        free(buf);
+    }
+}
+
 /* ---- AVX2 + FMA ------------------------------------------------------------------------ */
 #if defined(__x86_64__)
-#include <stdlib.h>
-
 /* Decode (T = 1) is bound by reading the weights once. One row at a time keeps a single
  * sequential stream per thread, which the hardware prefetcher follows best (several rows side
  * by side measured 30-40% slower here); four accumulators hide the FMA latency. On AMD a
@@ -235,7 +345,7 @@ TARGET_AVX2 static void gemm_avx2(float *out, const float *x, const void *w, Neo
 
 #endif
 
-/* int8 weights have no AVX2 kernel yet: they take the scalar path. */
+/* int8 weights have no AVX2 kernel yet: they take the portable path. */
 static int avx2_runs(const NeoMatrix *w, NeoIsa isa)
 {
     return isa == NEO_ISA_AVX2 && w->dtype != NEO_I8;
@@ -250,7 +360,10 @@ void matmul_forward(float *out, const float *x, const NeoMatrix *w, const float 
         return;
     }
 #endif
-    matmul_generic(out, x, w, bias, T, K, N, accumulate, n_threads);
+    if (isa == NEO_ISA_SCALAR)
+        matmul_scalar(out, x, w, bias, T, K, N, accumulate, n_threads);
+    else
+        gemm_generic(out, x, w, bias, T, K, N, accumulate, n_threads);
 }
 
 void matvec_forward(float *out, const float *x, const NeoMatrix *w, const float *bias, int T,
@@ -262,5 +375,8 @@ void matvec_forward(float *out, const float *x, const NeoMatrix *w, const float 
         return;
     }
 #endif
-    matmul_generic(out, x, w, bias, T, K, N, accumulate, n_threads);
+    if (isa == NEO_ISA_SCALAR)
+        matmul_scalar(out, x, w, bias, T, K, N, accumulate, n_threads);
+    else
+        matvec_generic(out, x, w, bias, T, K, N, accumulate, n_threads);
 }
