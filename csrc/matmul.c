@@ -343,13 +343,13 @@ TARGET_AVX2 static void gemm_avx2(float *out, const float *x, const void *w, Neo
     }
 }
 
-#endif
 
 /* int8 weights have no AVX2 kernel yet: they take the portable path. */
 static int avx2_runs(const NeoMatrix *w, NeoIsa isa)
 {
     return isa == NEO_ISA_AVX2 && w->dtype != NEO_I8;
 }
+#endif
 
 void matmul_forward(float *out, const float *x, const NeoMatrix *w, const float *bias, int T,
                     int K, int N, int accumulate, int n_threads, NeoIsa isa)
