@@ -33,15 +33,16 @@ static inline __attribute__((always_inline)) float fp_element(const void *data, 
  * products at i = l (mod DOT_LANES) in index order, the lanes are then folded in halves (lane
  * l + 8 into l, then + 4, + 2, + 1), and the tail is added last. 16 lanes are four 128-bit
  * vectors (SSE2, NEON), enough independent sums to hide the add latency. Constant loop bounds
- * throughout, so the fold unrolls too. */
+ * throughout, so the fold unrolls too; size_t indices, because Python's build flags include
+ * -fwrapv, under which an int index i + l may wrap and the loads are no longer contiguous. */
 #define DOT_LANES 16
 static inline __attribute__((always_inline)) float dot_lanes(const NeoDType dtype, const float *restrict a,
-                                                             const void *restrict b, int n)
+                                                             const void *restrict b, size_t n)
 {
     float acc[DOT_LANES] = {0};
-    int i = 0;
+    size_t i = 0;
     for (; i + DOT_LANES <= n; i += DOT_LANES)
-        for (int l = 0; l < DOT_LANES; l++) acc[l] += a[i + l] * fp_element(b, dtype, i + l);
+        for (size_t l = 0; l < DOT_LANES; l++) acc[l] += a[i + l] * fp_element(b, dtype, i + l);
     for (int l = 0; l < 8; l++) acc[l] += acc[l + 8];
     for (int l = 0; l < 4; l++) acc[l] += acc[l + 4];
     for (int l = 0; l < 2; l++) acc[l] += acc[l + 2];

@@ -109,8 +109,10 @@ typedef struct {
  * when AVX-512F/BW/VL are (CPUID and the OS saving the opmask and ZMM state). */
 int neo_cpu_has_avx2_fma(void);
 int neo_cpu_has_avx512(void);
-/* 1 on AMD processors (CPUID vendor string), where the decode kernel prefetches. */
+/* 1 on AMD processors (CPUID vendor string). */
 int neo_cpu_is_amd(void);
+/* 1 when the decode kernel of path isa prefetches its weights non-temporally on this CPU. */
+int neo_decode_prefetches_nta(NeoIsa isa);
 
 NeoState *neo_state_new(const NeoConfig *cfg, int n_seqs, int n_ctx, int max_rows,
                         int n_threads, NeoIsa isa);

@@ -63,6 +63,7 @@ cdef extern from "neocore.h":
     int neo_cpu_has_avx2_fma()
     int neo_cpu_has_avx512()
     int neo_cpu_is_amd()
+    int neo_decode_prefetches_nta(NeoIsa isa)
     NeoState *neo_state_new(const NeoConfig *cfg, int n_seqs, int n_ctx, int max_rows,
                             int n_threads, NeoIsa isa)
     void neo_state_free(NeoState *s)
@@ -107,6 +108,46 @@ def isa_runs_here(isa: str) -> bool:
 def usable_isas() -> list:
     """The kernel paths this CPU runs, fastest first, the scalar reference last."""
     return [isa for isa in MODEL_ISAS if isa_runs_here(isa)] + ["scalar"]
+
+
+def decode_prefetches_nta(str isa) -> bool:
+    """Whether path isa's decode kernel prefetches its weights non-temporally on this CPU."""
+    return bool(neo_decode_prefetches_nta(ISAS[isa]))
+
+
+# /proc/cpuinfo flags that decide which kernels can run or would help (x86 and Arm names)
+SIMD_FLAGS = ("sse2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+              "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "sve", "sve2")
+
+
+def cpu_model() -> str:
+    """The processor's name as /proc/cpuinfo gives it (model name; on Arm the implementer
+    and part), else what the platform module knows."""
+    import platform
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    if "model name" in fields:
+        return fields["model name"]
+    if "CPU part" in fields:
+        return f"Arm CPU implementer {fields.get('CPU implementer', '?')} part {fields['CPU part']}"
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list:
+    """The SIMD_FLAGS this CPU lists in /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            listed = next((line.partition(":")[2].split() for line in f
+                           if line.startswith(("flags", "Features"))), [])
+    except OSError:
+        listed = []
+    return [flag for flag in SIMD_FLAGS if flag in listed]
 
 
 def _check_isa(str isa) -> NeoIsa:
