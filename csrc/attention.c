@@ -40,7 +40,7 @@ static int row_runs(RowRun runs[3], const float *fresh, const float *cache, int 
     return n;
 }
 
-/* ---- the two inner loops: scalar reference, portable, AVX2 ---------------------------------- */
+/* ---- the two inner loops: scalar reference, portable, AVX2, AVX-512 ---------------------------------- */
 
 static float dot_scalar(const float *a, const float *b, int n)
 {
@@ -101,6 +101,40 @@ TARGET_AVX2 static void weighted_rows_avx2(float *out, const float *weights, con
     }
     if (d < n) weighted_rows_generic(out + d, weights, runs, n_runs, d, n - d);
 }
+
+/* The same two loops on 16-float vectors: the dot with two accumulators and a masked tail,
+ * the weighted sum over columns in blocks of 64 held in four registers. */
+TARGET_AVX512 static inline float dot_avx512(const float *a, const float *b, int n)
+{
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+    }
+    for (; i < n; i += 16) {
+        const __mmask16 mask = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a + i), _mm512_maskz_loadu_ps(mask, b + i), acc0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+TARGET_AVX512 static void weighted_rows_avx512(float *out, const float *weights, const RowRun *runs,
+                                               int n_runs, int n)
+{
+    int d = 0;
+    for (; d + 64 <= n; d += 64) {
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int r = 0, j = 0; r < n_runs; r++)
+            for (int c = 0; c < runs[r].count; c++, j++) {
+                const float *row = runs[r].rows + (size_t)c * runs[r].stride + d;
+                const __m512 w = _mm512_set1_ps(weights[j]);
+                for (int a = 0; a < 4; a++) acc[a] = _mm512_fmadd_ps(w, _mm512_loadu_ps(row + 16 * a), acc[a]);
+            }
+        for (int a = 0; a < 4; a++) _mm512_storeu_ps(out + d + 16 * a, acc[a]);
+    }
+    if (d < n) weighted_rows_generic(out + d, weights, runs, n_runs, d, n - d);
+}
 #endif
 
 /* ---- one query of one head ------------------------------------------------------------------ */
@@ -110,6 +144,7 @@ static inline __attribute__((always_inline)) float attention_dot(const NeoIsa is
 {
 #if defined(__x86_64__)
     if (isa == NEO_ISA_AVX2) return dot_avx2(a, b, n);
+    if (isa == NEO_ISA_AVX512) return dot_avx512(a, b, n);
 #endif
     return isa == NEO_ISA_SCALAR ? dot_scalar(a, b, n) : dot_lanes(NEO_F32, a, b, n);
 }
@@ -149,6 +184,10 @@ attend(const NeoIsa isa, float *out, const float *q, const float *k_new, const f
         weighted_rows_avx2(oh, s, runs, n_runs, head_dim);
         return;
     }
+    if (isa == NEO_ISA_AVX512) {
+        weighted_rows_avx512(oh, s, runs, n_runs, head_dim);
+        return;
+    }
 #endif
     weighted_rows_generic(oh, s, runs, n_runs, 0, head_dim);
 }
@@ -178,15 +217,16 @@ static void attention_scalar(ATTENTION_PARAMS) { ATTENTION_LOOP(NEO_ISA_SCALAR) 
 
 #if defined(__x86_64__)
 TARGET_AVX2 static void attention_avx2(ATTENTION_PARAMS) { ATTENTION_LOOP(NEO_ISA_AVX2) }
+TARGET_AVX512 static void attention_avx512(ATTENTION_PARAMS) { ATTENTION_LOOP(NEO_ISA_AVX512) }
 #endif
 
 void attention_forward(ATTENTION_PARAMS, NeoIsa isa)
 {
 #if defined(__x86_64__)
-    if (isa == NEO_ISA_AVX2) {
-        attention_avx2(out, q, k_new, v_new, sequences, layer, slots, segments,
-                       row_segment, n_rows, n_heads, head_dim, window, scores, scores_stride,
-                       n_threads);
+    if (isa == NEO_ISA_AVX2 || isa == NEO_ISA_AVX512) {
+        (isa == NEO_ISA_AVX2 ? attention_avx2 : attention_avx512)(
+            out, q, k_new, v_new, sequences, layer, slots, segments, row_segment, n_rows, n_heads,
+            head_dim, window, scores, scores_stride, n_threads);
         return;
     }
 #endif

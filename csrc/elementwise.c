@@ -107,7 +107,7 @@ static inline float tanh_portable(float u)
     return bits_float(float_bits(select_float(a < 0.25f, small, big)) | sign);
 }
 
-static void gelu_new_generic(float *restrict x, size_t n, int n_threads)
+static inline __attribute__((always_inline)) void gelu_new_portable(float *restrict x, size_t n, int n_threads)
 {
     #pragma omp parallel for simd num_threads(n_threads) schedule(static) if (n > 8192)
     for (size_t i = 0; i < n; i++) {
@@ -115,6 +115,13 @@ static void gelu_new_generic(float *restrict x, size_t n, int n_threads)
         x[i] = half_v + half_v * tanh_portable(SQRT_2_OVER_PI * (v + GELU_CUBIC * v * v * v));
     }
 }
+
+static void gelu_new_generic(float *x, size_t n, int n_threads) { gelu_new_portable(x, n, n_threads); }
+
+#if defined(__x86_64__)
+/* The AVX-512 path: the portable loop, which the compiler vectorises for AVX-512 here. */
+TARGET_AVX512 static void gelu_new_avx512(float *x, size_t n, int n_threads) { gelu_new_portable(x, n, n_threads); }
+#endif
 
 #if defined(__x86_64__)
 /* e^x for x in [-87, 88]: 2^n e^r with n = round(x / ln 2), |r| <= ln(2)/2, ln 2 split in two
@@ -177,6 +184,10 @@ void gelu_new_forward(float *x, size_t n, int n_threads, NeoIsa isa)
 #if defined(__x86_64__)
     if (isa == NEO_ISA_AVX2) {
         gelu_new_avx2(x, n, n_threads);
+        return;
+    }
+    if (isa == NEO_ISA_AVX512) {
+        gelu_new_avx512(x, n, n_threads);
         return;
     }
 #endif

@@ -7,11 +7,75 @@
 #include "neocore.h"
 
 #if defined(__x86_64__)
+/* The AVX2+FMA and AVX-512 paths are compiled per function, so the library itself stays
+ * portable. Built with -DNEOCORE_SIMDE (a test only), every intrinsic comes from SIMDe instead,
+ * in portable C, so that the AVX-512 kernels can be checked on a CPU without AVX-512. */
+#if defined(NEOCORE_SIMDE)
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+/* what SIMDe 0.7 lacks, in plain C: masked loads read only the lanes asked for */
+#define __mmask16 simde__mmask16
+#define _MM_FROUND_NO_EXC SIMDE_MM_FROUND_NO_EXC
+static inline __m512 simde_maskz_loadu_ps(__mmask16 k, const float *p)
+{
+    float v[16] = {0};
+    for (int i = 0; i < 16; i++) v[i] = k >> i & 1 ? p[i] : 0.0f;
+    return _mm512_loadu_ps(v);
+}
+static inline __m256i simde_maskz_loadu_epi16(__mmask16 k, const void *p)
+{
+    uint16_t v[16] = {0};
+    for (int i = 0; i < 16; i++) v[i] = k >> i & 1 ? ((const uint16_t *)p)[i] : 0;
+    return _mm256_loadu_si256((const __m256i *)v);
+}
+static inline __m512i simde_cvtepu16_epi32(__m256i a)
+{
+    uint16_t h[16];
+    uint32_t w[16];
+    _mm256_storeu_si256((__m256i *)h, a);
+    for (int i = 0; i < 16; i++) w[i] = h[i];
+    return _mm512_loadu_si512(w);
+}
+static inline float simde_reduce_add_ps(__m512 a)
+{
+    float v[16], sum = 0.0f;
+    _mm512_storeu_ps(v, a);
+    for (int i = 0; i < 16; i++) sum += v[i];
+    return sum;
+}
+#define _mm512_maskz_loadu_ps simde_maskz_loadu_ps
+#define _mm256_maskz_loadu_epi16 simde_maskz_loadu_epi16
+#define _mm512_cvtepu16_epi32 simde_cvtepu16_epi32
+#define _mm512_reduce_add_ps simde_reduce_add_ps
+#define TARGET_AVX2
+#define TARGET_AVX512
+#define INLINE_AVX2 static inline __attribute__((always_inline))
+#define INLINE_AVX512 static inline __attribute__((always_inline))
+#else
 #include <immintrin.h>
-/* The AVX2+FMA paths are compiled per function, so the library itself stays portable. */
 #define TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl")))
 #define INLINE_AVX2 static inline __attribute__((always_inline, target("avx2,fma")))
+#define INLINE_AVX512 static inline __attribute__((always_inline, target("avx2,fma,avx512f,avx512bw,avx512vl")))
 #endif
+
+/* Decode kernels that prefetch (neo_decode_prefetches_nta) do so this far ahead. */
+#define PREFETCH_BYTES 256
+
+/* matmul.c's AVX2 panel packing (the AVX-512 GEMM uses it too) and the AVX-512 kernels */
+void pack_panel(float *panel, const void *w, NeoDType dtype, int n0, int K, int N, int width);
+void matvec_avx512(float *out, const float *x, const void *w, NeoDType dtype, const float *bias,
+                   int T, int K, int N, int accumulate, int n_threads);
+void gemm_avx512(float *out, const float *x, const void *w, NeoDType dtype, const float *bias,
+                 int T, int K, int N, int accumulate, int n_threads);
+#endif
+
+/* Adds the bias and either stores or adds to what out holds (a fused residual add). */
+static inline void store_output(float *out, float sum, const float *bias, int n, int accumulate)
+{
+    float value = bias ? sum + bias[n] : sum;
+    *out = accumulate ? *out + value : value;
+}
 
 static inline float bf16_to_f32(uint16_t b)
 {

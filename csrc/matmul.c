@@ -12,13 +12,6 @@
 #include "neocore.h"
 #include "internal.h"
 
-/* Adds the bias and either stores or adds to what out holds (a fused residual add). */
-static inline void store_output(float *out, float sum, const float *bias, int n, int accumulate)
-{
-    float value = bias ? sum + bias[n] : sum;
-    *out = accumulate ? *out + value : value;
-}
-
 /* ---- scalar reference: one product at a time, k in order ------------------------------- */
 
 static void matmul_scalar(float *out, const float *x, const NeoMatrix *w, const float *bias,
@@ -181,7 +174,6 @@ static void gemm_generic(float *out, const float *x, const NeoMatrix *w, const f
  * weights are used once per step. On an Intel Xeon (Sapphire Rapids) the same hint halved
  * decode, so it is chosen by CPU vendor at run time. */
 #define MV_BLOCK 16           /* rows a thread takes at a time (static schedule) */
-#define PREFETCH_BYTES 256
 
 /* Prefill (T > 1) is bound by arithmetic: W is widened once into packed fp32 panels of
  * PANEL columns, and a GEMM_ROWS x PANEL register tile (12 ymm accumulators) runs over K. */
@@ -302,24 +294,24 @@ INLINE_AVX2 void transpose8x8(__m256 r[8])
     }
 }
 
-/* panel[k * PANEL + j] = w[n0 + j, k] in fp32, columns past N zero: 8 x 8 blocks are widened
- * and transposed in registers. */
-TARGET_AVX2 static void pack_panel(float *panel, const void *w, NeoDType dtype, int n0, int K, int N)
+/* panel[k * width + j] = w[n0 + j, k] in fp32 (width a multiple of 8), columns past N zero:
+ * 8 x 8 blocks are widened and transposed in registers. The AVX-512 GEMM packs with it too. */
+TARGET_AVX2 void pack_panel(float *panel, const void *w, NeoDType dtype, int n0, int K, int N, int width)
 {
     int k = 0;
     for (; k + 8 <= K; k += 8) {
-        for (int j0 = 0; j0 < PANEL; j0 += 8) {
+        for (int j0 = 0; j0 < width; j0 += 8) {
             __m256 block[8];
             for (int i = 0; i < 8; i++)
                 block[i] = n0 + j0 + i < N ? widen8(w, dtype, (size_t)(n0 + j0 + i) * K + k)
                                            : _mm256_setzero_ps();
             transpose8x8(block);
-            for (int i = 0; i < 8; i++) _mm256_store_ps(panel + (size_t)(k + i) * PANEL + j0, block[i]);
+            for (int i = 0; i < 8; i++) _mm256_store_ps(panel + (size_t)(k + i) * width + j0, block[i]);
         }
     }
     for (; k < K; k++)
-        for (int j = 0; j < PANEL; j++)
-            panel[(size_t)k * PANEL + j] = n0 + j < N ? matrix_element(&(NeoMatrix){dtype, w, NULL}, n0 + j, k, K) : 0.0f;
+        for (int j = 0; j < width; j++)
+            panel[(size_t)k * width + j] = n0 + j < N ? matrix_element(&(NeoMatrix){dtype, w, NULL}, n0 + j, k, K) : 0.0f;
 }
 
 /* out[t0.., n0..n0+PANEL) for GEMM_ROWS rows of x: broadcast x[t, k] against the packed row k.
@@ -364,7 +356,7 @@ TARGET_AVX2 static void gemm_avx2(float *out, const float *x, const void *w, Neo
         #pragma omp for schedule(static)
         for (int p = 0; p < n_panels; p++) {
             if (!panel) continue;  /* out of memory: leave zeros rather than crash */
-            pack_panel(panel, w, dtype, p * PANEL, K, N);
+            pack_panel(panel, w, dtype, p * PANEL, K, N, PANEL);
             for (int t = 0; t < T; t += GEMM_ROWS)
                 gemm_tile_avx2(out, x, panel, bias, t, p * PANEL, T, K, N, accumulate);
         }
@@ -372,10 +364,10 @@ TARGET_AVX2 static void gemm_avx2(float *out, const float *x, const void *w, Neo
     }
 }
 
-/* int8 weights have no AVX2 kernel yet: they take the portable path. */
-static int avx2_runs(const NeoMatrix *w, NeoIsa isa)
+/* int8 weights have no AVX2 or AVX-512 kernel yet: they take the portable path. */
+static int simd_runs(const NeoMatrix *w, NeoIsa isa, NeoIsa simd)
 {
-    return isa == NEO_ISA_AVX2 && w->dtype != NEO_I8;
+    return isa == simd && w->dtype != NEO_I8;
 }
 #endif
 
@@ -389,8 +381,12 @@ void matmul_forward(float *out, const float *x, const NeoMatrix *w, const float 
                     int K, int N, int accumulate, int n_threads, NeoIsa isa)
 {
 #if defined(__x86_64__)
-    if (avx2_runs(w, isa)) {
+    if (simd_runs(w, isa, NEO_ISA_AVX2)) {
         gemm_avx2(out, x, w->data, w->dtype, bias, T, K, N, accumulate, n_threads);
+        return;
+    }
+    if (simd_runs(w, isa, NEO_ISA_AVX512)) {
+        gemm_avx512(out, x, w->data, w->dtype, bias, T, K, N, accumulate, n_threads);
         return;
     }
 #endif
@@ -404,8 +400,12 @@ void matvec_forward(float *out, const float *x, const NeoMatrix *w, const float 
                     int K, int N, int accumulate, int n_threads, NeoIsa isa)
 {
 #if defined(__x86_64__)
-    if (avx2_runs(w, isa)) {
+    if (simd_runs(w, isa, NEO_ISA_AVX2)) {
         matvec_avx2(out, x, w->data, w->dtype, bias, T, K, N, accumulate, n_threads);
+        return;
+    }
+    if (simd_runs(w, isa, NEO_ISA_AVX512)) {
+        matvec_avx512(out, x, w->data, w->dtype, bias, T, K, N, accumulate, n_threads);
         return;
     }
 #endif

@@ -1,16 +1,18 @@
-/* forward_check.c: the C core alone, on a tiny random GPT-Neo, for builds Python cannot load
- * (a cross-compiled aarch64 core run under qemu-user). Usage: forward_check ISA THREADS
- * with ISA generic or scalar. It prefills a 12-token prompt (the GEMM), decodes 4 tokens (the
- * matvec), and prints the logits of the last prompt row and of each decoded row, one value a
- * line; the test compares them with what the x86 build prints. Weights come from a fixed
- * xorshift stream, so every build sees the same model. */
+/* forward_check.c: the C core alone, on a tiny random GPT-Neo, for builds Python cannot load:
+ * a cross-compiled aarch64 core run under qemu-user, or the AVX-512 kernels built on SIMDe.
+ * Usage: forward_check ISA THREADS, ISA one of scalar, generic, avx2, avx512.
+ * First it checks that the matmul kernels compute each row as if alone (bit for bit; exit 3
+ * if not). Then it prefills a 13-token prompt (the GEMM), decodes 4 tokens (the matvec), and
+ * prints the logits of the last prompt row and of each decoded row, one value a line; the
+ * tests compare them across builds and paths. Sizes are no multiples of the SIMD widths (tails
+ * everywhere); weights come from a fixed xorshift stream, so every build sees the same model. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "neocore.h"
 
-enum { HIDDEN = 64, HEADS = 4, LAYERS = 2, FFN = 256, VOCAB = 300, POSITIONS = 64, WINDOW = 8 };
-enum { PROMPT = 12, DECODED = 4 };
+enum { HIDDEN = 144, HEADS = 2, LAYERS = 2, FFN = 200, VOCAB = 301, POSITIONS = 64, WINDOW = 8 };
+enum { PROMPT = 13, DECODED = 4 };
 
 static uint32_t rng_state = 12345;
 
@@ -48,13 +50,39 @@ static NeoMatrix bf16_matrix(size_t rows, size_t cols, float scale)
     return (NeoMatrix){NEO_BF16, p, NULL};
 }
 
+/* 1 when both kernels give each of T rows exactly what that row gives alone */
+static int rows_computed_alone(NeoIsa isa, int n_threads)
+{
+    enum { T = 13, K = 200, N = 37 };
+    static float x[T * K], bias[N], together[T * N], alone[N];
+    const NeoMatrix w = bf16_matrix(N, K, 0.5f);
+    for (int i = 0; i < T * K; i++) x[i] = random_value(1.0f);
+    for (int i = 0; i < N; i++) bias[i] = random_value(0.5f);
+    for (int decode = 0; decode < 2; decode++) {
+        void (*kernel)(float *, const float *, const NeoMatrix *, const float *, int, int, int, int,
+                       int, NeoIsa) = decode ? matvec_forward : matmul_forward;
+        kernel(together, x, &w, bias, T, K, N, 0, n_threads, isa);
+        for (int t = 0; t < T; t++) {
+            kernel(alone, x + t * K, &w, bias, 1, K, N, 0, n_threads, isa);
+            if (memcmp(alone, together + t * N, sizeof alone) != 0) return 0;
+        }
+    }
+    return 1;
+}
+
 int main(int argc, char **argv)
 {
-    if (argc != 3 || (strcmp(argv[1], "generic") && strcmp(argv[1], "scalar"))) {
-        fprintf(stderr, "usage: forward_check generic|scalar THREADS\n");
+    const char *names[] = {"generic", "avx2", "avx512", "scalar"};  /* NeoIsa order */
+    int isa = 0;
+    while (argc == 3 && isa < 4 && strcmp(argv[1], names[isa])) isa++;
+    if (argc != 3 || isa == 4) {
+        fprintf(stderr, "usage: forward_check generic|avx2|avx512|scalar THREADS\n");
         return 2;
     }
-    const NeoIsa isa = strcmp(argv[1], "generic") == 0 ? NEO_ISA_GENERIC : NEO_ISA_SCALAR;
+    if (!rows_computed_alone(isa, atoi(argv[2]))) {
+        fprintf(stderr, "%s: a row's result depends on the other rows\n", argv[1]);
+        return 3;
+    }
     const uint8_t local[LAYERS] = {0, 1};
     const NeoConfig cfg = {HIDDEN, LAYERS, HEADS, HIDDEN / HEADS, FFN, VOCAB, POSITIONS, WINDOW,
                            1e-5f, local};
