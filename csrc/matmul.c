@@ -316,8 +316,8 @@ TARGET_AVX2 void pack_panel(float *panel, const void *w, NeoDType dtype, int n0,
 
 /* out[t0.., n0..n0+PANEL) for GEMM_ROWS rows of x: broadcast x[t, k] against the packed row k.
  * Rows past T are read as row T-1 and not stored. */
-INLINE_AVX2 void gemm_tile_avx2(float *out, const float *x, const float *panel, const float *bias,
-                                int t0, int n0, int T, int K, int N, int accumulate)
+TARGET_AVX2 static void gemm_tile_avx2(float *out, const float *x, const float *panel, const float *bias,
+                                       int t0, int n0, int T, int K, int N, int accumulate)
 {
     const float *xr[GEMM_ROWS];
     __m256 acc[GEMM_ROWS][2];
@@ -329,7 +329,8 @@ INLINE_AVX2 void gemm_tile_avx2(float *out, const float *x, const float *panel, 
         __m256 w0 = _mm256_loadu_ps(panel + (size_t)k * PANEL);
         __m256 w1 = _mm256_loadu_ps(panel + (size_t)k * PANEL + 8);
         for (int i = 0; i < GEMM_ROWS; i++) {
-            __m256 xv = _mm256_broadcast_ss(xr[i] + k);
+            /* set1, not broadcast_ss(pointer): with the pointer GCC kept the sums in memory */
+            __m256 xv = _mm256_set1_ps(xr[i][k]);
             acc[i][0] = _mm256_fmadd_ps(xv, w0, acc[i][0]);
             acc[i][1] = _mm256_fmadd_ps(xv, w1, acc[i][1]);
         }
@@ -340,25 +341,22 @@ INLINE_AVX2 void gemm_tile_avx2(float *out, const float *x, const float *panel, 
         _mm256_storeu_ps(tile[i], acc[i][0]);
         _mm256_storeu_ps(tile[i] + 8, acc[i][1]);
     }
-    for (int i = 0; i < GEMM_ROWS && t0 + i < T; i++)
-        for (int j = 0; j < PANEL && n0 + j < N; j++)
-            store_output(&out[(size_t)(t0 + i) * N + n0 + j], tile[i][j], bias, n0 + j, accumulate);
+    store_tile(out, &tile[0][0], GEMM_ROWS, PANEL, bias, t0, n0, T, N, accumulate);
 }
 
-TARGET_AVX2 static void gemm_avx2(float *out, const float *x, const void *w, NeoDType dtype,
-                                  const float *bias, int T, int K, int N, int accumulate,
-                                  int n_threads)
+void gemm_panels(GemmTile *tile, int width, int rows, float *out, const float *x, const void *w,
+                 NeoDType dtype, const float *bias, int T, int K, int N, int accumulate, int n_threads)
 {
-    int n_panels = (N + PANEL - 1) / PANEL;
+    const int n_panels = (N + width - 1) / width;
     #pragma omp parallel num_threads(n_threads)
     {
-        float *panel = aligned_alloc(64, sizeof(float) * PANEL * (size_t)K);
+        float *panel = aligned_alloc(64, sizeof(float) * width * (size_t)K);
         #pragma omp for schedule(static)
         for (int p = 0; p < n_panels; p++) {
-            if (!panel) continue;  /* out of memory: leave zeros rather than crash */
-            pack_panel(panel, w, dtype, p * PANEL, K, N, PANEL);
-            for (int t = 0; t < T; t += GEMM_ROWS)
-                gemm_tile_avx2(out, x, panel, bias, t, p * PANEL, T, K, N, accumulate);
+            if (!panel) continue;  /* out of memory: leave the outputs rather than crash */
+            pack_panel(panel, w, dtype, p * width, K, N, width);
+            for (int t = 0; t < T; t += rows)
+                tile(out, x, panel, bias, t, p * width, T, K, N, accumulate);
         }
         free(panel);
     }
@@ -382,11 +380,13 @@ void matmul_forward(float *out, const float *x, const NeoMatrix *w, const float 
 {
 #if defined(__x86_64__)
     if (simd_runs(w, isa, NEO_ISA_AVX2)) {
-        gemm_avx2(out, x, w->data, w->dtype, bias, T, K, N, accumulate, n_threads);
+        gemm_panels(gemm_tile_avx2, PANEL, GEMM_ROWS, out, x, w->data, w->dtype, bias, T, K, N,
+                    accumulate, n_threads);
         return;
     }
     if (simd_runs(w, isa, NEO_ISA_AVX512)) {
-        gemm_avx512(out, x, w->data, w->dtype, bias, T, K, N, accumulate, n_threads);
+        gemm_panels(gemm_tile_avx512, PANEL512, GEMM512_ROWS, out, x, w->data, w->dtype, bias, T,
+                    K, N, accumulate, n_threads);
         return;
     }
 #endif

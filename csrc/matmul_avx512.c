@@ -4,7 +4,6 @@
  * an order fixed by the code, so results do not depend on the thread count; the decode kernel
  * sums each of T rows as it would alone, the GEMM sums each output along k whatever T is.
  * bf16 weights are widened by a zero-extension and a shift; K tails use masked loads. */
-#include <stdlib.h>
 #include "internal.h"
 
 #if defined(__x86_64__)
@@ -96,14 +95,11 @@ TARGET_AVX512 void matvec_avx512(float *out, const float *x, const void *w, NeoD
     }
 }
 
-/* Prefill: W widened once into fp32 panels of PANEL512 columns (matmul.c's pack_panel), and a
- * GEMM512_ROWS x PANEL512 register tile over K: 12 rows x 2 zmm = 24 accumulators + 2 panel
- * vectors + the broadcast x, 27 of the 32 registers. Each output is summed along k in order. */
-#define PANEL512 32
-#define GEMM512_ROWS 12
-
-/* Rows past T are read as row T-1 and not stored. */
-INLINE_AVX512 void gemm_tile_avx512(float *out, const float *x, const float *panel, const float *bias,
+/* Prefill (matmul.c's gemm_panels drives it): W widened once into fp32 panels of PANEL512
+ * columns, and a GEMM512_ROWS x PANEL512 register tile over K: 12 rows x 2 zmm = 24
+ * accumulators + 2 panel vectors + the broadcast x, 27 of the 32 registers (both sizes in
+ * internal.h). Each output is summed along k in order. */
+TARGET_AVX512 void gemm_tile_avx512(float *out, const float *x, const float *panel, const float *bias,
                                     int t0, int n0, int T, int K, int N, int accumulate)
 {
     const float *xr[GEMM512_ROWS];
@@ -127,27 +123,7 @@ INLINE_AVX512 void gemm_tile_avx512(float *out, const float *x, const float *pan
         _mm512_storeu_ps(tile[i], acc[i][0]);
         _mm512_storeu_ps(tile[i] + 16, acc[i][1]);
     }
-    for (int i = 0; i < GEMM512_ROWS && t0 + i < T; i++)
-        for (int j = 0; j < PANEL512 && n0 + j < N; j++)
-            store_output(&out[(size_t)(t0 + i) * N + n0 + j], tile[i][j], bias, n0 + j, accumulate);
-}
-
-TARGET_AVX512 void gemm_avx512(float *out, const float *x, const void *w, NeoDType dtype,
-                               const float *bias, int T, int K, int N, int accumulate, int n_threads)
-{
-    const int n_panels = (N + PANEL512 - 1) / PANEL512;
-    #pragma omp parallel num_threads(n_threads)
-    {
-        float *panel = aligned_alloc(64, sizeof(float) * PANEL512 * (size_t)K);
-        #pragma omp for schedule(static)
-        for (int p = 0; p < n_panels; p++) {
-            if (!panel) continue;  /* out of memory: leave the outputs rather than crash */
-            pack_panel(panel, w, dtype, p * PANEL512, K, N, PANEL512);
-            for (int t = 0; t < T; t += GEMM512_ROWS)
-                gemm_tile_avx512(out, x, panel, bias, t, p * PANEL512, T, K, N, accumulate);
-        }
-        free(panel);
-    }
+    store_tile(out, &tile[0][0], GEMM512_ROWS, PANEL512, bias, t0, n0, T, N, accumulate);
 }
 
 #endif
