@@ -44,24 +44,28 @@ static int row_runs(RowRun runs[3], const float *fresh, const float *cache, int 
     return n;
 }
 
-/* ---- the two inner loops, scalar reference and AVX2 --------------------------------------- */
+/* ---- the two inner loops: scalar reference, portable, AVX2, AVX-512 ---------------------------------- */
 
-static float dot_generic(const float *a, const float *b, int n)
+static float dot_scalar(const float *a, const float *b, int n)
 {
     float sum = 0.0f;
     for (int i = 0; i < n; i++) sum += a[i] * b[i];
     return sum;
 }
 
-/* out[d] = sum_j weights[j] * rows[j][offset + d] over the runs */
-static void weighted_rows_generic(float *out, const float *weights, const RowRun *runs, int n_runs,
-                                  int offset, int n)
+/* out[d] = sum_j weights[j] * rows[j][offset + d] over the runs. Each out[d] is summed over j
+ * in order; the loop over d is contiguous and vectorises without changing any sum, so this
+ * one loop is both the scalar reference and the portable path. */
+static void weighted_rows_generic(float *restrict out, const float *restrict weights,
+                                  const RowRun *runs, int n_runs, int offset, int n)
 {
     for (int d = 0; d < n; d++) out[d] = 0.0f;
     for (int r = 0, j = 0; r < n_runs; r++)
         for (int c = 0; c < runs[r].count; c++, j++) {
-            const float *row = runs[r].rows + (size_t)c * runs[r].stride + offset;
-            for (int d = 0; d < n; d++) out[d] += weights[j] * row[d];
+            const float *restrict row = runs[r].rows + (size_t)c * runs[r].stride + offset;
+            const float wj = weights[j];
+            #pragma omp simd
+            for (int d = 0; d < n; d++) out[d] += wj * row[d];
         }
 }
 
@@ -101,9 +105,53 @@ TARGET_AVX2 static void weighted_rows_avx2(float *out, const float *weights, con
     }
     if (d < n) weighted_rows_generic(out + d, weights, runs, n_runs, d, n - d);
 }
+
+/* The same two loops on 16-float vectors: the dot with two accumulators and a masked tail,
+ * the weighted sum over columns in blocks of 64 held in four registers. */
+TARGET_AVX512 static inline float dot_avx512(const float *a, const float *b, int n)
+{
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+    }
+    for (; i < n; i += 16) {
+        const __mmask16 mask = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a + i), _mm512_maskz_loadu_ps(mask, b + i), acc0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+TARGET_AVX512 static void weighted_rows_avx512(float *out, const float *weights, const RowRun *runs,
+                                               int n_runs, int n)
+{
+    int d = 0;
+    for (; d + 64 <= n; d += 64) {
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int r = 0, j = 0; r < n_runs; r++)
+            for (int c = 0; c < runs[r].count; c++, j++) {
+                const float *row = runs[r].rows + (size_t)c * runs[r].stride + d;
+                const __m512 w = _mm512_set1_ps(weights[j]);
+                for (int a = 0; a < 4; a++) acc[a] = _mm512_fmadd_ps(w, _mm512_loadu_ps(row + 16 * a), acc[a]);
+            }
+        for (int a = 0; a < 4; a++) _mm512_storeu_ps(out + d + 16 * a, acc[a]);
+    }
+    if (d < n) weighted_rows_generic(out + d, weights, runs, n_runs, d, n - d);
+}
 #endif
 
 /* ---- one query of one head ------------------------------------------------------------------ */
+
+static inline __attribute__((always_inline)) float attention_dot(const NeoIsa isa, const float *a,
+                                                                 const float *b, int n)
+{
+#if defined(__x86_64__)
+    if (isa == NEO_ISA_AVX2) return dot_avx2(a, b, n);
+    if (isa == NEO_ISA_AVX512) return dot_avx512(a, b, n);
+#endif
+    return isa == NEO_ISA_SCALAR ? dot_scalar(a, b, n) : dot_lanes(NEO_F32, a, b, n);
+}
 
 /* out = softmax(q . keys) . values over the keys position pos0 + t may see. isa is a constant
  * at each call site, so each instantiation keeps only its own inner loops. */
@@ -123,11 +171,7 @@ attend(const NeoIsa isa, float *out, const float *q, const float *k_new, const f
     for (int r = 0; r < n_runs; r++)
         for (int c = 0; c < runs[r].count; c++, n_keys++) {
             const float *key = runs[r].rows + (size_t)c * runs[r].stride;
-#if defined(__x86_64__)
-            float score = isa == NEO_ISA_AVX2 ? dot_avx2(qh, key, head_dim) : dot_generic(qh, key, head_dim);
-#else
-            float score = dot_generic(qh, key, head_dim);
-#endif
+            float score = attention_dot(isa, qh, key, head_dim);
             s[n_keys] = score;
             if (score > max_score) max_score = score;
         }
@@ -142,6 +186,10 @@ attend(const NeoIsa isa, float *out, const float *q, const float *k_new, const f
 #if defined(__x86_64__)
     if (isa == NEO_ISA_AVX2) {
         weighted_rows_avx2(oh, s, runs, n_runs, head_dim);
+        return;
+    }
+    if (isa == NEO_ISA_AVX512) {
+        weighted_rows_avx512(oh, s, runs, n_runs, head_dim);
         return;
     }
 #endif
@@ -169,23 +217,24 @@ attend(const NeoIsa isa, float *out, const float *q, const float *k_new, const f
         }
 
 static void attention_generic(ATTENTION_PARAMS) { ATTENTION_LOOP(NEO_ISA_GENERIC) }
+static void attention_scalar(ATTENTION_PARAMS) { ATTENTION_LOOP(NEO_ISA_SCALAR) }
 
 #if defined(__x86_64__)
 TARGET_AVX2 static void attention_avx2(ATTENTION_PARAMS) { ATTENTION_LOOP(NEO_ISA_AVX2) }
+TARGET_AVX512 static void attention_avx512(ATTENTION_PARAMS) { ATTENTION_LOOP(NEO_ISA_AVX512) }
 #endif
 
 void attention_forward(ATTENTION_PARAMS, NeoIsa isa)
 {
 #if defined(__x86_64__)
-    if (isa == NEO_ISA_AVX2) {
-        attention_avx2(out, q, k_new, v_new, sequences, layer, slots, segments,
-                       row_segment, n_rows, n_heads, head_dim, window, scores, scores_stride,
-                       n_threads);
+    if (isa == NEO_ISA_AVX2 || isa == NEO_ISA_AVX512) {
+        (isa == NEO_ISA_AVX2 ? attention_avx2 : attention_avx512)(
+            out, q, k_new, v_new, sequences, layer, slots, segments, row_segment, n_rows, n_heads,
+            head_dim, window, scores, scores_stride, n_threads);
         return;
     }
 #endif
-    (void)isa;
-    attention_generic(out, q, k_new, v_new, sequences, layer, slots, segments,
-                      row_segment, n_rows, n_heads, head_dim, window, scores, scores_stride,
-                      n_threads);
+    (isa == NEO_ISA_SCALAR ? attention_scalar : attention_generic)(
+        out, q, k_new, v_new, sequences, layer, slots, segments, row_segment, n_rows, n_heads,
+        head_dim, window, scores, scores_stride, n_threads);
 }

@@ -1,5 +1,5 @@
-/* cpu_features.c: may the AVX2 + FMA path run here? CPUID says what the core has, XGETBV
- * whether the OS saves the YMM registers across context switches; both must agree. The
+/* cpu_features.c: which kernel paths may run here? CPUID says what the core has, XGETBV
+ * whether the OS saves the wider registers across context switches; both must agree. The
  * vendor picks tuning choices that help on one CPU family and hurt on another. */
 #include <string.h>
 #include "neocore.h"
@@ -16,17 +16,40 @@ int neo_built_with_openmp(void)
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 
-int neo_cpu_has_avx2_fma(void)
+/* XCR0 bits: 1 SSE (XMM), 2 AVX (upper YMM), 5 opmask k0-k7, 6 upper ZMM0-15, 7 ZMM16-31. */
+#define XCR0_YMM 0x06u
+#define XCR0_ZMM 0xE6u
+
+/* 1 when CPUID.1:ECX has OSXSAVE and AVX and XCR0 holds every bit of state_bits. */
+static int os_saves(unsigned state_bits)
 {
     unsigned a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
-    const unsigned osxsave = 1u << 27, avx = 1u << 28, fma = 1u << 12;
-    if ((c & (osxsave | avx | fma)) != (osxsave | avx | fma)) return 0;
+    const unsigned osxsave = 1u << 27, avx = 1u << 28;
+    if ((c & (osxsave | avx)) != (osxsave | avx)) return 0;
     unsigned xcr0_lo, xcr0_hi;
     __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
-    if ((xcr0_lo & 0x6) != 0x6) return 0; /* XMM and YMM state enabled */
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
-    return (b & (1u << 5)) != 0; /* AVX2 */
+    return (xcr0_lo & state_bits) == state_bits;
+}
+
+/* CPUID leaf 7 subleaf 0, EBX: the AVX2 and AVX-512 feature bits. */
+static unsigned leaf7_ebx(void)
+{
+    unsigned a, b, c, d;
+    return __get_cpuid_count(7, 0, &a, &b, &c, &d) ? b : 0;
+}
+
+int neo_cpu_has_avx2_fma(void)
+{
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 12))) return 0; /* FMA */
+    return os_saves(XCR0_YMM) && (leaf7_ebx() & (1u << 5));             /* AVX2 */
+}
+
+int neo_cpu_has_avx512(void)
+{
+    const unsigned f = 1u << 16, bw = 1u << 30, vl = 1u << 31;
+    return neo_cpu_has_avx2_fma() && os_saves(XCR0_ZMM) && (leaf7_ebx() & (f | bw | vl)) == (f | bw | vl);
 }
 
 int neo_cpu_is_amd(void)
@@ -41,5 +64,6 @@ int neo_cpu_is_amd(void)
 }
 #else
 int neo_cpu_has_avx2_fma(void) { return 0; }
+int neo_cpu_has_avx512(void) { return 0; }
 int neo_cpu_is_amd(void) { return 0; }
 #endif

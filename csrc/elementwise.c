@@ -1,5 +1,6 @@
 /* elementwise.c: the per-position operations of a GPT-Neo block. */
 #include <math.h>
+#include <string.h>
 #include "internal.h"
 
 void embedding_forward(float *x, const int32_t *tokens, const int32_t *positions, int T,
@@ -37,7 +38,8 @@ void layernorm_forward(float *out, const float *x, const float *weight, const fl
 #define SQRT_2_OVER_PI 0.7978845608028654f
 #define GELU_CUBIC 0.044715f
 
-static void gelu_new_generic(float *x, size_t n, int n_threads)
+/* The scalar reference: libm's tanhf, one value at a time. */
+static void gelu_new_scalar(float *x, size_t n, int n_threads)
 {
     #pragma omp parallel for num_threads(n_threads) schedule(static) if (n > 8192)
     for (size_t i = 0; i < n; i++) {
@@ -45,6 +47,81 @@ static void gelu_new_generic(float *x, size_t n, int n_threads)
         x[i] = 0.5f * v * (1.0f + tanhf(SQRT_2_OVER_PI * (v + GELU_CUBIC * v * v * v)));
     }
 }
+
+/* The portable path: the same e^x and tanh as the AVX2 path below, in plain C without calls or
+ * branches, so that the compiler vectorises the loop. Rounding to nearest is done by adding and
+ * subtracting 1.5 * 2^23 (exact in the default rounding mode), as SSE2 has no rounding
+ * instruction; 2^n is built in the exponent bits; sign and select are bit operations because
+ * GCC will not if-convert a select whose arms may trap (a division) nor vectorise fabsf and
+ * copysignf beside one. */
+static inline uint32_t float_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static inline float bits_float(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* cond ? a : b, computed from both */
+static inline float select_float(int cond, float a, float b)
+{
+    const uint32_t mask = -(uint32_t)cond;
+    return bits_float((float_bits(a) & mask) | (float_bits(b) & ~mask));
+}
+
+static inline float exp_portable(float x)
+{
+    const float round_shift = 12582912.0f;
+    x = select_float(x < -87.0f, -87.0f, x);
+    x = select_float(x > 88.0f, 88.0f, x);
+    const float n = (x * 1.44269504088896341f + round_shift) - round_shift;
+    float r = x - n * 0.693145751953125f;
+    r = r - n * 1.428606765330187e-06f;
+    float p = 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    return p * bits_float((uint32_t)((int32_t)n + 127) << 23);
+}
+
+static inline float tanh_portable(float u)
+{
+    const uint32_t sign = float_bits(u) & 0x80000000u;
+    const float a = bits_float(float_bits(u) ^ sign), a2 = a * a;
+    const float big = 1.0f - 2.0f / (exp_portable(a + a) + 1.0f);
+    float p = 62.0f / 2835;
+    p = p * a2 - 17.0f / 315;
+    p = p * a2 + 2.0f / 15;
+    p = p * a2 - 1.0f / 3;
+    const float small = p * a2 * a + a;
+    return bits_float(float_bits(select_float(a < 0.25f, small, big)) | sign);
+}
+
+static inline __attribute__((always_inline)) void gelu_new_portable(float *restrict x, size_t n, int n_threads)
+{
+    #pragma omp parallel for simd num_threads(n_threads) schedule(static) if (n > 8192)
+    for (size_t i = 0; i < n; i++) {
+        const float v = x[i], half_v = 0.5f * v;
+        x[i] = half_v + half_v * tanh_portable(SQRT_2_OVER_PI * (v + GELU_CUBIC * v * v * v));
+    }
+}
+
+static void gelu_new_generic(float *x, size_t n, int n_threads) { gelu_new_portable(x, n, n_threads); }
+
+#if defined(__x86_64__)
+/* The AVX-512 path: the portable loop, which the compiler vectorises for AVX-512 here. */
+TARGET_AVX512 static void gelu_new_avx512(float *x, size_t n, int n_threads) { gelu_new_portable(x, n, n_threads); }
+#endif
 
 #if defined(__x86_64__)
 /* e^x for x in [-87, 88]: 2^n e^r with n = round(x / ln 2), |r| <= ln(2)/2, ln 2 split in two
@@ -98,7 +175,7 @@ TARGET_AVX2 static void gelu_new_avx2(float *x, size_t n, int n_threads)
         __m256 half_v = _mm256_mul_ps(_mm256_set1_ps(0.5f), v);
         _mm256_storeu_ps(x + i, _mm256_fmadd_ps(half_v, tanh_avx2(u), half_v));
     }
-    gelu_new_generic(x + n8, n - n8, 1);
+    gelu_new_scalar(x + n8, n - n8, 1);
 }
 #endif
 
@@ -109,7 +186,13 @@ void gelu_new_forward(float *x, size_t n, int n_threads, NeoIsa isa)
         gelu_new_avx2(x, n, n_threads);
         return;
     }
+    if (isa == NEO_ISA_AVX512) {
+        gelu_new_avx512(x, n, n_threads);
+        return;
+    }
 #endif
-    (void)isa;
-    gelu_new_generic(x, n, n_threads);
+    if (isa == NEO_ISA_SCALAR)
+        gelu_new_scalar(x, n, n_threads);
+    else
+        gelu_new_generic(x, n, n_threads);
 }

@@ -7,11 +7,97 @@
 #include "neocore.h"
 
 #if defined(__x86_64__)
+/* The AVX2+FMA and AVX-512 paths are compiled per function, so the library itself stays
+ * portable. Built with -DNEOCORE_SIMDE (a test only), every intrinsic comes from SIMDe instead,
+ * in portable C, so that the AVX-512 kernels can be checked on a CPU without AVX-512. */
+#if defined(NEOCORE_SIMDE)
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+/* what SIMDe 0.7 lacks, in plain C: masked loads read only the lanes asked for */
+#define __mmask16 simde__mmask16
+#define _MM_FROUND_NO_EXC SIMDE_MM_FROUND_NO_EXC
+static inline __m512 simde_maskz_loadu_ps(__mmask16 k, const float *p)
+{
+    float v[16] = {0};
+    for (int i = 0; i < 16; i++) v[i] = k >> i & 1 ? p[i] : 0.0f;
+    return _mm512_loadu_ps(v);
+}
+static inline __m256i simde_maskz_loadu_epi16(__mmask16 k, const void *p)
+{
+    uint16_t v[16] = {0};
+    for (int i = 0; i < 16; i++) v[i] = k >> i & 1 ? ((const uint16_t *)p)[i] : 0;
+    return _mm256_loadu_si256((const __m256i *)v);
+}
+static inline __m512i simde_cvtepu16_epi32(__m256i a)
+{
+    uint16_t h[16];
+    uint32_t w[16];
+    _mm256_storeu_si256((__m256i *)h, a);
+    for (int i = 0; i < 16; i++) w[i] = h[i];
+    return _mm512_loadu_si512(w);
+}
+static inline float simde_reduce_add_ps(__m512 a)
+{
+    float v[16], sum = 0.0f;
+    _mm512_storeu_ps(v, a);
+    for (int i = 0; i < 16; i++) sum += v[i];
+    return sum;
+}
+#define _mm512_maskz_loadu_ps simde_maskz_loadu_ps
+#define _mm256_maskz_loadu_epi16 simde_maskz_loadu_epi16
+#define _mm512_cvtepu16_epi32 simde_cvtepu16_epi32
+#define _mm512_reduce_add_ps simde_reduce_add_ps
+#define TARGET_AVX2
+#define TARGET_AVX512
+#define INLINE_AVX2 static inline __attribute__((always_inline))
+#define INLINE_AVX512 static inline __attribute__((always_inline))
+#else
 #include <immintrin.h>
-/* The AVX2+FMA paths are compiled per function, so the library itself stays portable. */
 #define TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl")))
 #define INLINE_AVX2 static inline __attribute__((always_inline, target("avx2,fma")))
+#define INLINE_AVX512 static inline __attribute__((always_inline, target("avx2,fma,avx512f,avx512bw,avx512vl")))
 #endif
+
+/* Decode kernels that prefetch (neo_decode_prefetches_nta) do so this far ahead. */
+#define PREFETCH_BYTES 256
+
+/* The SIMD GEMMs share one driver (matmul.c): threads take panels of width columns of w
+ * (static schedule), pack each once into fp32 [K][width] (pack_panel, AVX2) and run a register
+ * tile over it for every rows rows of x. A tile computes out[t0.., n0..) with rows past T read
+ * as row T-1 and not stored, and hands its sums to store_tile (below). */
+typedef void GemmTile(float *out, const float *x, const float *panel, const float *bias, int t0,
+                      int n0, int T, int K, int N, int accumulate);
+void gemm_panels(GemmTile *tile, int width, int rows, float *out, const float *x, const void *w,
+                 NeoDType dtype, const float *bias, int T, int K, int N, int accumulate, int n_threads);
+void pack_panel(float *panel, const void *w, NeoDType dtype, int n0, int K, int N, int width);
+
+/* matmul_avx512.c */
+#define PANEL512 32
+#define GEMM512_ROWS 12
+GemmTile gemm_tile_avx512;
+void matvec_avx512(float *out, const float *x, const void *w, NeoDType dtype, const float *bias,
+                   int T, int K, int N, int accumulate, int n_threads);
+#endif
+
+/* Adds the bias and either stores or adds to what out holds (a fused residual add). */
+static inline void store_output(float *out, float sum, const float *bias, int n, int accumulate)
+{
+    float value = bias ? sum + bias[n] : sum;
+    *out = accumulate ? *out + value : value;
+}
+
+/* A GEMM tile's sums tile[rows][width] into out rows t0.. and columns n0.., within T and N.
+ * Inlined: were the tile's address to escape into a call, GCC would keep the accumulators in
+ * memory through the whole k loop (measured 2.7x slower). */
+static inline __attribute__((always_inline)) void
+store_tile(float *out, const float *tile, int rows, int width, const float *bias, int t0, int n0,
+           int T, int N, int accumulate)
+{
+    for (int i = 0; i < rows && t0 + i < T; i++)
+        for (int j = 0; j < width && n0 + j < N; j++)
+            store_output(&out[(size_t)(t0 + i) * N + n0 + j], tile[i * width + j], bias, n0 + j, accumulate);
+}
 
 static inline float bf16_to_f32(uint16_t b)
 {
@@ -19,6 +105,36 @@ static inline float bf16_to_f32(uint16_t b)
     float f;
     memcpy(&f, &bits, sizeof f);
     return f;
+}
+
+/* Element i of an fp32 or bf16 array; dtype is a constant where it is inlined, so each use
+ * compiles to one plain load (and for bf16 a shift that vectorises). */
+static inline __attribute__((always_inline)) float fp_element(const void *data, NeoDType dtype, size_t i)
+{
+    return dtype == NEO_BF16 ? bf16_to_f32(((const uint16_t *)data)[i]) : ((const float *)data)[i];
+}
+
+/* sum_i a[i] * b[i] (b fp32 or bf16) for the portable path, in an order fixed by the source so
+ * that the compiler may vectorise it but never reorder it (no -ffast-math): lane l sums the
+ * products at i = l (mod DOT_LANES) in index order, the lanes are then folded in halves (lane
+ * l + 8 into l, then + 4, + 2, + 1), and the tail is added last. 16 lanes are four 128-bit
+ * vectors (SSE2, NEON), enough independent sums to hide the add latency. Constant loop bounds
+ * throughout, so the fold unrolls too; size_t indices, because Python's build flags include
+ * -fwrapv, under which an int index i + l may wrap and the loads are no longer contiguous. */
+#define DOT_LANES 16
+static inline __attribute__((always_inline)) float dot_lanes(const NeoDType dtype, const float *restrict a,
+                                                             const void *restrict b, size_t n)
+{
+    float acc[DOT_LANES] = {0};
+    size_t i = 0;
+    for (; i + DOT_LANES <= n; i += DOT_LANES)
+        for (size_t l = 0; l < DOT_LANES; l++) acc[l] += a[i + l] * fp_element(b, dtype, i + l);
+    for (int l = 0; l < 8; l++) acc[l] += acc[l + 8];
+    for (int l = 0; l < 4; l++) acc[l] += acc[l + 4];
+    for (int l = 0; l < 2; l++) acc[l] += acc[l + 2];
+    float sum = acc[0] + acc[1];
+    for (; i < n; i++) sum += a[i] * fp_element(b, dtype, i);
+    return sum;
 }
 
 /* Element (row, col) of a weight matrix with cols columns, widened to fp32. */

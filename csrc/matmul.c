@@ -5,20 +5,17 @@
  * schedule and each output is summed by one thread in a fixed order, so the result does not
  * depend on the thread count, nor on the other rows: the decode kernel (matvec_forward) sums
  * each row as it would alone, the prefill GEMM (matmul_forward) sums each output along k.
- * Two paths: a scalar reference and an AVX2+FMA path. */
+ * Paths: the scalar reference (the tests' oracle), the portable path (plain C the compiler
+ * vectorises), AVX2+FMA here, and AVX-512 in matmul_avx512.c. */
+#include <stdlib.h>
 #include <string.h>
 #include "neocore.h"
 #include "internal.h"
 
-/* Adds the bias and either stores or adds to what out holds (a fused residual add). */
-static inline void store_output(float *out, float sum, const float *bias, int n, int accumulate)
-{
-    float value = bias ? sum + bias[n] : sum;
-    *out = accumulate ? *out + value : value;
-}
+/* ---- scalar reference: one product at a time, k in order ------------------------------- */
 
-static void matmul_generic(float *out, const float *x, const NeoMatrix *w, const float *bias,
-                           int T, int K, int N, int accumulate, int n_threads)
+static void matmul_scalar(float *out, const float *x, const NeoMatrix *w, const float *bias,
+                          int T, int K, int N, int accumulate, int n_threads)
 {
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int n = 0; n < N; n++) {
@@ -31,10 +28,145 @@ static void matmul_generic(float *out, const float *x, const NeoMatrix *w, const
     }
 }
 
+/* ---- portable path: contiguous constant-length inner loops the compiler vectorises -------- */
+
+/* Row n of w as fp32: fp32 rows are used in place, others are widened into buf (bf16 by a
+ * 16-bit shift, which vectorises as zero-extend and shift). */
+static const float *weight_row(float *restrict buf, const NeoMatrix *w, int n, int K)
+{
+    const size_t first = (size_t)n * K;
+    if (w->dtype == NEO_F32) return (const float *)w->data + first;
+    if (w->dtype == NEO_BF16) {
+        const uint16_t *restrict src = (const uint16_t *)w->data + first;
+        for (int k = 0; k < K; k++) buf[k] = bf16_to_f32(src[k]);
+    } else {
+        for (int k = 0; k < K; k++) buf[k] = matrix_element(w, n, k, K);
+    }
+    return buf;
+}
+
+/* Decode: each weight row is read from memory once and dotted with every row of x, widened on
+ * the fly (dot_lanes, the same order for every row whatever T is). int8 rows are widened into
+ * buf first. */
+static void matvec_generic(float *out, const float *x, const NeoMatrix *w, const float *bias,
+                           int T, int K, int N, int accumulate, int n_threads)
+{
+    #pragma omp parallel num_threads(n_threads)
+    {
+        float *buf = w->dtype == NEO_I8 ? malloc(sizeof(float) * (size_t)K) : NULL;
+        #pragma omp for schedule(static)
+        for (int n = 0; n < N; n++) {
+            const size_t first = (size_t)n * K;
+            for (int t = 0; t < T; t++) {
+                const float *xt = x + (size_t)t * K;
+                float sum;
+                if (w->dtype == NEO_BF16)
+                    sum = dot_lanes(NEO_BF16, xt, (const uint16_t *)w->data + first, K);
+                else if (w->dtype == NEO_F32)
+                    sum = dot_lanes(NEO_F32, xt, (const float *)w->data + first, K);
+                else if (buf)
+                    sum = dot_lanes(NEO_F32, xt, weight_row(buf, w, n, K), K);
+                else
+                    continue;  /* out of memory: leave the output rather than crash */
+                store_output(&out[(size_t)t * N + n], sum, bias, n, accumulate);
+            }
+        }
+        free(buf);
+    }
+}
+
+/* Prefill: W is widened once into fp32 panels of GEN_PANEL columns ([K][GEN_PANEL]); a tile of
+ * GEN_ROWS x GEN_PANEL sums runs over k, each x[t, k] times the panel's row k, so every output
+ * is summed along k in order whatever T is. The tile is written with the compiler's generic
+ * vectors (GCC/Clang vector_size: SSE2 on x86-64, NEON on aarch64, scalar code elsewhere)
+ * because GCC's auto-vectoriser kept the same tile written as float arrays in memory, storing
+ * and reloading every sum at every k (4x slower). x is broadcast into vectors once per call,
+ * GEN_BLOCK_ROWS rows at a time to bound that buffer: SSE2 has no broadcast load, and
+ * shuffling inside the tile measured 15% slower. 12 accumulators of 4 floats + a product fit
+ * the 16 registers of SSE2. */
+#define GEN_PANEL 12
+#define GEN_ROWS 4
+#define GEN_BLOCK_ROWS 128
+typedef float f32x4 __attribute__((vector_size(16)));
+
+/* panel[k][j] = w[n0 + j, k] widened, zero past N. k runs outside so that the panel is
+ * written in order while its GEN_PANEL rows are read as parallel streams. */
+static inline __attribute__((always_inline)) void
+pack_panel_rows(const NeoDType dtype, float *restrict panel, const void *data, int n0, int K, int N)
+{
+    const void *rows[GEN_PANEL];
+    for (int j = 0; j < GEN_PANEL; j++)
+        rows[j] = (const char *)data + (size_t)(n0 + j < N ? n0 + j : N - 1) * K * (dtype == NEO_BF16 ? 2 : 4);
+    for (int k = 0; k < K; k++)
+        for (int j = 0; j < GEN_PANEL; j++)
+            panel[(size_t)k * GEN_PANEL + j] = n0 + j < N ? fp_element(rows[j], dtype, k) : 0.0f;
+}
+
+static void pack_panel_generic(float *restrict panel, float *restrict buf, const NeoMatrix *w,
+                               int n0, int K, int N)
+{
+    if (w->dtype == NEO_BF16) {
+        pack_panel_rows(NEO_BF16, panel, w->data, n0, K, N);
+    } else if (w->dtype == NEO_F32) {
+        pack_panel_rows(NEO_F32, panel, w->data, n0, K, N);
+    } else {  /* int8: each row widened first */
+        for (int j = 0; j < GEN_PANEL; j++) {
+            const float *row = n0 + j < N ? weight_row(buf, w, n0 + j, K) : NULL;
+            for (int k = 0; k < K; k++) panel[(size_t)k * GEN_PANEL + j] = row ? row[k] : 0.0f;
+        }
+    }
+}
+
+/* out[t0.., n0..) for GEN_ROWS of the T broadcast rows xb ([T][K] vectors). Rows past T are
+ * read as row T-1 and not stored. panel is 16-byte aligned. */
+static void gemm_tile_generic(float *out, const f32x4 *xb, const float *restrict panel,
+                              const float *bias, int t0, int n0, int T, int K, int N, int accumulate)
+{
+    const f32x4 *xr[GEN_ROWS];
+    f32x4 acc[GEN_ROWS][GEN_PANEL / 4] = {{{0}}};
+    for (int i = 0; i < GEN_ROWS; i++) xr[i] = xb + (size_t)(t0 + i < T ? t0 + i : T - 1) * K;
+    for (int k = 0; k < K; k++) {
+        const f32x4 *p = (const f32x4 *)(panel + (size_t)k * GEN_PANEL);
+        for (int i = 0; i < GEN_ROWS; i++)
+            for (int j = 0; j < GEN_PANEL / 4; j++) acc[i][j] += xr[i][k] * p[j];
+    }
+    for (int i = 0; i < GEN_ROWS && t0 + i < T; i++)
+        for (int j = 0; j < GEN_PANEL && n0 + j < N; j++)
+            store_output(&out[(size_t)(t0 + i) * N + n0 + j], acc[i][j / 4][j % 4], bias, n0 + j, accumulate);
+}
+
+static void gemm_generic(float *out, const float *x, const NeoMatrix *w, const float *bias,
+                         int T, int K, int N, int accumulate, int n_threads)
+{
+    const int n_panels = (N + GEN_PANEL - 1) / GEN_PANEL;
+    f32x4 *xb = aligned_alloc(64, sizeof(f32x4) * GEN_BLOCK_ROWS * (size_t)K);
+    if (!xb) return;  /* out of memory: leave the outputs rather than crash */
+    #pragma omp parallel num_threads(n_threads)
+    {
+        float *panel = aligned_alloc(64, sizeof(float) * GEN_PANEL * (size_t)K);
+        float *buf = malloc(sizeof(float) * (size_t)K);
+        for (int t0 = 0; t0 < T; t0 += GEN_BLOCK_ROWS) {
+            const int rows = T - t0 < GEN_BLOCK_ROWS ? T - t0 : GEN_BLOCK_ROWS;
+            const float *xt = x + (size_t)t0 * K;
+            #pragma omp for schedule(static)
+            for (size_t i = 0; i < (size_t)rows * K; i++) xb[i] = (f32x4){xt[i], xt[i], xt[i], xt[i]};
+            #pragma omp for schedule(static)
+            for (int p = 0; p < n_panels; p++) {
+                if (!panel || !buf) continue;
+                pack_panel_generic(panel, buf, w, p * GEN_PANEL, K, N);
+                for (int t = 0; t < rows; t += GEN_ROWS)
+                    gemm_tile_generic(out + (size_t)t0 * N, xb, panel, bias, t, p * GEN_PANEL, rows, K, N,
+                                      accumulate);
+            }
+        }
+        free(panel);
+        free(buf);
+    }
+    free(xb);
+}
+
 /* ---- AVX2 + FMA ------------------------------------------------------------------------ */
 #if defined(__x86_64__)
-#include <stdlib.h>
-
 /* Decode (T = 1) is bound by reading the weights once. One row at a time keeps a single
  * sequential stream per thread, which the hardware prefetcher follows best (several rows side
  * by side measured 30-40% slower here); four accumulators hide the FMA latency. On AMD a
@@ -42,7 +174,6 @@ static void matmul_generic(float *out, const float *x, const NeoMatrix *w, const
  * weights are used once per step. On an Intel Xeon (Sapphire Rapids) the same hint halved
  * decode, so it is chosen by CPU vendor at run time. */
 #define MV_BLOCK 16           /* rows a thread takes at a time (static schedule) */
-#define PREFETCH_BYTES 256
 
 /* Prefill (T > 1) is bound by arithmetic: W is widened once into packed fp32 panels of
  * PANEL columns, and a GEMM_ROWS x PANEL register tile (12 ymm accumulators) runs over K. */
@@ -127,7 +258,7 @@ TARGET_AVX2 static void matvec_avx2(float *out, const float *x, const void *w, N
                                     const float *bias, int T, int K, int N, int accumulate,
                                     int n_threads)
 {
-    const int n_blocks = (N + MV_BLOCK - 1) / MV_BLOCK, nta = neo_cpu_is_amd();
+    const int n_blocks = (N + MV_BLOCK - 1) / MV_BLOCK, nta = neo_decode_prefetches_nta(NEO_ISA_AVX2);
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int b = 0; b < n_blocks; b++) {
         int n_begin = b * MV_BLOCK, n_end = n_begin + MV_BLOCK < N ? n_begin + MV_BLOCK : N;
@@ -163,30 +294,30 @@ INLINE_AVX2 void transpose8x8(__m256 r[8])
     }
 }
 
-/* panel[k * PANEL + j] = w[n0 + j, k] in fp32, columns past N zero: 8 x 8 blocks are widened
- * and transposed in registers. */
-TARGET_AVX2 static void pack_panel(float *panel, const void *w, NeoDType dtype, int n0, int K, int N)
+/* panel[k * width + j] = w[n0 + j, k] in fp32 (width a multiple of 8), columns past N zero:
+ * 8 x 8 blocks are widened and transposed in registers. The AVX-512 GEMM packs with it too. */
+TARGET_AVX2 void pack_panel(float *panel, const void *w, NeoDType dtype, int n0, int K, int N, int width)
 {
     int k = 0;
     for (; k + 8 <= K; k += 8) {
-        for (int j0 = 0; j0 < PANEL; j0 += 8) {
+        for (int j0 = 0; j0 < width; j0 += 8) {
             __m256 block[8];
             for (int i = 0; i < 8; i++)
                 block[i] = n0 + j0 + i < N ? widen8(w, dtype, (size_t)(n0 + j0 + i) * K + k)
                                            : _mm256_setzero_ps();
             transpose8x8(block);
-            for (int i = 0; i < 8; i++) _mm256_store_ps(panel + (size_t)(k + i) * PANEL + j0, block[i]);
+            for (int i = 0; i < 8; i++) _mm256_store_ps(panel + (size_t)(k + i) * width + j0, block[i]);
         }
     }
     for (; k < K; k++)
-        for (int j = 0; j < PANEL; j++)
-            panel[(size_t)k * PANEL + j] = n0 + j < N ? matrix_element(&(NeoMatrix){dtype, w, NULL}, n0 + j, k, K) : 0.0f;
+        for (int j = 0; j < width; j++)
+            panel[(size_t)k * width + j] = n0 + j < N ? matrix_element(&(NeoMatrix){dtype, w, NULL}, n0 + j, k, K) : 0.0f;
 }
 
 /* out[t0.., n0..n0+PANEL) for GEMM_ROWS rows of x: broadcast x[t, k] against the packed row k.
  * Rows past T are read as row T-1 and not stored. */
-INLINE_AVX2 void gemm_tile_avx2(float *out, const float *x, const float *panel, const float *bias,
-                                int t0, int n0, int T, int K, int N, int accumulate)
+TARGET_AVX2 static void gemm_tile_avx2(float *out, const float *x, const float *panel, const float *bias,
+                                       int t0, int n0, int T, int K, int N, int accumulate)
 {
     const float *xr[GEMM_ROWS];
     __m256 acc[GEMM_ROWS][2];
@@ -198,7 +329,8 @@ INLINE_AVX2 void gemm_tile_avx2(float *out, const float *x, const float *panel, 
         __m256 w0 = _mm256_loadu_ps(panel + (size_t)k * PANEL);
         __m256 w1 = _mm256_loadu_ps(panel + (size_t)k * PANEL + 8);
         for (int i = 0; i < GEMM_ROWS; i++) {
-            __m256 xv = _mm256_broadcast_ss(xr[i] + k);
+            /* set1, not broadcast_ss(pointer): with the pointer GCC kept the sums in memory */
+            __m256 xv = _mm256_set1_ps(xr[i][k]);
             acc[i][0] = _mm256_fmadd_ps(xv, w0, acc[i][0]);
             acc[i][1] = _mm256_fmadd_ps(xv, w1, acc[i][1]);
         }
@@ -209,58 +341,76 @@ INLINE_AVX2 void gemm_tile_avx2(float *out, const float *x, const float *panel, 
         _mm256_storeu_ps(tile[i], acc[i][0]);
         _mm256_storeu_ps(tile[i] + 8, acc[i][1]);
     }
-    for (int i = 0; i < GEMM_ROWS && t0 + i < T; i++)
-        for (int j = 0; j < PANEL && n0 + j < N; j++)
-            store_output(&out[(size_t)(t0 + i) * N + n0 + j], tile[i][j], bias, n0 + j, accumulate);
+    store_tile(out, &tile[0][0], GEMM_ROWS, PANEL, bias, t0, n0, T, N, accumulate);
 }
 
-TARGET_AVX2 static void gemm_avx2(float *out, const float *x, const void *w, NeoDType dtype,
-                                  const float *bias, int T, int K, int N, int accumulate,
-                                  int n_threads)
+void gemm_panels(GemmTile *tile, int width, int rows, float *out, const float *x, const void *w,
+                 NeoDType dtype, const float *bias, int T, int K, int N, int accumulate, int n_threads)
 {
-    int n_panels = (N + PANEL - 1) / PANEL;
+    const int n_panels = (N + width - 1) / width;
     #pragma omp parallel num_threads(n_threads)
     {
-        float *panel = aligned_alloc(64, sizeof(float) * PANEL * (size_t)K);
+        float *panel = aligned_alloc(64, sizeof(float) * width * (size_t)K);
         #pragma omp for schedule(static)
         for (int p = 0; p < n_panels; p++) {
-            if (!panel) continue;  /* out of memory: leave zeros rather than crash */
-            pack_panel(panel, w, dtype, p * PANEL, K, N);
-            for (int t = 0; t < T; t += GEMM_ROWS)
-                gemm_tile_avx2(out, x, panel, bias, t, p * PANEL, T, K, N, accumulate);
+            if (!panel) continue;  /* out of memory: leave the outputs rather than crash */
+            pack_panel(panel, w, dtype, p * width, K, N, width);
+            for (int t = 0; t < T; t += rows)
+                tile(out, x, panel, bias, t, p * width, T, K, N, accumulate);
         }
         free(panel);
     }
 }
 
+/* int8 weights have no AVX2 or AVX-512 kernel yet: they take the portable path. */
+static int simd_runs(const NeoMatrix *w, NeoIsa isa, NeoIsa simd)
+{
+    return isa == simd && w->dtype != NEO_I8;
+}
 #endif
 
-/* int8 weights have no AVX2 kernel yet: they take the scalar path. */
-static int avx2_runs(const NeoMatrix *w, NeoIsa isa)
+/* The SIMD paths' decode kernels prefetch on AMD only (see PREFETCH_BYTES). */
+int neo_decode_prefetches_nta(NeoIsa isa)
 {
-    return isa == NEO_ISA_AVX2 && w->dtype != NEO_I8;
+    return (isa == NEO_ISA_AVX2 || isa == NEO_ISA_AVX512) && neo_cpu_is_amd();
 }
 
 void matmul_forward(float *out, const float *x, const NeoMatrix *w, const float *bias, int T,
                     int K, int N, int accumulate, int n_threads, NeoIsa isa)
 {
 #if defined(__x86_64__)
-    if (avx2_runs(w, isa)) {
-        gemm_avx2(out, x, w->data, w->dtype, bias, T, K, N, accumulate, n_threads);
+    if (simd_runs(w, isa, NEO_ISA_AVX2)) {
+        gemm_panels(gemm_tile_avx2, PANEL, GEMM_ROWS, out, x, w->data, w->dtype, bias, T, K, N,
+                    accumulate, n_threads);
+        return;
+    }
+    if (simd_runs(w, isa, NEO_ISA_AVX512)) {
+        gemm_panels(gemm_tile_avx512, PANEL512, GEMM512_ROWS, out, x, w->data, w->dtype, bias, T,
+                    K, N, accumulate, n_threads);
         return;
     }
 #endif
-    matmul_generic(out, x, w, bias, T, K, N, accumulate, n_threads);
+    if (isa == NEO_ISA_SCALAR)
+        matmul_scalar(out, x, w, bias, T, K, N, accumulate, n_threads);
+    else
+        gemm_generic(out, x, w, bias, T, K, N, accumulate, n_threads);
 }
 
 void matvec_forward(float *out, const float *x, const NeoMatrix *w, const float *bias, int T,
                     int K, int N, int accumulate, int n_threads, NeoIsa isa)
 {
 #if defined(__x86_64__)
-    if (avx2_runs(w, isa)) {
+    if (simd_runs(w, isa, NEO_ISA_AVX2)) {
         matvec_avx2(out, x, w->data, w->dtype, bias, T, K, N, accumulate, n_threads);
         return;
     }
+    if (simd_runs(w, isa, NEO_ISA_AVX512)) {
+        matvec_avx512(out, x, w->data, w->dtype, bias, T, K, N, accumulate, n_threads);
+        return;
+    }
 #endif
-    matmul_generic(out, x, w, bias, T, K, N, accumulate, n_threads);
+    if (isa == NEO_ISA_SCALAR)
+        matmul_scalar(out, x, w, bias, T, K, N, accumulate, n_threads);
+    else
+        matvec_generic(out, x, w, bias, T, K, N, accumulate, n_threads);
 }

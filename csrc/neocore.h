@@ -25,8 +25,11 @@ typedef struct {
     const float *scales;
 } NeoMatrix;
 
-/* Kernel path. NEO_ISA_AVX2 needs AVX2 + FMA, checked at run time. */
-typedef enum { NEO_ISA_GENERIC = 0, NEO_ISA_AVX2 = 1 } NeoIsa;
+/* Kernel path. NEO_ISA_GENERIC is plain C that the compiler vectorises for whatever it targets
+ * (SSE2 on any x86-64, NEON on aarch64); NEO_ISA_AVX2 needs AVX2 + FMA and NEO_ISA_AVX512
+ * AVX-512F/BW/VL, both checked at run time. NEO_ISA_SCALAR is the scalar reference, one
+ * product at a time in index order: the oracle the tests compare the other paths with. */
+typedef enum { NEO_ISA_GENERIC = 0, NEO_ISA_AVX2 = 1, NEO_ISA_AVX512 = 2, NEO_ISA_SCALAR = 3 } NeoIsa;
 
 enum {
     NEO_OK = 0,
@@ -102,12 +105,16 @@ typedef struct {
     void *plan;          /* the step's row order and segments (forward.c) */
 } NeoState;
 
-/* Run-time CPU check: 1 when AVX2 and FMA are usable (CPUID and the OS saving YMM state). */
+/* Run-time CPU checks: 1 when AVX2 and FMA are usable (CPUID and the OS saving YMM state), and
+ * when AVX-512F/BW/VL are (CPUID and the OS saving the opmask and ZMM state). */
 int neo_cpu_has_avx2_fma(void);
-/* 1 on AMD processors (CPUID vendor string), where the decode kernel prefetches. */
+int neo_cpu_has_avx512(void);
+/* 1 on AMD processors (CPUID vendor string). */
 int neo_cpu_is_amd(void);
 /* 1 when compiled with OpenMP; without it every step runs on one thread. */
 int neo_built_with_openmp(void);
+/* 1 when the decode kernel of path isa prefetches its weights non-temporally on this CPU. */
+int neo_decode_prefetches_nta(NeoIsa isa);
 
 NeoState *neo_state_new(const NeoConfig *cfg, int n_seqs, int n_ctx, int max_rows,
                         int n_threads, NeoIsa isa);

@@ -16,6 +16,8 @@ cdef extern from "neocore.h":
     ctypedef enum NeoIsa:
         NEO_ISA_GENERIC
         NEO_ISA_AVX2
+        NEO_ISA_AVX512
+        NEO_ISA_SCALAR
     enum:
         NEO_OK
         NEO_ERR_CONTEXT_FULL
@@ -59,8 +61,10 @@ cdef extern from "neocore.h":
         const uint8_t *want_logits
 
     int neo_cpu_has_avx2_fma()
+    int neo_cpu_has_avx512()
     int neo_cpu_is_amd()
     int neo_built_with_openmp()
+    int neo_decode_prefetches_nta(NeoIsa isa)
     NeoState *neo_state_new(const NeoConfig *cfg, int n_seqs, int n_ctx, int max_rows,
                             int n_threads, NeoIsa isa)
     void neo_state_free(NeoState *s)
@@ -75,7 +79,10 @@ cdef extern from "neocore.h":
     int neo_f32_to_bf16(unsigned short *dst, const float *src, size_t n, int n_threads) nogil
 
 
-ISAS = {"generic": NEO_ISA_GENERIC, "avx2": NEO_ISA_AVX2}
+# Kernel paths: the three a model may run on, and the scalar reference the tests compare them with.
+ISAS = {"generic": NEO_ISA_GENERIC, "avx2": NEO_ISA_AVX2, "avx512": NEO_ISA_AVX512,
+        "scalar": NEO_ISA_SCALAR}
+MODEL_ISAS = ("avx512", "avx2", "generic")  # fastest first
 DTYPES = {"float32": NEO_F32, "bfloat16": NEO_BF16, "int8": NEO_I8}
 MATRIX_NUMPY_DTYPE = {"float32": np.float32, "bfloat16": np.uint16, "int8": np.int8}  # bf16 travels as raw uint16
 I8_BLOCK = NEO_I8_BLOCK
@@ -85,12 +92,75 @@ def cpu_has_avx2_fma() -> bool:
     return bool(neo_cpu_has_avx2_fma())
 
 
+def cpu_has_avx512() -> bool:
+    """AVX-512F/BW/VL, with the OS saving the opmask and ZMM registers."""
+    return bool(neo_cpu_has_avx512())
+
+
 def cpu_is_amd() -> bool:
     return bool(neo_cpu_is_amd())
 
 
 def built_with_openmp() -> bool:
     return bool(neo_built_with_openmp())
+
+
+def isa_runs_here(isa: str) -> bool:
+    """Whether this CPU can run kernel path isa."""
+    return {"avx2": neo_cpu_has_avx2_fma, "avx512": neo_cpu_has_avx512}.get(isa, lambda: 1)() != 0
+
+
+def usable_isas() -> list:
+    """The kernel paths this CPU runs, fastest first, the scalar reference last."""
+    return [isa for isa in MODEL_ISAS if isa_runs_here(isa)] + ["scalar"]
+
+
+def decode_prefetches_nta(str isa) -> bool:
+    """Whether path isa's decode kernel prefetches its weights non-temporally on this CPU."""
+    return bool(neo_decode_prefetches_nta(ISAS[isa]))
+
+
+# /proc/cpuinfo flags that decide which kernels can run or would help (x86 and Arm names)
+SIMD_FLAGS = ("sse2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+              "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "sve", "sve2")
+
+
+def cpu_model() -> str:
+    """The processor's name as /proc/cpuinfo gives it (model name; on Arm the implementer
+    and part), else what the platform module knows."""
+    import platform
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    if "model name" in fields:
+        return fields["model name"]
+    if "CPU part" in fields:
+        return f"Arm CPU implementer {fields.get('CPU implementer', '?')} part {fields['CPU part']}"
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list:
+    """The SIMD_FLAGS this CPU lists in /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            listed = next((line.partition(":")[2].split() for line in f
+                           if line.startswith(("flags", "Features"))), [])
+    except OSError:
+        listed = []
+    return [flag for flag in SIMD_FLAGS if flag in listed]
+
+
+def _check_isa(str isa) -> NeoIsa:
+    if isa not in ISAS:
+        raise ValueError(f"unknown kernel path {isa!r}")
+    if not isa_runs_here(isa):
+        raise ValueError(f"this CPU cannot run the {isa} kernel path")
+    return ISAS[isa]
 
 
 cdef uintptr_t _address(object array, object dtype, tuple shape, str name) except 0:
@@ -152,10 +222,7 @@ cdef class Core:
         matrices are float32, bf16 as uint16, or int8 objects with .values and .scales."""
         cdef int H = shape["hidden"], F = shape["ffn"], L = shape["n_layers"]
         cdef int V = shape["vocab"], P = shape["max_positions"]
-        if isa not in ISAS:
-            raise ValueError(f"unknown kernel path {isa!r}")
-        if isa == "avx2" and not neo_cpu_has_avx2_fma():
-            raise ValueError("this CPU has no AVX2+FMA: the avx2 kernel path cannot run")
+        cdef NeoIsa path = _check_isa(isa)
         if not 1 <= n_ctx <= P:
             raise ValueError(f"n_ctx must be between 1 and {P}")
         f32 = np.float32
@@ -198,7 +265,7 @@ cdef class Core:
             _set_matrix(&self.layers[i].proj, lw["proj_w"], H, F, f"h.{i}.c_proj.weight")
             self.layers[i].proj_b = <const float *>_address(lw["proj_b"], f32, (H,), f"h.{i}.c_proj.bias")
         self.weights.layers = self.layers
-        self.state = neo_state_new(&self.cfg, n_seqs, n_ctx, max_rows, threads, ISAS[isa])
+        self.state = neo_state_new(&self.cfg, n_seqs, n_ctx, max_rows, threads, path)
         if self.state == NULL:
             raise MemoryError("could not allocate the run state")
 
@@ -276,12 +343,10 @@ def matmul(float[:, ::1] out, const float[:, ::1] x, w, const float[::1] bias, b
         raise ValueError("out must be [T, N]")
     if bias is not None and bias.shape[0] != N:
         raise ValueError("bias must be [N]")
-    if isa == "avx2" and not neo_cpu_has_avx2_fma():
-        raise ValueError("this CPU has no AVX2+FMA")
+    cdef NeoIsa path = _check_isa(isa)
     if kernel not in ("gemm", "matvec"):
         raise ValueError(f"unknown kernel {kernel!r}")
     cdef const float *bp = &bias[0] if bias is not None else NULL
-    cdef NeoIsa path = ISAS[isa]
     cdef bint decode = kernel == "matvec"
     with nogil:
         if decode:
@@ -292,9 +357,7 @@ def matmul(float[:, ::1] out, const float[:, ::1] x, w, const float[::1] bias, b
 
 def gelu_new(float[::1] x, int threads, str isa) -> None:
     """x = gelu_new(x) in place with the chosen kernel path."""
-    if isa == "avx2" and not neo_cpu_has_avx2_fma():
-        raise ValueError("this CPU has no AVX2+FMA")
-    cdef NeoIsa path = ISAS[isa]
+    cdef NeoIsa path = _check_isa(isa)
     if x.shape[0]:
         with nogil:
             gelu_new_forward(&x[0], x.shape[0], threads, path)

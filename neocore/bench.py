@@ -1,9 +1,13 @@
-"""neocore bench: speed and memory of neocore, side by side with transformers in one run.
+"""neocore bench: speed and memory of neocore, side by side with transformers and OpenVINO in
+one run.
 
 Each engine runs in a fresh worker process (python -m neocore.bench --worker ...), so that
-peak RSS (VmHWM) and load time belong to that engine alone; the parent prints the table,
-the ratios and the bandwidth roofline. `neocore bench make-model` writes random-weight models
-of the real GPT-Neo shapes (bf16-exact fp32 values, as the published checkpoints hold)."""
+peak RSS (VmHWM) and load time belong to that engine alone; the parent prints the machine (CPU,
+SIMD flags, kernel path, read bandwidth), the table, the ratios and the bandwidth roofline.
+Every engine is warmed up on the exact shapes it is timed on (the whole prompt, then decode
+steps), and each figure is the median of several timed runs. `neocore bench make-model`
+writes random-weight models of the real GPT-Neo shapes (bf16-exact fp32 values, as the
+published checkpoints hold)."""
 from __future__ import annotations
 
 import argparse
@@ -35,7 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", default="2", help="comma-separated thread counts, e.g. 1,2")
-    p.add_argument("--compare", default="", help="peers to run too: transformers, transformers-bf16")
+    p.add_argument("--compare", default="", help=f"peers to run too: {', '.join(PEERS)}")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per engine; the median is reported")
+    p.add_argument("--openvino-python", default=sys.executable,
+                   help="a Python with optimum-intel[openvino] for the openvino peers (its optimum-cli exports)")
     p.add_argument("--latency", action="store_true", help="also time decode steps at positions 100 and 2000")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--load-only", action="store_true", help="measure load time and peak RSS only")
@@ -134,7 +141,17 @@ class NeocoreRunner:
         return int(np.argmax(self.model.append([token])))
 
 
-class TransformersRunner:
+class IncrementalRunner:
+    """A peer that keeps its own key/value cache between calls: forward(ids) appends ids."""
+    def prefill(self, ids: list[int]) -> int:
+        self.past, self.length = None, 0
+        return self.forward(ids)
+
+    def step(self, token: int) -> int:
+        return self.forward([token])
+
+
+class TransformersRunner(IncrementalRunner):
     def __init__(self, folder: str, threads: int, dtype: str):
         import torch
         from transformers import GPTNeoForCausalLM
@@ -143,28 +160,46 @@ class TransformersRunner:
         torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
         self.model = GPTNeoForCausalLM.from_pretrained(folder, dtype=torch_dtype,
                                                        attn_implementation="eager").eval()
-        self.past = None
 
-    def _run(self, ids: list[int]) -> int:
+    def forward(self, ids: list[int]) -> int:
         with self.torch.inference_mode():
             out = self.model(self.torch.tensor([ids]), past_key_values=self.past, use_cache=True)
         self.past = out.past_key_values
         return int(out.logits[0, -1].argmax())
 
-    def prefill(self, ids: list[int]) -> int:
-        self.past = None
-        return self._run(ids)
 
-    def step(self, token: int) -> int:
-        return self._run([token])
+class OpenVINORunner(IncrementalRunner):
+    """optimum-intel's OVModelForCausalLM on a folder exported by optimum-cli (fp32 weights).
+    dtype "default" leaves the inference precision to OpenVINO (bf16 where the CPU has it);
+    "f32" sets INFERENCE_PRECISION_HINT=f32. The cache lives in the compiled model's state."""
+    def __init__(self, folder: str, threads: int, dtype: str):
+        import torch
+        from optimum.intel import OVModelForCausalLM
+        self.torch = torch
+        config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": ""}
+        if dtype == "f32":
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        self.model = OVModelForCausalLM.from_pretrained(folder, ov_config=config)
+
+    def forward(self, ids: list[int]) -> int:
+        self.length += len(ids)
+        out = self.model(input_ids=self.torch.tensor([ids]),
+                         attention_mask=self.torch.ones((1, self.length), dtype=self.torch.long),
+                         past_key_values=self.past)
+        self.past = out.past_key_values
+        return int(out.logits[0, -1].argmax())
 
 
-RUNNERS = {"neocore": NeocoreRunner, "transformers": TransformersRunner}
+RUNNERS = {"neocore": NeocoreRunner, "transformers": TransformersRunner, "openvino": OpenVINORunner}
+# peer name -> (runner, dtype)
+PEERS = {"transformers": ("transformers", "float32"), "transformers-bf16": ("transformers", "bfloat16"),
+         "openvino": ("openvino", "default"), "openvino-f32": ("openvino", "f32")}
+WARMUP_STEPS = 8
 
 
 def worker(engine: str, folder: str, threads: int, dtype: str, prompt_tokens: int, new_tokens: int,
-           latency: bool) -> dict:
-    if engine == "transformers":  # library import time is not model load time
+           latency: bool, repeats: int) -> dict:
+    if engine != "neocore":  # library import time is not model load time
         import torch, transformers  # noqa: F401
     start = time.perf_counter()
     runner = RUNNERS[engine](folder, threads, dtype)
@@ -172,17 +207,27 @@ def worker(engine: str, folder: str, threads: int, dtype: str, prompt_tokens: in
     if prompt_tokens == 0:  # --load-only
         return {"engine": engine, "dtype": dtype, "threads": threads, "load_s": load, "peak_rss": peak_rss()}
     prompt = np.random.default_rng(0).integers(0, 50000, prompt_tokens).tolist()
-    runner.prefill(prompt[:8])  # warm up
-    start = time.perf_counter()
+    # warm up on the shapes timed below: the whole prompt, then decode steps after it
     token = runner.prefill(prompt)
-    ttft = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(new_tokens):
+    for _ in range(WARMUP_STEPS):
         token = runner.step(token)
-    decode = time.perf_counter() - start
+    prefills, decodes = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        token = runner.prefill(prompt)
+        prefills.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            token = runner.step(token)
+        decodes.append(time.perf_counter() - start)
+    ttft, decode = float(np.median(prefills)), float(np.median(decodes))
     result = {"engine": engine, "dtype": dtype, "threads": threads, "load_s": load,
               "prefill_tok_s": prompt_tokens / ttft, "ttft_s": ttft,
-              "decode_tok_s": new_tokens / decode, "peak_rss": peak_rss()}
+              "decode_tok_s": new_tokens / decode, "peak_rss": peak_rss(), "repeats": repeats,
+              "prefill_spread": (max(prefills) - min(prefills)) / ttft,
+              "decode_spread": (max(decodes) - min(decodes)) / decode}
+    if engine == "neocore":
+        result["isa"] = runner.model.isa
     if latency:
         steps = 16
         for position in (100, 2000):
@@ -197,17 +242,47 @@ def worker(engine: str, folder: str, threads: int, dtype: str, prompt_tokens: in
 
 # ---- the parent ------------------------------------------------------------------------------
 
-def _spawn(engine: str, args: argparse.Namespace, threads: int, dtype: str) -> dict:
-    spec = json.dumps({"engine": engine, "folder": args.model, "threads": threads, "dtype": dtype,
+def _spawn(engine: str, args: argparse.Namespace, threads: int, dtype: str, folder: str,
+           python: str = sys.executable) -> dict:
+    spec = json.dumps({"engine": engine, "folder": folder, "threads": threads, "dtype": dtype,
                        "prompt_tokens": 0 if args.load_only else args.prompt_tokens,
-                       "new_tokens": args.new_tokens,
+                       "new_tokens": args.new_tokens, "repeats": args.repeats,
                        "latency": args.latency and engine == "neocore"})
-    proc = subprocess.run([sys.executable, "-m", "neocore.bench", "--worker", spec],
-                          capture_output=True, text=True)
+    # this neocore's source first, whichever Python runs the worker
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                                     os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([python, "-m", "neocore.bench", "--worker", spec], capture_output=True, text=True,
+                          env=env)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"the {engine} worker failed: {tail}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def openvino_export(args: argparse.Namespace) -> str:
+    """The model exported for OpenVINO beside it (MODEL-openvino), made once with optimum-cli."""
+    from .errors import NeocoreError
+    out = Path(args.model.rstrip("/") + "-openvino")
+    if not (out / "openvino_model.xml").is_file():
+        cli = Path(args.openvino_python).parent / "optimum-cli"
+        command = [str(cli), "export", "openvino", "--model", args.model, "--task", "text-generation-with-past",
+                   "--weight-format", "fp32", str(out)]
+        print("exporting for OpenVINO:", " ".join(command), file=sys.stderr)
+        if not cli.is_file() or subprocess.run(command, capture_output=True).returncode != 0:
+            raise NeocoreError(f"could not export {args.model} for OpenVINO: install optimum-intel[openvino] "
+                               f"for --openvino-python ({args.openvino_python})")
+    return str(out)
+
+
+def machine() -> dict:
+    """What the speed depends on: the CPU, its SIMD flags, the kernel path, the prefetch."""
+    from . import _core
+    from .model import kernel_path
+    isa = kernel_path()
+    return {"cpu": _core.cpu_model(), "cpu_flags": _core.cpu_flags(), "cores": os.cpu_count(),
+            "usable_paths": _core.usable_isas()[:-1], "path": isa,
+            "path_chosen_by": "NEOCORE_ISA" if os.environ.get("NEOCORE_ISA") else "auto",
+            "decode_prefetch_nta": _core.decode_prefetches_nta(isa)}
 
 
 def warm_page_cache(folder: Path) -> None:
@@ -224,18 +299,6 @@ def weights_bytes_per_token(folder: str) -> int:
     c = GPTNeoConfig.from_file(Path(folder) / "config.json")
     h, f = c.hidden_size, c.intermediate_size
     return 2 * (c.vocab_size * h + c.num_layers * (4 * h * h + 2 * h * f))
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -267,31 +330,43 @@ def run(args: argparse.Namespace) -> int:
     thread_counts = [int(t) for t in args.threads.split(",") if t]
     peers = [p for p in args.compare.split(",") if p]
     for peer in peers:
-        if peer not in ("transformers", "transformers-bf16"):
-            raise NeocoreError(f"unknown peer {peer!r} (transformers, transformers-bf16)")
+        if peer not in PEERS:
+            raise NeocoreError(f"unknown peer {peer!r} ({', '.join(PEERS)})")
+    folders = {"neocore": args.model, "transformers": args.model}
+    if any(PEERS[p][0] == "openvino" for p in peers):
+        folders["openvino"] = openvino_export(args)
     warm_page_cache(Path(args.model))
+    host = machine()
     rows = []
     for threads in thread_counts:
         bandwidth = memory_bandwidth(threads)
         roofline = bandwidth * 1e9 / weights_bytes_per_token(args.model)
-        ours = _spawn("neocore", args, threads, args.dtype)
-        ours["bandwidth_gb_s"], ours["roofline_tok_s"] = bandwidth, roofline
+        ours = _spawn("neocore", args, threads, args.dtype, args.model)
+        ours.update(host, bandwidth_gb_s=bandwidth, roofline_tok_s=roofline)
         rows.append(ours)
         for peer in peers:
-            theirs = _spawn("transformers", args, threads,
-                            "bfloat16" if peer.endswith("bf16") else "float32")
+            runner, dtype = PEERS[peer]
+            python = args.openvino_python if runner == "openvino" else sys.executable
+            theirs = _spawn(runner, args, threads, dtype, folders[runner], python)
             theirs["engine"] = peer
             rows.append(theirs)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
+    print(f"CPU: {host['cpu']} ({host['cores']} cores); SIMD flags: {' '.join(host['cpu_flags']) or 'none listed'}")
+    print(f"kernel path: {host['path']} ({host['path_chosen_by']}; this CPU runs {', '.join(host['usable_paths'])}); "
+          f"decode non-temporal prefetch: {'on' if host['decode_prefetch_nta'] else 'off'}")
+    for r in rows:
+        if r["engine"] == "neocore":
+            print(f"read bandwidth, {r['threads']} thread(s): {r['bandwidth_gb_s']:.1f} GB/s")
     if args.load_only:
         print(f"model {args.model}: load only")
         print(f"{'engine':24} {'load s':>8} {'peak RSS MiB':>13}")
         for r in rows:
             print(f"{r['engine'] + ' ' + r['dtype']:24} {r['load_s']:>8.2f} {r['peak_rss'] / 2**20:>13.0f}")
         return 0
-    print(f"model {args.model}: prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens (greedy)")
+    print(f"model {args.model}: prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens (greedy), "
+          f"median of {args.repeats} runs after a warm-up on the same shapes")
     print(f"{'engine':24} {'thr':>3} {'load s':>7} {'prefill tok/s':>14} {'decode tok/s':>13} "
           f"{'peak RSS MiB':>13}")
     for r in rows:

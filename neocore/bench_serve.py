@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    from .bench import cpu_model
+    from ._core import cpu_model
     print(f"model {folder}: {threads} threads, {args.new_tokens} new tokens per client (greedy), CPU {cpu_model()}")
     print(f"neocore prefill (one 128-token prompt): {prefill:.0f} tok/s")
     print("clients  tok/s  x1-stream  %prefill  TTFT p50/p95 s  ITL p50/p95 ms  step C/Python ms  "

@@ -268,7 +268,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("weight dtype", model.dtype),
         ("weight memory", f"{model.weight_bytes() / 2**20:.1f} MiB"),
         ("context", model.context_length),
-        ("kernel path", f"{model.isa} (this CPU {'has' if _core.cpu_has_avx2_fma() else 'lacks'} AVX2+FMA)"),
+        ("kernel path", f"{model.isa} (this CPU runs {', '.join(_core.usable_isas()[:-1])})"),
         ("threads", model.threads if _core.built_with_openmp() else f"{model.threads} (built without OpenMP)"),
         ("tokenizer", "none found" if model.tokenizer is None else
          "bundled GPT-2 (the model folder has none)" if model.tokenizer.bundled else model.tokenizer.source),

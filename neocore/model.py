@@ -28,14 +28,16 @@ def usable_cores() -> int:
 
 
 def kernel_path(requested: str | None = None) -> str:
-    """'avx2' or 'generic': the request, else $NEOCORE_ISA, else the best this CPU runs."""
+    """'avx512', 'avx2' or 'generic': the request, else $NEOCORE_ISA, else the fastest this CPU runs."""
     choice = (requested or os.environ.get("NEOCORE_ISA") or "auto").lower()
     if choice == "auto":
-        return "avx2" if _core.cpu_has_avx2_fma() else "generic"
-    if choice not in _core.ISAS:
-        raise NeocoreError(f"unknown kernel path {choice!r} (NEOCORE_ISA takes auto, avx2 or generic)")
-    if choice == "avx2" and not _core.cpu_has_avx2_fma():
-        raise NeocoreError("the avx2 kernel path was requested, but this CPU lacks AVX2+FMA")
+        return _core.usable_isas()[0]
+    if choice not in _core.MODEL_ISAS:
+        raise NeocoreError(f"unknown kernel path {choice!r} (NEOCORE_ISA takes auto, "
+                           f"{', '.join(_core.MODEL_ISAS)})")
+    if not _core.isa_runs_here(choice):
+        raise NeocoreError(f"the {choice} kernel path was requested, but this CPU lacks "
+                           f"{'AVX-512F/BW/VL' if choice == 'avx512' else 'AVX2+FMA'}")
     return choice
 
 
@@ -244,7 +246,7 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", threads: int | None =
 
     dtype: 'bfloat16' (default; lossless for the published checkpoints) or 'float32'.
     threads: OpenMP threads (default: every usable core). context: positions to allocate the
-    key/value cache for (default: max_position_embeddings). isa: 'avx2' or 'generic' (default:
+    key/value cache for (default: max_position_embeddings). isa: 'avx512', 'avx2' or 'generic' (default:
     $NEOCORE_ISA, else the fastest this CPU runs). config: a config.json to use instead of the
     folder's. progress(done, total) is called while weights load. Other keywords override
     config fields (e.g. window_size=24)."""

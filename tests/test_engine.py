@@ -8,7 +8,7 @@ import torch
 import neocore
 from neocore import _core
 
-ISAS = ["generic"] + (["avx2"] if _core.cpu_has_avx2_fma() else [])
+ISAS = [isa for isa in _core.usable_isas() if isa != "scalar"]
 DTYPES = ["bfloat16", "float32"]
 
 

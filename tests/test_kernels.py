@@ -1,4 +1,6 @@
-"""The SIMD kernels against the scalar reference and against numpy (float64)."""
+"""The kernels of every path this CPU runs against numpy (float64) and against the scalar
+reference, and the properties every path keeps: a row's result does not depend on the other
+rows, and no result depends on the thread count."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,37 +10,67 @@ import torch
 from neocore import _core
 from neocore.weights import f32_to_bf16, bf16_to_f32
 
-ISAS = ["generic"] + (["avx2"] if _core.cpu_has_avx2_fma() else [])
+ISAS = _core.usable_isas()  # fastest first, the scalar reference last
+PATHS = [isa for isa in ISAS if isa != "scalar"]
+KERNELS = ["gemm", "matvec"]
 
 
-@pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("T, K, N", [(1, 8, 4), (1, 768, 50), (2, 13, 7), (3, 64, 33), (7, 100, 37), (16, 36, 5)])
-@pytest.mark.parametrize("wtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("accumulate", [False, True])
-def test_matmul_matches_float64(isa, T, K, N, wtype, accumulate):
-    rng = np.random.default_rng(T * 1000 + K + N)
+def problem(T, K, N, wtype, seed):
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal((T, K)).astype(np.float32)
     w32 = rng.standard_normal((N, K)).astype(np.float32)
     w = f32_to_bf16(w32)[0] if wtype == "bfloat16" else w32
     w_exact = bf16_to_f32(w).astype(np.float64) if wtype == "bfloat16" else w32.astype(np.float64)
-    bias = rng.standard_normal(N).astype(np.float32)
-    out = rng.standard_normal((T, N)).astype(np.float32)
+    return x, w, w_exact, rng.standard_normal(N).astype(np.float32)
+
+
+def run(x, w, bias, isa, kernel, threads=2):
+    out = np.zeros((x.shape[0], w.shape[0]), np.float32)
+    _core.matmul(out, x, w, bias, False, threads, isa, kernel)
+    return out
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("T, K, N", [(1, 8, 4), (1, 768, 50), (2, 13, 7), (3, 64, 33), (7, 100, 37), (16, 36, 5)])
+@pytest.mark.parametrize("wtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_matmul_matches_float64(isa, kernel, T, K, N, wtype, accumulate):
+    x, w, w_exact, bias = problem(T, K, N, wtype, T * 1000 + K + N)
+    out = np.random.default_rng(1).standard_normal((T, N)).astype(np.float32)
     expected = x.astype(np.float64) @ w_exact.T + bias + (out if accumulate else 0)
-    _core.matmul(out, x, w, bias, accumulate, 2, isa)
+    _core.matmul(out, x, w, bias, accumulate, 2, isa, kernel)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.sqrt(K))
 
 
-@pytest.mark.skipif(len(ISAS) < 2, reason="this CPU has only the generic path")
-def test_avx2_matmul_agrees_with_scalar_reference():
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((9, 200)).astype(np.float32)
-    w = f32_to_bf16(rng.standard_normal((45, 200)).astype(np.float32))[0]
-    outs = []
-    for isa in ISAS:
-        out = np.zeros((9, 45), np.float32)
-        _core.matmul(out, x, w, None, False, 1, isa)
-        outs.append(out)
-    np.testing.assert_allclose(outs[0], outs[1], rtol=2e-6, atol=2e-5)
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("wtype", ["float32", "bfloat16"])
+def test_every_path_agrees_with_the_scalar_reference(isa, kernel, wtype):
+    x, w, _, bias = problem(9, 200, 45, wtype, 0)
+    np.testing.assert_allclose(run(x, w, bias, isa, kernel), run(x, w, bias, "scalar", kernel),
+                               rtol=2e-6, atol=2e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("T, K, N", [(7, 100, 37), (13, 768, 70)])
+def test_a_row_is_computed_as_if_alone(isa, kernel, T, K, N):
+    """Bit for bit: the decode kernel sums each of T rows in the order of one row alone; the
+    GEMM sums each output along k whatever tile the row falls in."""
+    x, w, _, bias = problem(T, K, N, "bfloat16", 5)
+    together = run(x, w, bias, isa, kernel)
+    alone = np.concatenate([run(x[t:t + 1], w, bias, isa, kernel) for t in range(T)])
+    assert np.array_equal(together, alone)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_thread_count_does_not_change_a_kernel_bit(isa, kernel):
+    x, w, _, bias = problem(11, 300, 203, "bfloat16", 6)
+    one = run(x, w, bias, isa, kernel, threads=1)
+    for threads in (2, 3, 5):
+        assert np.array_equal(one, run(x, w, bias, isa, kernel, threads=threads))
 
 
 def test_bf16_rounding_matches_torch():

@@ -1,0 +1,129 @@
+/* matmul_avx512.c: matmul.c's two kernels on AVX-512F/BW/VL: 16 floats a vector, 32 registers.
+ *
+ * The same contract as the other paths (see matmul.c): each output is summed by one thread in
+ * an order fixed by the code, so results do not depend on the thread count; the decode kernel
+ * sums each of T rows as it would alone, the GEMM sums each output along k whatever T is.
+ * bf16 weights are widened by a zero-extension and a shift; K tails use masked loads. */
+#include "internal.h"
+
+#if defined(__x86_64__)
+
+/* Decode: each weight row is streamed once for all T rows. MV512_ROWS rows of x share each
+ * widened weight vector: 4 x 4 accumulators + 4 weight vectors + x use 25 of the 32 registers.
+ * On AMD (Zen 4 has AVX-512) the same non-temporal prefetch as the AVX2 path. */
+#define MV512_ROWS 4
+#define MV512_BLOCK 16  /* rows of w a thread takes at a time (static schedule) */
+
+/* 16 weights from element i on, widened to fp32; lanes outside mask read as zero. */
+INLINE_AVX512 __m512 widen16(const void *w, NeoDType dtype, size_t i, __mmask16 mask)
+{
+    if (dtype == NEO_BF16) {
+        __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)w + i);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_maskz_loadu_ps(mask, (const float *)w + i);
+}
+
+/* sums[r] = sum_k x[r * K + k] * w[row + k] for R rows of x (R a constant, 1 to MV512_ROWS).
+ * Every row is summed in the same order whatever R is: four accumulators over 64-element
+ * steps, the 16-element steps and a masked tail into the first, then a fixed reduction. */
+INLINE_AVX512 void dot_rows_avx512(const NeoDType dtype, const int R, int prefetch_nta, float *sums,
+                                   const float *x, const void *w, size_t row, int K)
+{
+    const size_t elem = dtype == NEO_BF16 ? 2 : 4;
+    const char *bytes = (const char *)w + row * elem;
+    __m512 acc[MV512_ROWS][4];
+    for (int r = 0; r < R; r++)
+        for (int a = 0; a < 4; a++) acc[r][a] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 64 <= K; k += 64) {
+        if (prefetch_nta) _mm_prefetch(bytes + (size_t)k * elem + PREFETCH_BYTES, _MM_HINT_NTA);
+        for (int a = 0; a < 4; a++) {
+            const __m512 wv = widen16(w, dtype, row + k + 16 * a, 0xFFFF);
+            for (int r = 0; r < R; r++)
+                acc[r][a] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + (size_t)r * K + k + 16 * a), acc[r][a]);
+        }
+    }
+    for (; k < K; k += 16) {
+        const __mmask16 mask = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        const __m512 wv = widen16(w, dtype, row + k, mask);
+        for (int r = 0; r < R; r++)
+            acc[r][0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + (size_t)r * K + k), acc[r][0]);
+    }
+    for (int r = 0; r < R; r++)
+        sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
+                                                     _mm512_add_ps(acc[r][2], acc[r][3])));
+}
+
+INLINE_AVX512 void matvec_block_avx512(const NeoDType dtype, const int prefetch_nta, float *out,
+                                       const float *x, const void *w, const float *bias, int T,
+                                       int n_begin, int n_end, int K, int N, int accumulate)
+{
+    float sums[MV512_ROWS];
+    for (int n = n_begin; n < n_end; n++) {
+        for (int t = 0; t < T; t += MV512_ROWS) {
+            const int R = T - t < MV512_ROWS ? T - t : MV512_ROWS, prefetch = prefetch_nta && t == 0;
+            const float *xt = x + (size_t)t * K;
+            switch (R) {  /* constant R: each compiles to its own loop with acc in registers */
+            case 4: dot_rows_avx512(dtype, 4, prefetch, sums, xt, w, (size_t)n * K, K); break;
+            case 3: dot_rows_avx512(dtype, 3, prefetch, sums, xt, w, (size_t)n * K, K); break;
+            case 2: dot_rows_avx512(dtype, 2, prefetch, sums, xt, w, (size_t)n * K, K); break;
+            default: dot_rows_avx512(dtype, 1, prefetch, sums, xt, w, (size_t)n * K, K);
+            }
+            for (int r = 0; r < R; r++)
+                store_output(&out[(size_t)(t + r) * N + n], sums[r], bias, n, accumulate);
+        }
+    }
+}
+
+TARGET_AVX512 void matvec_avx512(float *out, const float *x, const void *w, NeoDType dtype,
+                                 const float *bias, int T, int K, int N, int accumulate, int n_threads)
+{
+    const int n_blocks = (N + MV512_BLOCK - 1) / MV512_BLOCK;
+    const int nta = neo_decode_prefetches_nta(NEO_ISA_AVX512);
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int b = 0; b < n_blocks; b++) {
+        int n_begin = b * MV512_BLOCK, n_end = n_begin + MV512_BLOCK < N ? n_begin + MV512_BLOCK : N;
+        if (dtype == NEO_BF16 && nta)
+            matvec_block_avx512(NEO_BF16, 1, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
+        else if (dtype == NEO_BF16)
+            matvec_block_avx512(NEO_BF16, 0, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
+        else if (nta)
+            matvec_block_avx512(NEO_F32, 1, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
+        else
+            matvec_block_avx512(NEO_F32, 0, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
+    }
+}
+
+/* Prefill (matmul.c's gemm_panels drives it): W widened once into fp32 panels of PANEL512
+ * columns, and a GEMM512_ROWS x PANEL512 register tile over K: 12 rows x 2 zmm = 24
+ * accumulators + 2 panel vectors + the broadcast x, 27 of the 32 registers (both sizes in
+ * internal.h). Each output is summed along k in order. */
+TARGET_AVX512 void gemm_tile_avx512(float *out, const float *x, const float *panel, const float *bias,
+                                    int t0, int n0, int T, int K, int N, int accumulate)
+{
+    const float *xr[GEMM512_ROWS];
+    __m512 acc[GEMM512_ROWS][2];
+    for (int i = 0; i < GEMM512_ROWS; i++) {
+        xr[i] = x + (size_t)(t0 + i < T ? t0 + i : T - 1) * K;
+        acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    }
+    for (int k = 0; k < K; k++) {
+        const __m512 w0 = _mm512_load_ps(panel + (size_t)k * PANEL512);
+        const __m512 w1 = _mm512_load_ps(panel + (size_t)k * PANEL512 + 16);
+        for (int i = 0; i < GEMM512_ROWS; i++) {
+            const __m512 xv = _mm512_set1_ps(xr[i][k]);
+            acc[i][0] = _mm512_fmadd_ps(xv, w0, acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(xv, w1, acc[i][1]);
+        }
+    }
+    /* Spill with constant indices only: a variable index would keep acc in memory all along. */
+    float tile[GEMM512_ROWS][PANEL512];
+    for (int i = 0; i < GEMM512_ROWS; i++) {
+        _mm512_storeu_ps(tile[i], acc[i][0]);
+        _mm512_storeu_ps(tile[i] + 16, acc[i][1]);
+    }
+    store_tile(out, &tile[0][0], GEMM512_ROWS, PANEL512, bias, t0, n0, T, N, accumulate);
+}
+
+#endif
