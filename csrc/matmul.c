@@ -1,10 +1,11 @@
 /* matmul.c: out[t, n] (+)= bias[n] + sum_k x[t, k] * w[n, k]
  *
  * x is fp32 [T, K]; w is [N, K] (nn.Linear layout) in fp32, bf16 or int8, widened to fp32 on
- * load; every sum is accumulated in fp32. Threads split the output columns n with a static
- * schedule and each output is summed by one thread in a fixed order, so the result does not
- * depend on the thread count, nor on the other rows: the decode kernel (matvec_forward) sums
- * each row as it would alone, the prefill GEMM (matmul_forward) sums each output along k.
+ * load (int8 times its block's scale, rounded as matrix_element does); every sum is accumulated
+ * in fp32. Threads split the output columns n with a static schedule and each output is summed
+ * by one thread in a fixed order, so the result does not depend on the thread count, nor on the
+ * other rows: the decode kernel (matvec_forward) sums each row as it would alone, the prefill
+ * GEMM (matmul_forward) sums each output along k.
  * Two paths: a scalar reference and an AVX2+FMA path. */
 #include <string.h>
 #include "neocore.h"
@@ -49,14 +50,43 @@ static void matmul_generic(float *out, const float *x, const NeoMatrix *w, const
 #define PANEL 16
 #define GEMM_ROWS 6
 
-INLINE_AVX2 __m256 widen8(const void *w, NeoDType dtype, size_t i)
+/* One row of a weight matrix: its elements and, for int8, its block scales. */
+typedef struct {
+    NeoDType dtype;
+    const void *data;
+    const float *scales;
+} MatrixRow;
+
+static inline MatrixRow matrix_row(const NeoMatrix *w, size_t n, size_t K)
 {
-    if (dtype == NEO_BF16) {
+    const size_t size = w->dtype == NEO_BF16 ? 2 : w->dtype == NEO_I8 ? 1 : 4;
+    const size_t blocks = (K + NEO_I8_BLOCK - 1) / NEO_I8_BLOCK;
+    return (MatrixRow){w->dtype, (const char *)w->data + n * K * size,
+                       w->dtype == NEO_I8 ? w->scales + n * blocks : NULL};
+}
+
+/* Elements k..k+7 of a row in fp32 (k a multiple of 8, so the 8 share one int8 block). */
+INLINE_AVX2 __m256 widen8(MatrixRow row, int k)
+{
+    if (row.dtype == NEO_BF16) {
         /* bf16 is the top half of an fp32: zero-extend to 32 bits and shift into place. */
-        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
+        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)row.data + k));
         return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     }
-    return _mm256_loadu_ps((const float *)w + i);
+    if (row.dtype == NEO_I8) {
+        /* sign-extend 8 bytes to int32, convert (exact) and round value * scale once */
+        __m128i q = _mm_loadl_epi64((const __m128i *)((const int8_t *)row.data + k));
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)),
+                             _mm256_broadcast_ss(row.scales + k / NEO_I8_BLOCK));
+    }
+    return _mm256_loadu_ps((const float *)row.data + k);
+}
+
+/* The scalar tail of a row (columns past the last multiple of 8). */
+static inline float row_element(MatrixRow row, int k)
+{
+    const NeoMatrix m = {row.dtype, row.data, row.scales};
+    return matrix_element(&m, 0, k, 0);
 }
 
 INLINE_AVX2 float hsum8(__m256 v)
@@ -71,31 +101,32 @@ INLINE_AVX2 float hsum8(__m256 v)
  * share each widened weight vector. Every row is summed in the same order whatever R is. */
 #define MV_ROWS 3  /* 4 R accumulators + 4 weight vectors fit the 16 ymm registers */
 INLINE_AVX2 void dot_rows_avx2(const NeoDType dtype, const int R, int prefetch_nta, float *sums,
-                               const float *x, const void *w, size_t row, int K)
+                               const float *x, MatrixRow row, int K)
 {
-    const char *bytes = (const char *)w + row * (dtype == NEO_BF16 ? 2 : 4);
+    const int size = dtype == NEO_BF16 ? 2 : dtype == NEO_I8 ? 1 : 4;
+    row.dtype = dtype;  /* the constant, so that widen8 compiles to one path */
     __m256 acc[MV_ROWS][4];
     for (int r = 0; r < R; r++)
         for (int a = 0; a < 4; a++) acc[r][a] = _mm256_setzero_ps();
     int k = 0;
     for (; k + 32 <= K; k += 32) {
-        if (prefetch_nta)
-            _mm_prefetch(bytes + (size_t)k * (dtype == NEO_BF16 ? 2 : 4) + PREFETCH_BYTES, _MM_HINT_NTA);
+        /* one hint per 64-byte line: every other step for int8 */
+        if (prefetch_nta && (size > 1 || k % 64 == 0))
+            _mm_prefetch((const char *)row.data + (size_t)k * size + PREFETCH_BYTES, _MM_HINT_NTA);
         for (int a = 0; a < 4; a++) {
-            const __m256 wv = widen8(w, dtype, row + k + 8 * a);
+            const __m256 wv = widen8(row, k + 8 * a);
             for (int r = 0; r < R; r++)
                 acc[r][a] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (size_t)r * K + k + 8 * a), acc[r][a]);
         }
     }
     for (; k + 8 <= K; k += 8) {
-        const __m256 wv = widen8(w, dtype, row + k);
+        const __m256 wv = widen8(row, k);
         for (int r = 0; r < R; r++)
             acc[r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (size_t)r * K + k), acc[r][0]);
     }
-    const NeoMatrix m = {dtype, w, NULL};
     for (int r = 0; r < R; r++) {
         float sum = hsum8(_mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3])));
-        for (int j = k; j < K; j++) sum += x[(size_t)r * K + j] * matrix_element(&m, 0, row + j, 0);
+        for (int j = k; j < K; j++) sum += x[(size_t)r * K + j] * row_element(row, j);
         sums[r] = sum;
     }
 }
@@ -103,30 +134,32 @@ INLINE_AVX2 void dot_rows_avx2(const NeoDType dtype, const int R, int prefetch_n
 /* Outputs n_begin..n_end for all T rows: each weight row is read from memory once, by the
  * first group of rows, and from L1 by the others. */
 INLINE_AVX2 void matvec_block_avx2(const NeoDType dtype, const int prefetch_nta, float *out,
-                                   const float *x, const void *w, const float *bias, int T,
+                                   const float *x, const NeoMatrix *w, const float *bias, int T,
                                    int n_begin, int n_end, int K, int N, int accumulate)
 {
     float sums[MV_ROWS];
     for (int n = n_begin; n < n_end; n++) {
+        const MatrixRow row = matrix_row(w, n, K);
         for (int t = 0; t < T; t += MV_ROWS) {
             const int R = T - t < MV_ROWS ? T - t : MV_ROWS, prefetch = prefetch_nta && t == 0;
             const float *xt = x + (size_t)t * K;
             if (R == 3)
-                dot_rows_avx2(dtype, 3, prefetch, sums, xt, w, (size_t)n * K, K);
+                dot_rows_avx2(dtype, 3, prefetch, sums, xt, row, K);
             else if (R == 2)
-                dot_rows_avx2(dtype, 2, prefetch, sums, xt, w, (size_t)n * K, K);
+                dot_rows_avx2(dtype, 2, prefetch, sums, xt, row, K);
             else
-                dot_rows_avx2(dtype, 1, prefetch, sums, xt, w, (size_t)n * K, K);
+                dot_rows_avx2(dtype, 1, prefetch, sums, xt, row, K);
             for (int r = 0; r < R; r++)
                 store_output(&out[(size_t)(t + r) * N + n], sums[r], bias, n, accumulate);
         }
     }
 }
 
-TARGET_AVX2 static void matvec_avx2(float *out, const float *x, const void *w, NeoDType dtype,
+TARGET_AVX2 static void matvec_avx2(float *out, const float *x, const NeoMatrix *w,
                                     const float *bias, int T, int K, int N, int accumulate,
                                     int n_threads)
 {
+    const NeoDType dtype = w->dtype;
     const int n_blocks = (N + MV_BLOCK - 1) / MV_BLOCK, nta = neo_cpu_is_amd();
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int b = 0; b < n_blocks; b++) {
@@ -136,6 +169,10 @@ TARGET_AVX2 static void matvec_avx2(float *out, const float *x, const void *w, N
             matvec_block_avx2(NEO_BF16, 1, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
         else if (dtype == NEO_BF16)
             matvec_block_avx2(NEO_BF16, 0, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
+        else if (dtype == NEO_I8 && nta)
+            matvec_block_avx2(NEO_I8, 1, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
+        else if (dtype == NEO_I8)
+            matvec_block_avx2(NEO_I8, 0, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
         else if (nta)
             matvec_block_avx2(NEO_F32, 1, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
         else
@@ -165,22 +202,23 @@ INLINE_AVX2 void transpose8x8(__m256 r[8])
 
 /* panel[k * PANEL + j] = w[n0 + j, k] in fp32, columns past N zero: 8 x 8 blocks are widened
  * and transposed in registers. */
-TARGET_AVX2 static void pack_panel(float *panel, const void *w, NeoDType dtype, int n0, int K, int N)
+TARGET_AVX2 static void pack_panel(float *panel, const NeoMatrix *w, int n0, int K, int N)
 {
+    MatrixRow rows[PANEL];
+    for (int j = 0; j < PANEL && n0 + j < N; j++) rows[j] = matrix_row(w, n0 + j, K);
     int k = 0;
     for (; k + 8 <= K; k += 8) {
         for (int j0 = 0; j0 < PANEL; j0 += 8) {
             __m256 block[8];
             for (int i = 0; i < 8; i++)
-                block[i] = n0 + j0 + i < N ? widen8(w, dtype, (size_t)(n0 + j0 + i) * K + k)
-                                           : _mm256_setzero_ps();
+                block[i] = n0 + j0 + i < N ? widen8(rows[j0 + i], k) : _mm256_setzero_ps();
             transpose8x8(block);
             for (int i = 0; i < 8; i++) _mm256_store_ps(panel + (size_t)(k + i) * PANEL + j0, block[i]);
         }
     }
     for (; k < K; k++)
         for (int j = 0; j < PANEL; j++)
-            panel[(size_t)k * PANEL + j] = n0 + j < N ? matrix_element(&(NeoMatrix){dtype, w, NULL}, n0 + j, k, K) : 0.0f;
+            panel[(size_t)k * PANEL + j] = n0 + j < N ? row_element(rows[j], k) : 0.0f;
 }
 
 /* out[t0.., n0..n0+PANEL) for GEMM_ROWS rows of x: broadcast x[t, k] against the packed row k.
@@ -214,7 +252,7 @@ INLINE_AVX2 void gemm_tile_avx2(float *out, const float *x, const float *panel, 
             store_output(&out[(size_t)(t0 + i) * N + n0 + j], tile[i][j], bias, n0 + j, accumulate);
 }
 
-TARGET_AVX2 static void gemm_avx2(float *out, const float *x, const void *w, NeoDType dtype,
+TARGET_AVX2 static void gemm_avx2(float *out, const float *x, const NeoMatrix *w,
                                   const float *bias, int T, int K, int N, int accumulate,
                                   int n_threads)
 {
@@ -225,7 +263,7 @@ TARGET_AVX2 static void gemm_avx2(float *out, const float *x, const void *w, Neo
         #pragma omp for schedule(static)
         for (int p = 0; p < n_panels; p++) {
             if (!panel) continue;  /* out of memory: leave zeros rather than crash */
-            pack_panel(panel, w, dtype, p * PANEL, K, N);
+            pack_panel(panel, w, p * PANEL, K, N);
             for (int t = 0; t < T; t += GEMM_ROWS)
                 gemm_tile_avx2(out, x, panel, bias, t, p * PANEL, T, K, N, accumulate);
         }
@@ -235,18 +273,12 @@ TARGET_AVX2 static void gemm_avx2(float *out, const float *x, const void *w, Neo
 
 #endif
 
-/* int8 weights have no AVX2 kernel yet: they take the scalar path. */
-static int avx2_runs(const NeoMatrix *w, NeoIsa isa)
-{
-    return isa == NEO_ISA_AVX2 && w->dtype != NEO_I8;
-}
-
 void matmul_forward(float *out, const float *x, const NeoMatrix *w, const float *bias, int T,
                     int K, int N, int accumulate, int n_threads, NeoIsa isa)
 {
 #if defined(__x86_64__)
-    if (avx2_runs(w, isa)) {
-        gemm_avx2(out, x, w->data, w->dtype, bias, T, K, N, accumulate, n_threads);
+    if (isa == NEO_ISA_AVX2) {
+        gemm_avx2(out, x, w, bias, T, K, N, accumulate, n_threads);
         return;
     }
 #endif
@@ -257,8 +289,8 @@ void matvec_forward(float *out, const float *x, const NeoMatrix *w, const float 
                     int K, int N, int accumulate, int n_threads, NeoIsa isa)
 {
 #if defined(__x86_64__)
-    if (avx2_runs(w, isa)) {
-        matvec_avx2(out, x, w->data, w->dtype, bias, T, K, N, accumulate, n_threads);
+    if (isa == NEO_ISA_AVX2) {
+        matvec_avx2(out, x, w, bias, T, K, N, accumulate, n_threads);
         return;
     }
 #endif
