@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -142,3 +143,180 @@ def test_int8_matvec_rows_are_summed_as_alone_and_threads_do_not_matter(isa):
             _core.matmul(out, x, q, None, False, threads, isa, kernel)
             results.append(out)
         assert all(np.array_equal(r, results[0]) for r in results)
+
+
+# ---- the whole model ------------------------------------------------------------------------
+
+def run_cli(*args: str):
+    return subprocess.run([sys.executable, "-m", "neocore", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def assert_one_line_error(proc, pattern: str) -> None:
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and pattern in lines[0], proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny(reference_models, gpt2_tokenizer_dir):
+    ref = reference_models("tiny")
+    return ref, neocore.load(ref.folder, dtype="int8").logits(IDS)
+
+
+@pytest.fixture(scope="module")
+def converted(tiny, tmp_path_factory) -> Path:
+    """The tiny model through `neocore convert --dtype int8`, as a user runs it."""
+    ref, _ = tiny
+    dst = tmp_path_factory.mktemp("int8") / "converted"
+    proc = run_cli("convert", str(ref.folder), str(dst), "--dtype", "int8")
+    assert proc.returncode == 0, proc.stderr
+    assert "int8 weights" in proc.stdout
+    return dst
+
+
+def test_int8_model_equals_transformers_on_the_dequantised_weights(tiny, logits_close):
+    """Quantisation is the only approximation: transformers (fp32) given the dequantised
+    weights, quantised here by the numpy definition, agrees to float precision."""
+    ref, ours = tiny
+    model = copy.deepcopy(ref.torch_model)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.ndim == 2:  # every matrix; lm_head is tied to wte
+                p.copy_(torch.from_numpy(dequantize(*reference_quantize(p.numpy()))))
+        theirs = model(torch.tensor([IDS])).logits[0].numpy()
+    logits_close(ours, theirs)
+
+
+def test_int8_logits_stay_close_to_bfloat16(tiny):
+    """Each weight moves by at most half a step, 1/254 of its block's largest magnitude: a
+    noise well below the signal. On this random 4-layer model it moves the logits by 2.9% of
+    their range (measured), so 5% is the bound, and the top token must not change."""
+    ref, ours = tiny
+    bf16 = neocore.load(ref.folder).logits(IDS)
+    assert np.abs(ours - bf16).max() <= 0.05 * np.abs(bf16).max()
+    assert np.array_equal(ours.argmax(axis=1), bf16.argmax(axis=1))
+
+
+def test_int8_generation_is_the_same_for_any_thread_count(tiny):
+    ref, _ = tiny
+    outputs = [neocore.load(ref.folder, dtype="int8", threads=t).generate_ids(IDS[:5], 12)
+               for t in (1, 2, 3)]
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_convert_int8_round_trip(tiny, converted):
+    ref, ours = tiny
+    weights = converted / "neocore-int8.safetensors"
+    assert not (converted / "model.safetensors").exists()
+    header_len = int.from_bytes(weights.read_bytes()[:8], "little")
+    header = json.loads(weights.read_bytes()[8:8 + header_len])
+    assert header["__metadata__"]["format"] == "neocore-int8"
+    assert header["__metadata__"]["neocore.i8_block"] == str(B)
+    assert header["transformer.wte.weight"]["dtype"] == "I8"
+    assert header["transformer.wte.weight.scales"] == {**header["transformer.wte.weight.scales"],
+                                                       "dtype": "F32", "shape": [50257, -(-64 // B)]}
+    assert header["transformer.h.0.ln_1.weight"]["dtype"] == "F32" and "lm_head.weight" not in header
+    model = neocore.load(converted, dtype="int8")
+    assert model.matrices_in_place == 2 + 6 * ref.config["num_layers"]
+    wte = model._weights["wte"]
+    assert not wte.values.flags.writeable and not wte.values.flags.owndata  # the read-only map
+    assert np.array_equal(model.logits(IDS), ours)  # identical to quantising at load
+    assert model.tokenizer is not None
+
+
+def test_transformers_cannot_load_an_int8_folder(converted):
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        GPTNeoForCausalLM.from_pretrained(converted)
+
+
+def test_int8_folder_refuses_other_dtypes_and_conversion_back(converted, tmp_path):
+    with pytest.raises(neocore.CheckpointError, match="transformers cannot load; load it with dtype='int8'"):
+        neocore.load(converted)
+    proc = run_cli("convert", str(converted), str(tmp_path / "back"))
+    assert_one_line_error(proc, "cannot be converted back to bfloat16")
+    assert "convert the original checkpoint" in proc.stderr
+    proc = run_cli("generate", "-m", str(converted), "Hello")
+    assert_one_line_error(proc, "--dtype int8")
+
+
+def test_cli_int8(tiny, converted):
+    ref, _ = tiny
+    prompt = "The old lighthouse keeper"
+    proc = run_cli("generate", "-m", str(converted), "--dtype", "int8", prompt, "--max-tokens", "16",
+                   "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr
+    expected = neocore.load(ref.folder, dtype="int8").generate(prompt, max_new_tokens=16, temperature=0)
+    assert proc.stdout == expected + "\n"
+    info = run_cli("info", "-m", str(converted), "--dtype", "int8")
+    assert info.returncode == 0, info.stderr
+    assert "weight dtype:    int8" in info.stdout and "transformers cannot load" in info.stdout
+
+
+HOSTILE = {  # name -> (change to the tensors, the one-line message)
+    "scales missing": (lambda t: t.pop("transformer.h.1.mlp.c_fc.weight.scales"),
+                       "tensor 'transformer.h.1.mlp.c_fc.weight.scales' is missing"),
+    "wrong block count": (lambda t: t.update({"transformer.wte.weight.scales":
+                                              np.ones((50257, 64 // B + 1), np.float32)}),
+                          f"expected [50257, {64 // B}] (one scale per {B} columns)"),
+    "scales transposed": (lambda t: t.update({"transformer.h.0.attn.attention.q_proj.weight.scales":
+                                              np.ones((64 // B, 64), np.float32)}),
+                          f"has shape [{64 // B}, 64], expected [64, {64 // B}]"),
+    "scales not float32": (lambda t: t.update({"transformer.wpe.weight.scales":
+                                               t["transformer.wpe.weight.scales"].astype(np.float16)}),
+                           "'transformer.wpe.weight.scales' is F16, not F32"),
+    "values not int8": (lambda t: t.update({"transformer.h.2.mlp.c_proj.weight":
+                                            t["transformer.h.2.mlp.c_proj.weight"].astype(np.int16)}),
+                        "'transformer.h.2.mlp.c_proj.weight' is I16, not a floating-point weight"),
+    "values wrong shape": (lambda t: t.update({"transformer.h.3.attn.attention.v_proj.weight":
+                                               np.zeros((64, 65), np.int8)}),
+                           "has shape [64, 65], expected [64, 64] from the config"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_int8_files_are_refused_in_one_line(converted, tmp_path, case):
+    change, message = HOSTILE[case]
+    folder = tmp_path / "hostile"
+    shutil.copytree(converted, folder)
+    weights = folder / "neocore-int8.safetensors"
+    tensors = load_file(weights)  # the safetensors library, not neocore's reader
+    change(tensors)
+    save_file(tensors, weights, metadata={"format": "neocore-int8"})
+    with pytest.raises(neocore.CheckpointError, match=re.escape(message)) as info:
+        neocore.load(folder, dtype="int8")
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_int8_file_is_refused(converted, tmp_path):
+    folder = tmp_path / "truncated"
+    shutil.copytree(converted, folder)
+    weights = folder / "neocore-int8.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(neocore.CheckpointError, match="truncated or corrupt") as info:
+        neocore.load(folder, dtype="int8")
+    assert "\n" not in str(info.value)
+
+
+def test_non_finite_weight_is_refused_when_quantising(tiny, tmp_path):
+    ref, _ = tiny
+    tensors = load_file(ref.folder / "model.safetensors")
+    tensors["transformer.h.1.mlp.c_fc.weight"][3, 5] = np.inf
+    folder = tmp_path / "inf"
+    folder.mkdir()
+    shutil.copy(ref.folder / "config.json", folder)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(neocore.CheckpointError, match="c_fc.weight' holds NaN or infinite values: cannot quantise"):
+        neocore.load(folder, dtype="int8")
+
+
+def test_loading_int8_from_fp32_peaks_below_bfloat16(reference_models):
+    """Quantised tensor by tensor, each mapped fp32 region let go: the peak is the int8 model
+    plus one fp32 tensor, under what bf16 loading peaks at."""
+    ref = reference_models("gpt-neo-125M")
+    code = ("import neocore, sys; m = neocore.load(sys.argv[1], dtype=sys.argv[2]);"
+            "print(int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) * 1024)")
+    peak = {dtype: int(subprocess.run([sys.executable, "-c", code, str(ref.folder), dtype], check=True,
+                                      capture_output=True, text=True).stdout)
+            for dtype in ("bfloat16", "int8")}
+    assert peak["int8"] < 0.85 * peak["bfloat16"], peak
