@@ -65,8 +65,15 @@ static inline MatrixRow matrix_row(const NeoMatrix *w, size_t n, size_t K)
                        w->dtype == NEO_I8 ? w->scales + n * blocks : NULL};
 }
 
-/* Elements k..k+7 of a row in fp32 (k a multiple of 8, so the 8 share one int8 block). */
-INLINE_AVX2 __m256 widen8(MatrixRow row, int k)
+/* The scale of the int8 block holding column k, in every lane. */
+INLINE_AVX2 __m256 block_scale(MatrixRow row, int k)
+{
+    return _mm256_broadcast_ss(row.scales + (unsigned)k / NEO_I8_BLOCK);
+}
+
+/* Elements k..k+7 of a row in fp32 (k a multiple of 8, so the 8 share one int8 block, whose
+ * scale is given: block_scale(row, k), once for a run of vectors of one block). */
+INLINE_AVX2 __m256 widen8(MatrixRow row, int k, __m256 scale)
 {
     if (row.dtype == NEO_BF16) {
         /* bf16 is the top half of an fp32: zero-extend to 32 bits and shift into place. */
@@ -76,10 +83,15 @@ INLINE_AVX2 __m256 widen8(MatrixRow row, int k)
     if (row.dtype == NEO_I8) {
         /* sign-extend 8 bytes to int32, convert (exact) and round value * scale once */
         __m128i q = _mm_loadl_epi64((const __m128i *)((const int8_t *)row.data + k));
-        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)),
-                             _mm256_broadcast_ss(row.scales + k / NEO_I8_BLOCK));
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), scale);
     }
     return _mm256_loadu_ps((const float *)row.data + k);
+}
+
+/* widen8 for a vector on its own, looking its scale up. */
+INLINE_AVX2 __m256 widen8_alone(MatrixRow row, int k)
+{
+    return widen8(row, k, row.dtype == NEO_I8 ? block_scale(row, k) : _mm256_setzero_ps());
 }
 
 /* The scalar tail of a row (columns past the last multiple of 8). */
@@ -100,6 +112,7 @@ INLINE_AVX2 float hsum8(__m256 v)
 /* sums[r] = sum_k x[r * K + k] * w[row + k] for R rows of x (R a constant, 1 to MV_ROWS) that
  * share each widened weight vector. Every row is summed in the same order whatever R is. */
 #define MV_ROWS 3  /* 4 R accumulators + 4 weight vectors fit the 16 ymm registers */
+_Static_assert(NEO_I8_BLOCK % 32 == 0, "a 32-column step of dot_rows_avx2 takes one int8 scale");
 INLINE_AVX2 void dot_rows_avx2(const NeoDType dtype, const int R, int prefetch_nta, float *sums,
                                const float *x, MatrixRow row, int K)
 {
@@ -110,17 +123,19 @@ INLINE_AVX2 void dot_rows_avx2(const NeoDType dtype, const int R, int prefetch_n
         for (int a = 0; a < 4; a++) acc[r][a] = _mm256_setzero_ps();
     int k = 0;
     for (; k + 32 <= K; k += 32) {
-        /* one hint per 64-byte line: every other step for int8 */
-        if (prefetch_nta && (size > 1 || k % 64 == 0))
+        /* int8 reads half a line a step: its second hint to a line is a cheap no-op */
+        if (prefetch_nta)
             _mm_prefetch((const char *)row.data + (size_t)k * size + PREFETCH_BYTES, _MM_HINT_NTA);
+        /* the 32 columns lie in one int8 block (NEO_I8_BLOCK is a multiple of 32) */
+        const __m256 scale = dtype == NEO_I8 ? block_scale(row, k) : _mm256_setzero_ps();
         for (int a = 0; a < 4; a++) {
-            const __m256 wv = widen8(row, k + 8 * a);
+            const __m256 wv = widen8(row, k + 8 * a, scale);
             for (int r = 0; r < R; r++)
                 acc[r][a] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (size_t)r * K + k + 8 * a), acc[r][a]);
         }
     }
     for (; k + 8 <= K; k += 8) {
-        const __m256 wv = widen8(row, k);
+        const __m256 wv = widen8_alone(row, k);
         for (int r = 0; r < R; r++)
             acc[r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (size_t)r * K + k), acc[r][0]);
     }
@@ -211,7 +226,7 @@ TARGET_AVX2 static void pack_panel(float *panel, const NeoMatrix *w, int n0, int
         for (int j0 = 0; j0 < PANEL; j0 += 8) {
             __m256 block[8];
             for (int i = 0; i < 8; i++)
-                block[i] = n0 + j0 + i < N ? widen8(rows[j0 + i], k) : _mm256_setzero_ps();
+                block[i] = n0 + j0 + i < N ? widen8_alone(rows[j0 + i], k) : _mm256_setzero_ps();
             transpose8x8(block);
             for (int i = 0; i < 8; i++) _mm256_store_ps(panel + (size_t)(k + i) * PANEL + j0, block[i]);
         }

@@ -13,7 +13,8 @@
 /* Storage type of a weight matrix; biases and LayerNorm parameters are always fp32. */
 typedef enum { NEO_F32 = 0, NEO_BF16 = 1, NEO_I8 = 2 } NeoDType;
 
-/* int8 matrices carry one fp32 scale per block of this many consecutive elements of a row. */
+/* int8 matrices carry one fp32 scale per block of this many consecutive elements of a row
+ * (a multiple of 32: the AVX2 decode kernel takes one scale per 32 columns). */
 #define NEO_I8_BLOCK 32
 
 /* A weight matrix [rows, cols] in nn.Linear layout [out, in]. For NEO_I8, data holds int8
