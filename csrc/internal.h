@@ -68,12 +68,13 @@ static inline float simde_reduce_add_ps(__m512 a)
  * as row T-1 and not stored, and hands its sums to store_tile (below). */
 typedef void GemmTile(float *out, const float *x, const float *panel, const float *bias, int t0,
                       int n0, int T, int K, int N, int accumulate);
-void gemm_panels(GemmTile *tile, int width, int rows, float *out, const float *x, const void *w,
-                 NeoDType dtype, const float *bias, int T, int K, int N, int accumulate, int n_threads);
-void pack_panel(float *panel, const void *w, NeoDType dtype, int n0, int K, int N, int width);
+void gemm_panels(GemmTile *tile, int width, int rows, float *out, const float *x, const NeoMatrix *w,
+                 const float *bias, int T, int K, int N, int accumulate, int n_threads);
+void pack_panel(float *panel, const NeoMatrix *w, int n0, int K, int N, int width);
 
 /* matmul_avx512.c */
 #define PANEL512 32
+#define MAX_PANEL PANEL512  /* the widest panel pack_panel is asked for */
 #define GEMM512_ROWS 12
 GemmTile gemm_tile_avx512;
 void matvec_avx512(float *out, const float *x, const void *w, NeoDType dtype, const float *bias,

@@ -1,7 +1,7 @@
 /* matmul.c: out[t, n] (+)= bias[n] + sum_k x[t, k] * w[n, k]
  *
  * x is fp32 [T, K]; w is [N, K] (nn.Linear layout) in fp32, bf16 or int8, widened to fp32 on
- * load; every sum is accumulated in fp32. Threads split the output columns n with a static
+ * load (int8 times its block's scale, rounded as matrix_element does); every sum is accumulated in fp32. Threads split the output columns n with a static
  * schedule and each output is summed by one thread in a fixed order, so the result does not
  * depend on the thread count, nor on the other rows: the decode kernel (matvec_forward) sums
  * each row as it would alone, the prefill GEMM (matmul_forward) sums each output along k.
@@ -180,14 +180,55 @@ static void gemm_generic(float *out, const float *x, const NeoMatrix *w, const f
 #define PANEL 16
 #define GEMM_ROWS 6
 
-INLINE_AVX2 __m256 widen8(const void *w, NeoDType dtype, size_t i)
+/* One row of a weight matrix: its elements and, for int8, its block scales. */
+typedef struct {
+    NeoDType dtype;
+    const void *data;
+    const float *scales;
+} MatrixRow;
+
+static inline MatrixRow matrix_row(const NeoMatrix *w, size_t n, size_t K)
 {
-    if (dtype == NEO_BF16) {
+    const size_t size = w->dtype == NEO_BF16 ? 2 : w->dtype == NEO_I8 ? 1 : 4;
+    const size_t blocks = (K + NEO_I8_BLOCK - 1) / NEO_I8_BLOCK;
+    return (MatrixRow){w->dtype, (const char *)w->data + n * K * size,
+                       w->dtype == NEO_I8 ? w->scales + n * blocks : NULL};
+}
+
+/* The scale of the int8 block holding column k, in every lane. */
+INLINE_AVX2 __m256 block_scale(MatrixRow row, int k)
+{
+    return _mm256_broadcast_ss(row.scales + (unsigned)k / NEO_I8_BLOCK);
+}
+
+/* Elements k..k+7 of a row in fp32 (k a multiple of 8, so the 8 share one int8 block, whose
+ * scale is given: block_scale(row, k), once for a run of vectors of one block). */
+INLINE_AVX2 __m256 widen8(MatrixRow row, int k, __m256 scale)
+{
+    if (row.dtype == NEO_BF16) {
         /* bf16 is the top half of an fp32: zero-extend to 32 bits and shift into place. */
-        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
+        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)row.data + k));
         return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     }
-    return _mm256_loadu_ps((const float *)w + i);
+    if (row.dtype == NEO_I8) {
+        /* sign-extend 8 bytes to int32, convert (exact) and round value * scale once */
+        __m128i q = _mm_loadl_epi64((const __m128i *)((const int8_t *)row.data + k));
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), scale);
+    }
+    return _mm256_loadu_ps((const float *)row.data + k);
+}
+
+/* widen8 for a vector on its own, looking its scale up. */
+INLINE_AVX2 __m256 widen8_alone(MatrixRow row, int k)
+{
+    return widen8(row, k, row.dtype == NEO_I8 ? block_scale(row, k) : _mm256_setzero_ps());
+}
+
+/* The scalar tail of a row (columns past the last multiple of 8). */
+static inline float row_element(MatrixRow row, int k)
+{
+    const NeoMatrix m = {row.dtype, row.data, row.scales};
+    return matrix_element(&m, 0, k, 0);
 }
 
 INLINE_AVX2 float hsum8(__m256 v)
@@ -201,32 +242,36 @@ INLINE_AVX2 float hsum8(__m256 v)
 /* sums[r] = sum_k x[r * K + k] * w[row + k] for R rows of x (R a constant, 1 to MV_ROWS) that
  * share each widened weight vector. Every row is summed in the same order whatever R is. */
 #define MV_ROWS 3  /* 4 R accumulators + 4 weight vectors fit the 16 ymm registers */
+_Static_assert(NEO_I8_BLOCK % 32 == 0, "a 32-column step of dot_rows_avx2 takes one int8 scale");
 INLINE_AVX2 void dot_rows_avx2(const NeoDType dtype, const int R, int prefetch_nta, float *sums,
-                               const float *x, const void *w, size_t row, int K)
+                               const float *x, MatrixRow row, int K)
 {
-    const char *bytes = (const char *)w + row * (dtype == NEO_BF16 ? 2 : 4);
+    const int size = dtype == NEO_BF16 ? 2 : dtype == NEO_I8 ? 1 : 4;
+    row.dtype = dtype;  /* the constant, so that widen8 compiles to one path */
     __m256 acc[MV_ROWS][4];
     for (int r = 0; r < R; r++)
         for (int a = 0; a < 4; a++) acc[r][a] = _mm256_setzero_ps();
     int k = 0;
     for (; k + 32 <= K; k += 32) {
+        /* int8 reads half a line a step: its second hint to a line is a cheap no-op */
         if (prefetch_nta)
-            _mm_prefetch(bytes + (size_t)k * (dtype == NEO_BF16 ? 2 : 4) + PREFETCH_BYTES, _MM_HINT_NTA);
+            _mm_prefetch((const char *)row.data + (size_t)k * size + PREFETCH_BYTES, _MM_HINT_NTA);
+        /* the 32 columns lie in one int8 block (NEO_I8_BLOCK is a multiple of 32) */
+        const __m256 scale = dtype == NEO_I8 ? block_scale(row, k) : _mm256_setzero_ps();
         for (int a = 0; a < 4; a++) {
-            const __m256 wv = widen8(w, dtype, row + k + 8 * a);
+            const __m256 wv = widen8(row, k + 8 * a, scale);
             for (int r = 0; r < R; r++)
                 acc[r][a] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (size_t)r * K + k + 8 * a), acc[r][a]);
         }
     }
     for (; k + 8 <= K; k += 8) {
-        const __m256 wv = widen8(w, dtype, row + k);
+        const __m256 wv = widen8_alone(row, k);
         for (int r = 0; r < R; r++)
             acc[r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (size_t)r * K + k), acc[r][0]);
     }
-    const NeoMatrix m = {dtype, w, NULL};
     for (int r = 0; r < R; r++) {
         float sum = hsum8(_mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3])));
-        for (int j = k; j < K; j++) sum += x[(size_t)r * K + j] * matrix_element(&m, 0, row + j, 0);
+        for (int j = k; j < K; j++) sum += x[(size_t)r * K + j] * row_element(row, j);
         sums[r] = sum;
     }
 }
@@ -234,30 +279,32 @@ INLINE_AVX2 void dot_rows_avx2(const NeoDType dtype, const int R, int prefetch_n
 /* Outputs n_begin..n_end for all T rows: each weight row is read from memory once, by the
  * first group of rows, and from L1 by the others. */
 INLINE_AVX2 void matvec_block_avx2(const NeoDType dtype, const int prefetch_nta, float *out,
-                                   const float *x, const void *w, const float *bias, int T,
+                                   const float *x, const NeoMatrix *w, const float *bias, int T,
                                    int n_begin, int n_end, int K, int N, int accumulate)
 {
     float sums[MV_ROWS];
     for (int n = n_begin; n < n_end; n++) {
+        const MatrixRow row = matrix_row(w, n, K);
         for (int t = 0; t < T; t += MV_ROWS) {
             const int R = T - t < MV_ROWS ? T - t : MV_ROWS, prefetch = prefetch_nta && t == 0;
             const float *xt = x + (size_t)t * K;
             if (R == 3)
-                dot_rows_avx2(dtype, 3, prefetch, sums, xt, w, (size_t)n * K, K);
+                dot_rows_avx2(dtype, 3, prefetch, sums, xt, row, K);
             else if (R == 2)
-                dot_rows_avx2(dtype, 2, prefetch, sums, xt, w, (size_t)n * K, K);
+                dot_rows_avx2(dtype, 2, prefetch, sums, xt, row, K);
             else
-                dot_rows_avx2(dtype, 1, prefetch, sums, xt, w, (size_t)n * K, K);
+                dot_rows_avx2(dtype, 1, prefetch, sums, xt, row, K);
             for (int r = 0; r < R; r++)
                 store_output(&out[(size_t)(t + r) * N + n], sums[r], bias, n, accumulate);
         }
     }
 }
 
-TARGET_AVX2 static void matvec_avx2(float *out, const float *x, const void *w, NeoDType dtype,
+TARGET_AVX2 static void matvec_avx2(float *out, const float *x, const NeoMatrix *w,
                                     const float *bias, int T, int K, int N, int accumulate,
                                     int n_threads)
 {
+    const NeoDType dtype = w->dtype;
     const int n_blocks = (N + MV_BLOCK - 1) / MV_BLOCK, nta = neo_decode_prefetches_nta(NEO_ISA_AVX2);
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int b = 0; b < n_blocks; b++) {
@@ -267,6 +314,10 @@ TARGET_AVX2 static void matvec_avx2(float *out, const float *x, const void *w, N
             matvec_block_avx2(NEO_BF16, 1, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
         else if (dtype == NEO_BF16)
             matvec_block_avx2(NEO_BF16, 0, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
+        else if (dtype == NEO_I8 && nta)
+            matvec_block_avx2(NEO_I8, 1, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
+        else if (dtype == NEO_I8)
+            matvec_block_avx2(NEO_I8, 0, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
         else if (nta)
             matvec_block_avx2(NEO_F32, 1, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
         else
@@ -294,24 +345,26 @@ INLINE_AVX2 void transpose8x8(__m256 r[8])
     }
 }
 
-/* panel[k * width + j] = w[n0 + j, k] in fp32 (width a multiple of 8), columns past N zero:
- * 8 x 8 blocks are widened and transposed in registers. The AVX-512 GEMM packs with it too. */
-TARGET_AVX2 void pack_panel(float *panel, const void *w, NeoDType dtype, int n0, int K, int N, int width)
+/* panel[k * width + j] = w[n0 + j, k] in fp32 (width a multiple of 8, at most MAX_PANEL),
+ * columns past N zero: 8 x 8 blocks are widened and transposed in registers. The AVX-512 GEMM
+ * packs with it too. */
+TARGET_AVX2 void pack_panel(float *panel, const NeoMatrix *w, int n0, int K, int N, int width)
 {
+    MatrixRow rows[MAX_PANEL];
+    for (int j = 0; j < width && n0 + j < N; j++) rows[j] = matrix_row(w, n0 + j, K);
     int k = 0;
     for (; k + 8 <= K; k += 8) {
         for (int j0 = 0; j0 < width; j0 += 8) {
             __m256 block[8];
             for (int i = 0; i < 8; i++)
-                block[i] = n0 + j0 + i < N ? widen8(w, dtype, (size_t)(n0 + j0 + i) * K + k)
-                                           : _mm256_setzero_ps();
+                block[i] = n0 + j0 + i < N ? widen8_alone(rows[j0 + i], k) : _mm256_setzero_ps();
             transpose8x8(block);
             for (int i = 0; i < 8; i++) _mm256_store_ps(panel + (size_t)(k + i) * width + j0, block[i]);
         }
     }
     for (; k < K; k++)
         for (int j = 0; j < width; j++)
-            panel[(size_t)k * width + j] = n0 + j < N ? matrix_element(&(NeoMatrix){dtype, w, NULL}, n0 + j, k, K) : 0.0f;
+            panel[(size_t)k * width + j] = n0 + j < N ? row_element(rows[j], k) : 0.0f;
 }
 
 /* out[t0.., n0..n0+PANEL) for GEMM_ROWS rows of x: broadcast x[t, k] against the packed row k.
@@ -344,8 +397,8 @@ TARGET_AVX2 static void gemm_tile_avx2(float *out, const float *x, const float *
     store_tile(out, &tile[0][0], GEMM_ROWS, PANEL, bias, t0, n0, T, N, accumulate);
 }
 
-void gemm_panels(GemmTile *tile, int width, int rows, float *out, const float *x, const void *w,
-                 NeoDType dtype, const float *bias, int T, int K, int N, int accumulate, int n_threads)
+void gemm_panels(GemmTile *tile, int width, int rows, float *out, const float *x, const NeoMatrix *w,
+                 const float *bias, int T, int K, int N, int accumulate, int n_threads)
 {
     const int n_panels = (N + width - 1) / width;
     #pragma omp parallel num_threads(n_threads)
@@ -354,7 +407,7 @@ void gemm_panels(GemmTile *tile, int width, int rows, float *out, const float *x
         #pragma omp for schedule(static)
         for (int p = 0; p < n_panels; p++) {
             if (!panel) continue;  /* out of memory: leave the outputs rather than crash */
-            pack_panel(panel, w, dtype, p * width, K, N, width);
+            pack_panel(panel, w, p * width, K, N, width);
             for (int t = 0; t < T; t += rows)
                 tile(out, x, panel, bias, t, p * width, T, K, N, accumulate);
         }
@@ -362,10 +415,10 @@ void gemm_panels(GemmTile *tile, int width, int rows, float *out, const float *x
     }
 }
 
-/* int8 weights have no AVX2 or AVX-512 kernel yet: they take the portable path. */
-static int simd_runs(const NeoMatrix *w, NeoIsa isa, NeoIsa simd)
+/* int8 weights have no AVX-512 kernels: on AVX-512 CPUs they take the AVX2 ones. */
+static int avx512_runs(const NeoMatrix *w, NeoIsa isa)
 {
-    return isa == simd && w->dtype != NEO_I8;
+    return isa == NEO_ISA_AVX512 && w->dtype != NEO_I8;
 }
 #endif
 
@@ -379,14 +432,13 @@ void matmul_forward(float *out, const float *x, const NeoMatrix *w, const float 
                     int K, int N, int accumulate, int n_threads, NeoIsa isa)
 {
 #if defined(__x86_64__)
-    if (simd_runs(w, isa, NEO_ISA_AVX2)) {
-        gemm_panels(gemm_tile_avx2, PANEL, GEMM_ROWS, out, x, w->data, w->dtype, bias, T, K, N,
-                    accumulate, n_threads);
+    if (avx512_runs(w, isa)) {
+        gemm_panels(gemm_tile_avx512, PANEL512, GEMM512_ROWS, out, x, w, bias, T, K, N, accumulate,
+                    n_threads);
         return;
     }
-    if (simd_runs(w, isa, NEO_ISA_AVX512)) {
-        gemm_panels(gemm_tile_avx512, PANEL512, GEMM512_ROWS, out, x, w->data, w->dtype, bias, T,
-                    K, N, accumulate, n_threads);
+    if (isa == NEO_ISA_AVX2 || isa == NEO_ISA_AVX512) {
+        gemm_panels(gemm_tile_avx2, PANEL, GEMM_ROWS, out, x, w, bias, T, K, N, accumulate, n_threads);
         return;
     }
 #endif
@@ -400,12 +452,12 @@ void matvec_forward(float *out, const float *x, const NeoMatrix *w, const float 
                     int K, int N, int accumulate, int n_threads, NeoIsa isa)
 {
 #if defined(__x86_64__)
-    if (simd_runs(w, isa, NEO_ISA_AVX2)) {
-        matvec_avx2(out, x, w->data, w->dtype, bias, T, K, N, accumulate, n_threads);
+    if (avx512_runs(w, isa)) {
+        matvec_avx512(out, x, w->data, w->dtype, bias, T, K, N, accumulate, n_threads);
         return;
     }
-    if (simd_runs(w, isa, NEO_ISA_AVX512)) {
-        matvec_avx512(out, x, w->data, w->dtype, bias, T, K, N, accumulate, n_threads);
+    if (isa == NEO_ISA_AVX2 || isa == NEO_ISA_AVX512) {
+        matvec_avx2(out, x, w, bias, T, K, N, accumulate, n_threads);
         return;
     }
 #endif

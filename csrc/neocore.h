@@ -13,7 +13,8 @@
 /* Storage type of a weight matrix; biases and LayerNorm parameters are always fp32. */
 typedef enum { NEO_F32 = 0, NEO_BF16 = 1, NEO_I8 = 2 } NeoDType;
 
-/* int8 matrices carry one fp32 scale per block of this many consecutive elements of a row. */
+/* int8 matrices carry one fp32 scale per block of this many consecutive elements of a row
+ * (a multiple of 32: the AVX2 decode kernel takes one scale per 32 columns). */
 #define NEO_I8_BLOCK 32
 
 /* A weight matrix [rows, cols] in nn.Linear layout [out, in]. For NEO_I8, data holds int8
@@ -133,6 +134,12 @@ int neo_step(const NeoConfig *cfg, const NeoWeights *w, NeoState *s, const NeoBa
 
 /* float32 -> bfloat16 bits, rounding to nearest even; returns 1 if any value changed. */
 int neo_f32_to_bf16(uint16_t *dst, const float *src, size_t n, int n_threads);
+
+/* float32 [rows, cols] -> NEO_I8 values [rows, cols] and scales [rows, ceil(cols / NEO_I8_BLOCK)]
+ * (symmetric, round to nearest, one scale per block of a row); returns 0 if src holds a NaN or
+ * an infinity (the output is then meaningless), else 1. */
+int neo_quantize_i8(int8_t *values, float *scales, const float *src, size_t rows, size_t cols,
+                    int n_threads);
 
 /* Kernels, exposed so tests can compare the SIMD paths with the scalar reference.
  * out[t, n] (+)= bias[n] + sum_k x[t, k] * w[n, k]. matmul_forward is the prefill GEMM;

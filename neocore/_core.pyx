@@ -77,6 +77,8 @@ cdef extern from "neocore.h":
                         int T, int K, int N, int accumulate, int n_threads, NeoIsa isa) nogil
     void gelu_new_forward(float *x, size_t n, int n_threads, NeoIsa isa) nogil
     int neo_f32_to_bf16(unsigned short *dst, const float *src, size_t n, int n_threads) nogil
+    int neo_quantize_i8(signed char *values, float *scales, const float *src, size_t rows,
+                        size_t cols, int n_threads) nogil
 
 
 # Kernel paths: the three a model may run on, and the scalar reference the tests compare them with.
@@ -372,3 +374,19 @@ def f32_to_bf16(unsigned short[::1] dst, const float[::1] src, int threads) -> b
         with nogil:
             rounded = neo_f32_to_bf16(&dst[0], &src[0], src.shape[0], threads)
     return bool(rounded)
+
+
+def quantize_i8(signed char[:, ::1] values, float[:, ::1] scales, const float[:, ::1] src,
+                int threads) -> bool:
+    """values, scales = src in int8 blocks of I8_BLOCK (see neo_quantize_i8); False if src
+    holds a NaN or an infinity."""
+    cdef Py_ssize_t rows = src.shape[0], cols = src.shape[1]
+    if values.shape[0] != rows or values.shape[1] != cols \
+            or scales.shape[0] != rows or scales.shape[1] != (cols + NEO_I8_BLOCK - 1) // NEO_I8_BLOCK:
+        raise ValueError("values must be [rows, cols] and scales [rows, ceil(cols / I8_BLOCK)]")
+    cdef int finite = 1
+    if rows and cols:
+        with nogil:
+            finite = neo_quantize_i8(&values[0, 0], &scales[0, 0], &src[0, 0], <size_t>rows,
+                                     <size_t>cols, threads)
+    return bool(finite)

@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--openvino-python", default=sys.executable,
                    help="a Python with optimum-intel[openvino] for the openvino peers (its optimum-cli exports)")
     p.add_argument("--latency", action="store_true", help="also time decode steps at positions 100 and 2000")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "int8"])
     p.add_argument("--load-only", action="store_true", help="measure load time and peak RSS only")
     p.add_argument("--tokenizer", metavar="DIR", help="measure encode throughput against Hugging Face instead")
     p.add_argument("--serve", action="store_true",
@@ -293,12 +293,15 @@ def warm_page_cache(folder: Path) -> None:
                 pass
 
 
-def weights_bytes_per_token(folder: str) -> int:
-    """Bytes a bf16 decode step reads: every matrix once (the tied lm_head included)."""
+def weights_bytes_per_token(folder: str, dtype: str = "bfloat16") -> float:
+    """Bytes a decode step reads: every matrix once (the tied lm_head included); int8 is one
+    byte a weight plus a float32 scale per block."""
+    from . import _core
     from .config import GPTNeoConfig
     c = GPTNeoConfig.from_file(Path(folder) / "config.json")
     h, f = c.hidden_size, c.intermediate_size
-    return 2 * (c.vocab_size * h + c.num_layers * (4 * h * h + 2 * h * f))
+    per_weight = {"bfloat16": 2, "float32": 4, "int8": 1 + 4 / _core.I8_BLOCK}[dtype]
+    return per_weight * (c.vocab_size * h + c.num_layers * (4 * h * h + 2 * h * f))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -340,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for threads in thread_counts:
         bandwidth = memory_bandwidth(threads)
-        roofline = bandwidth * 1e9 / weights_bytes_per_token(args.model)
+        roofline = bandwidth * 1e9 / weights_bytes_per_token(args.model, args.dtype)
         ours = _spawn("neocore", args, threads, args.dtype, args.model)
         ours.update(host, bandwidth_gb_s=bandwidth, roofline_tok_s=roofline)
         rows.append(ours)

@@ -345,9 +345,13 @@ def read_torch_zip(path: Path) -> dict[str, TensorRef]:
 
 # ---- folders -------------------------------------------------------------------------------
 
+# What neocore convert --dtype int8 writes: not model.safetensors, so that transformers, which
+# would read the int8 values as weights, finds no weights in the folder instead.
+NEOCORE_INT8_FILE = "neocore-int8.safetensors"
 SINGLE_FILE_READERS: dict[str, Callable[[Path], dict[str, TensorRef]]] = {
     "model.safetensors": read_safetensors,
     "pytorch_model.bin": read_torch_zip,
+    NEOCORE_INT8_FILE: read_safetensors,
 }
 
 

@@ -47,7 +47,8 @@ class Progress:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=None,
                    help=f"model folder or Hugging Face repo id (default: $NEOCORE_MODEL, else {DEFAULT_MODEL})")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="weight precision")
+    p.add_argument("--dtype", choices=["bfloat16", "float32", "int8"], default="bfloat16",
+                   help="weight precision (int8: blocks with a scale each, half the memory)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
     p.add_argument("--context", type=int, default=None, help="positions to allocate (default: the model's)")
     _config_args(p)
@@ -95,9 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="the model's config, size, and how it will run")
     _model_args(i)
 
-    v = sub.add_parser("convert", help="write a bfloat16 safetensors folder that loads instantly")
+    v = sub.add_parser("convert", help="write a bfloat16 (or int8) safetensors folder that loads instantly")
     v.add_argument("src", help="model folder in any supported format")
     v.add_argument("dst", help="folder to write")
+    v.add_argument("--dtype", choices=["bfloat16", "int8"], default="bfloat16",
+                   help="matrix storage (int8 folders load only in neocore, not in transformers)")
     v.add_argument("--tokenizer", help="folder with the tokenizer files (default: SRC's)")
     _config_args(v)
 
@@ -255,7 +258,10 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from . import _core
+    from .checkpoint import open_checkpoint
+    from .weights import INT8_NOT_TRANSFORMERS, holds_int8
     model = load_model(args)
+    int8_file = holds_int8(open_checkpoint(model.path))
     c = model.config
     kinds = ", ".join(f"{k} x{c.attention_layers.count(k)}" for k in ("global", "local"))
     rows = [
@@ -266,6 +272,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("local window", c.window_size), ("layer norm eps", c.layer_norm_epsilon),
         ("parameters", f"{c.num_parameters():,}"),
         ("weight dtype", model.dtype),
+        *([("weight file", INT8_NOT_TRANSFORMERS)] if int8_file else []),
         ("weight memory", f"{model.weight_bytes() / 2**20:.1f} MiB"),
         ("context", model.context_length),
         ("kernel path", f"{model.isa} (this CPU runs {', '.join(_core.usable_isas()[:-1])})"),
@@ -283,8 +290,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
     start = time.perf_counter()
     dst = convert(args.src, args.dst, tokenizer=args.tokenizer, config=args.config,
-                  progress=Progress("converting"), **_overrides(args))
-    print(f"wrote {dst} ({(dst / 'model.safetensors').stat().st_size / 2**20:.1f} MiB of bfloat16 weights) "
+                  progress=Progress("converting"), dtype=args.dtype, **_overrides(args))
+    from .checkpoint import NEOCORE_INT8_FILE
+    weights = dst / (NEOCORE_INT8_FILE if args.dtype == "int8" else "model.safetensors")
+    print(f"wrote {dst} ({weights.stat().st_size / 2**20:.1f} MiB of {args.dtype} weights) "
           f"in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -1,7 +1,13 @@
 """neocore convert: any readable GPT-Neo checkpoint to a standard Hugging Face folder whose
 model.safetensors holds every matrix as bfloat16 (one copy of the tied embedding), biases and
 norms as float32. neocore maps such a file and uses its matrices in place: nothing to convert
-at load time. transformers loads it as it is."""
+at load time. transformers loads it as it is.
+
+With dtype="int8" every matrix is written as int8 values plus a float32 "<name>.scales" tensor
+(one scale per block of I8_BLOCK columns) to neocore-int8.safetensors, whose metadata says so:
+neocore maps that in place too. transformers cannot load it: it would read the int8 values as
+weights (it ignores the metadata's format tag), so the file has another name than
+model.safetensors and transformers finds no weights in the folder."""
 from __future__ import annotations
 
 import json
@@ -9,43 +15,82 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from .checkpoint import open_checkpoint, write_safetensors
-from .errors import NeocoreError, TokenizerError
+from . import _core
+from .checkpoint import NEOCORE_INT8_FILE, SafetensorsEntry, open_checkpoint, write_safetensors
+from .errors import CheckpointError, NeocoreError, TokenizerError
 from .model import resolve_config, usable_cores
 from .resolve import resolve_model
 from .tokenizer import Tokenizer
-from .weights import WeightLoader, weight_table
+from .weights import INT8_NOT_TRANSFORMERS, SCALES_SUFFIX, WeightLoader, holds_int8, i8_blocks, weight_table
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json")
+CONVERT_DTYPES = ("bfloat16", "int8")
+INT8_METADATA = {"format": "neocore-int8", "neocore.dtype": "int8",
+                 "neocore.i8_block": str(_core.I8_BLOCK),
+                 "neocore.note": "int8 values with float32 '.scales' per block of a row; "
+                                 "load with neocore --dtype int8; transformers cannot load it"}
 
 
 def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = None,
             config: str | Path | None = None, progress: Callable[[int, int], None] | None = None,
-            **overrides: Any) -> Path:
+            dtype: str = "bfloat16", **overrides: Any) -> Path:
+    if dtype not in CONVERT_DTYPES:
+        raise NeocoreError(f"convert writes {' or '.join(CONVERT_DTYPES)}, not {dtype!r}")
     folder = resolve_model(src)
     dst = Path(dst)
     if dst.resolve() == folder.resolve():
         raise NeocoreError(f"{dst}: the destination must differ from the source folder")
     checkpoint = open_checkpoint(folder)
+    if dtype != "int8" and holds_int8(checkpoint):
+        raise CheckpointError(f"{checkpoint.description}: holds {INT8_NOT_TRANSFORMERS}, and they "
+                              f"cannot be converted back to {dtype} (the rounding is not undone); "
+                              f"convert the original checkpoint instead")
     cfg = resolve_config(folder, checkpoint, config, overrides)
-    loader = WeightLoader(checkpoint, cfg, "bfloat16", usable_cores())
+    loader = WeightLoader(checkpoint, cfg, dtype, usable_cores())
     table = weight_table(cfg)
+    entries: list[SafetensorsEntry] = []
+    for i, spec in enumerate(table):
+        name = f"transformer.{spec.name}"
 
-    def make(index: int, spec):
-        def read():
+        def read(index=i, spec=spec):
             if progress:
                 progress(index + 1, len(table))
             return loader.read(spec)
-        return read
+
+        if not spec.is_matrix or dtype == "bfloat16":
+            entries.append((name, "BF16" if spec.is_matrix else "F32", spec.shape, read))
+            continue
+        matrix = HeldMatrix(read)
+        entries.append((name, "I8", spec.shape, matrix.values))
+        entries.append((name + SCALES_SUFFIX, "F32", (spec.shape[0], i8_blocks(spec.shape[1])),
+                        matrix.scales))
 
     dst.mkdir(parents=True, exist_ok=True)
-    write_safetensors(dst / "model.safetensors",
-                      [(f"transformer.{spec.name}", "BF16" if spec.is_matrix else "F32", spec.shape,
-                        make(i, spec)) for i, spec in enumerate(table)])
+    if dtype == "int8":
+        write_safetensors(dst / NEOCORE_INT8_FILE, entries, INT8_METADATA)
+    else:
+        write_safetensors(dst / "model.safetensors", entries)
     loader.report_rounding()
     (dst / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
     copy_tokenizer(Path(tokenizer) if tokenizer else folder, dst, required=tokenizer is not None)
     return dst
+
+
+class HeldMatrix:
+    """An int8 matrix written as two entries, values then scales, from one quantisation: held
+    from the first entry to the second, so one matrix at a time is in memory."""
+
+    def __init__(self, read: Callable[[], Any]):
+        self.read = read
+        self.matrix = None
+
+    def values(self):
+        self.matrix = self.read()
+        return self.matrix.values
+
+    def scales(self):
+        scales, self.matrix = self.matrix.scales, None
+        return scales
 
 
 def copy_tokenizer(src: Path, dst: Path, required: bool) -> None:

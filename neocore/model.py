@@ -244,7 +244,9 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", threads: int | None =
          progress: Callable[[int, int], None] | None = None, **overrides: Any) -> Model:
     """Loads a GPT-Neo model folder (config.json plus weights).
 
-    dtype: 'bfloat16' (default; lossless for the published checkpoints) or 'float32'.
+    dtype: 'bfloat16' (default; lossless for the published checkpoints), 'float32', or 'int8'
+    (one scale per block of a row; about half bfloat16's memory, the only dtype a
+    `neocore convert --dtype int8` folder loads in).
     threads: OpenMP threads (default: every usable core). context: positions to allocate the
     key/value cache for (default: max_position_embeddings). isa: 'avx512', 'avx2' or 'generic' (default:
     $NEOCORE_ISA, else the fastest this CPU runs). config: a config.json to use instead of the

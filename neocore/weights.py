@@ -1,5 +1,6 @@
-"""From checkpoint tensors to the arrays the C core reads: matrices in bfloat16 (or float32
-in the reference mode), biases and LayerNorm parameters in float32."""
+"""From checkpoint tensors to the arrays the C core reads: matrices in bfloat16 (float32 in the
+reference mode, int8 blocks with a scale each in the compact one), biases and LayerNorm
+parameters in float32."""
 from __future__ import annotations
 
 import logging
@@ -15,7 +16,10 @@ from .errors import CheckpointError
 
 log = logging.getLogger("neocore")
 
-WEIGHT_DTYPES = ("bfloat16", "float32")
+WEIGHT_DTYPES = ("bfloat16", "float32", "int8")
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64", "F32BE")
+SCALES_SUFFIX = ".scales"  # an int8 matrix "x.weight" keeps its scales in "x.weight.scales"
+INT8_NOT_TRANSFORMERS = "neocore int8 weights, which transformers cannot load"
 
 
 def f32_to_bf16(values: np.ndarray, threads: int = 1) -> tuple[np.ndarray, bool]:
@@ -29,6 +33,39 @@ def f32_to_bf16(values: np.ndarray, threads: int = 1) -> tuple[np.ndarray, bool]
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+@dataclass(frozen=True)
+class Int8Matrix:
+    """A matrix as the C core reads NEO_I8: int8 values [rows, cols] and float32 scales
+    [rows, ceil(cols / I8_BLOCK)], one per block of I8_BLOCK consecutive elements of a row;
+    an element is value * scale."""
+    values: np.ndarray
+    scales: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + self.scales.nbytes
+
+
+def i8_blocks(cols: int) -> int:
+    return -(-cols // _core.I8_BLOCK)
+
+
+def quantize_i8(values: np.ndarray, threads: int = 1) -> Int8Matrix:
+    """Symmetric round-to-nearest int8, one scale (max |x| / 127) per block of a row; every
+    element comes back within half a step. ValueError if values holds a NaN or an infinity."""
+    source = np.ascontiguousarray(values, dtype=np.float32)
+    rows, cols = source.shape
+    out = Int8Matrix(np.empty((rows, cols), np.int8), np.empty((rows, i8_blocks(cols)), np.float32))
+    if not _core.quantize_i8(out.values, out.scales, source, threads):
+        raise ValueError("holds NaN or infinite values")
+    return out
+
+
+def holds_int8(checkpoint: Checkpoint) -> bool:
+    """Whether the checkpoint is a neocore int8 one (neocore convert --dtype int8)."""
+    return any(ref.dtype == "I8" for ref in checkpoint.tensors.values())
 
 
 class WeightLoader:
@@ -46,27 +83,35 @@ class WeightLoader:
         self.prefix = "transformer." if "transformer.wte.weight" in names else ""
         self.rounded: list[str] = []
         self.in_place = 0  # tensors used straight from the mapped file
+        if dtype != "int8" and holds_int8(checkpoint):
+            raise CheckpointError(f"{checkpoint.description}: holds {INT8_NOT_TRANSFORMERS}; "
+                                  f"load it with dtype='int8' (--dtype int8)")
 
-    def _ref(self, name: str, shape: tuple[int, ...]) -> TensorRef:
+    def _ref(self, name: str, shape: tuple[int, ...], dtypes: tuple[str, ...] = FLOAT_DTYPES,
+             what: str = "from the config") -> TensorRef:
         ref = self.checkpoint.tensors.get(self.prefix + name)
         if ref is None:
             raise CheckpointError(f"{self.checkpoint.description}: tensor {self.prefix + name!r} is missing")
         if ref.shape != shape:
             raise CheckpointError(f"{self.checkpoint.description}: tensor {ref.name!r} has shape "
-                                  f"{list(ref.shape)}, expected {list(shape)} from the config")
-        if ref.dtype not in ("F32", "F16", "BF16", "F64", "F32BE"):
+                                  f"{list(ref.shape)}, expected {list(shape)} {what}")
+        if ref.dtype not in dtypes:
+            expected = "a floating-point weight" if dtypes == FLOAT_DTYPES else " or ".join(dtypes)
             raise CheckpointError(f"{self.checkpoint.description}: tensor {ref.name!r} is {ref.dtype}, "
-                                  f"not a floating-point weight")
+                                  f"not {expected}")
         return ref
 
     def _as_float32(self, ref: TensorRef, stored: np.ndarray) -> np.ndarray:
         return bf16_to_f32(stored) if ref.dtype == "BF16" else np.ascontiguousarray(stored, dtype=np.float32)
 
-    def matrix(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def matrix(self, name: str, shape: tuple[int, ...]) -> np.ndarray | Int8Matrix:
         """A weight matrix in the engine's dtype; used in place when the file already holds it."""
+        found = self.checkpoint.tensors.get(self.prefix + name)
+        if self.dtype == "int8" and found is not None and found.dtype == "I8":
+            return self._stored_int8(name, shape)
         ref = self._ref(name, shape)
         stored = self.checkpoint.array(ref)
-        target = "BF16" if self.dtype == "bfloat16" else "F32"
+        target = {"bfloat16": "BF16", "float32": "F32"}.get(self.dtype)
         if ref.dtype == target and ref.mappable:
             self.in_place += 1
             return stored
@@ -75,9 +120,27 @@ class WeightLoader:
             result, changed = f32_to_bf16(result, self.threads)
             if changed:
                 self.rounded.append(ref.name)
+        elif self.dtype == "int8":
+            try:
+                result = quantize_i8(result, self.threads)
+            except ValueError as exc:
+                raise CheckpointError(f"{self.checkpoint.description}: tensor {ref.name!r} {exc}: "
+                                      f"cannot quantise it to int8") from None
         del stored
         self.checkpoint.release(ref)
         return result
+
+    def _stored_int8(self, name: str, shape: tuple[int, ...]) -> Int8Matrix:
+        """An int8 matrix and its scales as neocore convert wrote them, used in place."""
+        ref = self._ref(name, shape, ("I8",))
+        blocks = (shape[0], i8_blocks(shape[1]))
+        scales_ref = self._ref(name + SCALES_SUFFIX, blocks, ("F32",),
+                               f"(one scale per {_core.I8_BLOCK} columns)")
+        values = self.checkpoint.array(ref)
+        # the C core reads scales as floats: copy the (small) array if the file misaligns it
+        scales = np.require(self.checkpoint.array(scales_ref), requirements=["C", "A"])
+        self.in_place += ref.mappable
+        return Int8Matrix(values, scales)
 
     def vector(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """A bias or LayerNorm parameter, always float32 (small, copied)."""
