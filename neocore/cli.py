@@ -47,8 +47,9 @@ class Progress:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=None,
                    help=f"model folder or Hugging Face repo id (default: $NEOCORE_MODEL, else {DEFAULT_MODEL})")
-    p.add_argument("--dtype", choices=["bfloat16", "float32", "int8"], default="bfloat16",
-                   help="weight precision (int8: blocks with a scale each, half the memory)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32", "int8"], default=None,
+                   help="weight precision (int8: blocks with a scale each, half the memory; default: int8 for a "
+                        "converted int8 folder, else bfloat16)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
     p.add_argument("--context", type=int, default=None, help="positions to allocate (default: the model's)")
     _config_args(p)

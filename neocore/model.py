@@ -13,7 +13,7 @@ from . import _core
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import GPTNeoConfig
 from .errors import ConfigError, ContextError, NeocoreError
-from .weights import WEIGHT_DTYPES, WeightLoader
+from .weights import WEIGHT_DTYPES, WeightLoader, holds_int8
 
 PREFILL_CHUNK = 256  # rows one step may carry (bounds scratch memory)
 SEQUENCE_SLOTS = 256  # sequences the run state can hold at once; an idle slot costs no cache memory
@@ -239,14 +239,14 @@ def resolve_config(folder: Path, checkpoint: Checkpoint, config: str | os.PathLi
     return GPTNeoConfig.from_file(Path(config) if config else folder / "config.json", overrides)
 
 
-def load(path: str | os.PathLike, dtype: str = "bfloat16", threads: int | None = None,
+def load(path: str | os.PathLike, dtype: str | None = None, threads: int | None = None,
          context: int | None = None, isa: str | None = None, config: str | os.PathLike | None = None,
          progress: Callable[[int, int], None] | None = None, **overrides: Any) -> Model:
     """Loads a GPT-Neo model folder (config.json plus weights).
 
-    dtype: 'bfloat16' (default; lossless for the published checkpoints), 'float32', or 'int8'
-    (one scale per block of a row; about half bfloat16's memory, the only dtype a
-    `neocore convert --dtype int8` folder loads in).
+    dtype: 'bfloat16' (lossless for the published checkpoints), 'float32', or 'int8' (one
+    scale per block of a row; about half bfloat16's memory, the only dtype a `neocore convert
+    --dtype int8` folder loads in). Default: 'int8' for such a folder, else 'bfloat16'.
     threads: OpenMP threads (default: every usable core). context: positions to allocate the
     key/value cache for (default: max_position_embeddings). isa: 'avx512', 'avx2' or 'generic' (default:
     $NEOCORE_ISA, else the fastest this CPU runs). config: a config.json to use instead of the
@@ -255,9 +255,11 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", threads: int | None =
     start = time.perf_counter()
     from .resolve import resolve_model
     folder = resolve_model(path)
-    if dtype not in WEIGHT_DTYPES:
+    if dtype is not None and dtype not in WEIGHT_DTYPES:
         raise NeocoreError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
     checkpoint = open_checkpoint(folder)
+    if dtype is None:
+        dtype = "int8" if holds_int8(checkpoint) else "bfloat16"
     cfg = resolve_config(folder, checkpoint, config, overrides)
     context = cfg.max_position_embeddings if context is None else int(context)
     if not 1 <= context <= cfg.max_position_embeddings:

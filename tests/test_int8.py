@@ -232,11 +232,12 @@ def test_transformers_cannot_load_an_int8_folder(converted):
 
 def test_int8_folder_refuses_other_dtypes_and_conversion_back(converted, tmp_path):
     with pytest.raises(neocore.CheckpointError, match="transformers cannot load; load it with dtype='int8'"):
-        neocore.load(converted)
+        neocore.load(converted, dtype="bfloat16")
+    assert neocore.load(converted).dtype == "int8"  # the default follows the file
     proc = run_cli("convert", str(converted), str(tmp_path / "back"))
     assert_one_line_error(proc, "cannot be converted back to bfloat16")
     assert "convert the original checkpoint" in proc.stderr
-    proc = run_cli("generate", "-m", str(converted), "Hello")
+    proc = run_cli("generate", "-m", str(converted), "--dtype", "float32", "Hello")
     assert_one_line_error(proc, "--dtype int8")
 
 
