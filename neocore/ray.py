@@ -38,6 +38,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise NeocoreError('neocore.ray needs Ray: pip install "neocore[ray]"') from exc
 
 GREEDY = SamplingParams(temperature=0)
+GENERATED = ("generated_text", "prompt_tokens", "generated_tokens", "finish_reason", "error")  # Generate's columns
 
 
 def _threads(threads: int | None) -> int:
@@ -46,7 +47,7 @@ def _threads(threads: int | None) -> int:
     of several actors would oversubscribe them."""
     if threads is not None:
         return threads
-    if ray.is_initialized():
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:  # in an actor
         reserved = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
         if reserved >= 1:
             return int(reserved)
@@ -72,7 +73,7 @@ def _text_of(value: Any, what: str) -> str:
     if _missing(value):
         raise NeocoreError(f"the {what} is missing")
     if not isinstance(value, str):
-        raise NeocoreError(f"the {what} is a {type(value).__name__}, not a string")
+        raise NeocoreError(f"the {what} must be a string, got {type(value).__name__}")
     if not value:
         raise NeocoreError(f"the {what} is empty")
     return value
@@ -89,10 +90,14 @@ def _seed_of(value: Any, default: int | None) -> int | None:
     return int(value)
 
 
-def _column(values: list, dtype: Any = object) -> np.ndarray:
-    column = np.empty(len(values), dtype)
-    column[:] = values
-    return column
+def _with_columns(batch: Any, columns: dict[str, list]) -> Any:
+    """The batch (a dict of NumPy arrays or a pandas DataFrame) with these columns added; each
+    an object array, so that None stays a null beside strings and numbers."""
+    for name, values in columns.items():
+        column = np.empty(len(values), object)
+        column[:] = values
+        batch[name] = column
+    return batch
 
 
 class Generate:
@@ -125,9 +130,7 @@ class Generate:
         batch formats); returned with the new columns."""
         prompts = list(batch["prompt"])
         seeds = list(batch["seed"]) if "seed" in batch else [None] * len(prompts)
-        rows = len(prompts)
-        text, prompt_tokens, generated, finish, error = [None] * rows, [None] * rows, [None] * rows, \
-            [None] * rows, [None] * rows
+        new = {name: [None] * len(prompts) for name in GENERATED}
         running = []
         for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
             try:
@@ -135,21 +138,16 @@ class Generate:
                 request = Request(ids, self.params, self.max_new_tokens, _seed_of(seed, self.seed), 0, self.stop)
                 running.append((i, self.engine.submit(request)))  # all queued first: decoded together
             except NeocoreError as exc:
-                error[i] = str(exc)
+                new["error"][i] = str(exc)
         for i, stream in running:
             try:
                 done = stream.result()
             except NeocoreError as exc:
-                error[i] = str(exc)
+                new["error"][i] = str(exc)
                 continue
-            text[i], prompt_tokens[i], generated[i], finish[i] = \
-                done.text, done.prompt_tokens, len(done.tokens), done.finish_reason
-        batch["generated_text"] = _column(text)
-        batch["prompt_tokens"] = _column(prompt_tokens)
-        batch["generated_tokens"] = _column(generated)
-        batch["finish_reason"] = _column(finish)
-        batch["error"] = _column(error)
-        return batch
+            for name, value in zip(GENERATED, (done.text, done.prompt_tokens, len(done.tokens), done.finish_reason)):
+                new[name][i] = value
+        return _with_columns(batch, new)
 
 
 class Score:
@@ -163,8 +161,10 @@ class Score:
 
     def __init__(self, model: str | os.PathLike, threads: int | None = None, dtype: str = "bfloat16",
                  max_batch: int = 64, stride: int | None = None):
-        self.stride = stride
         self.model, self.engine = _load(model, threads, dtype, max_batch)
+        if stride is not None and not 1 <= stride < self.model.context_length:
+            raise NeocoreError(f"stride must be between 1 and {self.model.context_length - 1}, got {stride}")
+        self.stride = stride
 
     def _logprobs(self, texts: list[Any]) -> list[np.ndarray | str]:
         """Each text's token log-probabilities, or the reason it has none."""
@@ -197,12 +197,13 @@ class Score:
 
     def __call__(self, batch: Any) -> Any:
         results = self._logprobs(list(batch["text"]))
-        batch["log_prob"] = _column([float(r.sum()) if not isinstance(r, str) else None for r in results])
-        batch["tokens"] = _column([r.size if not isinstance(r, str) else None for r in results])
-        batch["perplexity"] = _column([math.exp(-float(r.mean())) if not isinstance(r, str) else None
-                                       for r in results])
-        batch["error"] = _column([r if isinstance(r, str) else None for r in results])
-        return batch
+        scored = [not isinstance(r, str) for r in results]
+        return _with_columns(batch, {
+            "log_prob": [float(r.sum()) if ok else None for r, ok in zip(results, scored)],
+            "tokens": [r.size if ok else None for r, ok in zip(results, scored)],
+            "perplexity": [math.exp(-float(r.mean())) if ok else None for r, ok in zip(results, scored)],
+            "error": [None if ok else r for r, ok in zip(results, scored)],
+        })
 
 
 # ---- Ray Serve ----------------------------------------------------------------------------------

@@ -151,6 +151,21 @@ def test_score_rows_equal_model_score(local_ray, folder, model):
     assert rows[-1]["log_prob"] is None and rows[-1]["tokens"] is None and rows[-1]["perplexity"] is None
 
 
+def test_the_callables_take_pandas_batches_outside_ray(folder, model):
+    """Ray Data's pandas batch format, where a null may come as NaN; no Ray needed."""
+    import pandas as pd
+    rows = neocore.ray.Generate(folder, threads=1, max_new_tokens=8, temperature=0)(
+        pd.DataFrame({"prompt": [PROMPTS[0], np.nan, PROMPTS[1]]}))
+    # pandas keeps a null in a column of strings as NaN
+    assert list(rows["generated_text"].isna()) == [False, True, False] and list(rows["error"].isna()) == [True, False, True]
+    assert list(rows["generated_text"][[0, 2]]) == [model.generate(p, max_new_tokens=8, temperature=0)
+                                                    for p in PROMPTS[:2]]
+    assert rows["error"][1] == "the prompt is missing"
+    scores = neocore.ray.Score(folder, threads=1)(pd.DataFrame({"text": [PROMPTS[2], 7]}))
+    assert scores["tokens"][0] == len(model.tokenizer.encode(PROMPTS[2]))
+    assert scores["error"][1] == "the text must be a string, got int"
+
+
 def ask_concurrently(client: openai.OpenAI, prompts: list[str]) -> list[tuple[str, str]]:
     """(text, replica header) of each prompt's greedy completion, all asked at once."""
     answers: dict[int, tuple[str, str]] = {}
@@ -247,3 +262,5 @@ def test_bad_arguments_are_refused_before_ray_starts(folder):
         neocore.ray.Generate(folder, temperature=-1)
     with pytest.raises(neocore.NeocoreError, match="max_new_tokens"):
         neocore.ray.Generate(folder, max_new_tokens=0)
+    with pytest.raises(neocore.NeocoreError, match="stride"):
+        neocore.ray.Score(folder, stride=0)
