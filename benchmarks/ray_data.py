@@ -62,15 +62,19 @@ def main() -> None:
     p.add_argument("--layouts", default="2x1,1x2", help="actors x threads, comma-separated")
     p.add_argument("--max-batch", type=int, default=64, help="sequences one engine decodes at once")
     p.add_argument("--batch-size", type=int, default=64, help="rows one actor call gets")
+    p.add_argument("--baseline-last", action="store_true",
+                   help="run the in-process baseline after the Ray jobs (on a shared machine, run both orders)")
     args = p.parse_args()
     layouts = [tuple(int(n) for n in item.split("x")) for item in args.layouts.split(",")]
     cpus = max(a * t for a, t in layouts)
     texts = prompts(args.prompts)
     print(f"{platform.processor() or platform.machine()}; {len(texts)} prompts, {args.new_tokens} new tokens, "
           f"max_batch {args.max_batch}, batch_size {args.batch_size}")
-    rows = []
-    seconds, tokens = in_process(args.model, texts, args.new_tokens, cpus, args.max_batch)
-    rows.append((f"in-process model.generate, {cpus} threads", seconds, tokens))
+    def baseline() -> tuple:
+        return (f"in-process model.generate, {cpus} threads",
+                *in_process(args.model, texts, args.new_tokens, cpus, args.max_batch))
+
+    rows = [] if args.baseline_last else [baseline()]
     import ray
     started = time.perf_counter()
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
@@ -83,6 +87,8 @@ def main() -> None:
             rows.append((f"Ray Data, {actors} actor(s) x {threads} thread(s)", seconds, tokens))
     finally:
         ray.shutdown()
+    if args.baseline_last:
+        rows.insert(0, baseline())
     base = rows[0][1]
     print("| run | wall s | prompts/s | generated tokens/s | vs in-process |\n| --- | ---: | ---: | ---: | ---: |")
     for name, seconds, tokens in rows:
