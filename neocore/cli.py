@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--name", default=None, help="the model name clients use (default: the folder's name)")
     r.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running requests get to finish on SIGTERM")
+    r.add_argument("--ray-replicas", type=int, default=0, metavar="N",
+                   help="serve from N Ray Serve replicas of --threads threads each (needs neocore[ray]; "
+                        "joins the Ray cluster at $RAY_ADDRESS, else starts Ray here)")
 
     b = sub.add_parser("bench", help="measure speed and memory (see BENCHMARKS.md)")
     from .bench import add_arguments as bench_arguments
@@ -128,10 +131,14 @@ def _overrides(args: argparse.Namespace) -> dict:
     return {k: v for k, v in (("num_heads", args.num_heads), ("window_size", args.window_size)) if v is not None}
 
 
+def model_spec(args: argparse.Namespace) -> str:
+    return args.model or os.environ.get("NEOCORE_MODEL") or DEFAULT_MODEL
+
+
 def load_model(args: argparse.Namespace):
     from .model import load
     overrides = _overrides(args)
-    spec = args.model or os.environ.get("NEOCORE_MODEL") or DEFAULT_MODEL
+    spec = model_spec(args)
     return load(spec, dtype=args.dtype, threads=args.threads, context=args.context,
                 config=args.config, progress=Progress("loading"), **overrides)
 
@@ -241,6 +248,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise NeocoreError(f"--port must be between 0 and 65535, got {args.port}")
     if args.max_queue < 0:
         raise NeocoreError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.ray_replicas < 0:
+        raise NeocoreError(f"--ray-replicas must be >= 0, got {args.ray_replicas}")
+    if args.ray_replicas:
+        from .ray import run  # replicas load the model themselves: this process never does
+        run(model_spec(args), args.ray_replicas, args.threads, args.host, args.port, max_batch=args.max_batch,
+            max_queue=args.max_queue, api_key=args.api_key, name=args.name, shutdown_timeout=args.shutdown_timeout,
+            dtype=args.dtype, context=args.context, config=args.config, **_overrides(args))
+        return 0
     from .server import serve  # before the slow load: says at once when the extra is missing
     model = load_model(args)
     serve(model, args.host, args.port, args.max_batch, args.max_queue, args.api_key, args.name,

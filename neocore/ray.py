@@ -1,0 +1,288 @@
+"""Ray shells around the engine (pip install "neocore[ray]"): Ray Data callables for offline
+batch inference, and a Ray Serve application of OpenAI-compatible replicas. Every byte of
+model work is still done by each process's own Engine; Ray only places the processes and moves
+rows and requests to them.
+
+Ray Data (one model per actor, loaded once; the batch a call gets is decoded together):
+
+    ds = ray.data.read_parquet("prompts.parquet")
+    ds = ds.map_batches(neocore.ray.Generate, fn_constructor_kwargs={"model": "/models/gpt-neo-125M",
+                        "max_new_tokens": 64}, concurrency=2, num_cpus=1, batch_size=64)
+
+Ray Serve: `serve.run(neocore.ray.app("/models/gpt-neo-125M", num_replicas=2))`, or
+`neocore serve --ray-replicas 2`.
+
+Weights are mapped read-only from a bfloat16 safetensors file (a `neocore convert`ed folder),
+so every actor or replica on a node shares one copy in the page cache; other formats are
+converted by each process into its own memory."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import threading
+from typing import Any, Sequence
+
+import numpy as np
+
+from .engine import Engine, Request
+from .errors import NeocoreError
+from .model import Model, load, usable_cores
+from .sampling import SamplingParams
+
+try:
+    import ray
+    from ray import serve
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise NeocoreError('neocore.ray needs Ray: pip install "neocore[ray]"') from exc
+
+GREEDY = SamplingParams(temperature=0)
+GENERATED = ("generated_text", "prompt_tokens", "generated_tokens", "finish_reason", "error")  # Generate's columns
+
+
+def _threads(threads: int | None) -> int:
+    """threads if given, else the CPUs Ray reserved for this actor (num_cpus), else every
+    usable core: an actor's process sees all of the node's cores, and taking them all in each
+    of several actors would oversubscribe them."""
+    if threads is not None:
+        return threads
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:  # in an actor
+        reserved = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+        if reserved >= 1:
+            return int(reserved)
+    return usable_cores()
+
+
+def _load(model: str | os.PathLike, threads: int | None, dtype: str, max_batch: int) -> tuple[Model, Engine]:
+    loaded = load(model, dtype=dtype, threads=_threads(threads))
+    if loaded.tokenizer is None:
+        raise NeocoreError(f"{loaded.path}: no tokenizer files (vocab.json + merges.txt or tokenizer.json)")
+    return loaded, loaded.start_engine(max_batch)
+
+
+def _missing(value: Any) -> bool:
+    """A null cell: None, or the NaN that NumPy and pandas put for one in a column of numbers
+    (or in a column of nothing but nulls)."""
+    return value is None or isinstance(value, (float, np.floating)) and math.isnan(value)
+
+
+def _text_of(value: Any, what: str) -> str:
+    """A row's text; a missing or empty one is the row's error (in a data set an empty cell is
+    a missing value, so it is not read as model.generate's "start from <|endoftext|>")."""
+    if _missing(value):
+        raise NeocoreError(f"the {what} is missing")
+    if not isinstance(value, str):
+        raise NeocoreError(f"the {what} must be a string, got {type(value).__name__}")
+    if not value:
+        raise NeocoreError(f"the {what} is empty")
+    return value
+
+
+def _seed_of(value: Any, default: int | None) -> int | None:
+    """A row's seed: an integer >= 0 (a float column holds one as 3.0); a missing one takes the
+    default."""
+    if _missing(value):
+        return default
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)) \
+            or not float(value).is_integer() or value < 0:
+        raise NeocoreError(f"the seed must be an integer >= 0, got {value}")
+    return int(value)
+
+
+def _with_columns(batch: Any, columns: dict[str, list]) -> Any:
+    """The batch (a dict of NumPy arrays or a pandas DataFrame) with these columns added; each
+    an object array, so that None stays a null beside strings and numbers."""
+    for name, values in columns.items():
+        column = np.empty(len(values), object)
+        column[:] = values
+        batch[name] = column
+    return batch
+
+
+class Generate:
+    """Ray Data callable class: adds generated_text, prompt_tokens, generated_tokens,
+    finish_reason and error columns to a batch with a prompt column.
+
+    model: a folder every node can read (or a hub repo id); threads: OpenMP threads (default:
+    the actor's num_cpus); max_batch: sequences one actor decodes at once. Sampling as in
+    Model.generate. Every row samples with the generator of (its seed, 0): the batch's seed
+    column where present, else seed, so a seeded row's text does not depend on the rows beside
+    it, on how the data set was cut into batches, or on which actor ran it. A row that cannot
+    run (a missing, empty or too long prompt, a bad seed) gets its reason in error and nulls
+    in the other new columns; the job goes on."""
+
+    def __init__(self, model: str | os.PathLike, threads: int | None = None, dtype: str = "bfloat16",
+                 max_batch: int = 64, max_new_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
+                 top_p: float = 0.95, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop: Sequence[str] | str = ()):
+        # arguments are checked before the slow load
+        self.params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise NeocoreError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        self.max_new_tokens = max_new_tokens
+        self.seed = _seed_of(seed, None)
+        self.stop = [stop] if isinstance(stop, str) else list(stop)
+        self.model, self.engine = _load(model, threads, dtype, max_batch)
+
+    def __call__(self, batch: Any) -> Any:
+        """batch: a dict of NumPy arrays or a pandas DataFrame (Ray Data's numpy and pandas
+        batch formats); returned with the new columns."""
+        prompts = list(batch["prompt"])
+        seeds = list(batch["seed"]) if "seed" in batch else [None] * len(prompts)
+        new = {name: [None] * len(prompts) for name in GENERATED}
+        running = []
+        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+            try:
+                ids = self.model.tokenizer.encode(_text_of(prompt, "prompt"))
+                request = Request(ids, self.params, self.max_new_tokens, _seed_of(seed, self.seed), 0, self.stop)
+                running.append((i, self.engine.submit(request)))  # all queued first: decoded together
+            except NeocoreError as exc:
+                new["error"][i] = str(exc)
+        for i, stream in running:
+            try:
+                done = stream.result()
+            except NeocoreError as exc:
+                new["error"][i] = str(exc)
+                continue
+            for name, value in zip(GENERATED, (done.text, done.prompt_tokens, len(done.tokens), done.finish_reason)):
+                new[name][i] = value
+        return _with_columns(batch, new)
+
+
+class Score:
+    """Ray Data callable class: adds log_prob (the natural log-probability of the whole text),
+    tokens, perplexity and error columns to a batch with a text column; each row as
+    Model.score gives it (every token predicted from <|endoftext|> and the text before it).
+
+    Texts that fit in the context are read together by the engine (their prompt
+    log-probabilities); longer ones are scored alone, in Model.score's windows (stride: their
+    advance). A missing or empty text gets its reason in error and nulls elsewhere."""
+
+    def __init__(self, model: str | os.PathLike, threads: int | None = None, dtype: str = "bfloat16",
+                 max_batch: int = 64, stride: int | None = None):
+        self.model, self.engine = _load(model, threads, dtype, max_batch)
+        if stride is not None and not 1 <= stride < self.model.context_length:
+            raise NeocoreError(f"stride must be between 1 and {self.model.context_length - 1}, got {stride}")
+        self.stride = stride
+
+    def _logprobs(self, texts: list[Any]) -> list[np.ndarray | str]:
+        """Each text's token log-probabilities, or the reason it has none."""
+        model = self.model
+        out: list[np.ndarray | str] = [""] * len(texts)
+        running, long = [], []
+        for i, value in enumerate(texts):
+            try:
+                ids = [model.tokenizer.eos_id] + model.tokenizer.encode(_text_of(value, "text"))
+            except NeocoreError as exc:
+                out[i] = str(exc)
+                continue
+            if len(ids) < model.context_length:  # the engine needs room for one new token
+                request = Request(ids, GREEDY, 1, text=False, stop_at_eos=False, prompt_logprobs=True)
+                running.append((i, self.engine.submit(request)))
+            else:
+                long.append(i)
+        for i, stream in running:
+            try:
+                entries = stream.result().prompt_logprobs[1:]  # the first token, <|endoftext|>, is given
+                out[i] = np.array([e.logprob for e in entries], np.float64)
+            except NeocoreError as exc:
+                out[i] = str(exc)
+        for i in long:
+            try:
+                out[i] = model.score(texts[i], self.stride).logprobs
+            except NeocoreError as exc:
+                out[i] = str(exc)
+        return out
+
+    def __call__(self, batch: Any) -> Any:
+        results = self._logprobs(list(batch["text"]))
+        scored = [not isinstance(r, str) for r in results]
+        return _with_columns(batch, {
+            "log_prob": [float(r.sum()) if ok else None for r, ok in zip(results, scored)],
+            "tokens": [r.size if ok else None for r, ok in zip(results, scored)],
+            "perplexity": [math.exp(-float(r.mean())) if ok else None for r, ok in zip(results, scored)],
+            "error": [None if ok else r for r, ok in zip(results, scored)],
+        })
+
+
+# ---- Ray Serve ----------------------------------------------------------------------------------
+# A replica is one Ray actor process, holding one model. Its constructor loads the model; the
+# app builder, called by Serve in the same process right after, hands it to the routes.
+_replica_served: Any = None
+
+
+def _replica_app() -> Any:
+    from .server import build_app
+    app = build_app()
+    app.state.served = _replica_served
+    return app
+
+
+@serve.ingress(_replica_app)
+class Replica:
+    """One Serve replica: the model, its engine, and `neocore serve`'s routes over them; every
+    response names the replica in an x-neocore-replica header."""
+
+    def __init__(self, model: str, max_batch: int, max_queue: int | None, api_key: str | None, name: str,
+                 load_options: dict[str, Any]):
+        global _replica_served
+        from .server import Served
+        loaded = load(model, **load_options)
+        if loaded.tokenizer is None:
+            raise NeocoreError(f"{loaded.path}: no tokenizer files: the server needs one")
+        engine = loaded.start_engine(max_batch, max_queue)
+        replica = serve.get_replica_context().replica_id.to_full_id_str()
+        _replica_served = Served(loaded, engine, name, api_key, replica)
+
+
+def _local_path(path: Any) -> Any:
+    """A local file or folder named absolutely (replicas do not run in this process's
+    directory); anything else (a hub repo id, a path on the other nodes) as given."""
+    return os.path.abspath(path) if path is not None and os.path.exists(path) else path
+
+
+def app(model: str | os.PathLike, num_replicas: int = 2, threads_per_replica: int = 1,
+        max_batch: int = 16, max_queue: int | None = 64, api_key: str | None = None,
+        name: str | None = None, shutdown_timeout: float = 30.0, **load_options: Any) -> Any:
+    """A Ray Serve application of num_replicas replicas, each serving the OpenAI routes of
+    `neocore serve` from its own copy of the model with threads_per_replica threads (and as
+    many CPUs reserved). model: a folder every node can read, or a hub repo id; load_options:
+    neocore.load's keywords (dtype, context, config, overrides). A replica taken down lets its
+    running requests finish for at most shutdown_timeout seconds. Run it with
+    serve.run(app(...))."""
+    for what, value in (("num_replicas", num_replicas), ("threads_per_replica", threads_per_replica)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise NeocoreError(f"{what} must be an integer >= 1, got {value!r}")
+    spec = os.fspath(_local_path(model))
+    load_options = {**load_options, "threads": threads_per_replica}
+    if "config" in load_options:
+        load_options["config"] = _local_path(load_options["config"])
+    deployment = serve.deployment(Replica, name="neocore", num_replicas=num_replicas,
+                                  ray_actor_options={"num_cpus": threads_per_replica},
+                                  graceful_shutdown_timeout_s=shutdown_timeout)
+    return deployment.bind(spec, max_batch, max_queue, api_key, name or os.path.basename(spec.rstrip("/")),
+                           load_options)
+
+
+def run(model: str | os.PathLike, num_replicas: int, threads_per_replica: int | None = None,
+        host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
+    """`neocore serve --ray-replicas N`: joins the cluster at $RAY_ADDRESS (else starts Ray on
+    this machine), serves app(...) on host:port until SIGINT/SIGTERM, then takes it down.
+    threads_per_replica defaults to this machine's cores shared among the replicas."""
+    threads = threads_per_replica or max(1, usable_cores() // num_replicas)
+    application = app(model, num_replicas, threads, **options)
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(application, name="neocore", route_prefix="/")
+        print(f"neocore: serving on http://{host}:{port}/v1 from {num_replicas} Ray Serve replicas "
+              f"({threads} threads each)", file=sys.stderr, flush=True)
+        try:
+            stop.wait()
+        finally:  # a cluster keeps a Serve application after its driver leaves
+            serve.delete("neocore")
+    finally:
+        ray.shutdown()

@@ -1,0 +1,266 @@
+"""neocore.ray on a local Ray instance (2 CPUs, loopback only, one instance for the module:
+Ray's start-up is slow): Ray Data jobs row for row against the model run in this process,
+one prompt or text at a time; a Ray Serve application of 2 replicas spoken to with the
+official openai client; and `neocore serve --ray-replicas` joining the running instance
+through RAY_ADDRESS, as it would join a cluster."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import ray
+from ray import serve
+
+import neocore
+import neocore.ray
+
+# Ray's workers are processes of their own: they must import neocore from where this process
+# did (the work tree in development, an editable install in CI).
+SOURCE_ROOT = Path(neocore.__file__).resolve().parent.parent
+START_TIMEOUT = 180   # Ray and Serve start slowly on a busy 2-core machine
+KEY = "test-key"
+WORDS = ["The old lighthouse keeper", "def fibonacci(n):", "Hello", "In 1887, the city of",
+         "import numpy as np\n", "Once upon a time there was a", "x", "The results show that the"]
+# 64 prompts, all different, of 1 to 16 tokens
+PROMPTS = [f"{a} {b}" if i % 3 else a + b.split()[0]
+           for i, (a, b) in enumerate((a, b) for a in WORDS for b in reversed(WORDS))]
+SAMPLING = dict(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """ray.init(num_cpus=2), shut down at the end of the module even when a test fails. The
+    raylet, and so every worker it starts, inherits PYTHONPATH from this process's environment."""
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(SOURCE_ROOT), previous) if p)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        if previous is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = previous
+
+
+@pytest.fixture(scope="module")
+def folder(reference_models):
+    return str(reference_models("tiny").folder)
+
+
+@pytest.fixture(scope="module")
+def model(folder):
+    return neocore.load(folder, threads=1)
+
+
+def by_id(rows: list[dict]) -> list[dict]:
+    """Ray Data does not promise the input's order: rows are matched by their id column."""
+    rows = sorted(rows, key=lambda r: r["id"])
+    assert [r["id"] for r in rows] == list(range(len(rows)))
+    return rows
+
+
+def generate(dataset, actors: int, batch_size: int, **kwargs) -> list[dict]:
+    job = dataset.map_batches(neocore.ray.Generate, fn_constructor_kwargs=kwargs, batch_size=batch_size,
+                              compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1)
+    return by_id(job.take_all())
+
+
+def test_greedy_rows_equal_each_prompt_generated_alone(local_ray, folder, model, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    # read before the job: its two actors take both of the instance's CPUs, leaving none to a read task
+    prompts = ray.data.read_json(str(data)).materialize()
+    rows = generate(prompts, actors=2, batch_size=8, model=folder, max_new_tokens=12, temperature=0)
+    assert len(rows) == 64
+    for row, prompt in zip(rows, PROMPTS):
+        ids = model.tokenizer.encode(prompt)
+        alone = model.generate_ids(ids, max_new_tokens=12)
+        assert row["error"] is None
+        assert row["generated_text"] == model.generate(prompt, max_new_tokens=12, temperature=0)
+        assert (row["prompt_tokens"], row["generated_tokens"]) == (len(ids), len(alone))
+        assert row["finish_reason"] == ("stop" if alone[-1] == model.config.eos_token_id else "length")
+    assert len({r["generated_text"] for r in rows}) > 32
+
+
+def test_a_seeded_row_does_not_depend_on_batching_or_actor(local_ray, folder, model):
+    """Even rows carry their own seed; odd rows have none and take the job's seed."""
+    items = [{"id": i, "prompt": p, "seed": 1000 + i if i % 2 == 0 else None} for i, p in enumerate(PROMPTS)]
+    expected = [model.generate(p, seed=1000 + i if i % 2 == 0 else 7, **SAMPLING) for i, p in enumerate(PROMPTS)]
+    for actors, batch_size in ((2, 8), (1, 5)):
+        rows = generate(ray.data.from_items(items), actors, batch_size, model=folder, seed=7, **SAMPLING)
+        assert [r["generated_text"] for r in rows] == expected
+    assert len(set(expected)) > 32
+
+
+def test_a_bad_row_gets_an_error_and_the_job_goes_on(local_ray, folder, model):
+    bad = {"": "the prompt is empty", None: "the prompt is missing", "word " * 200: "201 tokens long"}
+    items = [{"id": 0, "prompt": PROMPTS[0], "seed": 3}]
+    items += [{"id": 1 + i, "prompt": p, "seed": 3} for i, p in enumerate(bad)]
+    items += [{"id": 4, "prompt": PROMPTS[1], "seed": -1}, {"id": 5, "prompt": PROMPTS[2], "seed": 2.5},
+              {"id": 6, "prompt": PROMPTS[3], "seed": 3}]
+    rows = generate(ray.data.from_items(items), actors=1, batch_size=4, model=folder, **SAMPLING)
+    for row, reason in zip(rows[1:6], list(bad.values()) + ["integer >= 0, got -1", "integer >= 0, got 2.5"]):
+        assert reason in row["error"]
+        assert [row[c] for c in ("generated_text", "prompt_tokens", "generated_tokens", "finish_reason")] == [None] * 4
+    for row in (rows[0], rows[6]):
+        assert row["error"] is None
+        assert row["generated_text"] == model.generate(row["prompt"], seed=3, **SAMPLING)
+
+
+def test_score_rows_equal_model_score(local_ray, folder, model):
+    context = model.context_length
+    # texts of context - 2 and context - 1 tokens: the last that the engine reads whole (after
+    # <|endoftext|>, with room for one token) and the first scored in windows; then a long one
+    texts = PROMPTS[:20] + [" x" * (context - 2), " x" * (context - 1), " ".join(PROMPTS * 3), "", None]
+    assert [len(model.tokenizer.encode(t)) for t in texts[20:22]] == [context - 2, context - 1]
+    items = [{"id": i, "text": t} for i, t in enumerate(texts)]
+    job = ray.data.from_items(items).map_batches(
+        neocore.ray.Score, fn_constructor_kwargs={"model": folder}, batch_size=6,
+        compute=ray.data.ActorPoolStrategy(size=2), num_cpus=1)
+    rows = by_id(job.take_all())
+    assert len(model.tokenizer.encode(texts[-3])) > 2 * context
+    for row, text in zip(rows[:-2], texts[:-2]):
+        expected = model.score(text)
+        assert row["error"] is None
+        assert row["tokens"] == len(expected.tokens)
+        # the engine's log-softmax exponentiates in float64, Model.score's in float32
+        assert row["log_prob"] == pytest.approx(float(expected.logprobs.sum()), rel=1e-7)
+        assert row["perplexity"] == pytest.approx(expected.perplexity, rel=1e-6)
+    assert "the text is empty" in rows[-2]["error"] and "missing" in rows[-1]["error"]
+    assert rows[-1]["log_prob"] is None and rows[-1]["tokens"] is None and rows[-1]["perplexity"] is None
+
+
+def test_the_callables_take_pandas_batches_outside_ray(folder, model):
+    """Ray Data's pandas batch format, where a null may come as NaN; no Ray needed."""
+    import pandas as pd
+    rows = neocore.ray.Generate(folder, threads=1, max_new_tokens=8, temperature=0)(
+        pd.DataFrame({"prompt": [PROMPTS[0], np.nan, PROMPTS[1]]}))
+    # pandas keeps a null in a column of strings as NaN
+    assert list(rows["generated_text"].isna()) == [False, True, False] and list(rows["error"].isna()) == [True, False, True]
+    assert list(rows["generated_text"][[0, 2]]) == [model.generate(p, max_new_tokens=8, temperature=0)
+                                                    for p in PROMPTS[:2]]
+    assert rows["error"][1] == "the prompt is missing"
+    scores = neocore.ray.Score(folder, threads=1)(pd.DataFrame({"text": [PROMPTS[2], 7]}))
+    assert scores["tokens"][0] == len(model.tokenizer.encode(PROMPTS[2]))
+    assert scores["error"][1] == "the text must be a string, got int"
+
+
+def ask_concurrently(client: openai.OpenAI, prompts: list[str]) -> list[tuple[str, str]]:
+    """(text, replica header) of each prompt's greedy completion, all asked at once."""
+    answers: dict[int, tuple[str, str]] = {}
+
+    def ask(i: int) -> None:
+        raw = client.completions.with_raw_response.create(model="tiny", prompt=prompts[i], max_tokens=16,
+                                                          temperature=0)
+        answers[i] = (raw.parse().choices[0].text, raw.headers["x-neocore-replica"])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(answers) == len(prompts), "a request did not finish"
+    return [answers[i] for i in range(len(prompts))]
+
+
+@contextmanager
+def served(application):
+    """Serve on a free loopback port with this application; Serve is shut down afterwards
+    (even on failure) so that a later start may choose its own port."""
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(application, name="test", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+def test_serve_replicas_answer_the_openai_client_and_share_the_load(local_ray, folder, model):
+    with served(neocore.ray.app(folder, num_replicas=2, threads_per_replica=1, api_key=KEY, name="tiny")) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(0, 64, 4)]
+        answers = ask_concurrently(client, prompts)
+        assert [text for text, _ in answers] == [model.generate(p, max_new_tokens=16, temperature=0)
+                                                 for p in prompts]
+        assert len({replica for _, replica in answers}) == 2
+        chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=8, seed=5)
+        assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).models.list()
+        with pytest.raises(openai.BadRequestError, match="context"):
+            client.completions.create(model="tiny", prompt="word " * 200, max_tokens=4)
+
+
+def test_cli_ray_replicas_join_a_running_instance(local_ray, folder, model, tmp_path):
+    """What `ray start --head` + RAY_ADDRESS gives a user, with this module's instance as the
+    cluster; SIGTERM takes the application down and the command exits cleanly."""
+    port = free_port()
+    env = {**os.environ, "RAY_ADDRESS": local_ray, "NEOCORE_API_KEY": KEY}
+    log = open(tmp_path / "serve.log", "w+")  # a file: Ray's chatter would fill a pipe
+    process = subprocess.Popen([sys.executable, "-m", "neocore", "serve", "--ray-replicas", "2", "-m", folder,
+                                "--threads", "1", "--port", str(port), "--name", "tiny"],
+                               stdout=log, stderr=subprocess.STDOUT, env=env, cwd=SOURCE_ROOT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            assert process.poll() is None, f"neocore serve exited: {(tmp_path / 'serve.log').read_text()}"
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "neocore serve --ray-replicas did not start"
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        answers = ask_concurrently(client, PROMPTS[:8])
+        assert [text for text, _ in answers] == [model.generate(p, max_new_tokens=16, temperature=0)
+                                                 for p in PROMPTS[:8]]
+        assert all(replica.startswith("SERVE_REPLICA::neocore#") for _, replica in answers)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+        assert "neocore" not in serve.status().applications
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def test_bad_arguments_are_refused_before_ray_starts(folder):
+    from neocore.cli import main
+    assert main(["serve", "-m", folder, "--ray-replicas", "-1"]) == 1
+    with pytest.raises(neocore.NeocoreError, match="num_replicas"):
+        neocore.ray.app(folder, num_replicas=0)
+    with pytest.raises(neocore.NeocoreError, match="threads_per_replica"):
+        neocore.ray.app(folder, threads_per_replica=0)
+    with pytest.raises(neocore.SamplingError, match="temperature"):
+        neocore.ray.Generate(folder, temperature=-1)
+    with pytest.raises(neocore.NeocoreError, match="max_new_tokens"):
+        neocore.ray.Generate(folder, max_new_tokens=0)
+    with pytest.raises(neocore.NeocoreError, match="stride"):
+        neocore.ray.Score(folder, stride=0)
