@@ -48,19 +48,22 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def local_ray():
     """ray.init(num_cpus=2), shut down at the end of the module even when a test fails. The
-    raylet, and so every worker it starts, inherits PYTHONPATH from this process's environment."""
-    previous = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(SOURCE_ROOT), previous) if p)
+    raylet, and so every worker it starts, inherits this process's environment: PYTHONPATH to
+    find neocore, and Ray's usage reporting off (nothing leaves the machine)."""
+    saved = {name: os.environ.get(name) for name in ("PYTHONPATH", "RAY_USAGE_STATS_ENABLED")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(SOURCE_ROOT), saved["PYTHONPATH"]) if p)
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
-        if previous is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = previous
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @pytest.fixture(scope="module")
