@@ -54,7 +54,7 @@ def _threads(threads: int | None) -> int:
     return usable_cores()
 
 
-def _load(model: str | os.PathLike, threads: int | None, dtype: str, max_batch: int) -> tuple[Model, Engine]:
+def _load(model: str | os.PathLike, threads: int | None, dtype: str | None, max_batch: int) -> tuple[Model, Engine]:
     loaded = load(model, dtype=dtype, threads=_threads(threads))
     if loaded.tokenizer is None:
         raise NeocoreError(f"{loaded.path}: no tokenizer files (vocab.json + merges.txt or tokenizer.json)")
@@ -112,7 +112,7 @@ class Generate:
     run (a missing, empty or too long prompt, a bad seed) gets its reason in error and nulls
     in the other new columns; the job goes on."""
 
-    def __init__(self, model: str | os.PathLike, threads: int | None = None, dtype: str = "bfloat16",
+    def __init__(self, model: str | os.PathLike, threads: int | None = None, dtype: str | None = None,
                  max_batch: int = 64, max_new_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, repetition_penalty: float = 1.0, seed: int | None = None,
                  stop: Sequence[str] | str = ()):
@@ -159,7 +159,7 @@ class Score:
     log-probabilities); longer ones are scored alone, in Model.score's windows (stride: their
     advance). A missing or empty text gets its reason in error and nulls elsewhere."""
 
-    def __init__(self, model: str | os.PathLike, threads: int | None = None, dtype: str = "bfloat16",
+    def __init__(self, model: str | os.PathLike, threads: int | None = None, dtype: str | None = None,
                  max_batch: int = 64, stride: int | None = None):
         self.model, self.engine = _load(model, threads, dtype, max_batch)
         if stride is not None and not 1 <= stride < self.model.context_length:
