@@ -142,7 +142,6 @@ def _params(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
 
 def _chunks_text(handle, stats: GenerationStats) -> Iterator[str]:
     """A request's text as it comes; leaving early cancels the request."""
-    from .engine import Chunk  # noqa: F401  (the chunks' type)
     started = time.perf_counter()
     first = None
     try:
