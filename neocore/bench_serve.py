@@ -26,10 +26,27 @@ def make_prompts(n: int, words: int = 24, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS, words)).capitalize() for _ in range(n)]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on the loopback address now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until_serving(base: str, process: subprocess.Popen, timeout: float, output) -> None:
+    """Polls base/health until the server process answers 200; raises RuntimeError with
+    output() (what the process printed) if it exits or the timeout passes first."""
+    import httpx
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start: {output()}")
+        time.sleep(0.3)
 
 
 def _quantiles(values: list[float]) -> tuple[float, float]:
@@ -127,23 +144,14 @@ def run(args: argparse.Namespace) -> int:
     """Called by `neocore bench --serve`."""
     folder, threads = str(args.model), int(str(args.threads).split(",")[0])
     counts = [int(n) for n in args.clients.split(",")]
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "neocore", "serve", "-m", folder, "--port", str(port),
                                "--threads", str(threads), "--max-batch", str(max(counts)),
                                "--max-queue", str(max(counts))], stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     rows, peers = [], []
     try:
-        import httpx
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the server did not start: {server.stderr.read()}") from None
-                time.sleep(0.3)
+        wait_until_serving(base, server, 120, server.stderr.read)
         asyncio.run(_round(base, make_prompts(2, seed=99), 4))  # warm-up
         for n in counts:
             prompts = make_prompts(n, seed=n)

@@ -8,15 +8,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import numpy as np
 import openai
 import pytest
@@ -25,6 +22,7 @@ from ray import serve
 
 import neocore
 import neocore.ray
+from neocore.bench_serve import free_port, wait_until_serving
 
 # Ray's workers are processes of their own: they must import neocore from where this process
 # did (the work tree in development, an editable install in CI).
@@ -37,12 +35,6 @@ WORDS = ["The old lighthouse keeper", "def fibonacci(n):", "Hello", "In 1887, th
 PROMPTS = [f"{a} {b}" if i % 3 else a + b.split()[0]
            for i, (a, b) in enumerate((a, b) for a in WORDS for b in reversed(WORDS))]
 SAMPLING = dict(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -229,16 +221,7 @@ def test_cli_ray_replicas_join_a_running_instance(local_ray, folder, model, tmp_
                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=SOURCE_ROOT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            assert process.poll() is None, f"neocore serve exited: {(tmp_path / 'serve.log').read_text()}"
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "neocore serve --ray-replicas did not start"
-            time.sleep(0.5)
+        wait_until_serving(base, process, START_TIMEOUT, (tmp_path / "serve.log").read_text)
         client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
         answers = ask_concurrently(client, PROMPTS[:8])
         assert [text for text, _ in answers] == [model.generate(p, max_new_tokens=16, temperature=0)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,16 +18,11 @@ import pytest
 
 import neocore
 from neocore import chat
+from neocore.bench_serve import free_port, wait_until_serving
 
 PROMPTS = ["The old lighthouse keeper", "def fibonacci(n):", "Hello", "In 1887, the city of",
            "import numpy as np\n", "Once upon a time there was a", "x", "The results show that the"]
 START_TIMEOUT = 60
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -42,16 +36,7 @@ def running_server(folder, *flags: str):
                                cwd=os.path.dirname(os.path.dirname(__file__)))
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            assert process.poll() is None, f"server exited: {process.stderr.read()}"
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
+        wait_until_serving(base, process, START_TIMEOUT, process.stderr.read)
         yield base, process
     finally:
         if process.poll() is None:
