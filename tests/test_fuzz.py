@@ -95,6 +95,20 @@ def check_outcomes(cases: list[tuple[str, Path]], culprits: tuple[str, ...]) -> 
     assert not failures, "\n".join(failures)
 
 
+def replace_bytes(data: bytes, rng: random.Random, first: int, end: int, most: int) -> tuple[list[int], bytes]:
+    """1 to most random bytes in [first, end) set to random values: (their positions, the result)."""
+    out = bytearray(data)
+    positions = [rng.randrange(first, end) for _ in range(rng.randint(1, most))]
+    for pos in positions:
+        out[pos] = rng.randrange(256)
+    return positions, bytes(out)
+
+
+def truncated(data: bytes, rng: random.Random) -> tuple[str, bytes]:
+    cut = rng.randrange(len(data))
+    return f"truncated to {cut}", data[:cut]
+
+
 # ---- safetensors ---------------------------------------------------------------------------
 
 def mutate_safetensors(blob: bytes, rng: random.Random) -> tuple[str, bytes]:
@@ -117,17 +131,13 @@ def mutate_safetensors(blob: bytes, rng: random.Random) -> tuple[str, bytes]:
         text = json.dumps(header).encode()
         return f"{kind} {what}", struct.pack("<Q", len(text)) + text + data
     if kind == "flip":
-        out = bytearray(blob)
-        positions = [rng.randrange(8, 8 + hlen) for _ in range(rng.randint(1, 4))]
-        for pos in positions:
-            out[pos] = rng.randrange(256)
-        return f"header bytes {positions} replaced", bytes(out)
+        positions, out = replace_bytes(blob, rng, 8, 8 + hlen, 4)
+        return f"header bytes {positions} replaced", out
     if kind == "prefix":
         value = rng.choice([0, 1, hlen - 1, hlen + 1, hlen + 8, len(blob), 2**63, 2**64 - 1])
         return f"length prefix {value}", struct.pack("<Q", value) + blob[8:]
     if kind == "truncate":
-        cut = rng.randrange(len(blob))
-        return f"truncated to {cut}", blob[:cut]
+        return truncated(blob, rng)
     out = bytearray(blob)
     pos = rng.randrange(8 + hlen, len(blob))
     out[pos] ^= 0xFF
@@ -175,13 +185,9 @@ def mutate_bin(blob: bytes, rng: random.Random) -> tuple[str, bytes]:
         size = rng.choice([0, 3])
         return f"{victim} cut to {size} bytes", rezip(blob, lambda n, d: d[:size] if n == victim else d)
     if kind == "flip":
-        out = bytearray(blob)
-        positions = [rng.randrange(len(out)) for _ in range(rng.randint(1, 4))]
-        for pos in positions:
-            out[pos] = rng.randrange(256)
-        return f"zip bytes {positions} replaced", bytes(out)
-    cut = rng.randrange(len(blob))
-    return f"truncated to {cut}", blob[:cut]
+        positions, out = replace_bytes(blob, rng, 0, len(blob), 4)
+        return f"zip bytes {positions} replaced", out
+    return truncated(blob, rng)
 
 
 def test_mutated_bin_fails_cleanly(base, tmp_path):
@@ -211,13 +217,9 @@ def mutate_config(text: bytes, rng: random.Random) -> tuple[str, bytes]:
         value = rng.choice([[], 1, "x", None])
         return f"the whole file is {value!r}", json.dumps(value).encode()
     if kind == "flip":
-        out = bytearray(text)
-        positions = [rng.randrange(len(out)) for _ in range(rng.randint(1, 3))]
-        for pos in positions:
-            out[pos] = rng.randrange(256)
-        return f"bytes {positions} replaced", bytes(out)
-    cut = rng.randrange(len(text))
-    return f"truncated to {cut}", text[:cut]
+        positions, out = replace_bytes(text, rng, 0, len(text), 3)
+        return f"bytes {positions} replaced", out
+    return truncated(text, rng)
 
 
 def test_mutated_config_fails_cleanly(base, tmp_path):
