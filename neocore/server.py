@@ -206,12 +206,13 @@ class _Completions:
     def _prompt_text(self, index: int) -> str:
         return self.served.model.tokenizer.decode(self.prompts[index // self.n]) if self.echo else ""
 
-    def _logprobs(self, entries: list[TokenLogprob], offset: int) -> dict | None:
+    def _logprobs(self, entries: list[TokenLogprob]) -> dict | None:
+        """The legacy logprobs object; text_offset counts from the start of this piece of text."""
         if self.logprobs is None:
             return None
         tokenizer = self.served.model.tokenizer
         tokens = [tokenizer.decode([e.token]) for e in entries]
-        offsets, at = [], offset
+        offsets, at = [], 0
         for text in tokens:
             offsets.append(at)
             at += len(text)
@@ -223,7 +224,7 @@ class _Completions:
     def choice(self, index: int, text: str, entries: list[TokenLogprob], prompt_entries: list[TokenLogprob],
                finish: str | None, first: bool) -> dict:
         prefix = self._prompt_text(index) if first else ""
-        logprobs = self._logprobs((prompt_entries if first else []) + entries, 0)
+        logprobs = self._logprobs((prompt_entries if first else []) + entries)
         return {"index": index, "text": prefix + text, "logprobs": logprobs, "finish_reason": finish}
 
 
