@@ -1,7 +1,6 @@
 /* bf16.c: float32 -> bfloat16, round to nearest with ties to even, as torch's .to(bfloat16).
  * Used once per weight at load time; threads split the array. */
-#include <string.h>
-#include "neocore.h"
+#include "internal.h"
 
 int neo_f32_to_bf16(uint16_t *dst, const float *src, size_t n, int n_threads)
 {
@@ -11,10 +10,7 @@ int neo_f32_to_bf16(uint16_t *dst, const float *src, size_t n, int n_threads)
         uint32_t bits;
         memcpy(&bits, &src[i], sizeof bits);
         rounded |= (bits & 0xFFFF) != 0;
-        if ((bits & 0x7FFFFFFF) > 0x7F800000)
-            dst[i] = (uint16_t)((bits >> 16) | 0x40);  /* NaN stays NaN (quiet), never rounds to inf */
-        else
-            dst[i] = (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+        dst[i] = f32_to_bf16_bits(src[i]);
     }
     return rounded;
 }

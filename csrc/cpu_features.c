@@ -16,9 +16,17 @@ int neo_built_with_openmp(void)
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 
-/* XCR0 bits: 1 SSE (XMM), 2 AVX (upper YMM), 5 opmask k0-k7, 6 upper ZMM0-15, 7 ZMM16-31. */
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* XCR0 bits: 1 SSE (XMM), 2 AVX (upper YMM), 5 opmask k0-k7, 6 upper ZMM0-15, 7 ZMM16-31,
+ * 17 AMX tile configuration, 18 AMX tile data. */
 #define XCR0_YMM 0x06u
 #define XCR0_ZMM 0xE6u
+#define XCR0_TILES 0x60000u
+/* Linux hands out the 8 KiB tile data state only to processes that ask (arch_prctl.h). */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
 
 /* 1 when CPUID.1:ECX has OSXSAVE and AVX and XCR0 holds every bit of state_bits. */
 static int os_saves(unsigned state_bits)
@@ -52,6 +60,25 @@ int neo_cpu_has_avx512(void)
     return neo_cpu_has_avx2_fma() && os_saves(XCR0_ZMM) && (leaf7_ebx() & (f | bw | vl)) == (f | bw | vl);
 }
 
+int neo_cpu_has_avx512_bf16(void)
+{
+    unsigned a, b, c, d;
+    return neo_cpu_has_avx512() && __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5));
+}
+
+int neo_cpu_has_amx_bf16(void)
+{
+    static int cached = -1; /* ask Linux once per process: the permission is process-wide */
+    if (cached < 0) {
+        unsigned a, b, c, d;
+        const unsigned amx_bf16 = 1u << 22, amx_tile = 1u << 24;
+        cached = neo_cpu_has_avx512() && __get_cpuid_count(7, 0, &a, &b, &c, &d)
+                 && (d & (amx_bf16 | amx_tile)) == (amx_bf16 | amx_tile) && os_saves(XCR0_TILES)
+                 && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    }
+    return cached;
+}
+
 int neo_cpu_is_amd(void)
 {
     static int cached = -1; /* CPUID is slow under virtualisation: ask once */
@@ -65,5 +92,7 @@ int neo_cpu_is_amd(void)
 #else
 int neo_cpu_has_avx2_fma(void) { return 0; }
 int neo_cpu_has_avx512(void) { return 0; }
+int neo_cpu_has_avx512_bf16(void) { return 0; }
+int neo_cpu_has_amx_bf16(void) { return 0; }
 int neo_cpu_is_amd(void) { return 0; }
 #endif

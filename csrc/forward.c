@@ -115,7 +115,7 @@ void neo_state_free(NeoState *s)
 }
 
 NeoState *neo_state_new(const NeoConfig *c, int n_seqs, int n_ctx, int max_rows, int n_threads,
-                        NeoIsa isa)
+                        NeoIsa isa, NeoBf16Gemm bf16_gemm)
 {
     if (n_seqs < 1 || max_rows < 1 || n_ctx < 1 || n_ctx > c->max_positions) return NULL;
     NeoState *s = calloc(1, sizeof *s);
@@ -125,6 +125,7 @@ NeoState *neo_state_new(const NeoConfig *c, int n_seqs, int n_ctx, int max_rows,
     s->max_rows = max_rows;
     s->n_threads = n_threads;
     s->isa = isa;
+    s->bf16_gemm = bf16_gemm;
     s->n_layers = c->n_layers;
     s->hidden = c->hidden;
     size_t act = (size_t)max_rows * c->hidden;
@@ -233,15 +234,21 @@ static void cache_store(float *cache, int slots, const float *rows, int pos0, in
 }
 
 /* out (+)= bias + x @ w.T for the step's rows: single-row sequences through the decode
- * kernel, the others through the prefill kernel, so a row's sums never depend on the batch. */
+ * kernel, the others through the prefill kernel (in bf16 if the state computes so), so a
+ * row's sums never depend on the batch. */
 static void linear(const NeoState *s, float *out, const float *x, const NeoMatrix *w,
                    const float *bias, int n_rows, int n_single, int K, int N, int accumulate)
 {
     if (n_single > 0)
         matvec_forward(out, x, w, bias, n_single, K, N, accumulate, s->n_threads, s->isa);
-    if (n_rows > n_single)
-        matmul_forward(out + (size_t)n_single * N, x + (size_t)n_single * K, w, bias,
-                       n_rows - n_single, K, N, accumulate, s->n_threads, s->isa);
+    if (n_rows == n_single) return;
+    out += (size_t)n_single * N;
+    x += (size_t)n_single * K;
+    if (s->bf16_gemm != NEO_BF16_OFF)
+        matmul_bf16_forward(out, x, w, bias, n_rows - n_single, K, N, accumulate, s->n_threads,
+                            s->bf16_gemm);
+    else
+        matmul_forward(out, x, w, bias, n_rows - n_single, K, N, accumulate, s->n_threads, s->isa);
 }
 
 /* The planned rows through every layer; leaves the final hidden states in s->x. */

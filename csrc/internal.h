@@ -49,12 +49,16 @@ static inline float simde_reduce_add_ps(__m512 a)
 #define _mm512_reduce_add_ps simde_reduce_add_ps
 #define TARGET_AVX2
 #define TARGET_AVX512
+#define TARGET_AVX512_BF16
+#define TARGET_AMX
 #define INLINE_AVX2 static inline __attribute__((always_inline))
 #define INLINE_AVX512 static inline __attribute__((always_inline))
 #else
 #include <immintrin.h>
 #define TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl")))
+#define TARGET_AVX512_BF16 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")))
+#define TARGET_AMX __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,amx-tile,amx-bf16")))
 #define INLINE_AVX2 static inline __attribute__((always_inline, target("avx2,fma")))
 #define INLINE_AVX512 static inline __attribute__((always_inline, target("avx2,fma,avx512f,avx512bw,avx512vl")))
 #endif
@@ -98,6 +102,15 @@ store_tile(float *out, const float *tile, int rows, int width, const float *bias
     for (int i = 0; i < rows && t0 + i < T; i++)
         for (int j = 0; j < width && n0 + j < N; j++)
             store_output(&out[(size_t)(t0 + i) * N + n0 + j], tile[i * width + j], bias, n0 + j, accumulate);
+}
+
+/* float32 -> bfloat16 bits, round to nearest even; a NaN stays a (quiet) NaN, never an inf. */
+static inline uint16_t f32_to_bf16_bits(float f)
+{
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7FFFFFFF) > 0x7F800000) return (uint16_t)((bits >> 16) | 0x40);
+    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
 }
 
 static inline float bf16_to_f32(uint16_t b)

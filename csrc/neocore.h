@@ -32,6 +32,12 @@ typedef struct {
  * product at a time in index order: the oracle the tests compare the other paths with. */
 typedef enum { NEO_ISA_GENERIC = 0, NEO_ISA_AVX2 = 1, NEO_ISA_AVX512 = 2, NEO_ISA_SCALAR = 3 } NeoIsa;
 
+/* The multiplier of the prefill GEMM in the bf16 compute mode: x rounded to bf16, products of
+ * bf16 values (exact in fp32), sums in fp32; LayerNorm, softmax, gelu, residuals, the cache
+ * and decode (the matvec) stay fp32. NEO_BF16_OFF is the exact mode. NEO_BF16_AMX runs AMX
+ * tiles (TDPBF16PS), NEO_BF16_AVX512 VDPBF16PS, NEO_BF16_REFERENCE the scalar oracle. */
+typedef enum { NEO_BF16_OFF = 0, NEO_BF16_REFERENCE = 1, NEO_BF16_AVX512 = 2, NEO_BF16_AMX = 3 } NeoBf16Gemm;
+
 enum {
     NEO_OK = 0,
     NEO_ERR_CONTEXT_FULL = 1, /* a sequence would run past the state's context */
@@ -97,6 +103,7 @@ typedef struct {
     int max_rows;   /* rows one step may carry */
     int n_threads;
     NeoIsa isa;
+    NeoBf16Gemm bf16_gemm;
     int n_layers, hidden;
     int *cache_slots;    /* per layer */
     NeoSequence *seq;    /* [n_seqs] */
@@ -110,6 +117,10 @@ typedef struct {
  * when AVX-512F/BW/VL are (CPUID and the OS saving the opmask and ZMM state). */
 int neo_cpu_has_avx2_fma(void);
 int neo_cpu_has_avx512(void);
+/* 1 when AVX-512 is usable and so is VDPBF16PS (AVX512-BF16); and AMX-BF16 tiles, for which
+ * the first call asks Linux for the tile data state (arch_prctl): 0 where that is refused. */
+int neo_cpu_has_avx512_bf16(void);
+int neo_cpu_has_amx_bf16(void);
 /* 1 on AMD processors (CPUID vendor string). */
 int neo_cpu_is_amd(void);
 /* 1 when compiled with OpenMP; without it every step runs on one thread. */
@@ -118,7 +129,7 @@ int neo_built_with_openmp(void);
 int neo_decode_prefetches_nta(NeoIsa isa);
 
 NeoState *neo_state_new(const NeoConfig *cfg, int n_seqs, int n_ctx, int max_rows,
-                        int n_threads, NeoIsa isa);
+                        int n_threads, NeoIsa isa, NeoBf16Gemm bf16_gemm);
 void neo_state_free(NeoState *s);
 
 /* Forgets what sequence seq holds and hands its cache memory back. */
@@ -149,6 +160,10 @@ void matmul_forward(float *out, const float *x, const NeoMatrix *w, const float 
                     int T, int K, int N, int accumulate, int n_threads, NeoIsa isa);
 void matvec_forward(float *out, const float *x, const NeoMatrix *w, const float *bias,
                     int T, int K, int N, int accumulate, int n_threads, NeoIsa isa);
+/* matmul_forward with x rounded to bf16 and the products summed in fp32 (weights of any
+ * dtype are rounded to bf16 too: bf16 ones are unchanged), on the given multiplier. */
+void matmul_bf16_forward(float *out, const float *x, const NeoMatrix *w, const float *bias,
+                         int T, int K, int N, int accumulate, int n_threads, NeoBf16Gemm gemm);
 void gelu_new_forward(float *x, size_t n, int n_threads, NeoIsa isa);
 
 #endif

@@ -18,6 +18,11 @@ cdef extern from "neocore.h":
         NEO_ISA_AVX2
         NEO_ISA_AVX512
         NEO_ISA_SCALAR
+    ctypedef enum NeoBf16Gemm:
+        NEO_BF16_OFF
+        NEO_BF16_REFERENCE
+        NEO_BF16_AVX512
+        NEO_BF16_AMX
     enum:
         NEO_OK
         NEO_ERR_CONTEXT_FULL
@@ -62,11 +67,13 @@ cdef extern from "neocore.h":
 
     int neo_cpu_has_avx2_fma()
     int neo_cpu_has_avx512()
+    int neo_cpu_has_avx512_bf16()
+    int neo_cpu_has_amx_bf16()
     int neo_cpu_is_amd()
     int neo_built_with_openmp()
     int neo_decode_prefetches_nta(NeoIsa isa)
     NeoState *neo_state_new(const NeoConfig *cfg, int n_seqs, int n_ctx, int max_rows,
-                            int n_threads, NeoIsa isa)
+                            int n_threads, NeoIsa isa, NeoBf16Gemm bf16_gemm)
     void neo_state_free(NeoState *s)
     void neo_seq_clear(NeoState *s, int seq)
     int neo_step(const NeoConfig *cfg, const NeoWeights *w, NeoState *s, const NeoBatch *batch,
@@ -75,16 +82,23 @@ cdef extern from "neocore.h":
                         int T, int K, int N, int accumulate, int n_threads, NeoIsa isa) nogil
     void matvec_forward(float *out, const float *x, const NeoMatrix *w, const float *bias,
                         int T, int K, int N, int accumulate, int n_threads, NeoIsa isa) nogil
+    void matmul_bf16_forward(float *out, const float *x, const NeoMatrix *w, const float *bias,
+                             int T, int K, int N, int accumulate, int n_threads,
+                             NeoBf16Gemm gemm) nogil
     void gelu_new_forward(float *x, size_t n, int n_threads, NeoIsa isa) nogil
     int neo_f32_to_bf16(unsigned short *dst, const float *src, size_t n, int n_threads) nogil
     int neo_quantize_i8(signed char *values, float *scales, const float *src, size_t rows,
                         size_t cols, int n_threads) nogil
 
 
-# Kernel paths: the three a model may run on, and the scalar reference the tests compare them with.
+# Kernel paths: those a model may run on, and the scalar reference the tests compare them
+# with. Each names its vector kernels (NeoIsa); amx and avx512bf16 are the avx512 path plus a
+# bf16 GEMM for the bf16 compute mode, which the scalar reference has too (its oracle).
 ISAS = {"generic": NEO_ISA_GENERIC, "avx2": NEO_ISA_AVX2, "avx512": NEO_ISA_AVX512,
-        "scalar": NEO_ISA_SCALAR}
-MODEL_ISAS = ("avx512", "avx2", "generic")  # fastest first
+        "avx512bf16": NEO_ISA_AVX512, "amx": NEO_ISA_AVX512, "scalar": NEO_ISA_SCALAR}
+BF16_GEMMS = {"amx": NEO_BF16_AMX, "avx512bf16": NEO_BF16_AVX512, "scalar": NEO_BF16_REFERENCE}
+MODEL_ISAS = ("amx", "avx512bf16", "avx512", "avx2", "generic")  # fastest first
+COMPUTE_MODES = ("exact", "bf16")
 DTYPES = {"float32": NEO_F32, "bfloat16": NEO_BF16, "int8": NEO_I8}
 MATRIX_NUMPY_DTYPE = {"float32": np.float32, "bfloat16": np.uint16, "int8": np.int8}  # bf16 travels as raw uint16
 I8_BLOCK = NEO_I8_BLOCK
@@ -99,6 +113,16 @@ def cpu_has_avx512() -> bool:
     return bool(neo_cpu_has_avx512())
 
 
+def cpu_has_avx512_bf16() -> bool:
+    """AVX-512 and VDPBF16PS."""
+    return bool(neo_cpu_has_avx512_bf16())
+
+
+def cpu_has_amx_bf16() -> bool:
+    """AVX-512 and AMX-BF16 tiles, with Linux granting this process the tile state."""
+    return bool(neo_cpu_has_amx_bf16())
+
+
 def cpu_is_amd() -> bool:
     return bool(neo_cpu_is_amd())
 
@@ -109,7 +133,8 @@ def built_with_openmp() -> bool:
 
 def isa_runs_here(isa: str) -> bool:
     """Whether this CPU can run kernel path isa."""
-    return {"avx2": neo_cpu_has_avx2_fma, "avx512": neo_cpu_has_avx512}.get(isa, lambda: 1)() != 0
+    return {"avx2": neo_cpu_has_avx2_fma, "avx512": neo_cpu_has_avx512,
+            "avx512bf16": neo_cpu_has_avx512_bf16, "amx": neo_cpu_has_amx_bf16}.get(isa, lambda: 1)() != 0
 
 
 def usable_isas() -> list:
@@ -165,6 +190,17 @@ def _check_isa(str isa) -> NeoIsa:
     return ISAS[isa]
 
 
+cdef NeoBf16Gemm _check_compute(str compute, str isa) except *:
+    """The bf16 GEMM of path isa for compute mode compute (NEO_BF16_OFF when exact)."""
+    if compute not in COMPUTE_MODES:
+        raise ValueError(f"unknown compute mode {compute!r}")
+    if compute == "exact":
+        return NEO_BF16_OFF
+    if isa not in BF16_GEMMS:
+        raise ValueError(f"the {isa} kernel path has no bf16 GEMM")
+    return BF16_GEMMS[isa]
+
+
 cdef uintptr_t _address(object array, object dtype, tuple shape, str name) except 0:
     """Checks what C will assume of an array and returns its data pointer."""
     if not isinstance(array, np.ndarray) or array.dtype != dtype or array.shape != shape \
@@ -211,6 +247,7 @@ cdef class Core:
     cdef NeoState *state
     cdef object keep_alive
     cdef public str isa
+    cdef public str compute
     cdef public int threads
 
     def __cinit__(self):
@@ -218,19 +255,22 @@ cdef class Core:
         self.state = NULL
 
     def __init__(self, shape: dict, weights: dict, int n_seqs, int n_ctx, int max_rows,
-                 int threads, str isa):
+                 int threads, str isa, str compute="exact"):
         """shape: hidden, n_layers, n_heads, ffn, vocab, max_positions, window, ln_eps,
         layer_is_local (uint8 array). weights: wte, wpe, lnf_w, lnf_b, layers (list of dicts);
-        matrices are float32, bf16 as uint16, or int8 objects with .values and .scales."""
+        matrices are float32, bf16 as uint16, or int8 objects with .values and .scales.
+        compute: "exact", or "bf16" on a path with a bf16 GEMM (see BF16_GEMMS)."""
         cdef int H = shape["hidden"], F = shape["ffn"], L = shape["n_layers"]
         cdef int V = shape["vocab"], P = shape["max_positions"]
         cdef NeoIsa path = _check_isa(isa)
+        cdef NeoBf16Gemm gemm = _check_compute(compute, isa)
         if not 1 <= n_ctx <= P:
             raise ValueError(f"n_ctx must be between 1 and {P}")
         f32 = np.float32
         local = np.ascontiguousarray(shape["layer_is_local"], dtype=np.uint8)
         self.keep_alive = [local, weights]
         self.isa = isa
+        self.compute = compute
         self.threads = threads
         self.cfg.hidden = H
         self.cfg.n_layers = L
@@ -267,7 +307,7 @@ cdef class Core:
             _set_matrix(&self.layers[i].proj, lw["proj_w"], H, F, f"h.{i}.c_proj.weight")
             self.layers[i].proj_b = <const float *>_address(lw["proj_b"], f32, (H,), f"h.{i}.c_proj.bias")
         self.weights.layers = self.layers
-        self.state = neo_state_new(&self.cfg, n_seqs, n_ctx, max_rows, threads, path)
+        self.state = neo_state_new(&self.cfg, n_seqs, n_ctx, max_rows, threads, path, gemm)
         if self.state == NULL:
             raise MemoryError("could not allocate the run state")
 
@@ -335,8 +375,8 @@ cdef class Core:
 
 def matmul(float[:, ::1] out, const float[:, ::1] x, w, const float[::1] bias, bint accumulate,
            int threads, str isa, str kernel="gemm") -> None:
-    """out (+)= bias + x @ w.T with the chosen kernel path; kernel is "gemm" (prefill) or
-    "matvec" (decode); w as Core takes it."""
+    """out (+)= bias + x @ w.T with the chosen kernel path; kernel is "gemm" (prefill),
+    "matvec" (decode) or "bf16" (the bf16 compute mode's prefill GEMM); w as Core takes it."""
     cdef int T = x.shape[0], K = x.shape[1]
     cdef int N = (w.values if hasattr(w, "scales") else w).shape[0]
     cdef NeoMatrix m
@@ -346,13 +386,16 @@ def matmul(float[:, ::1] out, const float[:, ::1] x, w, const float[::1] bias, b
     if bias is not None and bias.shape[0] != N:
         raise ValueError("bias must be [N]")
     cdef NeoIsa path = _check_isa(isa)
-    if kernel not in ("gemm", "matvec"):
+    if kernel not in ("gemm", "matvec", "bf16"):
         raise ValueError(f"unknown kernel {kernel!r}")
+    cdef NeoBf16Gemm gemm = _check_compute("bf16" if kernel == "bf16" else "exact", isa)
     cdef const float *bp = &bias[0] if bias is not None else NULL
     cdef bint decode = kernel == "matvec"
     with nogil:
         if decode:
             matvec_forward(&out[0, 0], &x[0, 0], &m, bp, T, K, N, accumulate, threads, path)
+        elif gemm != NEO_BF16_OFF:
+            matmul_bf16_forward(&out[0, 0], &x[0, 0], &m, bp, T, K, N, accumulate, threads, gemm)
         else:
             matmul_forward(&out[0, 0], &x[0, 0], &m, bp, T, K, N, accumulate, threads, path)
 

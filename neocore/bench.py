@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a Python with optimum-intel[openvino] for the openvino peers (its optimum-cli exports)")
     p.add_argument("--latency", action="store_true", help="also time decode steps at positions 100 and 2000")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "int8"])
+    p.add_argument("--compute", default="exact",
+                   help="neocore compute modes to run, comma-separated: exact, bf16 (e.g. exact,bf16)")
     p.add_argument("--load-only", action="store_true", help="measure load time and peak RSS only")
     p.add_argument("--tokenizer", metavar="DIR", help="measure encode throughput against Hugging Face instead")
     p.add_argument("--serve", action="store_true",
@@ -129,9 +131,9 @@ def memory_bandwidth(threads: int, nbytes: int = 1 << 30) -> float:
 
 
 class NeocoreRunner:
-    def __init__(self, folder: str, threads: int, dtype: str):
+    def __init__(self, folder: str, threads: int, dtype: str, compute: str = "exact"):
         import neocore
-        self.model = neocore.load(folder, threads=threads, dtype=dtype)
+        self.model = neocore.load(folder, threads=threads, dtype=dtype, compute=compute)
 
     def prefill(self, ids: list[int]) -> int:
         self.model.reset()
@@ -198,11 +200,11 @@ WARMUP_STEPS = 8
 
 
 def worker(engine: str, folder: str, threads: int, dtype: str, prompt_tokens: int, new_tokens: int,
-           latency: bool, repeats: int) -> dict:
+           latency: bool, repeats: int, compute: str = "exact") -> dict:
     if engine != "neocore":  # library import time is not model load time
         import torch, transformers  # noqa: F401
     start = time.perf_counter()
-    runner = RUNNERS[engine](folder, threads, dtype)
+    runner = NeocoreRunner(folder, threads, dtype, compute) if engine == "neocore" else RUNNERS[engine](folder, threads, dtype)
     load = time.perf_counter() - start
     if prompt_tokens == 0:  # --load-only
         return {"engine": engine, "dtype": dtype, "threads": threads, "load_s": load, "peak_rss": peak_rss()}
@@ -227,7 +229,7 @@ def worker(engine: str, folder: str, threads: int, dtype: str, prompt_tokens: in
               "prefill_spread": (max(prefills) - min(prefills)) / ttft,
               "decode_spread": (max(decodes) - min(decodes)) / decode}
     if engine == "neocore":
-        result["isa"] = runner.model.isa
+        result["isa"], result["compute"] = runner.model.isa, runner.model.compute
     if latency:
         steps = 16
         for position in (100, 2000):
@@ -243,11 +245,12 @@ def worker(engine: str, folder: str, threads: int, dtype: str, prompt_tokens: in
 # ---- the parent ------------------------------------------------------------------------------
 
 def _spawn(engine: str, args: argparse.Namespace, threads: int, dtype: str, folder: str,
-           python: str = sys.executable) -> dict:
-    spec = json.dumps({"engine": engine, "folder": folder, "threads": threads, "dtype": dtype,
-                       "prompt_tokens": 0 if args.load_only else args.prompt_tokens,
-                       "new_tokens": args.new_tokens, "repeats": args.repeats,
-                       "latency": args.latency and engine == "neocore"})
+           python: str = sys.executable, compute: str = "exact") -> dict:
+    spec = {"engine": engine, "folder": folder, "threads": threads, "dtype": dtype,
+            "prompt_tokens": 0 if args.load_only else args.prompt_tokens,
+            "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "latency": args.latency and engine == "neocore"}
+    spec = json.dumps(dict(spec, compute=compute) if engine == "neocore" else spec)
     # this neocore's source first, whichever Python runs the worker
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                                      os.environ.get("PYTHONPATH")])))
@@ -340,13 +343,20 @@ def run(args: argparse.Namespace) -> int:
         folders["openvino"] = openvino_export(args)
     warm_page_cache(Path(args.model))
     host = machine()
+    computes = args.compute.split(",")
+    for compute in computes:
+        if compute not in ("exact", "bf16"):
+            raise NeocoreError(f"unknown compute mode {compute!r} (exact, bf16)")
     rows = []
     for threads in thread_counts:
         bandwidth = memory_bandwidth(threads)
         roofline = bandwidth * 1e9 / weights_bytes_per_token(args.model, args.dtype)
-        ours = _spawn("neocore", args, threads, args.dtype, args.model)
+        ours = _spawn("neocore", args, threads, args.dtype, args.model, compute=computes[0])
         ours.update(host, bandwidth_gb_s=bandwidth, roofline_tok_s=roofline)
         rows.append(ours)
+        for compute in computes[1:]:
+            rows.append(dict(_spawn("neocore", args, threads, args.dtype, args.model, compute=compute),
+                             engine=f"neocore compute={compute}"))
         for peer in peers:
             runner, dtype = PEERS[peer]
             python = args.openvino_python if runner == "openvino" else sys.executable
@@ -370,10 +380,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"model {args.model}: prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens (greedy), "
           f"median of {args.repeats} runs after a warm-up on the same shapes")
-    print(f"{'engine':24} {'thr':>3} {'load s':>7} {'prefill tok/s':>14} {'decode tok/s':>13} "
+    print(f"{'engine':28} {'thr':>3} {'load s':>7} {'prefill tok/s':>14} {'decode tok/s':>13} "
           f"{'peak RSS MiB':>13}")
     for r in rows:
-        print(f"{r['engine'] + ' ' + r['dtype']:24} {r['threads']:>3} {r['load_s']:>7.2f} "
+        print(f"{r['engine'] + ' ' + r['dtype']:28} {r['threads']:>3} {r['load_s']:>7.2f} "
               f"{r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.2f} {r['peak_rss'] / 2**20:>13.0f}")
     for threads in thread_counts:
         ours = next(r for r in rows if r["engine"] == "neocore" and r["threads"] == threads)
@@ -384,7 +394,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"  decode step at position 100: {ours['step_ms_at_100']:.2f} ms; at 2000: "
                   f"{ours['step_ms_at_2000']:.2f} ms ({ours['step_ms_at_2000'] / ours['step_ms_at_100']:.2f}x)")
         for r in rows:
-            if r["engine"] != "neocore" and r["threads"] == threads:
+            if r["engine"].startswith("neocore ") and r["threads"] == threads:
+                print(f"  {r['engine']} (ran {r['compute']}) against compute={computes[0]}: prefill "
+                      f"{r['prefill_tok_s'] / ours['prefill_tok_s']:.2f}x, decode {r['decode_tok_s'] / ours['decode_tok_s']:.2f}x")
+            elif r["engine"] != "neocore" and r["threads"] == threads:
                 print(f"  vs {r['engine']}: prefill {ours['prefill_tok_s'] / r['prefill_tok_s']:.2f}x, "
                       f"decode {ours['decode_tok_s'] / r['decode_tok_s']:.2f}x, "
                       f"peak RSS {ours['peak_rss'] / r['peak_rss']:.2f}x, load {r['load_s'] / ours['load_s']:.1f}x faster")

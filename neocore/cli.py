@@ -51,6 +51,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="weight precision (int8: blocks with a scale each, half the memory; default: int8 for a "
                         "converted int8 folder, else bfloat16)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
+    p.add_argument("--compute", choices=["exact", "bf16"], default=None,
+                   help="exact (default: fp32 activations) or bf16 (prompts through the matmuls in bf16 "
+                        "on AMX or AVX512-BF16, several times faster prefill; decode stays exact)")
     p.add_argument("--context", type=int, default=None, help="positions to allocate (default: the model's)")
     _config_args(p)
 
@@ -140,7 +143,7 @@ def load_model(args: argparse.Namespace):
     overrides = _overrides(args)
     spec = model_spec(args)
     return load(spec, dtype=args.dtype, threads=args.threads, context=args.context,
-                config=args.config, progress=Progress("loading"), **overrides)
+                config=args.config, progress=Progress("loading"), compute=args.compute, **overrides)
 
 
 def _read_text(path: str, what: str) -> str:
@@ -272,6 +275,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+BF16_GEMM_NAMES = {"amx": "AMX tiles", "avx512bf16": "AVX512-BF16", "scalar": "the scalar reference"}
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from . import _core
     from .checkpoint import open_checkpoint
@@ -292,6 +298,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("weight memory", f"{model.weight_bytes() / 2**20:.1f} MiB"),
         ("context", model.context_length),
         ("kernel path", f"{model.isa} (this CPU runs {', '.join(_core.usable_isas()[:-1])})"),
+        ("compute", "exact (fp32 activations)" if model.compute == "exact" else
+         f"bf16 (prompt matmuls in bf16 on {BF16_GEMM_NAMES[model.isa]}; decode exact)"),
         ("threads", model.threads if _core.built_with_openmp() else f"{model.threads} (built without OpenMP)"),
         ("tokenizer", "none found" if model.tokenizer is None else
          "bundled GPT-2 (the model folder has none)" if model.tokenizer.bundled else model.tokenizer.source),

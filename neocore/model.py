@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -27,18 +28,44 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+ISA_NEEDS = {"amx": "AVX-512F/BW/VL and AMX-BF16 (with Linux granting the tile state)",
+             "avx512bf16": "AVX-512F/BW/VL and AVX512-BF16", "avx512": "AVX-512F/BW/VL",
+             "avx2": "AVX2+FMA"}
+COMPUTE_MODES = ("exact", "bf16")
+
+
 def kernel_path(requested: str | None = None) -> str:
-    """'avx512', 'avx2' or 'generic': the request, else $NEOCORE_ISA, else the fastest this CPU runs."""
+    """'amx', 'avx512bf16', 'avx512', 'avx2' or 'generic' (or 'scalar', the tests' reference): the
+    request, else $NEOCORE_ISA, else the fastest this CPU runs. amx and avx512bf16 are the
+    avx512 path plus a bf16 GEMM."""
     choice = (requested or os.environ.get("NEOCORE_ISA") or "auto").lower()
     if choice == "auto":
         return _core.usable_isas()[0]
-    if choice not in _core.MODEL_ISAS:
+    if choice not in _core.MODEL_ISAS + ("scalar",):
         raise NeocoreError(f"unknown kernel path {choice!r} (NEOCORE_ISA takes auto, "
-                           f"{', '.join(_core.MODEL_ISAS)})")
+                           f"{', '.join(_core.MODEL_ISAS)}, or scalar: the slow reference)")
     if not _core.isa_runs_here(choice):
-        raise NeocoreError(f"the {choice} kernel path was requested, but this CPU lacks "
-                           f"{'AVX-512F/BW/VL' if choice == 'avx512' else 'AVX2+FMA'}")
+        raise NeocoreError(f"the {choice} kernel path was requested, but this CPU lacks {ISA_NEEDS[choice]}")
     return choice
+
+
+_told_bf16_runs_exact = False
+
+
+def compute_mode(requested: str | None, isa: str) -> str:
+    """The compute mode a model on path isa runs: 'bf16' where the path has a bf16 GEMM (AMX or
+    AVX512-BF16); else 'exact', said once per process when bf16 was asked for."""
+    global _told_bf16_runs_exact
+    compute = "exact" if requested is None else requested
+    if compute not in COMPUTE_MODES:
+        raise NeocoreError(f"compute must be one of {', '.join(COMPUTE_MODES)}, got {compute!r}")
+    if compute == "bf16" and isa not in _core.BF16_GEMMS:
+        if not _told_bf16_runs_exact:
+            print(f"neocore: compute=bf16 needs AMX or AVX512-BF16; the {isa} path computes exactly",
+                  file=sys.stderr)
+            _told_bf16_runs_exact = True
+        return "exact"
+    return compute
 
 
 class Model:
@@ -48,7 +75,8 @@ class Model:
     crash), but interleaved append calls would mix their contexts."""
 
     def __init__(self, path: Path, config: GPTNeoConfig, weights: dict[str, Any], dtype: str,
-                 threads: int, context: int, isa: str, tokenizer: Any, load_seconds: float):
+                 threads: int, context: int, isa: str, compute: str, tokenizer: Any,
+                 load_seconds: float):
         self.path = path
         self.config = config
         self.dtype = dtype
@@ -62,7 +90,8 @@ class Model:
             "window": config.window_size, "ln_eps": config.layer_norm_epsilon,
             "layer_is_local": np.array(config.layer_is_local, dtype=np.uint8),
         }
-        self._core = _core.Core(shape, weights, SEQUENCE_SLOTS, context, PREFILL_CHUNK, threads, isa)
+        self._core = _core.Core(shape, weights, SEQUENCE_SLOTS, context, PREFILL_CHUNK, threads, isa,
+                                compute)
         self._last_logits = np.empty((1, config.vocab_size), dtype=np.float32)
         self._lock = threading.Lock()
         self._engine: Any = None
@@ -75,6 +104,11 @@ class Model:
     @property
     def isa(self) -> str:
         return self._core.isa
+
+    @property
+    def compute(self) -> str:
+        """'exact' (fp32 activations) or 'bf16' (the prefill GEMM rounds its inputs to bf16)."""
+        return self._core.compute
 
     @property
     def context_length(self) -> int:
@@ -241,17 +275,22 @@ def resolve_config(folder: Path, checkpoint: Checkpoint, config: str | os.PathLi
 
 def load(path: str | os.PathLike, dtype: str | None = None, threads: int | None = None,
          context: int | None = None, isa: str | None = None, config: str | os.PathLike | None = None,
-         progress: Callable[[int, int], None] | None = None, **overrides: Any) -> Model:
+         progress: Callable[[int, int], None] | None = None, compute: str | None = None,
+         **overrides: Any) -> Model:
     """Loads a GPT-Neo model folder (config.json plus weights).
 
     dtype: 'bfloat16' (lossless for the published checkpoints), 'float32', or 'int8' (one
     scale per block of a row; about half bfloat16's memory, the only dtype a `neocore convert
     --dtype int8` folder loads in). Default: 'int8' for such a folder, else 'bfloat16'.
     threads: OpenMP threads (default: every usable core). context: positions to allocate the
-    key/value cache for (default: max_position_embeddings). isa: 'avx512', 'avx2' or 'generic' (default:
-    $NEOCORE_ISA, else the fastest this CPU runs). config: a config.json to use instead of the
-    folder's. progress(done, total) is called while weights load. Other keywords override
-    config fields (e.g. window_size=24)."""
+    key/value cache for (default: max_position_embeddings). isa: 'amx', 'avx512bf16', 'avx512',
+    'avx2' or 'generic' (default: $NEOCORE_ISA, else the fastest this CPU runs). config: a
+    config.json to use instead of the folder's. progress(done, total) is called while weights
+    load. compute: 'exact' (default; fp32 activations, logits as transformers fp32 gives them)
+    or 'bf16' (prompts go through the matmuls with activations rounded to bf16, on AMX or
+    AVX512-BF16; LayerNorm, softmax, gelu, residuals, the cache and decode stay fp32; on CPUs
+    with neither it computes exactly and says so once). Other keywords override config fields
+    (e.g. window_size=24)."""
     start = time.perf_counter()
     from .resolve import resolve_model
     folder = resolve_model(path)
@@ -270,10 +309,11 @@ def load(path: str | os.PathLike, dtype: str | None = None, threads: int | None 
     if not _core.built_with_openmp():
         threads = 1
     chosen_isa = kernel_path(isa)
+    chosen_compute = compute_mode(compute, chosen_isa)
     loader = WeightLoader(checkpoint, cfg, dtype, threads)
     weights = loader.load_all(progress)
     tokenizer = _find_tokenizer(folder, cfg.vocab_size)
-    model = Model(folder, cfg, weights, dtype, threads, context, chosen_isa, tokenizer,
-                  time.perf_counter() - start)
+    model = Model(folder, cfg, weights, dtype, threads, context, chosen_isa, chosen_compute,
+                  tokenizer, time.perf_counter() - start)
     model.matrices_in_place = loader.in_place
     return model

@@ -37,13 +37,18 @@ SHAPES = {
                       num_heads=2, attention_types=[[["global", "local"], 1]], window_size=256),
     "wide-heads": dict(vocab_size=300, max_position_embeddings=96, hidden_size=256, num_layers=3,
                        num_heads=2, attention_types=[[["local"], 1], [["global"], 2]], window_size=16),
+    # transformers' default weight scale at a small size: 128-wide heads, the real window
+    "default-init": dict(vocab_size=2000, max_position_embeddings=320, hidden_size=256, num_layers=4,
+                         num_heads=2, attention_types=[[["global", "local"], 2]], window_size=256,
+                         initializer_range=0.02),
     "gpt-neo-125M": dict(vocab_size=50257, max_position_embeddings=2048, hidden_size=768,
                          num_layers=12, num_heads=12, attention_types=[[["global", "local"], 6]],
                          window_size=256, initializer_range=0.02),
 }
 # Small models get larger weights so that greedy decoding does not repeat one token forever;
 # at full width that would make the network chaotic (fp32 torch itself drifts from fp64 by
-# ~1% of the logit range), so the 125M shape keeps transformers' default 0.02.
+# ~1% of the logit range), so the 125M shape keeps transformers' default 0.02, and so does
+# "default-init", where lossy arithmetic is judged (chaos would amplify any rounding).
 SMALL_MODEL_INIT = 0.08
 
 

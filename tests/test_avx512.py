@@ -20,7 +20,8 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REPO = Path(__file__).resolve().parent.parent
 SIMDE_HEADER = Path("/usr/include/simde/x86/avx512.h")
 # -O1: the check is of the logic, and SIMDe's headers compile slowly at -O3
-FLAGS = ["-O1", "-fopenmp", "-fno-math-errno", "-Wall", "-Werror", "-Wno-psabi", "-DNEOCORE_SIMDE"]
+FLAGS = ["-O1", "-fopenmp", "-fno-math-errno", "-Wall", "-Werror", "-Wno-psabi", "-DNEOCORE_SIMDE",
+         "-I", str(REPO / "tests" / "native")]  # amx_emulated.h: AMX has no SIMDe version
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,8 @@ def simde_build(tmp_path_factory) -> Path:
     return binary
 
 
-def logits(binary: Path, isa: str, threads: int) -> np.ndarray:
-    proc = subprocess.run([str(binary), isa, str(threads)], capture_output=True, text=True, timeout=60)
+def logits(binary: Path, isa: str, threads: int, *mode: str) -> np.ndarray:
+    proc = subprocess.run([str(binary), isa, str(threads), *mode], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr  # exit 3: a row's result depended on the other rows
     return np.array(proc.stdout.split(), dtype=np.float64)
 
@@ -49,6 +50,18 @@ def test_avx512_kernels_on_simde_match_the_scalar_reference(simde_build):
     assert np.abs(avx512 - scalar).max() <= 1e-5 * np.abs(scalar).max() + 1e-5
     assert np.array_equal(avx512, logits(simde_build, "avx512", 1))
     assert np.array_equal(avx512, logits(simde_build, "avx512", 3))
+
+
+@pytest.mark.parametrize("isa", ["avx512bf16", "amx"])
+def test_bf16_gemms_on_simde_match_the_scalar_bf16_reference(simde_build, isa):
+    """The AMX tiles emulated in C (tests/native/amx_emulated.h), VDPBF16PS from SIMDe: the
+    layouts and loops of both bf16 GEMMs, row by row (exit 3) and through a whole model."""
+    ours, reference = logits(simde_build, isa, 2, "bf16"), logits(simde_build, "scalar", 2, "bf16")
+    assert np.isfinite(ours).all() and ours.std() > 0.1
+    assert np.abs(ours - reference).max() <= 1e-5 * np.abs(reference).max() + 1e-5
+    assert not np.array_equal(reference, logits(simde_build, "scalar", 2))  # bf16 is not exact
+    assert np.array_equal(ours, logits(simde_build, isa, 1, "bf16"))
+    assert np.array_equal(ours, logits(simde_build, isa, 3, "bf16"))
 
 
 @pytest.mark.skipif(not _core.cpu_has_avx512(), reason="this CPU lacks AVX-512F/BW/VL")
@@ -64,7 +77,8 @@ def test_avx512_path_runs_here_and_matches_transformers(reference_models, logits
 def test_auto_picks_the_fastest_path_this_cpu_runs(monkeypatch):
     from neocore.model import kernel_path
     monkeypatch.delenv("NEOCORE_ISA", raising=False)
-    expected = "avx512" if _core.cpu_has_avx512() else "avx2" if _core.cpu_has_avx2_fma() else "generic"
+    expected = ("amx" if _core.cpu_has_amx_bf16() else "avx512bf16" if _core.cpu_has_avx512_bf16()
+                else "avx512" if _core.cpu_has_avx512() else "avx2" if _core.cpu_has_avx2_fma() else "generic")
     assert kernel_path() == expected
     if not _core.cpu_has_avx512():
         with pytest.raises(neocore.NeocoreError, match="AVX-512F/BW/VL"):

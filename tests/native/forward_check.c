@@ -1,6 +1,7 @@
 /* forward_check.c: the C core alone, on a tiny random GPT-Neo, for builds Python cannot load:
  * a cross-compiled aarch64 core run under qemu-user, or the AVX-512 kernels built on SIMDe.
- * Usage: forward_check ISA THREADS, ISA one of scalar, generic, avx2, avx512.
+ * Usage: forward_check ISA THREADS [bf16], ISA one of scalar, generic, avx2, avx512, and with
+ * bf16 (the bf16 compute mode's GEMM) scalar (its reference), avx512bf16 or amx.
  * First it checks that the matmul kernels compute each row as if alone (bit for bit; exit 3
  * if not). Then it prefills a 13-token prompt (the GEMM), decodes 4 tokens (the matvec), and
  * prints the logits of the last prompt row and of each decoded row, one value a line; the
@@ -50,20 +51,31 @@ static NeoMatrix bf16_matrix(size_t rows, size_t cols, float scale)
     return (NeoMatrix){NEO_BF16, p, NULL};
 }
 
-/* 1 when both kernels give each of T rows exactly what that row gives alone */
-static int rows_computed_alone(NeoIsa isa, int n_threads)
+/* The kernels of a path: the decode one, then the prefill one (exact or bf16). */
+static void run_kernel(int kernel, NeoIsa isa, NeoBf16Gemm gemm, float *out, const float *x,
+                       const NeoMatrix *w, const float *bias, int T, int K, int N, int n_threads)
 {
-    enum { T = 13, K = 200, N = 37 };
-    static float x[T * K], bias[N], together[T * N], alone[N];
+    if (kernel == 0)
+        matvec_forward(out, x, w, bias, T, K, N, 0, n_threads, isa);
+    else if (gemm == NEO_BF16_OFF)
+        matmul_forward(out, x, w, bias, T, K, N, 0, n_threads, isa);
+    else
+        matmul_bf16_forward(out, x, w, bias, T, K, N, 0, n_threads, gemm);
+}
+
+/* 1 when both kernels give each of T rows exactly what that row gives alone. K = 192 lets
+ * the bf16 GEMMs read bf16 weights in place, K = 200 makes them copy (and leaves SIMD tails). */
+static int rows_computed_alone(NeoIsa isa, NeoBf16Gemm gemm, int n_threads, int K)
+{
+    enum { T = 37, MAX_K = 200, N = 45 };
+    static float x[T * MAX_K], bias[N], together[T * N], alone[N];
     const NeoMatrix w = bf16_matrix(N, K, 0.5f);
     for (int i = 0; i < T * K; i++) x[i] = random_value(1.0f);
     for (int i = 0; i < N; i++) bias[i] = random_value(0.5f);
-    for (int decode = 0; decode < 2; decode++) {
-        void (*kernel)(float *, const float *, const NeoMatrix *, const float *, int, int, int, int,
-                       int, NeoIsa) = decode ? matvec_forward : matmul_forward;
-        kernel(together, x, &w, bias, T, K, N, 0, n_threads, isa);
+    for (int kernel = 0; kernel < 2; kernel++) {
+        run_kernel(kernel, isa, gemm, together, x, &w, bias, T, K, N, n_threads);
         for (int t = 0; t < T; t++) {
-            kernel(alone, x + t * K, &w, bias, 1, K, N, 0, n_threads, isa);
+            run_kernel(kernel, isa, gemm, alone, x + t * K, &w, bias, 1, K, N, n_threads);
             if (memcmp(alone, together + t * N, sizeof alone) != 0) return 0;
         }
     }
@@ -72,14 +84,23 @@ static int rows_computed_alone(NeoIsa isa, int n_threads)
 
 int main(int argc, char **argv)
 {
-    const char *names[] = {"generic", "avx2", "avx512", "scalar"};  /* NeoIsa order */
-    int isa = 0;
-    while (argc == 3 && isa < 4 && strcmp(argv[1], names[isa])) isa++;
-    if (argc != 3 || isa == 4) {
-        fprintf(stderr, "usage: forward_check generic|avx2|avx512|scalar THREADS\n");
+    /* name, vector path, bf16 GEMM */
+    static const struct { const char *name; NeoIsa isa; NeoBf16Gemm gemm; } paths[] = {
+        {"generic", NEO_ISA_GENERIC, NEO_BF16_OFF}, {"avx2", NEO_ISA_AVX2, NEO_BF16_OFF},
+        {"avx512", NEO_ISA_AVX512, NEO_BF16_OFF}, {"scalar", NEO_ISA_SCALAR, NEO_BF16_REFERENCE},
+        {"avx512bf16", NEO_ISA_AVX512, NEO_BF16_AVX512}, {"amx", NEO_ISA_AVX512, NEO_BF16_AMX}};
+    const int n_paths = sizeof paths / sizeof paths[0];
+    const int bf16 = argc == 4 && strcmp(argv[3], "bf16") == 0;
+    int p = 0;
+    while ((argc == 3 || bf16) && p < n_paths && strcmp(argv[1], paths[p].name)) p++;
+    if (!(argc == 3 || bf16) || p == n_paths || (bf16 && paths[p].gemm == NEO_BF16_OFF)) {
+        fprintf(stderr, "usage: forward_check generic|avx2|avx512|scalar THREADS, or "
+                        "scalar|avx512bf16|amx THREADS bf16\n");
         return 2;
     }
-    if (!rows_computed_alone(isa, atoi(argv[2]))) {
+    const NeoIsa isa = paths[p].isa;
+    const NeoBf16Gemm gemm = bf16 ? paths[p].gemm : NEO_BF16_OFF;
+    if (!rows_computed_alone(isa, gemm, atoi(argv[2]), 200) || !rows_computed_alone(isa, gemm, atoi(argv[2]), 192)) {
         fprintf(stderr, "%s: a row's result depends on the other rows\n", argv[1]);
         return 3;
     }
@@ -98,7 +119,7 @@ int main(int argc, char **argv)
     const NeoWeights w = {bf16_matrix(VOCAB, HIDDEN, 0.5f), bf16_matrix(POSITIONS, HIDDEN, 0.1f),
                           layers, floats(HIDDEN, 0.2f, 1.0f), floats(HIDDEN, 0.2f, 0.0f)};
 
-    NeoState *s = neo_state_new(&cfg, 1, POSITIONS, PROMPT, atoi(argv[2]), isa);
+    NeoState *s = neo_state_new(&cfg, 1, POSITIONS, PROMPT, atoi(argv[2]), isa, gemm);
     if (!s) return 1;
     int32_t tokens[PROMPT], seqs[PROMPT] = {0};
     uint8_t want[PROMPT] = {0};

@@ -1,0 +1,241 @@
+/* matmul_bf16.c: the prefill GEMM of the bf16 compute mode (NeoBf16Gemm): x rounded to bf16,
+ * each product of two bf16 values (exact in fp32), the sums in fp32.
+ *
+ * Both hardware paths compute out^T = w x^T. A weight matrix [N, K] is then the left operand
+ * as it lies in memory (an AMX A tile is 16 rows of w by 32 k; VDPBF16PS broadcasts a pair of
+ * one row), so bf16 weights are read in place, never packed. Only x is packed, once per call,
+ * into the pair layout of the right operand (XPairs), which is small. Each output is one
+ * accumulator summed over k in a fixed order, so results do not depend on the thread count
+ * or on the other rows. */
+#include <stdlib.h>
+#include "internal.h"
+#if defined(NEOCORE_SIMDE)
+#include "amx_emulated.h"  /* tests/native: the AMX instructions in plain C, for the logic check */
+#endif
+
+/* The oracle: every product in index order, one at a time. */
+static void matmul_bf16_reference(float *out, const float *x, const NeoMatrix *w, const float *bias,
+                                  int T, int K, int N, int accumulate, int n_threads)
+{
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int n = 0; n < N; n++)
+        for (int t = 0; t < T; t++) {
+            float sum = 0.0f;
+            for (int k = 0; k < K; k++)
+                sum += bf16_to_f32(f32_to_bf16_bits(x[(size_t)t * K + k]))
+                       * bf16_to_f32(f32_to_bf16_bits(matrix_element(w, n, k, K)));
+            store_output(&out[(size_t)t * N + n], sum, bias, n, accumulate);
+        }
+}
+
+#if defined(__x86_64__)
+#define TILE 16    /* rows of a tile; fp32 columns of an accumulator tile; t per zmm */
+#define KBLOCK 32  /* bf16 columns of a 64-byte tile line */
+
+static int round_up(int n, int m) { return (n + m - 1) / m * m; }
+
+/* x in bf16 pairs: blocks of TILE rows (t) by KBLOCK columns (k); line r of block (tb, kb)
+ * holds (x[t][k], x[t][k + 1]) for k = KBLOCK kb + 2 r and the block's TILE rows t in turn,
+ * zero past T and K. A line is one zmm for VDPBF16PS, a block one AMX B tile. */
+typedef struct {
+    uint16_t *data;
+    int t_blocks, k_blocks;
+} XPairs;
+
+static const uint16_t *xpairs_block(const XPairs *xp, int tb, int kb)
+{
+    return xp->data + ((size_t)tb * xp->k_blocks + kb) * TILE * KBLOCK;
+}
+
+static int xpairs_pack(XPairs *xp, const float *x, int T, int K, int n_threads)
+{
+    xp->t_blocks = (T + TILE - 1) / TILE;
+    xp->k_blocks = (K + KBLOCK - 1) / KBLOCK;
+    const int n_blocks = xp->t_blocks * xp->k_blocks;
+    xp->data = aligned_alloc(64, sizeof(uint16_t) * TILE * KBLOCK * (size_t)n_blocks);
+    if (!xp->data) return 0;
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int b = 0; b < n_blocks; b++) {
+        const int tb = b / xp->k_blocks, kb = b % xp->k_blocks;
+        uint16_t *line = (uint16_t *)xpairs_block(xp, tb, kb);
+        for (int r = 0; r < KBLOCK / 2; r++)
+            for (int i = 0; i < TILE; i++)
+                for (int p = 0; p < 2; p++) {
+                    const int t = tb * TILE + i, k = kb * KBLOCK + 2 * r + p;
+                    *line++ = t < T && k < K ? f32_to_bf16_bits(x[(size_t)t * K + k]) : 0;
+                }
+    }
+    return 1;
+}
+
+/* Rows n0 .. n0 + rows - 1 of w in bf16, row i at strip + i * stride, columns K .. stride
+ * reading zero: w itself where it is bf16, K a multiple of KBLOCK and the strip inside N;
+ * else a copy in scratch ([rows][round_up(K, KBLOCK)], rows past N zero). */
+static const uint16_t *weight_strip(const NeoMatrix *w, int n0, int rows, int K, int N,
+                                    uint16_t *scratch, size_t *stride)
+{
+    if (w->dtype == NEO_BF16 && K % KBLOCK == 0 && n0 + rows <= N) {
+        *stride = (size_t)K;
+        return (const uint16_t *)w->data + (size_t)n0 * K;
+    }
+    *stride = (size_t)round_up(K, KBLOCK);
+    for (int i = 0; i < rows; i++)
+        for (size_t k = 0; k < *stride; k++)
+            scratch[i * *stride + k] = n0 + i < N && k < (size_t)K
+                                           ? f32_to_bf16_bits(matrix_element(w, n0 + i, k, K)) : 0;
+    return scratch;
+}
+
+/* The scratch weight_strip may need, allocated by each thread on first use. */
+static uint16_t *strip_scratch(uint16_t **scratch, int rows, int K)
+{
+    if (!*scratch) *scratch = aligned_alloc(64, sizeof(uint16_t) * rows * (size_t)round_up(K, KBLOCK));
+    return *scratch;
+}
+
+/* acc[n][t] (out^T, TILE columns a line) into out[t0 + t][n0 + n] within T and N. */
+static inline void store_transposed(float *out, const float *acc, int n_rows, int t_count,
+                                    const float *bias, int t0, int n0, int T, int N, int accumulate)
+{
+    for (int t = 0; t < t_count && t0 + t < T; t++)
+        for (int n = 0; n < n_rows && n0 + n < N; n++)
+            store_output(&out[(size_t)(t0 + t) * N + n0 + n], acc[n * t_count + t], bias, n0 + n,
+                         accumulate);
+}
+
+/* ---- AVX512-BF16 -------------------------------------------------------------------------
+ * A register tile of BF16_ROWS rows of w by 2 zmm of TILE t: per pair of k, two loads of x
+ * and BF16_ROWS broadcast pairs of w feed 2 BF16_ROWS VDPBF16PS (24 of the 32 zmm). */
+#define BF16_ROWS 12
+
+TARGET_AVX512_BF16 static void gemm_bf16_avx512(float *out, const XPairs *xp, const NeoMatrix *w,
+                                                const float *bias, int T, int K, int N,
+                                                int accumulate, int n_threads)
+{
+    const int n_strips = (N + BF16_ROWS - 1) / BF16_ROWS;
+    #pragma omp parallel num_threads(n_threads)
+    {
+        uint16_t *scratch = NULL;
+        #pragma omp for schedule(static)
+        for (int s = 0; s < n_strips; s++) {
+            const int n0 = s * BF16_ROWS;
+            size_t stride;
+            if (!strip_scratch(&scratch, BF16_ROWS, K)) continue;  /* out of memory: leave out */
+            const uint16_t *a = weight_strip(w, n0, BF16_ROWS, K, N, scratch, &stride);
+            for (int tb = 0; tb < xp->t_blocks; tb += 2) {
+                const int pair = tb + 1 < xp->t_blocks;
+                __m512 acc[BF16_ROWS][2];
+                for (int i = 0; i < BF16_ROWS; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+                for (int kb = 0; kb < xp->k_blocks; kb++) {
+                    const uint16_t *x0 = xpairs_block(xp, tb, kb);
+                    const uint16_t *x1 = pair ? xpairs_block(xp, tb + 1, kb) : x0;
+                    for (int r = 0; r < KBLOCK / 2; r++) {
+                        const __m512i xv0 = _mm512_load_si512(x0 + r * 2 * TILE);
+                        const __m512i xv1 = _mm512_load_si512(x1 + r * 2 * TILE);
+                        for (int i = 0; i < BF16_ROWS; i++) {
+                            int32_t w_pair;
+                            memcpy(&w_pair, a + i * stride + kb * KBLOCK + 2 * r, sizeof w_pair);
+                            const __m512i wv = _mm512_set1_epi32(w_pair);
+                            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)wv, (__m512bh)xv0);
+                            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], (__m512bh)wv, (__m512bh)xv1);
+                        }
+                    }
+                }
+                /* constant indices only: a variable one would keep acc in memory all along */
+                float tile[BF16_ROWS][2 * TILE];
+                for (int i = 0; i < BF16_ROWS; i++) {
+                    _mm512_storeu_ps(tile[i], acc[i][0]);
+                    _mm512_storeu_ps(tile[i] + TILE, acc[i][1]);
+                }
+                store_transposed(out, &tile[0][0], BF16_ROWS, 2 * TILE, bias, tb * TILE, n0, T, N,
+                                 accumulate);
+            }
+        }
+        free(scratch);
+    }
+}
+
+/* ---- AMX ---------------------------------------------------------------------------------
+ * Eight tile registers: 0-3 accumulate a 2 x 2 block of 16 x 16 fp32 (rows of w by rows of x),
+ * 4-5 hold 16 rows of w by 32 k each, 6-7 16 x 32 of x in pairs. Each A and B tile feeds two
+ * TDPBF16PS, so a strip of AMX_ROWS rows of w is read once per 32 rows of x, from L2. */
+#define AMX_ROWS 32
+
+/* LDTILECFG's operand, palette 1: the rows and bytes per row of each tile register. */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+TARGET_AMX static void gemm_bf16_amx(float *out, const XPairs *xp, const NeoMatrix *w,
+                                     const float *bias, int T, int K, int N, int accumulate,
+                                     int n_threads)
+{
+    const int n_strips = (N + AMX_ROWS - 1) / AMX_ROWS;
+    #pragma omp parallel num_threads(n_threads)
+    {
+        TileConfig config = {.palette = 1};
+        for (int i = 0; i < 8; i++) {
+            config.rows[i] = TILE;
+            config.colsb[i] = 64;
+        }
+        _tile_loadconfig(&config);  /* per thread: tile state belongs to the thread */
+        uint16_t *scratch = NULL;
+        float acc[4][TILE * TILE] __attribute__((aligned(64)));
+        #pragma omp for schedule(static)
+        for (int s = 0; s < n_strips; s++) {
+            const int n0 = s * AMX_ROWS;
+            size_t stride;
+            if (!strip_scratch(&scratch, AMX_ROWS, K)) continue;  /* out of memory: leave out */
+            const uint16_t *a = weight_strip(w, n0, AMX_ROWS, K, N, scratch, &stride);
+            const uint16_t *a1 = a + TILE * stride;
+            const size_t a_bytes = stride * sizeof(uint16_t);
+            for (int tb = 0; tb < xp->t_blocks; tb += 2) {
+                const int pair = tb + 1 < xp->t_blocks;
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int kb = 0; kb < xp->k_blocks; kb++) {
+                    _tile_loadd(4, a + kb * KBLOCK, a_bytes);
+                    _tile_loadd(5, a1 + kb * KBLOCK, a_bytes);
+                    _tile_loadd(6, xpairs_block(xp, tb, kb), 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 5, 6);
+                    if (pair) {
+                        _tile_loadd(7, xpairs_block(xp, tb + 1, kb), 64);
+                        _tile_dpbf16ps(2, 4, 7);
+                        _tile_dpbf16ps(3, 5, 7);
+                    }
+                }
+                _tile_stored(0, acc[0], 64);
+                _tile_stored(1, acc[1], 64);
+                _tile_stored(2, acc[2], 64);
+                _tile_stored(3, acc[3], 64);
+                for (int j = 0; j < 2 + 2 * pair; j++)
+                    store_transposed(out, acc[j], TILE, TILE, bias, (tb + j / 2) * TILE,
+                                     n0 + j % 2 * TILE, T, N, accumulate);
+            }
+        }
+        _tile_release();
+        free(scratch);
+    }
+}
+#endif
+
+void matmul_bf16_forward(float *out, const float *x, const NeoMatrix *w, const float *bias, int T,
+                         int K, int N, int accumulate, int n_threads, NeoBf16Gemm gemm)
+{
+#if defined(__x86_64__)
+    if (gemm == NEO_BF16_AMX || gemm == NEO_BF16_AVX512) {
+        XPairs xp;
+        if (!xpairs_pack(&xp, x, T, K, n_threads)) return;  /* out of memory: leave the outputs */
+        (gemm == NEO_BF16_AMX ? gemm_bf16_amx : gemm_bf16_avx512)(out, &xp, w, bias, T, K, N,
+                                                                  accumulate, n_threads);
+        free(xp.data);
+        return;
+    }
+#endif
+    matmul_bf16_reference(out, x, w, bias, T, K, N, accumulate, n_threads);
+}
