@@ -51,6 +51,7 @@ static inline float simde_reduce_add_ps(__m512 a)
 #define TARGET_AVX512
 #define TARGET_AVX512_BF16
 #define TARGET_AMX
+#define INLINE_AVX512_BF16 static inline __attribute__((always_inline))
 #define INLINE_AVX2 static inline __attribute__((always_inline))
 #define INLINE_AVX512 static inline __attribute__((always_inline))
 #else
@@ -58,7 +59,8 @@ static inline float simde_reduce_add_ps(__m512 a)
 #define TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl")))
 #define TARGET_AVX512_BF16 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")))
-#define TARGET_AMX __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,amx-tile,amx-bf16")))
+#define TARGET_AMX __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+#define INLINE_AVX512_BF16 static inline __attribute__((always_inline, target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")))
 #define INLINE_AVX2 static inline __attribute__((always_inline, target("avx2,fma")))
 #define INLINE_AVX512 static inline __attribute__((always_inline, target("avx2,fma,avx512f,avx512bw,avx512vl")))
 #endif

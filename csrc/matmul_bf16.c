@@ -10,7 +10,7 @@
 #include <stdlib.h>
 #include "internal.h"
 #if defined(NEOCORE_SIMDE)
-#include "amx_emulated.h"  /* tests/native: the AMX instructions in plain C, for the logic check */
+#include "bf16_emulated.h"  /* tests/native: what SIMDe lacks, in plain C, for the logic check */
 #endif
 
 /* The oracle: every product in index order, one at a time. */
@@ -34,6 +34,21 @@ static void matmul_bf16_reference(float *out, const float *x, const NeoMatrix *w
 
 static int round_up(int n, int m) { return (n + m - 1) / m * m; }
 
+/* Lanes 0 .. n - 1 (n at most 16, at least 0). */
+static inline __mmask16 first_lanes(int n)
+{
+    return n >= TILE ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+}
+
+/* Column c of a 16 x 16 block of 32-bit values (rows stride elements apart; rows outside
+ * lanes not read, zero), as one vector: the transposes of this file, gathers from L1. */
+INLINE_AVX512_BF16 __m512i block_column(const void *block, int c, int stride, __mmask16 lanes)
+{
+    const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(stride));
+    return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, rows, (const int32_t *)block + c, 4);
+}
+
 /* x in bf16 pairs: blocks of TILE rows (t) by KBLOCK columns (k); line r of block (tb, kb)
  * holds (x[t][k], x[t][k + 1]) for k = KBLOCK kb + 2 r and the block's TILE rows t in turn,
  * zero past T and K. A line is one zmm for VDPBF16PS, a block one AMX B tile. */
@@ -47,6 +62,32 @@ static const uint16_t *xpairs_block(const XPairs *xp, int tb, int kb)
     return xp->data + ((size_t)tb * xp->k_blocks + kb) * TILE * KBLOCK;
 }
 
+/* Block (tb, kb): each row's 32 columns rounded to 16 pairs by VCVTNE2PS2BF16 (to nearest
+ * even; it reads denormals as zero, as TDPBF16PS and VDPBF16PS do), then the 16 x 16 pairs
+ * transposed. (The kernels' OpenMP bodies call such functions: clang does not give an
+ * outlined parallel region its function's target.) */
+TARGET_AVX512_BF16 static void xpairs_pack_block(const XPairs *xp, const float *x, int T, int K,
+                                                 int tb, int kb)
+{
+    const int k0 = kb * KBLOCK;
+    const __mmask16 low = first_lanes(K - k0), high = first_lanes(K - k0 - TILE);
+    uint32_t rows[TILE][TILE] __attribute__((aligned(64)));
+    for (int i = 0; i < TILE; i++) {
+        const int t = tb * TILE + i;
+        if (t >= T) {
+            _mm512_store_si512(rows[i], _mm512_setzero_si512());
+            continue;
+        }
+        const float *row = x + (size_t)t * K + k0;
+        const __m512bh pairs = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(high, row + TILE),
+                                                   _mm512_maskz_loadu_ps(low, row));
+        _mm512_store_si512(rows[i], (__m512i)pairs);
+    }
+    uint16_t *lines = (uint16_t *)xpairs_block(xp, tb, kb);
+    for (int r = 0; r < KBLOCK / 2; r++)
+        _mm512_store_si512(lines + r * 2 * TILE, block_column(rows, r, TILE, 0xFFFF));
+}
+
 static int xpairs_pack(XPairs *xp, const float *x, int T, int K, int n_threads)
 {
     xp->t_blocks = (T + TILE - 1) / TILE;
@@ -55,16 +96,8 @@ static int xpairs_pack(XPairs *xp, const float *x, int T, int K, int n_threads)
     xp->data = aligned_alloc(64, sizeof(uint16_t) * TILE * KBLOCK * (size_t)n_blocks);
     if (!xp->data) return 0;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int b = 0; b < n_blocks; b++) {
-        const int tb = b / xp->k_blocks, kb = b % xp->k_blocks;
-        uint16_t *line = (uint16_t *)xpairs_block(xp, tb, kb);
-        for (int r = 0; r < KBLOCK / 2; r++)
-            for (int i = 0; i < TILE; i++)
-                for (int p = 0; p < 2; p++) {
-                    const int t = tb * TILE + i, k = kb * KBLOCK + 2 * r + p;
-                    *line++ = t < T && k < K ? f32_to_bf16_bits(x[(size_t)t * K + k]) : 0;
-                }
-    }
+    for (int b = 0; b < n_blocks; b++)
+        xpairs_pack_block(xp, x, T, K, b / xp->k_blocks, b % xp->k_blocks);
     return 1;
 }
 
@@ -93,14 +126,30 @@ static uint16_t *strip_scratch(uint16_t **scratch, int rows, int K)
     return *scratch;
 }
 
-/* acc[n][t] (out^T, TILE columns a line) into out[t0 + t][n0 + n] within T and N. */
-static inline void store_transposed(float *out, const float *acc, int n_rows, int t_count,
-                                    const float *bias, int t0, int n0, int T, int N, int accumulate)
+/* A block of out^T, acc[n][t] for n_rows rows of w (a line of stride floats each) and up to
+ * 16 rows of x, into out[t0 + t][n0 ..] within T and N: per t, one transposed column, the
+ * bias added, then what out holds if accumulating (store_output's order). */
+INLINE_AVX512_BF16 void store_block_transposed(float *out, const float *acc, int stride, int n_rows,
+                                               const float *bias, int t0, int n0, int T, int N,
+                                               int accumulate)
 {
-    for (int t = 0; t < t_count && t0 + t < T; t++)
-        for (int n = 0; n < n_rows && n0 + n < N; n++)
-            store_output(&out[(size_t)(t0 + t) * N + n0 + n], acc[n * t_count + t], bias, n0 + n,
-                         accumulate);
+    const __mmask16 lanes = first_lanes(N - n0 < n_rows ? N - n0 : n_rows);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(lanes, bias + n0) : _mm512_setzero_ps();
+    for (int t = 0; t < TILE && t0 + t < T; t++) {
+        float *row = out + (size_t)(t0 + t) * N + n0;
+        __m512 value = _mm512_castsi512_ps(block_column(acc, t, stride, lanes));
+        if (bias) value = _mm512_add_ps(value, b);
+        if (accumulate) value = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, row), value);
+        _mm512_mask_storeu_ps(row, lanes, value);
+    }
+}
+
+/* Work items: a strip of rows of w by a pair of TILE-row blocks of x, strip-major, so that a
+ * static schedule gives each thread whole strips where there are enough of them and still
+ * spreads the rows of x where there are not (16 threads, 24 strips of a 768-row matrix). */
+static int work_items(const XPairs *xp, int N, int strip_rows)
+{
+    return (N + strip_rows - 1) / strip_rows * ((xp->t_blocks + 1) / 2);
 }
 
 /* ---- AVX512-BF16 -------------------------------------------------------------------------
@@ -108,48 +157,59 @@ static inline void store_transposed(float *out, const float *acc, int n_rows, in
  * and BF16_ROWS broadcast pairs of w feed 2 BF16_ROWS VDPBF16PS (24 of the 32 zmm). */
 #define BF16_ROWS 12
 
-TARGET_AVX512_BF16 static void gemm_bf16_avx512(float *out, const XPairs *xp, const NeoMatrix *w,
-                                                const float *bias, int T, int K, int N,
-                                                int accumulate, int n_threads)
+/* out for rows n0 .. n0 + BF16_ROWS - 1 of w (a: that strip) and the blocks tb, tb + 1 of x. */
+TARGET_AVX512_BF16 static void gemm_bf16_avx512_item(float *out, const XPairs *xp, const uint16_t *a,
+                                                     size_t stride, const float *bias, int tb, int n0,
+                                                     int T, int N, int accumulate)
 {
-    const int n_strips = (N + BF16_ROWS - 1) / BF16_ROWS;
+    const int pair = tb + 1 < xp->t_blocks;
+    __m512 acc[BF16_ROWS][2];
+    for (int i = 0; i < BF16_ROWS; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int kb = 0; kb < xp->k_blocks; kb++) {
+        const uint16_t *x0 = xpairs_block(xp, tb, kb);
+        const uint16_t *x1 = pair ? xpairs_block(xp, tb + 1, kb) : x0;
+        for (int r = 0; r < KBLOCK / 2; r++) {
+            const __m512i xv0 = _mm512_load_si512(x0 + r * 2 * TILE);
+            const __m512i xv1 = _mm512_load_si512(x1 + r * 2 * TILE);
+            for (int i = 0; i < BF16_ROWS; i++) {
+                int32_t w_pair;
+                memcpy(&w_pair, a + i * stride + kb * KBLOCK + 2 * r, sizeof w_pair);
+                const __m512i wv = _mm512_set1_epi32(w_pair);
+                acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)wv, (__m512bh)xv0);
+                acc[i][1] = _mm512_dpbf16_ps(acc[i][1], (__m512bh)wv, (__m512bh)xv1);
+            }
+        }
+    }
+    /* constant indices only: a variable one would keep acc in memory all along */
+    float tile[2][TILE][TILE] __attribute__((aligned(64)));
+    for (int i = 0; i < BF16_ROWS; i++) {
+        _mm512_store_ps(tile[0][i], acc[i][0]);
+        _mm512_store_ps(tile[1][i], acc[i][1]);
+    }
+    for (int j = 0; j < 1 + pair; j++)
+        store_block_transposed(out, &tile[j][0][0], TILE, BF16_ROWS, bias, (tb + j) * TILE, n0, T, N,
+                               accumulate);
+}
+
+static void gemm_bf16_avx512(float *out, const XPairs *xp, const NeoMatrix *w, const float *bias,
+                             int T, int K, int N, int accumulate, int n_threads)
+{
+    const int t_pairs = (xp->t_blocks + 1) / 2;
     #pragma omp parallel num_threads(n_threads)
     {
         uint16_t *scratch = NULL;
+        int strip = -1;
+        const uint16_t *a = NULL;
+        size_t stride = 0;
         #pragma omp for schedule(static)
-        for (int s = 0; s < n_strips; s++) {
-            const int n0 = s * BF16_ROWS;
-            size_t stride;
-            if (!strip_scratch(&scratch, BF16_ROWS, K)) continue;  /* out of memory: leave out */
-            const uint16_t *a = weight_strip(w, n0, BF16_ROWS, K, N, scratch, &stride);
-            for (int tb = 0; tb < xp->t_blocks; tb += 2) {
-                const int pair = tb + 1 < xp->t_blocks;
-                __m512 acc[BF16_ROWS][2];
-                for (int i = 0; i < BF16_ROWS; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-                for (int kb = 0; kb < xp->k_blocks; kb++) {
-                    const uint16_t *x0 = xpairs_block(xp, tb, kb);
-                    const uint16_t *x1 = pair ? xpairs_block(xp, tb + 1, kb) : x0;
-                    for (int r = 0; r < KBLOCK / 2; r++) {
-                        const __m512i xv0 = _mm512_load_si512(x0 + r * 2 * TILE);
-                        const __m512i xv1 = _mm512_load_si512(x1 + r * 2 * TILE);
-                        for (int i = 0; i < BF16_ROWS; i++) {
-                            int32_t w_pair;
-                            memcpy(&w_pair, a + i * stride + kb * KBLOCK + 2 * r, sizeof w_pair);
-                            const __m512i wv = _mm512_set1_epi32(w_pair);
-                            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)wv, (__m512bh)xv0);
-                            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], (__m512bh)wv, (__m512bh)xv1);
-                        }
-                    }
-                }
-                /* constant indices only: a variable one would keep acc in memory all along */
-                float tile[BF16_ROWS][2 * TILE];
-                for (int i = 0; i < BF16_ROWS; i++) {
-                    _mm512_storeu_ps(tile[i], acc[i][0]);
-                    _mm512_storeu_ps(tile[i] + TILE, acc[i][1]);
-                }
-                store_transposed(out, &tile[0][0], BF16_ROWS, 2 * TILE, bias, tb * TILE, n0, T, N,
-                                 accumulate);
+        for (int item = 0; item < work_items(xp, N, BF16_ROWS); item++) {
+            const int s = item / t_pairs, n0 = s * BF16_ROWS;
+            if (s != strip) {
+                if (!strip_scratch(&scratch, BF16_ROWS, K)) continue;  /* out of memory: leave out */
+                a = weight_strip(w, n0, BF16_ROWS, K, N, scratch, &stride);
+                strip = s;
             }
+            gemm_bf16_avx512_item(out, xp, a, stride, bias, item % t_pairs * 2, n0, T, N, accumulate);
         }
         free(scratch);
     }
@@ -168,57 +228,75 @@ typedef struct {
     uint8_t rows[16];
 } TileConfig;
 
-TARGET_AMX static void gemm_bf16_amx(float *out, const XPairs *xp, const NeoMatrix *w,
-                                     const float *bias, int T, int K, int N, int accumulate,
-                                     int n_threads)
+/* Tile state belongs to the thread: each one configures its tiles, and releases them. */
+TARGET_AMX static void amx_configure(void)
 {
-    const int n_strips = (N + AMX_ROWS - 1) / AMX_ROWS;
+    TileConfig config = {.palette = 1};
+    for (int i = 0; i < 8; i++) {
+        config.rows[i] = TILE;
+        config.colsb[i] = 64;
+    }
+    _tile_loadconfig(&config);
+}
+
+TARGET_AMX static void amx_release(void) { _tile_release(); }
+
+/* out for rows n0 .. n0 + AMX_ROWS - 1 of w (a: that strip) and the blocks tb, tb + 1 of x. */
+TARGET_AMX static void gemm_bf16_amx_item(float *out, const XPairs *xp, const uint16_t *a, size_t stride,
+                                          const float *bias, int tb, int n0, int T, int N,
+                                          int accumulate)
+{
+    const uint16_t *a1 = a + TILE * stride;
+    const size_t a_bytes = stride * sizeof(uint16_t);
+    const int pair = tb + 1 < xp->t_blocks;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int kb = 0; kb < xp->k_blocks; kb++) {
+        _tile_loadd(4, a + kb * KBLOCK, a_bytes);
+        _tile_loadd(5, a1 + kb * KBLOCK, a_bytes);
+        _tile_loadd(6, xpairs_block(xp, tb, kb), 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 5, 6);
+        if (pair) {
+            _tile_loadd(7, xpairs_block(xp, tb + 1, kb), 64);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    float acc[4][TILE * TILE] __attribute__((aligned(64)));
+    _tile_stored(0, acc[0], 64);
+    _tile_stored(1, acc[1], 64);
+    _tile_stored(2, acc[2], 64);
+    _tile_stored(3, acc[3], 64);
+    for (int j = 0; j < 2 + 2 * pair; j++)
+        store_block_transposed(out, acc[j], TILE, TILE, bias, (tb + j / 2) * TILE, n0 + j % 2 * TILE,
+                               T, N, accumulate);
+}
+
+static void gemm_bf16_amx(float *out, const XPairs *xp, const NeoMatrix *w, const float *bias, int T,
+                          int K, int N, int accumulate, int n_threads)
+{
+    const int t_pairs = (xp->t_blocks + 1) / 2;
     #pragma omp parallel num_threads(n_threads)
     {
-        TileConfig config = {.palette = 1};
-        for (int i = 0; i < 8; i++) {
-            config.rows[i] = TILE;
-            config.colsb[i] = 64;
-        }
-        _tile_loadconfig(&config);  /* per thread: tile state belongs to the thread */
+        amx_configure();
         uint16_t *scratch = NULL;
-        float acc[4][TILE * TILE] __attribute__((aligned(64)));
+        int strip = -1;
+        const uint16_t *a = NULL;
+        size_t stride = 0;
         #pragma omp for schedule(static)
-        for (int s = 0; s < n_strips; s++) {
-            const int n0 = s * AMX_ROWS;
-            size_t stride;
-            if (!strip_scratch(&scratch, AMX_ROWS, K)) continue;  /* out of memory: leave out */
-            const uint16_t *a = weight_strip(w, n0, AMX_ROWS, K, N, scratch, &stride);
-            const uint16_t *a1 = a + TILE * stride;
-            const size_t a_bytes = stride * sizeof(uint16_t);
-            for (int tb = 0; tb < xp->t_blocks; tb += 2) {
-                const int pair = tb + 1 < xp->t_blocks;
-                _tile_zero(0);
-                _tile_zero(1);
-                _tile_zero(2);
-                _tile_zero(3);
-                for (int kb = 0; kb < xp->k_blocks; kb++) {
-                    _tile_loadd(4, a + kb * KBLOCK, a_bytes);
-                    _tile_loadd(5, a1 + kb * KBLOCK, a_bytes);
-                    _tile_loadd(6, xpairs_block(xp, tb, kb), 64);
-                    _tile_dpbf16ps(0, 4, 6);
-                    _tile_dpbf16ps(1, 5, 6);
-                    if (pair) {
-                        _tile_loadd(7, xpairs_block(xp, tb + 1, kb), 64);
-                        _tile_dpbf16ps(2, 4, 7);
-                        _tile_dpbf16ps(3, 5, 7);
-                    }
-                }
-                _tile_stored(0, acc[0], 64);
-                _tile_stored(1, acc[1], 64);
-                _tile_stored(2, acc[2], 64);
-                _tile_stored(3, acc[3], 64);
-                for (int j = 0; j < 2 + 2 * pair; j++)
-                    store_transposed(out, acc[j], TILE, TILE, bias, (tb + j / 2) * TILE,
-                                     n0 + j % 2 * TILE, T, N, accumulate);
+        for (int item = 0; item < work_items(xp, N, AMX_ROWS); item++) {
+            const int s = item / t_pairs, n0 = s * AMX_ROWS;
+            if (s != strip) {
+                if (!strip_scratch(&scratch, AMX_ROWS, K)) continue;  /* out of memory: leave out */
+                a = weight_strip(w, n0, AMX_ROWS, K, N, scratch, &stride);
+                strip = s;
             }
+            gemm_bf16_amx_item(out, xp, a, stride, bias, item % t_pairs * 2, n0, T, N, accumulate);
         }
-        _tile_release();
+        amx_release();
         free(scratch);
     }
 }

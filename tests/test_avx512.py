@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 SIMDE_HEADER = Path("/usr/include/simde/x86/avx512.h")
 # -O1: the check is of the logic, and SIMDe's headers compile slowly at -O3
 FLAGS = ["-O1", "-fopenmp", "-fno-math-errno", "-Wall", "-Werror", "-Wno-psabi", "-DNEOCORE_SIMDE",
-         "-I", str(REPO / "tests" / "native")]  # amx_emulated.h: AMX has no SIMDe version
+         "-I", str(REPO / "tests" / "native")]  # bf16_emulated.h: what SIMDe lacks
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_avx512_kernels_on_simde_match_the_scalar_reference(simde_build):
 
 @pytest.mark.parametrize("isa", ["avx512bf16", "amx"])
 def test_bf16_gemms_on_simde_match_the_scalar_bf16_reference(simde_build, isa):
-    """The AMX tiles emulated in C (tests/native/amx_emulated.h), VDPBF16PS from SIMDe: the
+    """The AMX tiles emulated in C (tests/native/bf16_emulated.h), VDPBF16PS from SIMDe: the
     layouts and loops of both bf16 GEMMs, row by row (exit 3) and through a whole model."""
     ours, reference = logits(simde_build, isa, 2, "bf16"), logits(simde_build, "scalar", 2, "bf16")
     assert np.isfinite(ours).all() and ours.std() > 0.1

@@ -1,9 +1,10 @@
-/* amx_emulated.h: the AMX tile instructions that csrc/matmul_bf16.c uses, in plain C, for the
- * SIMDe build (-DNEOCORE_SIMDE) that checks the kernels' logic on CPUs without them. Each
- * thread has its own eight tiles, as on the hardware. TDPBF16PS follows Intel's pseudocode:
- * for each k pair, the even product and then the odd one are added to the fp32 accumulator. */
-#ifndef AMX_EMULATED_H
-#define AMX_EMULATED_H
+/* bf16_emulated.h: what csrc/matmul_bf16.c uses and SIMDe 0.7 lacks, in plain C, for the
+ * SIMDe build (-DNEOCORE_SIMDE) that checks the kernels' logic on CPUs without them: the AMX
+ * tile instructions (each thread has its own eight tiles, as on the hardware; TDPBF16PS as
+ * Intel's pseudocode: per k pair, the even product and then the odd one added to the fp32
+ * sum), VCVTNE2PS2BF16 (nearest even, denormals read as zero), the masked gather and store. */
+#ifndef BF16_EMULATED_H
+#define BF16_EMULATED_H
 #include <stdint.h>
 #include <string.h>
 
@@ -61,4 +62,46 @@ static inline void emulated_dpbf16ps(int c, int a, int b)
 #define _tile_dpbf16ps(c, a, b) emulated_dpbf16ps(c, a, b)
 #define _tile_zero(tile) memset(emulated_tiles[tile], 0, sizeof emulated_tiles[tile])
 #define _tile_release() memset(&emulated_config, 0, sizeof emulated_config)
+
+/* 32 bf16: lo's 16 values, then hi's */
+static inline simde__m512bh emulated_cvtne2ps_pbh(simde__m512 hi, simde__m512 lo)
+{
+    float f[32];
+    uint16_t h[32];
+    simde_mm512_storeu_ps(f, lo);
+    simde_mm512_storeu_ps(f + 16, hi);
+    for (int i = 0; i < 32; i++) {
+        uint32_t bits;
+        memcpy(&bits, &f[i], sizeof bits);
+        if ((bits & 0x7F800000) == 0) bits &= 0x80000000;  /* zero or denormal: signed zero */
+        h[i] = (bits & 0x7FFFFFFF) > 0x7F800000 ? (uint16_t)((bits >> 16) | 0x40)
+                                                : (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+    }
+    simde__m512bh r;
+    memcpy(&r, h, sizeof r);
+    return r;
+}
+
+static inline simde__m512i emulated_mask_i32gather_epi32(simde__m512i src, simde__mmask16 k, simde__m512i index,
+                                                         const void *base, int scale)
+{
+    int32_t s[16], idx[16];
+    simde_mm512_storeu_si512(s, src);
+    simde_mm512_storeu_si512(idx, index);
+    for (int i = 0; i < 16; i++)
+        if (k >> i & 1) memcpy(&s[i], (const char *)base + (ptrdiff_t)idx[i] * scale, sizeof s[i]);
+    return simde_mm512_loadu_si512(s);
+}
+
+static inline void emulated_mask_storeu_ps(void *p, simde__mmask16 k, simde__m512 a)
+{
+    float v[16];
+    simde_mm512_storeu_ps(v, a);
+    for (int i = 0; i < 16; i++)
+        if (k >> i & 1) ((float *)p)[i] = v[i];
+}
+
+#define _mm512_cvtne2ps_pbh emulated_cvtne2ps_pbh
+#define _mm512_mask_i32gather_epi32 emulated_mask_i32gather_epi32
+#define _mm512_mask_storeu_ps emulated_mask_storeu_ps
 #endif
