@@ -241,21 +241,31 @@ TARGET_AMX static void amx_configure(void)
 
 TARGET_AMX static void amx_release(void) { _tile_release(); }
 
-/* out for rows n0 .. n0 + AMX_ROWS - 1 of w (a: that strip) and the blocks tb, tb + 1 of x. */
-TARGET_AMX static void gemm_bf16_amx_item(float *out, const XPairs *xp, const uint16_t *a, size_t stride,
+/* A strip of rows of w (row i at rows + i * stride) as the A tiles of each k block in turn:
+ * [kb][AMX_ROWS][KBLOCK], each tile 1 KiB in one piece. Tile loads then stream from L1, where
+ * 16 rows a power-of-two number of KiB apart would all fall in one cache set. */
+TARGET_AMX static void amx_retile(uint16_t *tiles, const uint16_t *rows, size_t stride, int k_blocks)
+{
+    for (int i = 0; i < AMX_ROWS; i++)
+        for (int kb = 0; kb < k_blocks; kb++)
+            _mm512_store_si512(tiles + ((size_t)kb * AMX_ROWS + i) * KBLOCK,
+                               _mm512_loadu_si512(rows + i * stride + (size_t)kb * KBLOCK));
+}
+
+/* out for rows n0 .. n0 + AMX_ROWS - 1 of w (tiles: that strip, amx_retile'd) and the blocks
+ * tb, tb + 1 of x. */
+TARGET_AMX static void gemm_bf16_amx_item(float *out, const XPairs *xp, const uint16_t *tiles,
                                           const float *bias, int tb, int n0, int T, int N,
                                           int accumulate)
 {
-    const uint16_t *a1 = a + TILE * stride;
-    const size_t a_bytes = stride * sizeof(uint16_t);
     const int pair = tb + 1 < xp->t_blocks;
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
     for (int kb = 0; kb < xp->k_blocks; kb++) {
-        _tile_loadd(4, a + kb * KBLOCK, a_bytes);
-        _tile_loadd(5, a1 + kb * KBLOCK, a_bytes);
+        _tile_loadd(4, tiles + (size_t)kb * AMX_ROWS * KBLOCK, 64);
+        _tile_loadd(5, tiles + ((size_t)kb * AMX_ROWS + TILE) * KBLOCK, 64);
         _tile_loadd(6, xpairs_block(xp, tb, kb), 64);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 5, 6);
@@ -282,19 +292,20 @@ static void gemm_bf16_amx(float *out, const XPairs *xp, const NeoMatrix *w, cons
     #pragma omp parallel num_threads(n_threads)
     {
         amx_configure();
-        uint16_t *scratch = NULL;
+        uint16_t *scratch = NULL;  /* a converted strip, then the strip's tiles */
         int strip = -1;
-        const uint16_t *a = NULL;
-        size_t stride = 0;
         #pragma omp for schedule(static)
         for (int item = 0; item < work_items(xp, N, AMX_ROWS); item++) {
             const int s = item / t_pairs, n0 = s * AMX_ROWS;
+            if (!strip_scratch(&scratch, 2 * AMX_ROWS, K)) continue;  /* out of memory: leave out */
+            uint16_t *tiles = scratch + (size_t)AMX_ROWS * xp->k_blocks * KBLOCK;
             if (s != strip) {
-                if (!strip_scratch(&scratch, AMX_ROWS, K)) continue;  /* out of memory: leave out */
-                a = weight_strip(w, n0, AMX_ROWS, K, N, scratch, &stride);
+                size_t stride;
+                const uint16_t *rows = weight_strip(w, n0, AMX_ROWS, K, N, scratch, &stride);
+                amx_retile(tiles, rows, stride, xp->k_blocks);
                 strip = s;
             }
-            gemm_bf16_amx_item(out, xp, a, stride, bias, item % t_pairs * 2, n0, T, N, accumulate);
+            gemm_bf16_amx_item(out, xp, tiles, bias, item % t_pairs * 2, n0, T, N, accumulate);
         }
         amx_release();
         free(scratch);

@@ -109,8 +109,9 @@ def test_whole_model_in_bf16_tracks_transformers_fp32(isa, reference_models):
 
 @pytest.mark.parametrize("isa", HARDWARE)
 def test_whole_model_on_bf16_hardware_matches_the_reference_path(isa, reference_models):
-    ref = reference_models("wide-heads")
-    ids = np.random.default_rng(8).integers(0, ref.config["vocab_size"], 90).tolist()
+    """Apart only in the order of fp32 sums (at transformers' weight scale: see above)."""
+    ref = reference_models("default-init")
+    ids = np.random.default_rng(8).integers(0, ref.config["vocab_size"], 100).tolist()
     ours = neocore.load(ref.folder, isa=isa, compute="bf16", threads=2).logits(ids)
     oracle = neocore.load(ref.folder, isa="scalar", compute="bf16", threads=2).logits(ids)
     np.testing.assert_allclose(ours, oracle, rtol=1e-4, atol=1e-4 * np.abs(oracle).max())
