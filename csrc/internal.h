@@ -77,6 +77,7 @@ typedef void GemmTile(float *out, const float *x, const float *panel, const floa
 void gemm_panels(GemmTile *tile, int width, int rows, float *out, const float *x, const NeoMatrix *w,
                  const float *bias, int T, int K, int N, int accumulate, int n_threads);
 void pack_panel(float *panel, const NeoMatrix *w, int n0, int K, int N, int width);
+float *aligned_rows(const float *x, int T, int K, int *ld);
 
 /* matmul_avx512.c */
 #define PANEL512 32

@@ -239,64 +239,139 @@ INLINE_AVX2 float hsum8(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
-/* sums[r] = sum_k x[r * K + k] * w[row + k] for R rows of x (R a constant, 1 to MV_ROWS) that
- * share each widened weight vector. Every row is summed in the same order whatever R is. */
-#define MV_ROWS 3  /* 4 R accumulators + 4 weight vectors fit the 16 ymm registers */
-_Static_assert(NEO_I8_BLOCK % 32 == 0, "a 32-column step of dot_rows_avx2 takes one int8 scale");
-INLINE_AVX2 void dot_rows_avx2(const NeoDType dtype, const int R, int prefetch_nta, float *sums,
-                               const float *x, MatrixRow row, int K)
+/* The decode sums, one order for every row whatever the batch: sum_k x[t, k] * w[n, k] is
+ * summed in four lanes, lane a taking columns k + 8a .. k + 8a + 7 of every 32-column step in
+ * k order (the 8-column steps past the last 32-column one go to lane 0); the lanes are folded
+ * as (l0 + l1) + (l2 + l3), summed across, and the columns past the last multiple of 8 are
+ * added last. The lanes are independent sums, so a kernel may run them together or one after
+ * the other and get the same bits: dot_block_avx2 does one or the other by tile size. */
+#define MV_ACC 12        /* accumulators a tile keeps in registers, beside its weight vectors and x */
+#define MV_TILE_OUTS 2   /* weight rows a tile shares each x vector with (x past L1) */
+#define MV_TILE_ROWS 6   /* rows of x a tile shares each widened weight vector with */
+#define MV_SPAN 512      /* columns a tile runs over before the next tile (x past L1): see below */
+_Static_assert(NEO_I8_BLOCK % 32 == 0, "a 32-column step takes one int8 scale");
+_Static_assert(MV_BLOCK % MV_TILE_OUTS == 0, "a block is whole tiles");
+
+/* sums[(n - n_begin) * R + r] = the decode sum of x row xr[r] and weight row n, for the
+ * weight rows n_begin..n_end (at most MV_BLOCK) and R rows of x, in tiles of O weight rows by
+ * R rows (O and R constants). A tile runs as many lanes a pass as MV_ACC accumulators hold:
+ * all four while 4 O R <= 12 (O = 1, R <= 3: one weight row, read once as a sequential
+ * stream, four FMA chains a row in flight), else two or one, every x vector then serving O
+ * FMAs and every widened weight vector R. Those run MV_SPAN columns of all the block's weight
+ * rows, then the next span, so that x's span (R rows, at most 12 KiB) stays in L1 through
+ * every pass and weight row. */
+INLINE_AVX2 void dot_block_avx2(const NeoDType dtype, const int O, const int R, int prefetch_nta,
+                                float *sums, const float *const *xr, const NeoMatrix *w,
+                                int n_begin, int n_end, int K)
 {
     const int size = dtype == NEO_BF16 ? 2 : dtype == NEO_I8 ? 1 : 4;
-    row.dtype = dtype;  /* the constant, so that widen8 compiles to one path */
-    __m256 acc[MV_ROWS][4];
-    for (int r = 0; r < R; r++)
-        for (int a = 0; a < 4; a++) acc[r][a] = _mm256_setzero_ps();
-    int k = 0;
-    for (; k + 32 <= K; k += 32) {
-        /* int8 reads half a line a step: its second hint to a line is a cheap no-op */
-        if (prefetch_nta)
-            _mm_prefetch((const char *)row.data + (size_t)k * size + PREFETCH_BYTES, _MM_HINT_NTA);
-        /* the 32 columns lie in one int8 block (NEO_I8_BLOCK is a multiple of 32) */
-        const __m256 scale = dtype == NEO_I8 ? block_scale(row, k) : _mm256_setzero_ps();
-        for (int a = 0; a < 4; a++) {
-            const __m256 wv = widen8(row, k + 8 * a, scale);
-            for (int r = 0; r < R; r++)
-                acc[r][a] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (size_t)r * K + k + 8 * a), acc[r][a]);
+    const int L = 4 * O * R <= MV_ACC ? 4 : 2 * O * R <= MV_ACC ? 2 : 1;
+    const int K32 = K / 32 * 32, span = L == 4 ? K32 : MV_SPAN;
+    const int tiles = (n_end - n_begin + O - 1) / O;
+    __m256 lanes[MV_BLOCK][4][MV_TILE_ROWS];  /* each lane's sums between passes, [n][lane][r] */
+    for (int i = 0; i < tiles * O; i++)
+        for (int a = 0; a < 4; a++)
+            for (int r = 0; r < R; r++) lanes[i][a][r] = _mm256_setzero_ps();
+    for (int k0 = 0; k0 < K32; k0 += span) {
+        const int k1 = K32 - k0 < span ? K32 : k0 + span;
+        for (int tile = 0; tile < tiles; tile++) {
+            MatrixRow rows[MV_TILE_OUTS];
+            for (int o = 0; o < O; o++) {
+                /* past n_end the tile repeats the last weight row, its sums not used */
+                const int n = n_begin + tile * O + o;
+                rows[o] = matrix_row(w, n < n_end ? n : n_end - 1, K);
+                rows[o].dtype = dtype;  /* the constant, so that widen8 compiles to one path */
+            }
+            __m256 (*tile_lanes)[4][MV_TILE_ROWS] = lanes + tile * O;
+            for (int a0 = 0; a0 < 4; a0 += L) {
+                /* the pass's accumulators: constant indices only, so that they stay in registers */
+                __m256 acc[4][MV_TILE_OUTS][MV_TILE_ROWS];
+                for (int l = 0; l < L; l++)
+                    for (int o = 0; o < O; o++)
+                        for (int r = 0; r < R; r++) acc[l][o][r] = tile_lanes[o][a0 + l][r];
+                for (int k = k0; k < k1; k += 32) {
+                    /* int8 reads half a line a step: its second hint to a line is a cheap no-op */
+                    if (prefetch_nta && a0 == 0)
+                        for (int o = 0; o < O; o++)
+                            _mm_prefetch((const char *)rows[o].data + (size_t)k * size + PREFETCH_BYTES, _MM_HINT_NTA);
+                    __m256 scale[MV_TILE_OUTS];
+                    for (int o = 0; o < O; o++)
+                        scale[o] = dtype == NEO_I8 ? block_scale(rows[o], k) : _mm256_setzero_ps();
+                    for (int l = 0; l < L; l++) {
+                        const int column = k + 8 * (a0 + l);
+                        __m256 wv[MV_TILE_OUTS];
+                        for (int o = 0; o < O; o++) wv[o] = widen8(rows[o], column, scale[o]);
+                        for (int r = 0; r < R; r++) {
+                            const __m256 xv = _mm256_loadu_ps(xr[r] + column);
+                            for (int o = 0; o < O; o++) acc[l][o][r] = _mm256_fmadd_ps(wv[o], xv, acc[l][o][r]);
+                        }
+                    }
+                }
+                for (int l = 0; l < L; l++)
+                    for (int o = 0; o < O; o++)
+                        for (int r = 0; r < R; r++) tile_lanes[o][a0 + l][r] = acc[l][o][r];
+            }
         }
     }
-    for (; k + 8 <= K; k += 8) {
-        const __m256 wv = widen8_alone(row, k);
-        for (int r = 0; r < R; r++)
-            acc[r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (size_t)r * K + k), acc[r][0]);
-    }
-    for (int r = 0; r < R; r++) {
-        float sum = hsum8(_mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3])));
-        for (int j = k; j < K; j++) sum += x[(size_t)r * K + j] * row_element(row, j);
-        sums[r] = sum;
+    for (int n = n_begin; n < n_end; n++) {
+        const MatrixRow row = matrix_row(w, n, K);
+        __m256 (*lane)[MV_TILE_ROWS] = lanes[n - n_begin];
+        for (int k = K32; k + 8 <= K; k += 8) {
+            const __m256 wv = widen8_alone(row, k);
+            for (int r = 0; r < R; r++) lane[0][r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xr[r] + k), lane[0][r]);
+        }
+        for (int r = 0; r < R; r++) {
+            float sum = hsum8(_mm256_add_ps(_mm256_add_ps(lane[0][r], lane[1][r]), _mm256_add_ps(lane[2][r], lane[3][r])));
+            for (int j = K / 8 * 8; j < K; j++) sum += xr[r][j] * row_element(row, j);
+            sums[(n - n_begin) * R + r] = sum;
+        }
     }
 }
 
-/* Outputs n_begin..n_end for all T rows: each weight row is read from memory once, by the
- * first group of rows, and from L1 by the others. */
+/* Outputs n_begin..n_end for all T rows (x's rows ld floats apart). While x's rows fit L1
+ * (MV_X_L1), each weight row is streamed once, read from memory by the first group of up to
+ * MV_ROWS rows of x and from L1 by the others, one sequential stream per thread. Past that a
+ * weight row's groups would each re-read x from L2 (L2-bound: 27% slower at T = 8, K = 3072):
+ * T is split evenly into tiles of up to MV_TILE_ROWS rows, each run over the whole block. */
+#define MV_ROWS 3          /* rows of x with all four lanes in registers: 12 accumulators */
+#define MV_X_L1 (24 << 10) /* bytes of x that stay in L1 beside the weight rows */
 INLINE_AVX2 void matvec_block_avx2(const NeoDType dtype, const int prefetch_nta, float *out,
-                                   const float *x, const NeoMatrix *w, const float *bias, int T,
-                                   int n_begin, int n_end, int K, int N, int accumulate)
+                                   const float *x, int ld, const NeoMatrix *w, const float *bias,
+                                   int T, int n_begin, int n_end, int K, int N, int accumulate)
 {
-    float sums[MV_ROWS];
-    for (int n = n_begin; n < n_end; n++) {
-        const MatrixRow row = matrix_row(w, n, K);
-        for (int t = 0; t < T; t += MV_ROWS) {
-            const int R = T - t < MV_ROWS ? T - t : MV_ROWS, prefetch = prefetch_nta && t == 0;
-            const float *xt = x + (size_t)t * K;
-            if (R == 3)
-                dot_rows_avx2(dtype, 3, prefetch, sums, xt, row, K);
-            else if (R == 2)
-                dot_rows_avx2(dtype, 2, prefetch, sums, xt, row, K);
-            else
-                dot_rows_avx2(dtype, 1, prefetch, sums, xt, row, K);
-            for (int r = 0; r < R; r++)
-                store_output(&out[(size_t)(t + r) * N + n], sums[r], bias, n, accumulate);
+    const float *xr[MV_TILE_ROWS];
+    float sums[MV_BLOCK * MV_TILE_ROWS];
+    if ((size_t)T * ld * sizeof(float) <= MV_X_L1) {
+        for (int n = n_begin; n < n_end; n++)
+            for (int t = 0; t < T; t += MV_ROWS) {
+                const int R = T - t < MV_ROWS ? T - t : MV_ROWS, prefetch = prefetch_nta && t == 0;
+                for (int r = 0; r < R; r++) xr[r] = x + (size_t)(t + r) * ld;
+                if (R == 3)
+                    dot_block_avx2(dtype, 1, 3, prefetch, sums, xr, w, n, n + 1, K);
+                else if (R == 2)
+                    dot_block_avx2(dtype, 1, 2, prefetch, sums, xr, w, n, n + 1, K);
+                else
+                    dot_block_avx2(dtype, 1, 1, prefetch, sums, xr, w, n, n + 1, K);
+                for (int r = 0; r < R; r++) store_output(&out[(size_t)(t + r) * N + n], sums[r], bias, n, accumulate);
+            }
+        return;
+    }
+    const int tiles = (T + MV_TILE_ROWS - 1) / MV_TILE_ROWS;
+    for (int i = 0, t = 0; i < tiles; i++) {
+        const int R = (T - t) / (tiles - i);  /* the remaining rows over the remaining tiles */
+        for (int r = 0; r < R; r++) xr[r] = x + (size_t)(t + r) * ld;
+        const int prefetch = prefetch_nta && i == 0;
+        switch (R) {  /* constant R: each compiles to its own loops with the tile in registers */
+        case 6: dot_block_avx2(dtype, MV_TILE_OUTS, 6, prefetch, sums, xr, w, n_begin, n_end, K); break;
+        case 5: dot_block_avx2(dtype, MV_TILE_OUTS, 5, prefetch, sums, xr, w, n_begin, n_end, K); break;
+        case 4: dot_block_avx2(dtype, MV_TILE_OUTS, 4, prefetch, sums, xr, w, n_begin, n_end, K); break;
+        case 3: dot_block_avx2(dtype, MV_TILE_OUTS, 3, prefetch, sums, xr, w, n_begin, n_end, K); break;
+        default: dot_block_avx2(dtype, MV_TILE_OUTS, 2, prefetch, sums, xr, w, n_begin, n_end, K);
         }
+        for (int n = n_begin; n < n_end; n++)
+            for (int r = 0; r < R; r++)
+                store_output(&out[(size_t)(t + r) * N + n], sums[(n - n_begin) * R + r], bias, n, accumulate);
+        t += R;
     }
 }
 
@@ -306,23 +381,21 @@ TARGET_AVX2 static void matvec_avx2(float *out, const float *x, const NeoMatrix 
 {
     const NeoDType dtype = w->dtype;
     const int n_blocks = (N + MV_BLOCK - 1) / MV_BLOCK, nta = neo_decode_prefetches_nta(NEO_ISA_AVX2);
+    int ld = K;
+    float *aligned = aligned_rows(x, T, K, &ld);
+    const float *xa = aligned ? aligned : x;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int b = 0; b < n_blocks; b++) {
         int n_begin = b * MV_BLOCK, n_end = n_begin + MV_BLOCK < N ? n_begin + MV_BLOCK : N;
-        /* constant arguments: each combination compiles to its own loop */
-        if (dtype == NEO_BF16 && nta)
-            matvec_block_avx2(NEO_BF16, 1, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
-        else if (dtype == NEO_BF16)
-            matvec_block_avx2(NEO_BF16, 0, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
-        else if (dtype == NEO_I8 && nta)
-            matvec_block_avx2(NEO_I8, 1, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
+        /* constant dtype: each compiles to its own loops */
+        if (dtype == NEO_BF16)
+            matvec_block_avx2(NEO_BF16, nta, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);
         else if (dtype == NEO_I8)
-            matvec_block_avx2(NEO_I8, 0, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
-        else if (nta)
-            matvec_block_avx2(NEO_F32, 1, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
+            matvec_block_avx2(NEO_I8, nta, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);
         else
-            matvec_block_avx2(NEO_F32, 0, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
+            matvec_block_avx2(NEO_F32, nta, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);
     }
+    free(aligned);
 }
 
 /* In place: row i of the 8 x 8 block becomes column i. */
@@ -421,6 +494,20 @@ static int avx512_runs(const NeoMatrix *w, NeoIsa isa)
     return isa == NEO_ISA_AVX512 && w->dtype != NEO_I8;
 }
 #endif
+
+/* x's rows copied into 64-byte aligned rows of *ld floats: the decode kernels' vector loads of
+ * x then never straddle two cache lines (a split load costs two; calloc'd and numpy rows are
+ * 16-byte aligned, which measured 25% slower for several rows). NULL when out of memory: the
+ * kernels then read x as it is, to the same results. */
+float *aligned_rows(const float *x, int T, int K, int *ld)
+{
+    const int stride = (K + 15) / 16 * 16;
+    float *rows = aligned_alloc(64, sizeof(float) * (size_t)T * stride);
+    if (!rows) return NULL;
+    for (int t = 0; t < T; t++) memcpy(rows + (size_t)t * stride, x + (size_t)t * K, sizeof(float) * K);
+    *ld = stride;
+    return rows;
+}
 
 /* The SIMD paths' decode kernels prefetch on AMD only (see PREFETCH_BYTES). */
 int neo_decode_prefetches_nta(NeoIsa isa)

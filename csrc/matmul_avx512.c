@@ -4,6 +4,7 @@
  * an order fixed by the code, so results do not depend on the thread count; the decode kernel
  * sums each of T rows as it would alone, the GEMM sums each output along k whatever T is.
  * bf16 weights are widened by a zero-extension and a shift; K tails use masked loads. */
+#include <stdlib.h>
 #include "internal.h"
 
 #if defined(__x86_64__)
@@ -28,7 +29,7 @@ INLINE_AVX512 __m512 widen16(const void *w, NeoDType dtype, size_t i, __mmask16 
  * Every row is summed in the same order whatever R is: four accumulators over 64-element
  * steps, the 16-element steps and a masked tail into the first, then a fixed reduction. */
 INLINE_AVX512 void dot_rows_avx512(const NeoDType dtype, const int R, int prefetch_nta, float *sums,
-                                   const float *x, const void *w, size_t row, int K)
+                                   const float *x, size_t ld, const void *w, size_t row, int K)
 {
     const size_t elem = dtype == NEO_BF16 ? 2 : 4;
     const char *bytes = (const char *)w + row * elem;
@@ -41,14 +42,14 @@ INLINE_AVX512 void dot_rows_avx512(const NeoDType dtype, const int R, int prefet
         for (int a = 0; a < 4; a++) {
             const __m512 wv = widen16(w, dtype, row + k + 16 * a, 0xFFFF);
             for (int r = 0; r < R; r++)
-                acc[r][a] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + (size_t)r * K + k + 16 * a), acc[r][a]);
+                acc[r][a] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + r * ld + k + 16 * a), acc[r][a]);
         }
     }
     for (; k < K; k += 16) {
         const __mmask16 mask = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
         const __m512 wv = widen16(w, dtype, row + k, mask);
         for (int r = 0; r < R; r++)
-            acc[r][0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + (size_t)r * K + k), acc[r][0]);
+            acc[r][0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + r * ld + k), acc[r][0]);
     }
     for (int r = 0; r < R; r++)
         sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
@@ -56,19 +57,19 @@ INLINE_AVX512 void dot_rows_avx512(const NeoDType dtype, const int R, int prefet
 }
 
 INLINE_AVX512 void matvec_block_avx512(const NeoDType dtype, const int prefetch_nta, float *out,
-                                       const float *x, const void *w, const float *bias, int T,
+                                       const float *x, int ld, const void *w, const float *bias, int T,
                                        int n_begin, int n_end, int K, int N, int accumulate)
 {
     float sums[MV512_ROWS];
     for (int n = n_begin; n < n_end; n++) {
         for (int t = 0; t < T; t += MV512_ROWS) {
             const int R = T - t < MV512_ROWS ? T - t : MV512_ROWS, prefetch = prefetch_nta && t == 0;
-            const float *xt = x + (size_t)t * K;
+            const float *xt = x + (size_t)t * ld;
             switch (R) {  /* constant R: each compiles to its own loop with acc in registers */
-            case 4: dot_rows_avx512(dtype, 4, prefetch, sums, xt, w, (size_t)n * K, K); break;
-            case 3: dot_rows_avx512(dtype, 3, prefetch, sums, xt, w, (size_t)n * K, K); break;
-            case 2: dot_rows_avx512(dtype, 2, prefetch, sums, xt, w, (size_t)n * K, K); break;
-            default: dot_rows_avx512(dtype, 1, prefetch, sums, xt, w, (size_t)n * K, K);
+            case 4: dot_rows_avx512(dtype, 4, prefetch, sums, xt, ld, w, (size_t)n * K, K); break;
+            case 3: dot_rows_avx512(dtype, 3, prefetch, sums, xt, ld, w, (size_t)n * K, K); break;
+            case 2: dot_rows_avx512(dtype, 2, prefetch, sums, xt, ld, w, (size_t)n * K, K); break;
+            default: dot_rows_avx512(dtype, 1, prefetch, sums, xt, ld, w, (size_t)n * K, K);
             }
             for (int r = 0; r < R; r++)
                 store_output(&out[(size_t)(t + r) * N + n], sums[r], bias, n, accumulate);
@@ -81,18 +82,22 @@ TARGET_AVX512 void matvec_avx512(float *out, const float *x, const void *w, NeoD
 {
     const int n_blocks = (N + MV512_BLOCK - 1) / MV512_BLOCK;
     const int nta = neo_decode_prefetches_nta(NEO_ISA_AVX512);
+    int ld = K;
+    float *aligned = aligned_rows(x, T, K, &ld);  /* 16-byte aligned rows split every zmm load */
+    const float *xa = aligned ? aligned : x;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int b = 0; b < n_blocks; b++) {
         int n_begin = b * MV512_BLOCK, n_end = n_begin + MV512_BLOCK < N ? n_begin + MV512_BLOCK : N;
         if (dtype == NEO_BF16 && nta)
-            matvec_block_avx512(NEO_BF16, 1, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
+            matvec_block_avx512(NEO_BF16, 1, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);
         else if (dtype == NEO_BF16)
-            matvec_block_avx512(NEO_BF16, 0, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
+            matvec_block_avx512(NEO_BF16, 0, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);
         else if (nta)
-            matvec_block_avx512(NEO_F32, 1, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
+            matvec_block_avx512(NEO_F32, 1, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);
         else
-            matvec_block_avx512(NEO_F32, 0, out, x, w, bias, T, n_begin, n_end, K, N, accumulate);
+            matvec_block_avx512(NEO_F32, 0, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);
     }
+    free(aligned);
 }
 
 /* Prefill (matmul.c's gemm_panels drives it): W widened once into fp32 panels of PANEL512

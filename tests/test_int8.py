@@ -116,11 +116,12 @@ def test_int8_kernels_match_float64(isa, kernel, T, K, N):
 
 @pytest.mark.skipif(len(ISAS) < 2, reason="this CPU has only the generic path")
 @pytest.mark.parametrize("kernel", ["gemm", "matvec"])
-def test_avx2_int8_agrees_with_the_scalar_reference(kernel):
-    x, q, w = random_case(9, 3 * B + 13, 45, seed=2)
+@pytest.mark.parametrize("T, K", [(9, 3 * B + 13), (40, 6 * B + 13)])
+def test_avx2_int8_agrees_with_the_scalar_reference(kernel, T, K):
+    x, q, w = random_case(T, K, 45, seed=2)
     outs = {}
     for isa in ISAS:
-        outs[isa] = np.zeros((9, 45), np.float32)
+        outs[isa] = np.zeros((T, 45), np.float32)
         _core.matmul(outs[isa], x, q, None, False, 1, isa, kernel)
     # both sum the same fp32 products (value * scale, then times x): only the order differs
     assert np.all(np.abs(outs["avx2"] - outs["generic"]) <= 2 * summation_bound(x, w))
@@ -128,18 +129,19 @@ def test_avx2_int8_agrees_with_the_scalar_reference(kernel):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_int8_matvec_rows_are_summed_as_alone_and_threads_do_not_matter(isa):
-    x, q, _ = random_case(7, 2 * B + 24, 70, seed=3)
-    together = np.zeros((7, 70), np.float32)
+@pytest.mark.parametrize("T, K", [(7, 2 * B + 24), (40, 6 * B + 13)])  # the second: x past L1, tiles
+def test_int8_matvec_rows_are_summed_as_alone_and_threads_do_not_matter(isa, T, K):
+    x, q, _ = random_case(T, K, 70, seed=3)
+    together = np.zeros((T, 70), np.float32)
     _core.matmul(together, x, q, None, False, 2, isa, "matvec")
-    for t in range(7):
+    for t in range(T):
         alone = np.zeros((1, 70), np.float32)
         _core.matmul(alone, x[t:t + 1], q, None, False, 1, isa, "matvec")
         assert np.array_equal(alone[0], together[t])
     for kernel in ("gemm", "matvec"):
         results = []
         for threads in (1, 2, 3):
-            out = np.zeros((7, 70), np.float32)
+            out = np.zeros((T, 70), np.float32)
             _core.matmul(out, x, q, None, False, threads, isa, kernel)
             results.append(out)
         assert all(np.array_equal(r, results[0]) for r in results)
