@@ -54,8 +54,9 @@ def _threads(threads: int | None) -> int:
     return usable_cores()
 
 
-def _load(model: str | os.PathLike, threads: int | None, dtype: str | None, max_batch: int) -> tuple[Model, Engine]:
-    loaded = load(model, dtype=dtype, threads=_threads(threads))
+def _load(model: str | os.PathLike, threads: int | None, dtype: str | None, max_batch: int,
+          compute: str | None) -> tuple[Model, Engine]:
+    loaded = load(model, dtype=dtype, threads=_threads(threads), compute=compute)
     if loaded.tokenizer is None:
         raise NeocoreError(f"{loaded.path}: no tokenizer files (vocab.json + merges.txt or tokenizer.json)")
     return loaded, loaded.start_engine(max_batch)
@@ -115,7 +116,7 @@ class Generate:
     def __init__(self, model: str | os.PathLike, threads: int | None = None, dtype: str | None = None,
                  max_batch: int = 64, max_new_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop: Sequence[str] | str = ()):
+                 stop: Sequence[str] | str = (), compute: str | None = None):
         # arguments are checked before the slow load
         self.params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -123,7 +124,7 @@ class Generate:
         self.max_new_tokens = max_new_tokens
         self.seed = _seed_of(seed, None)
         self.stop = [stop] if isinstance(stop, str) else list(stop)
-        self.model, self.engine = _load(model, threads, dtype, max_batch)
+        self.model, self.engine = _load(model, threads, dtype, max_batch, compute)
 
     def __call__(self, batch: Any) -> Any:
         """batch: a dict of NumPy arrays or a pandas DataFrame (Ray Data's numpy and pandas
@@ -160,8 +161,8 @@ class Score:
     advance). A missing or empty text gets its reason in error and nulls elsewhere."""
 
     def __init__(self, model: str | os.PathLike, threads: int | None = None, dtype: str | None = None,
-                 max_batch: int = 64, stride: int | None = None):
-        self.model, self.engine = _load(model, threads, dtype, max_batch)
+                 max_batch: int = 64, stride: int | None = None, compute: str | None = None):
+        self.model, self.engine = _load(model, threads, dtype, max_batch, compute)
         if stride is not None and not 1 <= stride < self.model.context_length:
             raise NeocoreError(f"stride must be between 1 and {self.model.context_length - 1}, got {stride}")
         self.stride = stride
