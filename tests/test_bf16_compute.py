@@ -109,12 +109,16 @@ def test_whole_model_in_bf16_tracks_transformers_fp32(isa, reference_models):
 
 @pytest.mark.parametrize("isa", HARDWARE)
 def test_whole_model_on_bf16_hardware_matches_the_reference_path(isa, reference_models):
-    """Apart only in the order of fp32 sums (at transformers' weight scale: see above)."""
+    """Through a whole model the paths drift apart by more than their kernels do (1e-5 above):
+    an activation whose fp32 value moved by one summation order may round to the neighbouring
+    bf16 value, which the next layers carry on. Measured on a Xeon (AMX): 0.0039 at most, about
+    0.15% of the logit range, what each path is from fp32 as well. A wrong tile
+    layout or a lost block would be off by the logits' own size."""
     ref = reference_models("default-init")
     ids = np.random.default_rng(8).integers(0, ref.config["vocab_size"], 100).tolist()
     ours = neocore.load(ref.folder, isa=isa, compute="bf16", threads=2).logits(ids)
     oracle = neocore.load(ref.folder, isa="scalar", compute="bf16", threads=2).logits(ids)
-    np.testing.assert_allclose(ours, oracle, rtol=1e-4, atol=1e-4 * np.abs(oracle).max())
+    assert np.abs(ours - oracle).max() <= 0.01 * (oracle.max() - oracle.min())
 
 
 def test_decode_stays_exact_in_bf16_mode(reference_models):
