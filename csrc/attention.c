@@ -141,6 +141,50 @@ TARGET_AVX512 static void weighted_rows_avx512(float *out, const float *weights,
 }
 #endif
 
+/* ---- scores of 8 keys at once (AVX2, AVX-512) ------------------------------------------------
+ * A prompt's queries see tens to thousands of keys each: one dot at a time paid a horizontal
+ * sum per key. Here 8 keys run side by side, one accumulator each (q stays in registers), and
+ * one transposing fold sums all 8. Every key is summed in the same order whichever slot of the
+ * 8 it takes (a short group repeats its last key), so a score never depends on its neighbours. */
+#if defined(__x86_64__)
+/* (sum of the lanes of v[0]), ..., (sum of the lanes of v[7]): pairs of lanes, then pairs of
+ * pairs, then the two 128-bit halves. */
+INLINE_AVX2 __m256 fold8_avx2(const __m256 v[8])
+{
+    const __m256 h01 = _mm256_hadd_ps(v[0], v[1]), h23 = _mm256_hadd_ps(v[2], v[3]);
+    const __m256 h45 = _mm256_hadd_ps(v[4], v[5]), h67 = _mm256_hadd_ps(v[6], v[7]);
+    const __m256 q0 = _mm256_hadd_ps(h01, h23), q1 = _mm256_hadd_ps(h45, h67);
+    /* q0 = [k0 k1 k2 k3 (low halves) | k0 k1 k2 k3 (high halves)], q1 likewise for k4..k7 */
+    return _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
+}
+
+TARGET_AVX2 static void scores8_avx2(float *s, const float *q, const float *const key[8], int head_dim)
+{
+    __m256 acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+    for (int d = 0; d < head_dim; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(key[j] + d), acc[j]);
+    }
+    _mm256_storeu_ps(s, fold8_avx2(acc));
+}
+
+TARGET_AVX512 static void scores8_avx512(float *s, const float *q, const float *const key[8], int head_dim)
+{
+    __m512 acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_ps();
+    for (int d = 0; d < head_dim; d += 16) {
+        const __m512 qv = _mm512_loadu_ps(q + d);
+        for (int j = 0; j < 8; j++) acc[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(key[j] + d), acc[j]);
+    }
+    __m256 halves[8];
+    for (int j = 0; j < 8; j++)
+        halves[j] = _mm256_add_ps(_mm512_castps512_ps256(acc[j]),
+                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[j]), 1)));
+    _mm256_storeu_ps(s, fold8_avx2(halves));
+}
+#endif
+
 /* ---- one query of one head ------------------------------------------------------------------ */
 
 static inline __attribute__((always_inline)) float attention_dot(const NeoIsa isa, const float *a,
@@ -166,20 +210,38 @@ attend(const NeoIsa isa, float *out, const float *q, const float *k_new, const f
     const float *qh = q + (size_t)t * C + offset;
     RowRun runs[3];
     int n_runs = row_runs(runs, k_new, k_cache, slots, pos0, first, p, C, h, head_dim);
-    float max_score = -INFINITY;
     int n_keys = 0;
-    for (int r = 0; r < n_runs; r++)
-        for (int c = 0; c < runs[r].count; c++, n_keys++) {
-            const float *key = runs[r].rows + (size_t)c * runs[r].stride;
-            float score = attention_dot(isa, qh, key, head_dim);
-            s[n_keys] = score;
-            if (score > max_score) max_score = score;
-        }
-    float total = 0.0f;
-    for (int i = 0; i < n_keys; i++) {
-        s[i] = expf(s[i] - max_score);
-        total += s[i];
+    for (int r = 0; r < n_runs; r++) n_keys += runs[r].count;
+    const int step = isa == NEO_ISA_AVX2 ? 8 : 16;  /* scores8's d step */
+    if ((isa == NEO_ISA_AVX2 || isa == NEO_ISA_AVX512) && head_dim % step == 0) {
+#if defined(__x86_64__)
+        const float *key[8];
+        float group[8];
+        for (int r = 0, i = 0; r < n_runs; r++)
+            for (int c = 0; c < runs[r].count; c++, i++) {
+                key[i % 8] = runs[r].rows + (size_t)c * runs[r].stride;
+                if (i % 8 != 7 && i != n_keys - 1) continue;
+                const int filled = i % 8 + 1;
+                for (int j = filled; j < 8; j++) key[j] = key[filled - 1];
+                (isa == NEO_ISA_AVX2 ? scores8_avx2 : scores8_avx512)(group, qh, key, head_dim);
+                memcpy(s + i / 8 * 8, group, sizeof(float) * filled);
+            }
+#endif
+    } else {
+        for (int r = 0, i = 0; r < n_runs; r++)
+            for (int c = 0; c < runs[r].count; c++, i++)
+                s[i] = attention_dot(isa, qh, runs[r].rows + (size_t)c * runs[r].stride, head_dim);
     }
+    float max_score = -INFINITY;
+    for (int i = 0; i < n_keys; i++) max_score = s[i] > max_score ? s[i] : max_score;
+    if (isa == NEO_ISA_SCALAR) {
+        for (int i = 0; i < n_keys; i++) s[i] = expf(s[i] - max_score);
+    } else {
+        #pragma omp simd
+        for (int i = 0; i < n_keys; i++) s[i] = exp_portable(s[i] - max_score);
+    }
+    float total = 0.0f;
+    for (int i = 0; i < n_keys; i++) total += s[i];
     for (int i = 0; i < n_keys; i++) s[i] /= total;
     n_runs = row_runs(runs, v_new, v_cache, slots, pos0, first, p, C, h, head_dim);
     float *oh = out + (size_t)t * C + offset;

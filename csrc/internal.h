@@ -154,6 +154,53 @@ static inline __attribute__((always_inline)) float dot_lanes(const NeoDType dtyp
     return sum;
 }
 
+/* e^x in plain C without calls or branches, so that the compiler vectorises a loop of it for
+ * whatever the caller targets (gelu, softmax): 2^n e^r with n = round(x / ln 2), the AVX2
+ * path's polynomial (elementwise.c). Rounding to nearest is done by adding and subtracting
+ * 1.5 * 2^23 (exact in the default rounding mode), as SSE2 has no rounding instruction; 2^n is
+ * built in the exponent bits; sign and select are bit operations because GCC will not
+ * if-convert a select whose arms may trap (a division) nor vectorise fabsf and copysignf
+ * beside one. */
+static inline uint32_t float_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static inline float bits_float(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* cond ? a : b, computed from both */
+static inline float select_float(int cond, float a, float b)
+{
+    const uint32_t mask = -(uint32_t)cond;
+    return bits_float((float_bits(a) & mask) | (float_bits(b) & ~mask));
+}
+
+static inline float exp_portable(float x)
+{
+    const float round_shift = 12582912.0f;
+    x = select_float(x < -87.0f, -87.0f, x);
+    x = select_float(x > 88.0f, 88.0f, x);
+    const float n = (x * 1.44269504088896341f + round_shift) - round_shift;
+    float r = x - n * 0.693145751953125f;
+    r = r - n * 1.428606765330187e-06f;
+    float p = 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    return p * bits_float((uint32_t)((int32_t)n + 127) << 23);
+}
+
 /* Element (row, col) of a weight matrix with cols columns, widened to fp32. */
 static inline float matrix_element(const NeoMatrix *m, size_t row, size_t col, size_t cols)
 {
