@@ -43,7 +43,32 @@ static inline float simde_reduce_add_ps(__m512 a)
     for (int i = 0; i < 16; i++) sum += v[i];
     return sum;
 }
+static inline __m128i simde_maskz_loadu_epi8(__mmask16 k, const void *p)
+{
+    int8_t v[16] = {0};
+    for (int i = 0; i < 16; i++) v[i] = k >> i & 1 ? ((const int8_t *)p)[i] : 0;
+    return _mm_loadu_si128((const __m128i *)v);
+}
+static inline __m512i simde_cvtepi8_epi32(__m128i a)
+{
+    int8_t b[16];
+    int32_t w[16];
+    _mm_storeu_si128((__m128i *)b, a);
+    for (int i = 0; i < 16; i++) w[i] = b[i];
+    return _mm512_loadu_si512(w);
+}
+static inline __m512 simde_cvtepi32_ps(__m512i a)
+{
+    int32_t v[16];
+    float f[16];
+    _mm512_storeu_si512(v, a);
+    for (int i = 0; i < 16; i++) f[i] = (float)v[i];
+    return _mm512_loadu_ps(f);
+}
 #define _mm512_maskz_loadu_ps simde_maskz_loadu_ps
+#define _mm_maskz_loadu_epi8 simde_maskz_loadu_epi8
+#define _mm512_cvtepi8_epi32 simde_cvtepi8_epi32
+#define _mm512_cvtepi32_ps simde_cvtepi32_ps
 #define _mm256_maskz_loadu_epi16 simde_maskz_loadu_epi16
 #define _mm512_cvtepu16_epi32 simde_cvtepu16_epi32
 #define _mm512_reduce_add_ps simde_reduce_add_ps
@@ -84,8 +109,8 @@ float *aligned_rows(const float *x, int T, int K, int *ld);
 #define MAX_PANEL PANEL512  /* the widest panel pack_panel is asked for */
 #define GEMM512_ROWS 12
 GemmTile gemm_tile_avx512;
-void matvec_avx512(float *out, const float *x, const void *w, NeoDType dtype, const float *bias,
-                   int T, int K, int N, int accumulate, int n_threads);
+void matvec_avx512(float *out, const float *x, const NeoMatrix *w, const float *bias, int T, int K,
+                   int N, int accumulate, int n_threads);
 #endif
 
 /* Adds the bias and either stores or adds to what out holds (a fused residual add). */

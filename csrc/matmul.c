@@ -488,11 +488,6 @@ void gemm_panels(GemmTile *tile, int width, int rows, float *out, const float *x
     }
 }
 
-/* int8 weights have no AVX-512 kernels: on AVX-512 CPUs they take the AVX2 ones. */
-static int avx512_runs(const NeoMatrix *w, NeoIsa isa)
-{
-    return isa == NEO_ISA_AVX512 && w->dtype != NEO_I8;
-}
 #endif
 
 /* x's rows copied into 64-byte aligned rows of *ld floats: the decode kernels' vector loads of
@@ -519,12 +514,12 @@ void matmul_forward(float *out, const float *x, const NeoMatrix *w, const float 
                     int K, int N, int accumulate, int n_threads, NeoIsa isa)
 {
 #if defined(__x86_64__)
-    if (avx512_runs(w, isa)) {
+    if (isa == NEO_ISA_AVX512) {
         gemm_panels(gemm_tile_avx512, PANEL512, GEMM512_ROWS, out, x, w, bias, T, K, N, accumulate,
                     n_threads);
         return;
     }
-    if (isa == NEO_ISA_AVX2 || isa == NEO_ISA_AVX512) {
+    if (isa == NEO_ISA_AVX2) {
         gemm_panels(gemm_tile_avx2, PANEL, GEMM_ROWS, out, x, w, bias, T, K, N, accumulate, n_threads);
         return;
     }
@@ -539,11 +534,11 @@ void matvec_forward(float *out, const float *x, const NeoMatrix *w, const float 
                     int K, int N, int accumulate, int n_threads, NeoIsa isa)
 {
 #if defined(__x86_64__)
-    if (avx512_runs(w, isa)) {
-        matvec_avx512(out, x, w->data, w->dtype, bias, T, K, N, accumulate, n_threads);
+    if (isa == NEO_ISA_AVX512) {
+        matvec_avx512(out, x, w, bias, T, K, N, accumulate, n_threads);
         return;
     }
-    if (isa == NEO_ISA_AVX2 || isa == NEO_ISA_AVX512) {
+    if (isa == NEO_ISA_AVX2) {
         matvec_avx2(out, x, w, bias, T, K, N, accumulate, n_threads);
         return;
     }

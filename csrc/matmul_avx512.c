@@ -3,7 +3,8 @@
  * The same contract as the other paths (see matmul.c): each output is summed by one thread in
  * an order fixed by the code, so results do not depend on the thread count; the decode kernel
  * sums each of T rows as it would alone, the GEMM sums each output along k whatever T is.
- * bf16 weights are widened by a zero-extension and a shift; K tails use masked loads. */
+ * bf16 weights are widened by a zero-extension and a shift, int8 ones by a sign extension, a
+ * conversion and their block's scale; K tails use masked loads. */
 #include <stdlib.h>
 #include "internal.h"
 
@@ -15,24 +16,31 @@
 #define MV512_ROWS 4
 #define MV512_BLOCK 16  /* rows of w a thread takes at a time (static schedule) */
 
-/* 16 weights from element i on, widened to fp32; lanes outside mask read as zero. */
-INLINE_AVX512 __m512 widen16(const void *w, NeoDType dtype, size_t i, __mmask16 mask)
+/* 16 weights of a row from column k on, widened to fp32; lanes outside mask read as zero.
+ * int8 ones are value * scale of their block (the 16 lie in one: NEO_I8_BLOCK is a multiple
+ * of 16), one rounding, as the other paths do. */
+_Static_assert(NEO_I8_BLOCK % 16 == 0, "16 int8 columns share one scale");
+INLINE_AVX512 __m512 widen16(const void *row, const float *scales, NeoDType dtype, int k, __mmask16 mask)
 {
     if (dtype == NEO_BF16) {
-        __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)w + i);
+        __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)row + k);
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     }
-    return _mm512_maskz_loadu_ps(mask, (const float *)w + i);
+    if (dtype == NEO_I8) {
+        const __m512i q = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, (const int8_t *)row + k));
+        return _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(scales[k / NEO_I8_BLOCK]));
+    }
+    return _mm512_maskz_loadu_ps(mask, (const float *)row + k);
 }
 
 /* sums[r] = sum_k x[r * K + k] * w[row + k] for R rows of x (R a constant, 1 to MV512_ROWS).
  * Every row is summed in the same order whatever R is: four accumulators over 64-element
  * steps, the 16-element steps and a masked tail into the first, then a fixed reduction. */
 INLINE_AVX512 void dot_rows_avx512(const NeoDType dtype, const int R, int prefetch_nta, float *sums,
-                                   const float *x, size_t ld, const void *w, size_t row, int K)
+                                   const float *x, size_t ld, const void *row, const float *scales, int K)
 {
-    const size_t elem = dtype == NEO_BF16 ? 2 : 4;
-    const char *bytes = (const char *)w + row * elem;
+    const size_t elem = dtype == NEO_BF16 ? 2 : dtype == NEO_I8 ? 1 : 4;
+    const char *bytes = (const char *)row;
     __m512 acc[MV512_ROWS][4];
     for (int r = 0; r < R; r++)
         for (int a = 0; a < 4; a++) acc[r][a] = _mm512_setzero_ps();
@@ -40,14 +48,14 @@ INLINE_AVX512 void dot_rows_avx512(const NeoDType dtype, const int R, int prefet
     for (; k + 64 <= K; k += 64) {
         if (prefetch_nta) _mm_prefetch(bytes + (size_t)k * elem + PREFETCH_BYTES, _MM_HINT_NTA);
         for (int a = 0; a < 4; a++) {
-            const __m512 wv = widen16(w, dtype, row + k + 16 * a, 0xFFFF);
+            const __m512 wv = widen16(row, scales, dtype, k + 16 * a, 0xFFFF);
             for (int r = 0; r < R; r++)
                 acc[r][a] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + r * ld + k + 16 * a), acc[r][a]);
         }
     }
     for (; k < K; k += 16) {
         const __mmask16 mask = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-        const __m512 wv = widen16(w, dtype, row + k, mask);
+        const __m512 wv = widen16(row, scales, dtype, k, mask);
         for (int r = 0; r < R; r++)
             acc[r][0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + r * ld + k), acc[r][0]);
     }
@@ -57,19 +65,23 @@ INLINE_AVX512 void dot_rows_avx512(const NeoDType dtype, const int R, int prefet
 }
 
 INLINE_AVX512 void matvec_block_avx512(const NeoDType dtype, const int prefetch_nta, float *out,
-                                       const float *x, int ld, const void *w, const float *bias, int T,
-                                       int n_begin, int n_end, int K, int N, int accumulate)
+                                       const float *x, int ld, const NeoMatrix *w, const float *bias,
+                                       int T, int n_begin, int n_end, int K, int N, int accumulate)
 {
+    const size_t elem = dtype == NEO_BF16 ? 2 : dtype == NEO_I8 ? 1 : 4;
+    const size_t blocks = (K + NEO_I8_BLOCK - 1) / NEO_I8_BLOCK;
     float sums[MV512_ROWS];
     for (int n = n_begin; n < n_end; n++) {
+        const void *row = (const char *)w->data + (size_t)n * K * elem;
+        const float *scales = dtype == NEO_I8 ? w->scales + n * blocks : NULL;
         for (int t = 0; t < T; t += MV512_ROWS) {
             const int R = T - t < MV512_ROWS ? T - t : MV512_ROWS, prefetch = prefetch_nta && t == 0;
             const float *xt = x + (size_t)t * ld;
             switch (R) {  /* constant R: each compiles to its own loop with acc in registers */
-            case 4: dot_rows_avx512(dtype, 4, prefetch, sums, xt, ld, w, (size_t)n * K, K); break;
-            case 3: dot_rows_avx512(dtype, 3, prefetch, sums, xt, ld, w, (size_t)n * K, K); break;
-            case 2: dot_rows_avx512(dtype, 2, prefetch, sums, xt, ld, w, (size_t)n * K, K); break;
-            default: dot_rows_avx512(dtype, 1, prefetch, sums, xt, ld, w, (size_t)n * K, K);
+            case 4: dot_rows_avx512(dtype, 4, prefetch, sums, xt, ld, row, scales, K); break;
+            case 3: dot_rows_avx512(dtype, 3, prefetch, sums, xt, ld, row, scales, K); break;
+            case 2: dot_rows_avx512(dtype, 2, prefetch, sums, xt, ld, row, scales, K); break;
+            default: dot_rows_avx512(dtype, 1, prefetch, sums, xt, ld, row, scales, K);
             }
             for (int r = 0; r < R; r++)
                 store_output(&out[(size_t)(t + r) * N + n], sums[r], bias, n, accumulate);
@@ -77,9 +89,10 @@ INLINE_AVX512 void matvec_block_avx512(const NeoDType dtype, const int prefetch_
     }
 }
 
-TARGET_AVX512 void matvec_avx512(float *out, const float *x, const void *w, NeoDType dtype,
-                                 const float *bias, int T, int K, int N, int accumulate, int n_threads)
+TARGET_AVX512 void matvec_avx512(float *out, const float *x, const NeoMatrix *w, const float *bias,
+                                 int T, int K, int N, int accumulate, int n_threads)
 {
+    const NeoDType dtype = w->dtype;
     const int n_blocks = (N + MV512_BLOCK - 1) / MV512_BLOCK;
     const int nta = neo_decode_prefetches_nta(NEO_ISA_AVX512);
     int ld = K;
@@ -88,14 +101,13 @@ TARGET_AVX512 void matvec_avx512(float *out, const float *x, const void *w, NeoD
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int b = 0; b < n_blocks; b++) {
         int n_begin = b * MV512_BLOCK, n_end = n_begin + MV512_BLOCK < N ? n_begin + MV512_BLOCK : N;
-        if (dtype == NEO_BF16 && nta)
-            matvec_block_avx512(NEO_BF16, 1, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);
-        else if (dtype == NEO_BF16)
-            matvec_block_avx512(NEO_BF16, 0, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);
-        else if (nta)
-            matvec_block_avx512(NEO_F32, 1, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);
+        /* constant dtype: each compiles to its own loops */
+        if (dtype == NEO_BF16)
+            matvec_block_avx512(NEO_BF16, nta, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);
+        else if (dtype == NEO_I8)
+            matvec_block_avx512(NEO_I8, nta, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);
         else
-            matvec_block_avx512(NEO_F32, 0, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);
+            matvec_block_avx512(NEO_F32, nta, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);
     }
     free(aligned);
 }

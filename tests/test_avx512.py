@@ -52,6 +52,17 @@ def test_avx512_kernels_on_simde_match_the_scalar_reference(simde_build):
     assert np.array_equal(avx512, logits(simde_build, "avx512", 3))
 
 
+def test_avx512_int8_kernels_on_simde_match_the_scalar_reference(simde_build):
+    """Every matrix int8: the AVX-512 decode kernel's own widening (sign extension, conversion,
+    the block's scale) and the GEMM's panels, row by row (exit 3) and through a whole model."""
+    avx512, scalar = logits(simde_build, "avx512", 2, "int8"), logits(simde_build, "scalar", 2, "int8")
+    assert np.isfinite(avx512).all() and avx512.std() > 0.1
+    assert np.abs(avx512 - scalar).max() <= 1e-5 * np.abs(scalar).max() + 1e-5
+    assert not np.array_equal(scalar, logits(simde_build, "scalar", 2))  # the weights did change
+    assert np.array_equal(avx512, logits(simde_build, "avx512", 1, "int8"))
+    assert np.array_equal(avx512, logits(simde_build, "avx512", 3, "int8"))
+
+
 @pytest.mark.parametrize("isa", ["avx512bf16", "amx"])
 def test_bf16_gemms_on_simde_match_the_scalar_bf16_reference(simde_build, isa):
     """The AMX tiles emulated in C (tests/native/bf16_emulated.h), VDPBF16PS from SIMDe: the

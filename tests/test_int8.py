@@ -22,7 +22,7 @@ import neocore
 from neocore import _core
 from neocore.weights import Int8Matrix, quantize_i8
 
-ISAS = ["generic"] + (["avx2"] if _core.cpu_has_avx2_fma() else [])
+ISAS = [isa for isa in ("avx512", "avx2", "generic") if _core.isa_runs_here(isa)]
 B = _core.I8_BLOCK
 IDS = [5, 17, 900, 3, 44, 1002, 7, 0, 61, 250, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
 

@@ -1,7 +1,8 @@
 /* forward_check.c: the C core alone, on a tiny random GPT-Neo, for builds Python cannot load:
  * a cross-compiled aarch64 core run under qemu-user, or the AVX-512 kernels built on SIMDe.
- * Usage: forward_check ISA THREADS [bf16], ISA one of scalar, generic, avx2, avx512, and with
- * bf16 (the bf16 compute mode's GEMM) scalar (its reference), avx512bf16 or amx.
+ * Usage: forward_check ISA THREADS [bf16|int8], ISA one of scalar, generic, avx2, avx512; with
+ * bf16 (the bf16 compute mode's GEMM) scalar (its reference), avx512bf16 or amx; with int8,
+ * every matrix quantised (neo_quantize_i8) and any of the first four.
  * First it checks that the matmul kernels compute each row as if alone (bit for bit; exit 3
  * if not). Then it prefills a 13-token prompt (the GEMM), decodes 4 tokens (the matvec), and
  * prints the logits of the last prompt row and of each decoded row, one value a line; the
@@ -38,9 +39,20 @@ static float *floats(size_t n, float scale, float offset)
     return p;
 }
 
-/* a matrix stored as bf16 (the engine's default), its values drawn as above */
+static int int8_weights;  /* the int8 mode: matrices quantised */
+
+/* a matrix stored as bf16 (the engine's default), or int8 in the int8 mode, its values drawn
+ * as above */
 static NeoMatrix bf16_matrix(size_t rows, size_t cols, float scale)
 {
+    if (int8_weights) {
+        float *values = floats(rows * cols, scale, 0.0f);
+        int8_t *q = malloc(rows * cols);
+        float *scales = malloc(sizeof(float) * rows * ((cols + NEO_I8_BLOCK - 1) / NEO_I8_BLOCK));
+        neo_quantize_i8(q, scales, values, rows, cols, 1);
+        free(values);
+        return (NeoMatrix){NEO_I8, q, scales};
+    }
     uint16_t *p = malloc(sizeof(uint16_t) * rows * cols);
     for (size_t i = 0; i < rows * cols; i++) {
         float v = random_value(scale);
@@ -91,10 +103,12 @@ int main(int argc, char **argv)
         {"avx512bf16", NEO_ISA_AVX512, NEO_BF16_AVX512}, {"amx", NEO_ISA_AVX512, NEO_BF16_AMX}};
     const int n_paths = sizeof paths / sizeof paths[0];
     const int bf16 = argc == 4 && strcmp(argv[3], "bf16") == 0;
+    int8_weights = argc == 4 && strcmp(argv[3], "int8") == 0;
     int p = 0;
-    while ((argc == 3 || bf16) && p < n_paths && strcmp(argv[1], paths[p].name)) p++;
-    if (!(argc == 3 || bf16) || p == n_paths || (bf16 && paths[p].gemm == NEO_BF16_OFF)) {
-        fprintf(stderr, "usage: forward_check generic|avx2|avx512|scalar THREADS, or "
+    while ((argc == 3 || bf16 || int8_weights) && p < n_paths && strcmp(argv[1], paths[p].name)) p++;
+    if (!(argc == 3 || bf16 || int8_weights) || p == n_paths || (bf16 && paths[p].gemm == NEO_BF16_OFF)
+        || (int8_weights && p > 3)) {
+        fprintf(stderr, "usage: forward_check generic|avx2|avx512|scalar THREADS [int8], or "
                         "scalar|avx512bf16|amx THREADS bf16\n");
         return 2;
     }
