@@ -197,6 +197,7 @@ class _Completions:
         if body.get("suffix"):
             raise ApiError(400, "'suffix' is not supported", "suffix")
         self.prompts = _prompts(served, body["prompt"])
+        self.text_ends: dict[int, int] = {}  # per choice: length of the token texts sent so far
 
     def requests(self) -> list[Request]:
         return [Request(ids, self.params, self.max_tokens, self.seed, i * self.n + j, self.stops,
@@ -206,16 +207,18 @@ class _Completions:
     def _prompt_text(self, index: int) -> str:
         return self.served.model.tokenizer.decode(self.prompts[index // self.n]) if self.echo else ""
 
-    def _logprobs(self, entries: list[TokenLogprob]) -> dict | None:
-        """The legacy logprobs object; text_offset counts from the start of this piece of text."""
+    def _logprobs(self, index: int, entries: list[TokenLogprob]) -> dict | None:
+        """The legacy logprobs object; text_offset counts from the start of the choice's text,
+        across every chunk of a stream."""
         if self.logprobs is None:
             return None
         tokenizer = self.served.model.tokenizer
         tokens = [tokenizer.decode([e.token]) for e in entries]
-        offsets, at = [], 0
+        offsets, at = [], self.text_ends.get(index, 0)
         for text in tokens:
             offsets.append(at)
             at += len(text)
+        self.text_ends[index] = at
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
                 "top_logprobs": [{tokenizer.decode([t]): lp for t, lp in e.top} if e.logprob is not None else None
                                  for e in entries],
@@ -224,7 +227,7 @@ class _Completions:
     def choice(self, index: int, text: str, entries: list[TokenLogprob], prompt_entries: list[TokenLogprob],
                finish: str | None, first: bool) -> dict:
         prefix = self._prompt_text(index) if first else ""
-        logprobs = self._logprobs((prompt_entries if first else []) + entries)
+        logprobs = self._logprobs(index, (prompt_entries if first else []) + entries)
         return {"index": index, "text": prefix + text, "logprobs": logprobs, "finish_reason": finish}
 
 

@@ -103,6 +103,20 @@ def test_prompt_lists_n_seed_stop_and_echo(client, model):
     assert all(len(top) == 2 for top in lp.top_logprobs[1:])
 
 
+def test_streamed_logprobs_offsets_count_from_the_start_of_the_choice(client):
+    """As OpenAI's legacy streams do: text_offset runs on across chunks, so a streamed choice's
+    logprobs are the non-streamed ones cut into pieces."""
+    request = dict(model="tiny", prompt=PROMPTS[2], max_tokens=10, temperature=0, echo=True, logprobs=1)
+    whole = client.completions.create(**request).choices[0].logprobs
+    tokens, offsets = [], []
+    for chunk in client.completions.create(**request, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            tokens += chunk.choices[0].logprobs.tokens
+            offsets += chunk.choices[0].logprobs.text_offset
+    assert tokens == whole.tokens and offsets == whole.text_offset
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+
+
 def test_chat_completion_uses_the_chat_transcript(client, model):
     messages = [{"role": "system", "content": "A conversation."}, {"role": "user", "content": "What is a lighthouse?"}]
     expected = model.generate(chat.transcript(messages), max_new_tokens=24, temperature=0, stop=chat.STOPS).lstrip()
