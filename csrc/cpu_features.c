@@ -72,7 +72,8 @@ int neo_cpu_has_amx_bf16(void)
     if (cached < 0) {
         unsigned a, b, c, d;
         const unsigned amx_bf16 = 1u << 22, amx_tile = 1u << 24;
-        cached = neo_cpu_has_avx512() && __get_cpuid_count(7, 0, &a, &b, &c, &d)
+        /* the AMX kernels pack x with VCVTNE2PS2BF16, an AVX512-BF16 instruction */
+        cached = neo_cpu_has_avx512_bf16() && __get_cpuid_count(7, 0, &a, &b, &c, &d)
                  && (d & (amx_bf16 | amx_tile)) == (amx_bf16 | amx_tile) && os_saves(XCR0_TILES)
                  && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
     }

@@ -117,8 +117,9 @@ typedef struct {
  * when AVX-512F/BW/VL are (CPUID and the OS saving the opmask and ZMM state). */
 int neo_cpu_has_avx2_fma(void);
 int neo_cpu_has_avx512(void);
-/* 1 when AVX-512 is usable and so is VDPBF16PS (AVX512-BF16); and AMX-BF16 tiles, for which
- * the first call asks Linux for the tile data state (arch_prctl): 0 where that is refused. */
+/* 1 when AVX-512 is usable and so is VDPBF16PS (AVX512-BF16); and when, beside those, AMX-BF16
+ * tiles are, for which the first call asks Linux for the tile data state (arch_prctl): 0 where
+ * that is refused. */
 int neo_cpu_has_avx512_bf16(void);
 int neo_cpu_has_amx_bf16(void);
 /* 1 on AMD processors (CPUID vendor string). */

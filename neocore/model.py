@@ -28,7 +28,7 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-ISA_NEEDS = {"amx": "AVX-512F/BW/VL and AMX-BF16 (with Linux granting the tile state)",
+ISA_NEEDS = {"amx": "AVX-512F/BW/VL, AVX512-BF16 and AMX-BF16 (with Linux granting the tile state)",
              "avx512bf16": "AVX-512F/BW/VL and AVX512-BF16", "avx512": "AVX-512F/BW/VL",
              "avx2": "AVX2+FMA"}
 COMPUTE_MODES = ("exact", "bf16")
