@@ -192,7 +192,7 @@ class OpenVINORunner(IncrementalRunner):
         return int(out.logits[0, -1].argmax())
 
 
-RUNNERS = {"neocore": NeocoreRunner, "transformers": TransformersRunner, "openvino": OpenVINORunner}
+PEER_RUNNERS = {"transformers": TransformersRunner, "openvino": OpenVINORunner}  # neocore: NeocoreRunner
 # peer name -> (runner, dtype)
 PEERS = {"transformers": ("transformers", "float32"), "transformers-bf16": ("transformers", "bfloat16"),
          "openvino": ("openvino", "default"), "openvino-f32": ("openvino", "f32")}
@@ -204,7 +204,8 @@ def worker(engine: str, folder: str, threads: int, dtype: str, prompt_tokens: in
     if engine != "neocore":  # library import time is not model load time
         import torch, transformers  # noqa: F401
     start = time.perf_counter()
-    runner = NeocoreRunner(folder, threads, dtype, compute) if engine == "neocore" else RUNNERS[engine](folder, threads, dtype)
+    runner = (NeocoreRunner(folder, threads, dtype, compute) if engine == "neocore"
+              else PEER_RUNNERS[engine](folder, threads, dtype))
     load = time.perf_counter() - start
     if prompt_tokens == 0:  # --load-only
         return {"engine": engine, "dtype": dtype, "threads": threads, "load_s": load, "peak_rss": peak_rss()}
