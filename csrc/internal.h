@@ -16,16 +16,23 @@
 /* what SIMDe 0.7 lacks, in plain C: masked loads read only the lanes asked for */
 #define __mmask16 simde__mmask16
 #define _MM_FROUND_NO_EXC SIMDE_MM_FROUND_NO_EXC
+/* The lanes of p that k selects, size bytes each, zero elsewhere: every masked load below. */
+static inline void simde_masked_lanes(void *dst, const void *p, size_t size, __mmask16 k)
+{
+    memset(dst, 0, 16 * size);
+    for (int i = 0; i < 16; i++)
+        if (k >> i & 1) memcpy((char *)dst + i * size, (const char *)p + i * size, size);
+}
 static inline __m512 simde_maskz_loadu_ps(__mmask16 k, const float *p)
 {
-    float v[16] = {0};
-    for (int i = 0; i < 16; i++) v[i] = k >> i & 1 ? p[i] : 0.0f;
+    float v[16];
+    simde_masked_lanes(v, p, sizeof v[0], k);
     return _mm512_loadu_ps(v);
 }
 static inline __m256i simde_maskz_loadu_epi16(__mmask16 k, const void *p)
 {
-    uint16_t v[16] = {0};
-    for (int i = 0; i < 16; i++) v[i] = k >> i & 1 ? ((const uint16_t *)p)[i] : 0;
+    uint16_t v[16];
+    simde_masked_lanes(v, p, sizeof v[0], k);
     return _mm256_loadu_si256((const __m256i *)v);
 }
 static inline __m512i simde_cvtepu16_epi32(__m256i a)
@@ -45,8 +52,8 @@ static inline float simde_reduce_add_ps(__m512 a)
 }
 static inline __m128i simde_maskz_loadu_epi8(__mmask16 k, const void *p)
 {
-    int8_t v[16] = {0};
-    for (int i = 0; i < 16; i++) v[i] = k >> i & 1 ? ((const int8_t *)p)[i] : 0;
+    int8_t v[16];
+    simde_masked_lanes(v, p, sizeof v[0], k);
     return _mm_loadu_si128((const __m128i *)v);
 }
 static inline __m512i simde_cvtepi8_epi32(__m128i a)
@@ -103,6 +110,28 @@ void gemm_panels(GemmTile *tile, int width, int rows, float *out, const float *x
                  const float *bias, int T, int K, int N, int accumulate, int n_threads);
 void pack_panel(float *panel, const NeoMatrix *w, int n0, int K, int N, int width);
 float *aligned_rows(const float *x, int T, int K, int *ld);
+
+/* The decode kernels' driver, one for both SIMD paths (a macro, so that each keeps its target
+ * and every dtype gets its own compiled copy of block): x copied into aligned rows, blocks of
+ * block_rows weight rows split statically over the threads, prefetching as isa does here. */
+#define MATVEC_DRIVER(block, block_rows, isa)                                                  \
+    const NeoDType dtype = w->dtype;                                                           \
+    const int n_blocks = (N + (block_rows) - 1) / (block_rows), nta = neo_decode_prefetches_nta(isa); \
+    int ld = K;                                                                                \
+    float *aligned = aligned_rows(x, T, K, &ld);                                               \
+    const float *xa = aligned ? aligned : x;                                                   \
+    _Pragma("omp parallel for num_threads(n_threads) schedule(static)")                        \
+    for (int b = 0; b < n_blocks; b++) {                                                       \
+        const int n_begin = b * (block_rows);                                                  \
+        const int n_end = n_begin + (block_rows) < N ? n_begin + (block_rows) : N;             \
+        if (dtype == NEO_BF16)                                                                 \
+            block(NEO_BF16, nta, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);   \
+        else if (dtype == NEO_I8)                                                              \
+            block(NEO_I8, nta, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);     \
+        else                                                                                   \
+            block(NEO_F32, nta, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);    \
+    }                                                                                          \
+    free(aligned);
 
 /* matmul_avx512.c */
 #define PANEL512 32

@@ -379,23 +379,7 @@ TARGET_AVX2 static void matvec_avx2(float *out, const float *x, const NeoMatrix 
                                     const float *bias, int T, int K, int N, int accumulate,
                                     int n_threads)
 {
-    const NeoDType dtype = w->dtype;
-    const int n_blocks = (N + MV_BLOCK - 1) / MV_BLOCK, nta = neo_decode_prefetches_nta(NEO_ISA_AVX2);
-    int ld = K;
-    float *aligned = aligned_rows(x, T, K, &ld);
-    const float *xa = aligned ? aligned : x;
-    #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int b = 0; b < n_blocks; b++) {
-        int n_begin = b * MV_BLOCK, n_end = n_begin + MV_BLOCK < N ? n_begin + MV_BLOCK : N;
-        /* constant dtype: each compiles to its own loops */
-        if (dtype == NEO_BF16)
-            matvec_block_avx2(NEO_BF16, nta, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);
-        else if (dtype == NEO_I8)
-            matvec_block_avx2(NEO_I8, nta, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);
-        else
-            matvec_block_avx2(NEO_F32, nta, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);
-    }
-    free(aligned);
+    MATVEC_DRIVER(matvec_block_avx2, MV_BLOCK, NEO_ISA_AVX2)
 }
 
 /* In place: row i of the 8 x 8 block becomes column i. */

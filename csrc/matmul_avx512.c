@@ -92,24 +92,7 @@ INLINE_AVX512 void matvec_block_avx512(const NeoDType dtype, const int prefetch_
 TARGET_AVX512 void matvec_avx512(float *out, const float *x, const NeoMatrix *w, const float *bias,
                                  int T, int K, int N, int accumulate, int n_threads)
 {
-    const NeoDType dtype = w->dtype;
-    const int n_blocks = (N + MV512_BLOCK - 1) / MV512_BLOCK;
-    const int nta = neo_decode_prefetches_nta(NEO_ISA_AVX512);
-    int ld = K;
-    float *aligned = aligned_rows(x, T, K, &ld);  /* 16-byte aligned rows split every zmm load */
-    const float *xa = aligned ? aligned : x;
-    #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int b = 0; b < n_blocks; b++) {
-        int n_begin = b * MV512_BLOCK, n_end = n_begin + MV512_BLOCK < N ? n_begin + MV512_BLOCK : N;
-        /* constant dtype: each compiles to its own loops */
-        if (dtype == NEO_BF16)
-            matvec_block_avx512(NEO_BF16, nta, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);
-        else if (dtype == NEO_I8)
-            matvec_block_avx512(NEO_I8, nta, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);
-        else
-            matvec_block_avx512(NEO_F32, nta, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);
-    }
-    free(aligned);
+    MATVEC_DRIVER(matvec_block_avx512, MV512_BLOCK, NEO_ISA_AVX512)
 }
 
 /* Prefill (matmul.c's gemm_panels drives it): W widened once into fp32 panels of PANEL512
