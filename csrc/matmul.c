@@ -328,11 +328,12 @@ INLINE_AVX2 void dot_block_avx2(const NeoDType dtype, const int O, const int R, 
     }
 }
 
-/* Outputs n_begin..n_end for all T rows (x's rows ld floats apart). While x's rows fit L1
- * (MV_X_L1), each weight row is streamed once, read from memory by the first group of up to
- * MV_ROWS rows of x and from L1 by the others, one sequential stream per thread. Past that a
- * weight row's groups would each re-read x from L2 (L2-bound: 27% slower at T = 8, K = 3072):
- * T is split evenly into tiles of up to MV_TILE_ROWS rows, each run over the whole block. */
+/* Outputs n_begin..n_end for all T rows (x's rows ld floats apart). While T fits one group of
+ * MV_ROWS rows of x, or all of x fits L1 (MV_X_L1), each weight row is streamed once, read from
+ * memory by the first group and from L1 by the others, one sequential stream per thread. Past
+ * that a weight row's groups would each re-read x from L2 (L2-bound: 27% slower at T = 8,
+ * K = 3072): T is split evenly into tiles of 3 to MV_TILE_ROWS rows (T > MV_ROWS), each run
+ * over the whole block. */
 #define MV_ROWS 3          /* rows of x with all four lanes in registers: 12 accumulators */
 #define MV_X_L1 (24 << 10) /* bytes of x that stay in L1 beside the weight rows */
 INLINE_AVX2 void matvec_block_avx2(const NeoDType dtype, const int prefetch_nta, float *out,
@@ -341,7 +342,7 @@ INLINE_AVX2 void matvec_block_avx2(const NeoDType dtype, const int prefetch_nta,
 {
     const float *xr[MV_TILE_ROWS];
     float sums[MV_BLOCK * MV_TILE_ROWS];
-    if ((size_t)T * ld * sizeof(float) <= MV_X_L1) {
+    if (T <= MV_ROWS || (size_t)T * ld * sizeof(float) <= MV_X_L1) {
         for (int n = n_begin; n < n_end; n++)
             for (int t = 0; t < T; t += MV_ROWS) {
                 const int R = T - t < MV_ROWS ? T - t : MV_ROWS, prefetch = prefetch_nta && t == 0;
@@ -365,8 +366,7 @@ INLINE_AVX2 void matvec_block_avx2(const NeoDType dtype, const int prefetch_nta,
         case 6: dot_block_avx2(dtype, MV_TILE_OUTS, 6, prefetch, sums, xr, w, n_begin, n_end, K); break;
         case 5: dot_block_avx2(dtype, MV_TILE_OUTS, 5, prefetch, sums, xr, w, n_begin, n_end, K); break;
         case 4: dot_block_avx2(dtype, MV_TILE_OUTS, 4, prefetch, sums, xr, w, n_begin, n_end, K); break;
-        case 3: dot_block_avx2(dtype, MV_TILE_OUTS, 3, prefetch, sums, xr, w, n_begin, n_end, K); break;
-        default: dot_block_avx2(dtype, MV_TILE_OUTS, 2, prefetch, sums, xr, w, n_begin, n_end, K);
+        default: dot_block_avx2(dtype, MV_TILE_OUTS, 3, prefetch, sums, xr, w, n_begin, n_end, K);
         }
         for (int n = n_begin; n < n_end; n++)
             for (int r = 0; r < R; r++)

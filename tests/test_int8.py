@@ -94,7 +94,8 @@ def summation_bound(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return gamma * (np.abs(x.astype(np.float64)) @ np.abs(w).T) + 1e-30
 
 
-SHAPES = [(1, 8, 4), (1, 768, 50), (2, 13, 7), (3, 64, 33), (7, 100, 37), (16, 200, 5), (4, 2 * B + 8, 20)]
+SHAPES = [(1, 8, 4), (1, 768, 50), (2, 13, 7), (3, 64, 33), (7, 100, 37), (16, 200, 5), (4, 2 * B + 8, 20),
+          (1, 320 * B, 9)]  # the last: one row of x too long for L1 (2.7B's K of 10240)
 
 
 @pytest.mark.parametrize("isa", ISAS)
