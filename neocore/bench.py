@@ -44,7 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--openvino-python", default=sys.executable,
                    help="a Python with optimum-intel[openvino] for the openvino peers (its optimum-cli exports)")
     p.add_argument("--latency", action="store_true", help="also time decode steps at positions 100 and 2000")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "int8"])
+    p.add_argument("--dtype", default="bfloat16",
+                   help="neocore weight formats to run, comma-separated: bfloat16, float32, int8 "
+                        "(e.g. bfloat16,int8)")
     p.add_argument("--compute", default="exact",
                    help="neocore compute modes to run, comma-separated: exact, bf16 (e.g. exact,bf16)")
     p.add_argument("--load-only", action="store_true", help="measure load time and peak RSS only")
@@ -339,25 +341,33 @@ def run(args: argparse.Namespace) -> int:
     for peer in peers:
         if peer not in PEERS:
             raise NeocoreError(f"unknown peer {peer!r} ({', '.join(PEERS)})")
+    computes, dtypes = args.compute.split(","), args.dtype.split(",")
+    for compute in computes:
+        if compute not in ("exact", "bf16"):
+            raise NeocoreError(f"unknown compute mode {compute!r} (exact, bf16)")
+    for dtype in dtypes:
+        if dtype not in ("bfloat16", "float32", "int8"):
+            raise NeocoreError(f"unknown dtype {dtype!r} (bfloat16, float32, int8)")
     folders = {"neocore": args.model, "transformers": args.model}
     if any(PEERS[p][0] == "openvino" for p in peers):
         folders["openvino"] = openvino_export(args)
     warm_page_cache(Path(args.model))
     host = machine()
-    computes = args.compute.split(",")
-    for compute in computes:
-        if compute not in ("exact", "bf16"):
-            raise NeocoreError(f"unknown compute mode {compute!r} (exact, bf16)")
+    # every weight format in every compute mode; the first is the one the others are set against
+    variants = [(dtype, compute) for dtype in dtypes for compute in computes]
     rows = []
     for threads in thread_counts:
         bandwidth = memory_bandwidth(threads)
-        roofline = bandwidth * 1e9 / weights_bytes_per_token(args.model, args.dtype)
-        ours = _spawn("neocore", args, threads, args.dtype, args.model, compute=computes[0])
-        ours.update(host, bandwidth_gb_s=bandwidth, roofline_tok_s=roofline)
-        rows.append(ours)
-        for compute in computes[1:]:
-            rows.append(dict(_spawn("neocore", args, threads, args.dtype, args.model, compute=compute),
-                             engine=f"neocore compute={compute}"))
+        for i, (dtype, compute) in enumerate(variants):
+            row = _spawn("neocore", args, threads, dtype, args.model, compute=compute)
+            row.update(bandwidth_gb_s=bandwidth,
+                       roofline_tok_s=bandwidth * 1e9 / weights_bytes_per_token(args.model, dtype))
+            if i == 0:
+                row.update(host)
+            else:
+                row["engine"] = "neocore" + (f" compute={compute}" if len(computes) > 1 else "")
+                row["variant_of_first"] = True
+            rows.append(row)
         for peer in peers:
             runner, dtype = PEERS[peer]
             python = args.openvino_python if runner == "openvino" else sys.executable
@@ -371,7 +381,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"kernel path: {host['path']} ({host['path_chosen_by']}; this CPU runs {', '.join(host['usable_paths'])}); "
           f"decode non-temporal prefetch: {'on' if host['decode_prefetch_nta'] else 'off'}")
     for r in rows:
-        if r["engine"] == "neocore":
+        if r["engine"] == "neocore" and not r.get("variant_of_first"):
             print(f"read bandwidth, {r['threads']} thread(s): {r['bandwidth_gb_s']:.1f} GB/s")
     if args.load_only:
         print(f"model {args.model}: load only")
@@ -387,7 +397,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{r['engine'] + ' ' + r['dtype']:28} {r['threads']:>3} {r['load_s']:>7.2f} "
               f"{r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.2f} {r['peak_rss'] / 2**20:>13.0f}")
     for threads in thread_counts:
-        ours = next(r for r in rows if r["engine"] == "neocore" and r["threads"] == threads)
+        ours = next(r for r in rows if r["engine"] == "neocore" and r["threads"] == threads
+                    and not r.get("variant_of_first"))
         print(f"\n{threads} thread(s): read bandwidth {ours['bandwidth_gb_s']:.1f} GB/s -> decode roofline "
               f"{ours['roofline_tok_s']:.1f} tok/s; neocore reaches "
               f"{100 * ours['decode_tok_s'] / ours['roofline_tok_s']:.0f}% of it")
@@ -395,10 +406,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"  decode step at position 100: {ours['step_ms_at_100']:.2f} ms; at 2000: "
                   f"{ours['step_ms_at_2000']:.2f} ms ({ours['step_ms_at_2000'] / ours['step_ms_at_100']:.2f}x)")
         for r in rows:
-            if r["engine"].startswith("neocore ") and r["threads"] == threads:
-                print(f"  {r['engine']} (ran {r['compute']}) against compute={computes[0]}: prefill "
-                      f"{r['prefill_tok_s'] / ours['prefill_tok_s']:.2f}x, decode {r['decode_tok_s'] / ours['decode_tok_s']:.2f}x")
-            elif r["engine"] != "neocore" and r["threads"] == threads:
+            if r.get("variant_of_first") and r["threads"] == threads:
+                print(f"  neocore {r['dtype']} (ran {r['compute']}) against {ours['dtype']} {computes[0]}: prefill "
+                      f"{r['prefill_tok_s'] / ours['prefill_tok_s']:.2f}x, decode {r['decode_tok_s'] / ours['decode_tok_s']:.2f}x "
+                      f"({100 * r['decode_tok_s'] / r['roofline_tok_s']:.0f}% of its roofline, "
+                      f"{r['roofline_tok_s']:.1f} tok/s), peak RSS {r['peak_rss'] / ours['peak_rss']:.2f}x")
+            elif not r["engine"].startswith("neocore") and r["threads"] == threads:
                 print(f"  vs {r['engine']}: prefill {ours['prefill_tok_s'] / r['prefill_tok_s']:.2f}x, "
                       f"decode {ours['decode_tok_s'] / r['decode_tok_s']:.2f}x, "
                       f"peak RSS {ours['peak_rss'] / r['peak_rss']:.2f}x, load {r['load_s'] / ours['load_s']:.1f}x faster")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from transformers import GPTNeoForCausalLM
 
@@ -28,7 +29,18 @@ def test_random_125m_model_is_a_valid_checkpoint(tmp_path, caplog):
     assert np.abs(ours - expected).max() <= 1e-4 * np.abs(expected).max() + 1e-5
 
     proc = subprocess.run([sys.executable, "-m", "neocore", "bench", "-m", str(folder), "--prompt-tokens", "8",
-                           "--new-tokens", "4", "--threads", "1", "--json"], capture_output=True, text=True)
+                           "--new-tokens", "4", "--threads", "1", "--dtype", "bfloat16,int8", "--json"],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    [row] = json.loads(proc.stdout)
-    assert row["engine"] == "neocore" and row["decode_tok_s"] > 0 and row["peak_rss"] > 0
+    bf16, int8 = json.loads(proc.stdout)
+    assert [bf16["dtype"], int8["dtype"]] == ["bfloat16", "int8"] and int8["variant_of_first"]
+    assert all(row["engine"] == "neocore" and row["decode_tok_s"] > 0 and row["peak_rss"] > 0 for row in (bf16, int8))
+    # each format's roofline is the measured bandwidth over its own bytes a token: 2 against 1 + 4/32
+    assert int8["roofline_tok_s"] / bf16["roofline_tok_s"] == pytest.approx(2 / 1.125, rel=1e-3)
+
+
+def test_bench_refuses_an_unknown_weight_format(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "neocore", "bench", "-m", str(tmp_path), "--dtype", "bfloat16,int4"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == "neocore: error: unknown dtype 'int4' (bfloat16, float32, int8)"
