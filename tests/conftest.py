@@ -26,7 +26,8 @@ def reference(module: str):
 
 # Shapes of the test models. Small ones exercise the window edge with few tokens; "odd" has
 # sizes that are not multiples of the SIMD width; "window256" has the real window;
-# "wide-heads" has the 128-wide heads of the 1.3B and 2.7B models.
+# "wide-heads" has the 128-wide heads of the 1.3B and 2.7B models and their MLP's 8192-long rows
+# (one row of x then outgrows L1 in the decode kernel).
 SHAPES = {
     "tiny": dict(vocab_size=50257, max_position_embeddings=160, hidden_size=64, num_layers=4,
                  num_heads=4, attention_types=[[["global", "local"], 2]], window_size=8),
@@ -36,7 +37,8 @@ SHAPES = {
     "window256": dict(vocab_size=512, max_position_embeddings=700, hidden_size=32, num_layers=2,
                       num_heads=2, attention_types=[[["global", "local"], 1]], window_size=256),
     "wide-heads": dict(vocab_size=300, max_position_embeddings=96, hidden_size=256, num_layers=3,
-                       num_heads=2, attention_types=[[["local"], 1], [["global"], 2]], window_size=16),
+                       num_heads=2, attention_types=[[["local"], 1], [["global"], 2]], window_size=16,
+                       intermediate_size=8192),
     # transformers' default weight scale at a small size: 128-wide heads, the real window
     "default-init": dict(vocab_size=2000, max_position_embeddings=320, hidden_size=256, num_layers=4,
                          num_heads=2, attention_types=[[["global", "local"], 2]], window_size=256,

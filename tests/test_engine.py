@@ -33,8 +33,9 @@ def test_logits_match_transformers(reference_models, logits_close, name, lengths
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_incremental_decoding_equals_full_sequence(reference_models, logits_close, isa):
-    ref = reference_models("tiny")
+@pytest.mark.parametrize("name", ["tiny", "wide-heads"])
+def test_incremental_decoding_equals_full_sequence(reference_models, logits_close, isa, name):
+    ref = reference_models(name)
     model = neocore.load(ref.folder, isa=isa)
     ids = random_ids(ref.config["vocab_size"], 40, seed=3)
     full = model.logits(ids)
