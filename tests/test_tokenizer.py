@@ -152,6 +152,23 @@ def test_broken_tokenizer_files(gpt2_tokenizer_dir, tmp_path):
     (tmp_path / "merges.txt").write_text("#version: 0.2\na b c\n")
     with pytest.raises(TokenizerError, match="line 2 is not a merge"):
         Tokenizer.from_dir(tmp_path)
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n\nab\n")
+    with pytest.raises(TokenizerError, match="line 4 is not a merge"):
+        Tokenizer.from_dir(tmp_path)
+    (tmp_path / "merges.txt").write_text("a b\n")
+    for values in ("0, \"b\": -1", "true, \"b\": 1", "0, \"b\": 1.0", "0, \"b\": \"1\""):
+        (tmp_path / "vocab.json").write_text('{"a": %s}' % values)
+        with pytest.raises(TokenizerError, match="must map token strings to ids >= 0"):
+            Tokenizer.from_dir(tmp_path)
+
+
+def test_a_tokenizer_json_with_a_non_string_added_token_is_refused(hf, tmp_path):
+    hf.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    data["added_tokens"].append({"id": 50257, "content": 7, "special": False})
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(TokenizerError, match="must map token strings to ids >= 0"):
+        Tokenizer.from_dir(tmp_path)
 
 
 def test_bundled_files_are_the_ones_source_md_records():
