@@ -357,9 +357,12 @@ def run(args: argparse.Namespace) -> int:
     variants = [(dtype, compute) for dtype in dtypes for compute in computes]
     rows = []
     for threads in thread_counts:
-        bandwidth = memory_bandwidth(threads)
-        for i, (dtype, compute) in enumerate(variants):
-            row = _spawn("neocore", args, threads, dtype, args.model, compute=compute)
+        before = memory_bandwidth(threads)
+        runs = [_spawn("neocore", args, threads, dtype, args.model, compute=compute) for dtype, compute in variants]
+        # measured on both sides of the runs, the better kept: on a shared machine one reading
+        # taken in a busy moment put the roofline below what the engine then reached
+        bandwidth = max(before, memory_bandwidth(threads))
+        for i, ((dtype, compute), row) in enumerate(zip(variants, runs)):
             row.update(bandwidth_gb_s=bandwidth,
                        roofline_tok_s=bandwidth * 1e9 / weights_bytes_per_token(args.model, dtype))
             if i == 0:
