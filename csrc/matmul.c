@@ -7,6 +7,7 @@
  * each row as it would alone, the prefill GEMM (matmul_forward) sums each output along k.
  * Paths: the scalar reference (the tests' oracle), the portable path (plain C the compiler
  * vectorises), AVX2+FMA here, and AVX-512 in matmul_avx512.c. */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include "neocore.h"
@@ -243,37 +244,69 @@ INLINE_AVX2 float hsum8(__m256 v)
  * summed in four lanes, lane a taking columns k + 8a .. k + 8a + 7 of every 32-column step in
  * k order (the 8-column steps past the last 32-column one go to lane 0); the lanes are folded
  * as (l0 + l1) + (l2 + l3), summed across, and the columns past the last multiple of 8 are
- * added last. The lanes are independent sums, so a kernel may run them together or one after
- * the other and get the same bits: dot_block_avx2 does one or the other by tile size. */
-#define MV_ACC 12        /* accumulators a tile keeps in registers, beside its weight vectors and x */
-#define MV_TILE_OUTS 2   /* weight rows a tile shares each x vector with (x past L1) */
-#define MV_TILE_ROWS 6   /* rows of x a tile shares each widened weight vector with */
-#define MV_SPAN 512      /* columns a tile runs over before the next tile (x past L1): see below */
+ * added last. The lanes are independent sums, so a kernel may run them together (dot_rows_avx2)
+ * or one after the other (dot_block_avx2) and get the same bits. */
+#define MV_ROWS 3          /* rows of x with all four lanes in registers: 12 accumulators */
+#define MV_X_L1 (24 << 10) /* bytes of x that stay in L1 beside the weight rows */
+#define MV_TILE_OUTS 2     /* weight rows a tile shares each x vector with (x past L1) */
+#define MV_TILE_ROWS 6     /* rows of x a tile shares each widened weight vector with */
+#define MV_SPAN 512        /* columns a tile runs over before the next tile (x past L1): see below */
 _Static_assert(NEO_I8_BLOCK % 32 == 0, "a 32-column step takes one int8 scale");
 _Static_assert(MV_BLOCK % MV_TILE_OUTS == 0, "a block is whole tiles");
 
+/* The end of a decode sum, from the four lanes of its 32-column steps. */
+INLINE_AVX2 float decode_sum_end(__m256 l0, __m256 l1, __m256 l2, __m256 l3, MatrixRow row,
+                                 const float *x, int K)
+{
+    for (int k = K / 32 * 32; k + 8 <= K; k += 8) l0 = _mm256_fmadd_ps(widen8_alone(row, k), _mm256_loadu_ps(x + k), l0);
+    float sum = hsum8(_mm256_add_ps(_mm256_add_ps(l0, l1), _mm256_add_ps(l2, l3)));
+    /* fmaf, not a * b + c, which the compiler fuses in some inlined copies and not others */
+    for (int j = K / 8 * 8; j < K; j++) sum = fmaf(x[j], row_element(row, j), sum);
+    return sum;
+}
+
+/* sums[r] = the decode sum of x row xr[r] and one weight row, for R <= MV_ROWS rows of x: all
+ * four lanes of every row in registers, the weight row read once, in order, as one stream
+ * (prefetched prefetch_ahead bytes ahead when that is not 0), four FMA chains a row in flight. */
+INLINE_AVX2 void dot_rows_avx2(const NeoDType dtype, const int R, size_t prefetch_ahead, float *sums,
+                               const float *const *xr, MatrixRow row, int K)
+{
+    const int size = dtype == NEO_BF16 ? 2 : dtype == NEO_I8 ? 1 : 4;
+    row.dtype = dtype;  /* the constant, so that widen8 compiles to one path */
+    __m256 acc[4][MV_ROWS];
+    for (int a = 0; a < 4; a++)
+        for (int r = 0; r < R; r++) acc[a][r] = _mm256_setzero_ps();
+    for (int k = 0; k < K / 32 * 32; k += 32) {
+        if (prefetch_ahead) _mm_prefetch((const char *)row.data + (size_t)k * size + prefetch_ahead, _MM_HINT_NTA);
+        const __m256 scale = dtype == NEO_I8 ? block_scale(row, k) : _mm256_setzero_ps();
+        for (int a = 0; a < 4; a++) {
+            const __m256 wv = widen8(row, k + 8 * a, scale);
+            for (int r = 0; r < R; r++) acc[a][r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xr[r] + k + 8 * a), acc[a][r]);
+        }
+    }
+    for (int r = 0; r < R; r++) sums[r] = decode_sum_end(acc[0][r], acc[1][r], acc[2][r], acc[3][r], row, xr[r], K);
+}
+
 /* sums[(n - n_begin) * R + r] = the decode sum of x row xr[r] and weight row n, for the
- * weight rows n_begin..n_end (at most MV_BLOCK) and R rows of x, in tiles of O weight rows by
- * R rows (O and R constants). A tile runs as many lanes a pass as MV_ACC accumulators hold:
- * all four while 4 O R <= 12 (O = 1, R <= 3: one weight row, read once as a sequential
- * stream, four FMA chains a row in flight), else two or one, every x vector then serving O
- * FMAs and every widened weight vector R. Those run MV_SPAN columns of all the block's weight
- * rows, then the next span, so that x's span (R rows, at most 12 KiB) stays in L1 through
- * every pass and weight row. */
-INLINE_AVX2 void dot_block_avx2(const NeoDType dtype, const int O, const int R, int prefetch_nta,
+ * weight rows n_begin..n_end (at most MV_BLOCK) and R (3 to MV_TILE_ROWS) rows of x, in tiles
+ * of MV_TILE_OUTS weight rows by R rows, every x vector serving MV_TILE_OUTS FMAs and every
+ * widened weight vector R. A tile runs as many lanes a pass as MV_ACC accumulators hold, two
+ * or one, over MV_SPAN columns of all the block's weight rows, then the next span, so that x's
+ * span (R rows, at most 12 KiB) stays in L1 through every pass and weight row. */
+#define MV_ACC 12        /* accumulators a tile keeps in registers, beside its weight vectors and x */
+INLINE_AVX2 void dot_block_avx2(const NeoDType dtype, const int R, size_t prefetch_ahead,
                                 float *sums, const float *const *xr, const NeoMatrix *w,
                                 int n_begin, int n_end, int K)
 {
-    const int size = dtype == NEO_BF16 ? 2 : dtype == NEO_I8 ? 1 : 4;
-    const int L = 4 * O * R <= MV_ACC ? 4 : 2 * O * R <= MV_ACC ? 2 : 1;
-    const int K32 = K / 32 * 32, span = L == 4 ? K32 : MV_SPAN;
+    const int O = MV_TILE_OUTS, size = dtype == NEO_BF16 ? 2 : dtype == NEO_I8 ? 1 : 4;
+    const int L = 2 * O * R <= MV_ACC ? 2 : 1, K32 = K / 32 * 32;
     const int tiles = (n_end - n_begin + O - 1) / O;
     __m256 lanes[MV_BLOCK][4][MV_TILE_ROWS];  /* each lane's sums between passes, [n][lane][r] */
     for (int i = 0; i < tiles * O; i++)
         for (int a = 0; a < 4; a++)
             for (int r = 0; r < R; r++) lanes[i][a][r] = _mm256_setzero_ps();
-    for (int k0 = 0; k0 < K32; k0 += span) {
-        const int k1 = K32 - k0 < span ? K32 : k0 + span;
+    for (int k0 = 0; k0 < K32; k0 += MV_SPAN) {
+        const int k1 = K32 - k0 < MV_SPAN ? K32 : k0 + MV_SPAN;
         for (int tile = 0; tile < tiles; tile++) {
             MatrixRow rows[MV_TILE_OUTS];
             for (int o = 0; o < O; o++) {
@@ -285,21 +318,19 @@ INLINE_AVX2 void dot_block_avx2(const NeoDType dtype, const int O, const int R, 
             __m256 (*tile_lanes)[4][MV_TILE_ROWS] = lanes + tile * O;
             for (int a0 = 0; a0 < 4; a0 += L) {
                 /* the pass's accumulators: constant indices only, so that they stay in registers */
-                __m256 acc[4][MV_TILE_OUTS][MV_TILE_ROWS];
+                __m256 acc[2][MV_TILE_OUTS][MV_TILE_ROWS];
                 for (int l = 0; l < L; l++)
                     for (int o = 0; o < O; o++)
                         for (int r = 0; r < R; r++) acc[l][o][r] = tile_lanes[o][a0 + l][r];
                 for (int k = k0; k < k1; k += 32) {
-                    /* One weight row streams sequentially, PREFETCH_BYTES ahead. A tile of O rows
-                     * jumps from row to row span by span, which the hardware prefetcher does not
-                     * follow: it fetches the next tile's rows at these columns, a whole tile of
-                     * work ahead (EPYC, alternating builds: the kernel from memory 4-12% faster,
-                     * 125M steps of 32 rows 147 -> 138 ms, median of 5). int8 reads half a line
-                     * a step: its second hint to a line is a cheap no-op. */
-                    if (prefetch_nta && a0 == 0)
+                    /* A tile jumps from row to row span by span, which the hardware prefetcher
+                     * does not follow: it fetches the next tile's rows at these columns, a
+                     * whole tile of work ahead (EPYC, alternating builds: the kernel from memory
+                     * 4-12% faster, 125M steps of 32 rows 147 -> 138 ms, median of 5). int8
+                     * reads half a line a step: its second hint to a line is a cheap no-op. */
+                    if (prefetch_ahead && a0 == 0)
                         for (int o = 0; o < O; o++)
-                            _mm_prefetch((const char *)rows[o].data + (size_t)k * size +
-                                         (O == 1 ? PREFETCH_BYTES : (size_t)O * K * size), _MM_HINT_NTA);
+                            _mm_prefetch((const char *)rows[o].data + (size_t)k * size + prefetch_ahead, _MM_HINT_NTA);
                     __m256 scale[MV_TILE_OUTS];
                     for (int o = 0; o < O; o++)
                         scale[o] = dtype == NEO_I8 ? block_scale(rows[o], k) : _mm256_setzero_ps();
@@ -322,15 +353,8 @@ INLINE_AVX2 void dot_block_avx2(const NeoDType dtype, const int O, const int R, 
     for (int n = n_begin; n < n_end; n++) {
         const MatrixRow row = matrix_row(w, n, K);
         __m256 (*lane)[MV_TILE_ROWS] = lanes[n - n_begin];
-        for (int k = K32; k + 8 <= K; k += 8) {
-            const __m256 wv = widen8_alone(row, k);
-            for (int r = 0; r < R; r++) lane[0][r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xr[r] + k), lane[0][r]);
-        }
-        for (int r = 0; r < R; r++) {
-            float sum = hsum8(_mm256_add_ps(_mm256_add_ps(lane[0][r], lane[1][r]), _mm256_add_ps(lane[2][r], lane[3][r])));
-            for (int j = K / 8 * 8; j < K; j++) sum += xr[r][j] * row_element(row, j);
-            sums[(n - n_begin) * R + r] = sum;
-        }
+        for (int r = 0; r < R; r++)
+            sums[(n - n_begin) * R + r] = decode_sum_end(lane[0][r], lane[1][r], lane[2][r], lane[3][r], row, xr[r], K);
     }
 }
 
@@ -340,25 +364,28 @@ INLINE_AVX2 void dot_block_avx2(const NeoDType dtype, const int O, const int R, 
  * that a weight row's groups would each re-read x from L2 (L2-bound: 27% slower at T = 8,
  * K = 3072): T is split evenly into tiles of 3 to MV_TILE_ROWS rows (T > MV_ROWS), each run
  * over the whole block. */
-#define MV_ROWS 3          /* rows of x with all four lanes in registers: 12 accumulators */
-#define MV_X_L1 (24 << 10) /* bytes of x that stay in L1 beside the weight rows */
 INLINE_AVX2 void matvec_block_avx2(const NeoDType dtype, const int prefetch_nta, float *out,
                                    const float *x, int ld, const NeoMatrix *w, const float *bias,
                                    int T, int n_begin, int n_end, int K, int N, int accumulate)
 {
     const float *xr[MV_TILE_ROWS];
     float sums[MV_BLOCK * MV_TILE_ROWS];
+    const size_t row_bytes = (size_t)K * (dtype == NEO_BF16 ? 2 : dtype == NEO_I8 ? 1 : 4);
     if (T <= MV_ROWS || (size_t)T * ld * sizeof(float) <= MV_X_L1) {
         for (int n = n_begin; n < n_end; n++)
             for (int t = 0; t < T; t += MV_ROWS) {
-                const int R = T - t < MV_ROWS ? T - t : MV_ROWS, prefetch = prefetch_nta && t == 0;
+                /* The first group streams the row from memory; the second, which reads it from
+                 * L1, fetches the next row meanwhile, so that memory and arithmetic overlap. */
+                const int R = T - t < MV_ROWS ? T - t : MV_ROWS;
+                const size_t prefetch = !prefetch_nta ? 0 : t == 0 ? PREFETCH_BYTES : t == MV_ROWS ? row_bytes : 0;
+                const MatrixRow row = matrix_row(w, n, K);
                 for (int r = 0; r < R; r++) xr[r] = x + (size_t)(t + r) * ld;
                 if (R == 3)
-                    dot_block_avx2(dtype, 1, 3, prefetch, sums, xr, w, n, n + 1, K);
+                    dot_rows_avx2(dtype, 3, prefetch, sums, xr, row, K);
                 else if (R == 2)
-                    dot_block_avx2(dtype, 1, 2, prefetch, sums, xr, w, n, n + 1, K);
+                    dot_rows_avx2(dtype, 2, prefetch, sums, xr, row, K);
                 else
-                    dot_block_avx2(dtype, 1, 1, prefetch, sums, xr, w, n, n + 1, K);
+                    dot_rows_avx2(dtype, 1, prefetch, sums, xr, row, K);
                 for (int r = 0; r < R; r++) store_output(&out[(size_t)(t + r) * N + n], sums[r], bias, n, accumulate);
             }
         return;
@@ -367,12 +394,12 @@ INLINE_AVX2 void matvec_block_avx2(const NeoDType dtype, const int prefetch_nta,
     for (int i = 0, t = 0; i < tiles; i++) {
         const int R = (T - t) / (tiles - i);  /* the remaining rows over the remaining tiles */
         for (int r = 0; r < R; r++) xr[r] = x + (size_t)(t + r) * ld;
-        const int prefetch = prefetch_nta && i == 0;
+        const size_t prefetch = prefetch_nta && i == 0 ? MV_TILE_OUTS * row_bytes : 0;
         switch (R) {  /* constant R: each compiles to its own loops with the tile in registers */
-        case 6: dot_block_avx2(dtype, MV_TILE_OUTS, 6, prefetch, sums, xr, w, n_begin, n_end, K); break;
-        case 5: dot_block_avx2(dtype, MV_TILE_OUTS, 5, prefetch, sums, xr, w, n_begin, n_end, K); break;
-        case 4: dot_block_avx2(dtype, MV_TILE_OUTS, 4, prefetch, sums, xr, w, n_begin, n_end, K); break;
-        default: dot_block_avx2(dtype, MV_TILE_OUTS, 3, prefetch, sums, xr, w, n_begin, n_end, K);
+        case 6: dot_block_avx2(dtype, 6, prefetch, sums, xr, w, n_begin, n_end, K); break;
+        case 5: dot_block_avx2(dtype, 5, prefetch, sums, xr, w, n_begin, n_end, K); break;
+        case 4: dot_block_avx2(dtype, 4, prefetch, sums, xr, w, n_begin, n_end, K); break;
+        default: dot_block_avx2(dtype, 3, prefetch, sums, xr, w, n_begin, n_end, K);
         }
         for (int n = n_begin; n < n_end; n++)
             for (int r = 0; r < R; r++)

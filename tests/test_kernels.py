@@ -57,12 +57,14 @@ def test_every_path_agrees_with_the_scalar_reference(isa, kernel, wtype, T, K, N
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("T, K, N", [(7, 100, 37), (13, 768, 70), (40, 203, 37), (2, 8192, 9)])
-def test_a_row_is_computed_as_if_alone(isa, kernel, T, K, N):
+@pytest.mark.parametrize("T, K, N", [(7, 100, 37), (13, 768, 70), (40, 203, 37), (2, 8192, 9), (64, 100, 8),
+                                     (4, 1541, 9), (129, 63, 5)])
+@pytest.mark.parametrize("wtype", ["float32", "bfloat16"])
+def test_a_row_is_computed_as_if_alone(isa, kernel, T, K, N, wtype):
     """Bit for bit: the decode kernel sums each of T rows in the order of one row alone, in
-    whichever tile shape T and K pick (the last case: tiles over a block, K tails); the GEMM
+    whichever tile shape T and K pick (tiles over a block, K tails of 1 to 7 columns); the GEMM
     sums each output along k whatever tile the row falls in."""
-    x, w, _, bias = problem(T, K, N, "bfloat16", 5)
+    x, w, _, bias = problem(T, K, N, wtype, 5)
     together = run(x, w, bias, isa, kernel)
     alone = np.concatenate([run(x[t:t + 1], w, bias, isa, kernel) for t in range(T)])
     assert np.array_equal(together, alone)
