@@ -137,18 +137,27 @@ INLINE_AVX2 __m256 tanh_avx2(__m256 u)
     return _mm256_or_ps(t, _mm256_and_ps(u, sign));
 }
 
+INLINE_AVX2 __m256 gelu_new8_avx2(__m256 v)
+{
+    __m256 cube = _mm256_mul_ps(_mm256_mul_ps(v, v), v);
+    __m256 u = _mm256_mul_ps(_mm256_set1_ps(SQRT_2_OVER_PI), _mm256_fmadd_ps(_mm256_set1_ps(GELU_CUBIC), cube, v));
+    __m256 half_v = _mm256_mul_ps(_mm256_set1_ps(0.5f), v);
+    return _mm256_fmadd_ps(half_v, tanh_avx2(u), half_v);
+}
+
+/* The last n % 8 values go through the same vector code, padded: a value's result must not
+ * depend on where it lies in x (x holds every row of a step, so that changes with the batch). */
 TARGET_AVX2 static void gelu_new_avx2(float *x, size_t n, int n_threads)
 {
     const size_t n8 = n / 8 * 8;
     #pragma omp parallel for num_threads(n_threads) schedule(static) if (n > 8192)
-    for (size_t i = 0; i < n8; i += 8) {
-        __m256 v = _mm256_loadu_ps(x + i);
-        __m256 cube = _mm256_mul_ps(_mm256_mul_ps(v, v), v);
-        __m256 u = _mm256_mul_ps(_mm256_set1_ps(SQRT_2_OVER_PI), _mm256_fmadd_ps(_mm256_set1_ps(GELU_CUBIC), cube, v));
-        __m256 half_v = _mm256_mul_ps(_mm256_set1_ps(0.5f), v);
-        _mm256_storeu_ps(x + i, _mm256_fmadd_ps(half_v, tanh_avx2(u), half_v));
+    for (size_t i = 0; i < n8; i += 8) _mm256_storeu_ps(x + i, gelu_new8_avx2(_mm256_loadu_ps(x + i)));
+    if (n8 < n) {
+        float tail[8] = {0};
+        memcpy(tail, x + n8, sizeof(float) * (n - n8));
+        _mm256_storeu_ps(tail, gelu_new8_avx2(_mm256_loadu_ps(tail)));
+        memcpy(x + n8, tail, sizeof(float) * (n - n8));
     }
-    gelu_new_scalar(x + n8, n - n8, 1);
 }
 #endif
 

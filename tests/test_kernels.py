@@ -105,6 +105,19 @@ def test_bf16_conversion_is_lossless_when_low_bits_are_zero():
 
 
 @pytest.mark.parametrize("isa", ISAS)
+def test_gelu_new_of_a_value_does_not_depend_on_where_it_lies(isa):
+    """A step's MLP activations are one array of every row: a row's values must come out the
+    same whatever rows come before it (every offset modulo the widest vector, 16)."""
+    row = (np.random.default_rng(4).standard_normal(100) * 2).astype(np.float32)
+    alone = row.copy()
+    _core.gelu_new(alone, 1, isa)
+    for before in range(17):
+        y = np.concatenate([np.ones(before, np.float32), row])
+        _core.gelu_new(y, 1, isa)
+        assert np.array_equal(y[before:], alone), before
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_gelu_new_matches_float64_formula(isa):
     rng = np.random.default_rng(3)
     x = np.concatenate([np.linspace(-12, 12, 20001), rng.standard_normal(50003) * 3,
