@@ -6,6 +6,7 @@ Pieces repeat a lot in real text, so each piece's ids are cached."""
 from __future__ import annotations
 
 import codecs
+import heapq
 import json
 from functools import cached_property, lru_cache
 from itertools import filterfalse, repeat
@@ -73,6 +74,11 @@ class Tokenizer:
             else:  # a token outside the byte alphabet (an added token): its text
                 table[i] = token.encode("utf-8")
         return table
+
+    @cached_property
+    def longest_token(self) -> int:
+        """The most bytes one token stands for."""
+        return max((len(b) for b in self.id_to_bytes if b is not None), default=1)
 
     @property
     def bundled(self) -> bool:
@@ -149,28 +155,35 @@ class Tokenizer:
         return self.special.get(ENDOFTEXT, self.vocab_size - 1)
 
     def _bpe(self, piece: str) -> list[int]:
-        """The ids of one pre-token: merge the lowest-ranked adjacent pair until none is left."""
-        parts = list(piece.encode("utf-8").decode("latin-1").translate(self._to_unicode))
+        """The ids of one pre-token: merge the lowest-ranked adjacent pair (the leftmost of
+        equals) until none is left, as Hugging Face's tokenizers does. The pairs wait in a heap
+        and the symbols form a linked list, so a long piece (a 40,000-letter word in a request)
+        costs n log n, not n^2; a heap entry whose pair has changed since is skipped."""
+        symbols: list[str | None] = list(piece.encode("utf-8").decode("latin-1").translate(self._to_unicode))
         ranks = self.ranks
-        while len(parts) > 1:
-            best, best_rank = None, None
-            for pair in zip(parts, parts[1:]):
-                rank = ranks.get(pair)
-                if rank is not None and (best_rank is None or rank < best_rank):
-                    best, best_rank = pair, rank
-            if best is None:
-                break
-            merged, i, n = [], 0, len(parts)
-            while i < n:
-                if i < n - 1 and parts[i] == best[0] and parts[i + 1] == best[1]:
-                    merged.append(best[0] + best[1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
+        following = list(range(1, len(symbols) + 1))
+        following[-1] = -1
+        preceding = list(range(-1, len(symbols) - 1))
+        heap = [(rank, i) for i, pair in enumerate(zip(symbols, symbols[1:]))
+                if (rank := ranks.get(pair)) is not None]
+        heapq.heapify(heap)
+        while heap:
+            rank, i = heapq.heappop(heap)
+            j = following[i]
+            if symbols[i] is None or j < 0 or ranks.get((symbols[i], symbols[j])) != rank:
+                continue
+            symbols[i] += symbols[j]
+            symbols[j] = None
+            k = following[i] = following[j]
+            if k >= 0:
+                preceding[k] = i
+                if (rank := ranks.get((symbols[i], symbols[k]))) is not None:
+                    heapq.heappush(heap, (rank, i))
+            h = preceding[i]
+            if h >= 0 and (rank := ranks.get((symbols[h], symbols[i]))) is not None:
+                heapq.heappush(heap, (rank, h))
         try:
-            return [self.encoder[p] for p in parts]
+            return [self.encoder[s] for s in symbols if s is not None]
         except KeyError as exc:
             raise TokenizerError(f"symbol {exc.args[0]!r} is not in the vocabulary") from None
 
@@ -181,7 +194,11 @@ class Tokenizer:
         for piece in PRETOKENIZE.findall(text):
             found = cache.get(piece)
             if found is None:
-                found = cache[piece] = self._bpe(piece)
+                try:
+                    found = cache[piece] = self._bpe(piece)
+                except UnicodeEncodeError as exc:  # a lone surrogate has no UTF-8 bytes
+                    raise TokenizerError(f"the text is not valid Unicode: it holds a lone surrogate "
+                                         f"(U+{ord(exc.object[exc.start]):04X})") from None
             ids.extend(found)
 
     def encode(self, text: str, allow_special: bool = True) -> list[int]:

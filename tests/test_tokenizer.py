@@ -7,6 +7,7 @@ import json
 import random
 import re
 import shutil
+import string
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -79,6 +80,22 @@ def test_one_megabyte_document(ours, hf):
     ids = ours.encode(text)
     assert ids == hf.encode(text)
     assert ours.decode(ids) == text
+
+
+def test_long_words_match_hugging_face(ours, hf):
+    """One pre-token of 100,000 letters (a hostile request) and long runs of one and two symbols,
+    where equal pairs overlap: merged as Hugging Face merges them, in n log n (the pair scan per
+    merge this replaced took about two minutes for the first)."""
+    rng = random.Random(5)
+    for text in ("".join(rng.choices(string.ascii_lowercase, k=100_000)), "a" * 5001, "ab" * 3000,
+                 " " + "é" * 2000, "1" * 999, "!?" * 1500):
+        assert ours.encode(text) == hf.encode(text)
+
+
+def test_a_lone_surrogate_is_refused_in_one_line(ours):
+    for text in ("\ud800", "ok \udfff then", "\ud83d"):
+        with pytest.raises(TokenizerError, match="lone surrogate"):
+            ours.encode(text)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
