@@ -12,9 +12,14 @@ import numpy as np
 from .errors import SamplingError
 
 
+# Temperatures below this are greedy: dividing float32 logits by less can overflow them to
+# infinity (1e-300 rounds to 0 in float32), and the draw is the argmax long before that.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.8   # 0 means greedy
+    temperature: float = 0.8   # 0 (or below GREEDY_BELOW) means greedy
     top_k: int = 40            # 0 disables
     top_p: float = 0.95        # 1 disables
     repetition_penalty: float = 1.0  # 1 disables
@@ -33,7 +38,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def apply_repetition_penalty(logits: np.ndarray, previous: Sequence[int], penalty: float) -> np.ndarray:
@@ -84,7 +89,7 @@ def process_rows(logits: np.ndarray, previous: Sequence[Sequence[int]],
     if not sampled:
         return scores
     # greedy rows are divided by 1, which leaves them exactly as they are
-    scores /= np.array([p.temperature or 1.0 for p in params], dtype=np.float32)[:, None]
+    scores /= np.array([1.0 if p.greedy else p.temperature for p in params], dtype=np.float32)[:, None]
     by_k: dict[int, list[int]] = {}
     for row in sampled:
         by_k.setdefault(params[row].top_k, []).append(row)
@@ -111,6 +116,8 @@ def choose_rows(logits: np.ndarray, previous: Sequence[Sequence[int]],
         if p.greedy:
             continue
         candidates = np.flatnonzero(np.isfinite(scores[row]))  # the survivors, in token order
+        if not candidates.size:  # nothing finite to draw from (NaN logits): keep the argmax
+            continue
         cumulative = np.cumsum(_softmax(scores[row, candidates]), dtype=np.float64)
         pick = np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")
         chosen[row] = candidates[min(pick, candidates.size - 1)]

@@ -9,7 +9,7 @@ from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
 
 import neocore
 from neocore.engine import Request
-from neocore.sampling import SamplingParams, process_logits
+from neocore.sampling import SamplingParams, choose_rows, process_logits
 from neocore.weights import bf16_to_f32
 
 PROMPT = "The old lighthouse keeper climbed the stairs"
@@ -125,6 +125,26 @@ def test_eos_ends_generation(tiny):
     assert steered.generate_ids(ids, max_new_tokens=3, stop_at_eos=False) == [eos] * 3
     assert steered.generate(PROMPT, max_new_tokens=10, temperature=0) == ""
     assert model.generate(PROMPT, max_new_tokens=10, temperature=0) != ""
+
+
+def test_a_temperature_too_small_for_float32_is_greedy(tiny):
+    """1e-300 rounds to 0 in float32 and 1e-30 overflows the scaled logits: both draw the
+    argmax, with the other sequences of the batch unaffected."""
+    _, model = tiny
+    greedy = model.generate([PROMPT, "Hello"], max_new_tokens=24, temperature=0)
+    for temperature in (1e-300, 1e-30, 1e-6):
+        assert model.generate(PROMPT, max_new_tokens=24, temperature=temperature, seed=1) == greedy[0]
+    sampled = model.generate("Hello", max_new_tokens=24, temperature=1.0, top_k=0, top_p=1.0, seed=3)
+    texts = [model.engine.submit(Request(model.tokenizer.encode(p), SamplingParams(t, 0, 1.0), 24, 3))
+             for p, t in ((PROMPT, 1e-300), ("Hello", 1.0))]
+    assert [s.result().text for s in texts] == [greedy[0], sampled]
+
+
+def test_sampling_rows_with_nothing_finite_fall_back_to_the_argmax():
+    logits = np.array([[0.5, np.nan, 2.0], [np.nan, np.nan, np.nan]], np.float32)
+    params = [SamplingParams(1.0, 0, 1.0)] * 2
+    chosen = choose_rows(logits, [[], []], params, [np.random.default_rng(0)] * 2)
+    assert chosen[1] == 0 and 0 <= chosen[0] < 3
 
 
 @pytest.mark.parametrize("kwargs, message", [
