@@ -231,25 +231,36 @@ class Engine:
     def submit(self, request: Request) -> Stream:
         """Queues a request; its Stream is read with `for`, or with `async for` when submit is
         called from a running event loop. Raises QueueFullError when max_queue are waiting."""
-        self.check(request)
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: Sequence[Request]) -> list[Stream]:
+        """Queues every request or none (a server request's n completions of each prompt):
+        QueueFullError when they do not fit the queue now, NeocoreError when they never could."""
+        for request in requests:
+            self.check(request)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        stream = Stream(request, loop)
+        streams = [Stream(request, loop) for request in requests]
         with self._work:
             if self._closed:
                 raise EngineClosedError("the engine is shutting down")
-            free_places = self.max_batch - len(self._running)
-            if self.max_queue is not None and len(self._waiting) - free_places >= self.max_queue:
-                raise QueueFullError(f"{len(self._waiting)} requests are already waiting")
-            self._waiting.append((stream, time.monotonic()))
-            self.stats.requests += 1
+            if self.max_queue is not None:
+                if len(streams) > self.max_batch + self.max_queue:
+                    raise NeocoreError(f"{len(streams)} sequences asked for at once; this engine runs "
+                                       f"{self.max_batch} and queues {self.max_queue} at most")
+                free_places = self.max_batch - len(self._running)
+                if len(self._waiting) + len(streams) - free_places > self.max_queue:
+                    raise QueueFullError(f"{len(self._waiting)} requests are already waiting")
+            now = time.monotonic()
+            self._waiting.extend((stream, now) for stream in streams)
+            self.stats.requests += len(streams)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="neocore-engine", daemon=True)
                 self._thread.start()
             self._work.notify()
-        return stream
+        return streams
 
     @property
     def queue_depth(self) -> int:
@@ -297,6 +308,7 @@ class Engine:
                 stream, submitted = self._waiting.popleft()
                 if stream.cancelled:
                     stream._put(Chunk([], finish_reason="cancelled"))
+                    self.stats.finished += 1
                     continue
                 seq = _Sequence(stream, self._free_slots.pop(), self.model.tokenizer, submitted)
                 self._running.append(seq)

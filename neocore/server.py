@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator
 
 from . import chat
 from .engine import Chunk, Engine, Request, Stream, TokenLogprob
-from .errors import ContextError, EngineClosedError, NeocoreError, QueueFullError
+from .errors import ContextError, EngineClosedError, NeocoreError, QueueFullError, TokenizerError
 from .sampling import SamplingParams
 
 try:
@@ -31,6 +31,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 MAX_N = 16          # completions one request may ask for per prompt
 MAX_STOPS = 4       # as OpenAI
+DISCONNECT_POLL_SECONDS = 0.1
 
 
 class ApiError(Exception):
@@ -59,12 +60,15 @@ class Served:
 
 
 # ---- reading a request ------------------------------------------------------------------------
+_KIND_NAMES = {(bool,): "true or false", (int,): "an integer", (int, float): "a number", (str,): "a string"}
+
+
 def _field(body: dict, name: str, kinds: tuple, default: Any, check=None, rule: str = "") -> Any:
     value = body.get(name, default)
     if value is None:
         return default
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        raise ApiError(400, f"'{name}' must be {rule or ' or '.join(k.__name__ for k in kinds)}", name)
+        raise ApiError(400, f"'{name}' must be {rule or _KIND_NAMES[kinds]}", name)
     if check is not None and not check(value):
         raise ApiError(400, f"'{name}' must be {rule}", name)
     return value
@@ -80,7 +84,7 @@ def _sampling(body: dict) -> tuple[SamplingParams, int, int | None, list[str]]:
     penalty = _field(body, "repetition_penalty", number, 1.0, lambda v: math.isfinite(v) and v > 0,
                      "a number > 0")
     n = _field(body, "n", (int,), 1, lambda v: 1 <= v <= MAX_N, f"an integer between 1 and {MAX_N}")
-    seed = _field(body, "seed", (int,), None, lambda v: 0 <= v < 2 ** 63, "a non-negative integer")
+    seed = _field(body, "seed", (int,), None, lambda v: 0 <= v < 2 ** 63, "an integer in [0, 2**63)")
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) for s in stops):
@@ -93,13 +97,26 @@ def _sampling(body: dict) -> tuple[SamplingParams, int, int | None, list[str]]:
     return SamplingParams(float(temperature), top_k, float(top_p), float(penalty)), n, seed, stops
 
 
+def _encode(served: Served, text: str, param: str) -> list[int]:
+    """The token ids of text. Text longer than the context could hold whatever its tokens (each
+    token is at most longest_token bytes) is refused before it is tokenized."""
+    model = served.model
+    if len(text) > model.context_length * model.tokenizer.longest_token:
+        raise ApiError(400, f"the {param} is {len(text)} characters long, more than a context of "
+                            f"{model.context_length} tokens can hold", param, "context_length_exceeded")
+    try:
+        return model.tokenizer.encode(text)
+    except TokenizerError as exc:
+        raise ApiError(400, str(exc), param) from None
+
+
 def _prompts(served: Served, prompt: Any) -> list[list[int]]:
     """A string, a list of strings, a list of token ids, or a list of such lists."""
     tokenizer, vocab = served.model.tokenizer, served.model.config.vocab_size
 
     def ids_of(item: Any) -> list[int]:
         if isinstance(item, str):
-            return tokenizer.encode(item) or [tokenizer.eos_id]
+            return _encode(served, item, "prompt") or [tokenizer.eos_id]
         if isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
             if not all(0 <= t < vocab for t in item):
                 raise ApiError(400, f"token ids must lie in [0, {vocab})", "prompt")
@@ -116,6 +133,8 @@ async def _body(request: HttpRequest) -> dict:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ApiError(400, "the request body is not valid JSON") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return body
@@ -123,29 +142,26 @@ async def _body(request: HttpRequest) -> dict:
 
 def _submit_all(served: Served, requests: list[Request]) -> list[Stream]:
     """Queues every request or none (the queue's limit applies to the whole set)."""
-    streams: list[Stream] = []
     try:
-        for request in requests:
-            streams.append(served.engine.submit(request))
+        return served.engine.submit_all(requests)
     except QueueFullError as exc:
-        for stream in streams:
-            stream.cancel()
         served.rejected += 1
         raise ApiError(429, f"the server is busy ({exc}); try again shortly", code="queue_full",
                        kind="rate_limit_error", headers={"Retry-After": "1"}) from None
     except EngineClosedError:
-        for stream in streams:
-            stream.cancel()
         raise ApiError(503, "the server is shutting down", kind="server_error") from None
     except ContextError as exc:
-        for stream in streams:
-            stream.cancel()
         raise ApiError(400, str(exc), "prompt", "context_length_exceeded") from None
     except NeocoreError as exc:
-        for stream in streams:
-            stream.cancel()
         raise ApiError(400, str(exc)) from None
-    return streams
+
+
+async def _cancel_on_disconnect(http: HttpRequest, streams: list[Stream]) -> None:
+    """Cancels the streams once the client has gone (a non-streamed answer nobody will read)."""
+    while not await http.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+    for stream in streams:
+        stream.cancel()
 
 
 async def _merged(streams: list[Stream]) -> AsyncIterator[tuple[int, Chunk]]:
@@ -189,6 +205,8 @@ class _Completions:
         self.served = served
         self.params, self.n, self.seed, self.stops = _sampling(body)
         self.max_tokens = _field(body, "max_tokens", (int,), 16, lambda v: v >= 1, "an integer >= 1")
+        if _field(body, "best_of", (int,), self.n) != self.n:
+            raise ApiError(400, "'best_of' other than n is not supported", "best_of")
         self.echo = _field(body, "echo", (bool,), False)
         self.logprobs = _field(body, "logprobs", (int,), None, lambda v: 0 <= v <= 5,
                                "an integer between 0 and 5")
@@ -239,9 +257,8 @@ class _ChatCompletions:
         self.served = served
         self.params, self.n, self.seed, stops = _sampling(body)
         self.stops = chat.STOPS + stops
-        limit = body.get("max_completion_tokens", body.get("max_tokens"))
-        self.max_tokens = _field({"max_tokens": limit}, "max_tokens", (int,), 128, lambda v: v >= 1,
-                                 "an integer >= 1")
+        limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        self.max_tokens = _field(body, limit, (int,), 128, lambda v: v >= 1, "an integer >= 1")
         want = _field(body, "logprobs", (bool,), False)
         top = _field(body, "top_logprobs", (int,), 0, lambda v: 0 <= v <= 20, "an integer between 0 and 20")
         self.logprobs = top if want else None
@@ -253,7 +270,7 @@ class _ChatCompletions:
                     and isinstance(m.get("content"), str)):
                 raise ApiError(400, f"messages[{i}] must have a role (system, developer, user or assistant) "
                                     f"and string content", f"messages[{i}]")
-        self.prompt = served.model.tokenizer.encode(chat.transcript(messages))
+        self.prompt = _encode(served, chat.transcript(messages), "messages")
 
     def requests(self) -> list[Request]:
         return [Request(self.prompt, self.params, self.max_tokens, self.seed, j, self.stops, logprobs=self.logprobs)
@@ -282,7 +299,7 @@ class _ChatCompletions:
         return {"index": index, "delta": delta, "logprobs": self._logprobs(entries), "finish_reason": finish}
 
 
-async def _generate(served: Served, shape: Any, stream: bool) -> Any:
+async def _generate(http: HttpRequest, served: Served, shape: Any, stream: bool) -> Any:
     streams = _submit_all(served, shape.requests())
     meta = {"id": f"{shape.prefix}-{secrets.token_hex(12)}", "created": int(time.time()), "model": served.name}
     prompt_tokens = sum(len(r.prompt) for r in (s.request for s in streams))
@@ -291,12 +308,16 @@ async def _generate(served: Served, shape: Any, stream: bool) -> Any:
         entries: list[list[TokenLogprob]] = [[] for _ in streams]
         finish: list[str | None] = [None] * len(streams)
         completion_tokens = 0
-        async for index, chunk in _merged(streams):
-            _check_error(chunk)
-            texts[index] += chunk.text
-            entries[index] += chunk.logprobs
-            finish[index] = chunk.finish_reason
-            completion_tokens += len(chunk.tokens)
+        watcher = asyncio.create_task(_cancel_on_disconnect(http, streams))
+        try:
+            async for index, chunk in _merged(streams):
+                _check_error(chunk)
+                texts[index] += chunk.text
+                entries[index] += chunk.logprobs
+                finish[index] = chunk.finish_reason
+                completion_tokens += len(chunk.tokens)
+        finally:
+            watcher.cancel()
         choices = [shape.choice(i, texts[i], entries[i], streams[i].prompt_logprobs, finish[i], True)
                    for i in range(len(streams))]
         return JSONResponse({**meta, "object": shape.kind, "choices": choices,
@@ -359,6 +380,26 @@ def _metrics(served: Served) -> str:
     return "\n".join(out) + "\n"
 
 
+class _ReplicaHeader:
+    """Names the serving replica (Ray Serve) in an x-neocore-replica header. Plain ASGI: a
+    BaseHTTPMiddleware (@app.middleware) would hide a client's disconnect from the routes."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        served = getattr(scope["app"].state, "served", None) if scope["type"] == "http" else None
+        if served is None or not served.replica:
+            return await self.app(scope, receive, send)
+        header = (b"x-neocore-replica", served.replica.encode())
+
+        async def send_naming_the_replica(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+        await self.app(scope, receive, send_naming_the_replica)
+
+
 def build_app() -> FastAPI:
     """The OpenAI-compatible app; set app.state.served (a Served) before it takes requests."""
     app = FastAPI(title="neocore", docs_url=None, redoc_url=None, openapi_url=None)
@@ -366,8 +407,8 @@ def build_app() -> FastAPI:
     def served_of(request: HttpRequest) -> Served:
         served: Served = request.app.state.served
         if served.api_key is not None and request.url.path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            if not secrets.compare_digest(header.encode(), f"Bearer {served.api_key}".encode()):
+            scheme, _, key = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(key.encode(), served.api_key.encode()):
                 raise ApiError(401, "invalid or missing API key (Authorization: Bearer ...)", code="invalid_api_key")
         return served
 
@@ -375,17 +416,15 @@ def build_app() -> FastAPI:
     async def api_error(request: HttpRequest, exc: ApiError) -> JSONResponse:
         return exc.response()
 
+    @app.exception_handler(NeocoreError)
+    async def neocore_error(request: HttpRequest, exc: NeocoreError) -> JSONResponse:
+        return ApiError(400, str(exc)).response()
+
     @app.exception_handler(HTTPException)
     async def http_error(request: HttpRequest, exc: HTTPException) -> JSONResponse:
         return ApiError(exc.status_code, str(exc.detail), code=str(exc.status_code)).response()
 
-    @app.middleware("http")
-    async def replica_header(request: HttpRequest, call_next):
-        response = await call_next(request)
-        replica = getattr(request.app.state, "served", None) and request.app.state.served.replica
-        if replica:
-            response.headers["x-neocore-replica"] = replica
-        return response
+    app.add_middleware(_ReplicaHeader)
 
     @app.get("/health")
     async def health(request: HttpRequest) -> dict:
@@ -407,13 +446,16 @@ def build_app() -> FastAPI:
     async def completions(request: HttpRequest) -> Any:
         served = served_of(request)
         body = await _body(request)
-        return await _generate(served, _Completions(served, body), _field(body, "stream", (bool,), False))
+        # tokenizing a long prompt takes a while: off the event loop, which serves everyone
+        shape = await asyncio.to_thread(_Completions, served, body)
+        return await _generate(request, served, shape, _field(body, "stream", (bool,), False))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HttpRequest) -> Any:
         served = served_of(request)
         body = await _body(request)
-        return await _generate(served, _ChatCompletions(served, body), _field(body, "stream", (bool,), False))
+        shape = await asyncio.to_thread(_ChatCompletions, served, body)
+        return await _generate(request, served, shape, _field(body, "stream", (bool,), False))
 
     return app
 

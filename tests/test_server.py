@@ -202,9 +202,15 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": [1, 2, 99999999]}, "prompt"),
     ("/v1/completions", {"prompt": "word " * 400}, "prompt"),
     ("/v1/completions", {"prompt": "hi", "stream": "yes"}, "stream"),
+    ("/v1/completions", {"prompt": "hi", "seed": 2 ** 63}, "seed"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 3}, "best_of"),
+    # more characters than 160 tokens of at most 128 bytes: refused before tokenizing
+    ("/v1/completions", {"prompt": "x" * (160 * 128 + 1)}, "prompt"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0]"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 50}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0},
+     "max_completion_tokens"),
 ]
 
 
@@ -214,7 +220,7 @@ def test_bad_requests_get_400_and_the_error_object(server, path, body, param):
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
-    if body.get("prompt") == "word " * 400:
+    if body.get("prompt") in ("word " * 400, "x" * (160 * 128 + 1)):
         assert error["code"] == "context_length_exceeded"
     assert httpx.get(server + "/health").status_code == 200  # still serving
 
@@ -231,14 +237,68 @@ def test_malformed_bodies_and_unknown_routes(server, client):
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices[0].text is not None
 
 
+def test_hostile_text_and_bodies_get_400(server, model):
+    """Lone UTF-16 surrogates (valid JSON escapes, not Unicode), JSON nested past Python's
+    recursion limit, and a single 20,000-letter word (n log n to tokenize, then too long)."""
+    cases = [(b'{"prompt": "caf\\ud800"}', "/v1/completions", "prompt"),
+             (b'{"prompt": ["ok", "\\udfff"]}', "/v1/completions", "prompt"),
+             (b'{"messages": [{"role": "user", "content": "\\ud83d"}]}', "/v1/chat/completions", "messages"),
+             (b"[" * 100_000 + b"]" * 100_000, "/v1/completions", None),
+             (b'{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "/v1/chat/completions", None),
+             (json.dumps({"prompt": "ab" * 10_000}).encode(), "/v1/completions", "prompt")]
+    for content, path, param in cases:
+        response = httpx.post(server + path, content=content, headers={"content-type": "application/json"},
+                              timeout=60)
+        assert response.status_code == 400, content[:40]
+        assert response.json()["error"]["param"] == param and response.json()["error"]["message"]
+    expected = model.generate("hi", max_new_tokens=5, temperature=0)
+    done = httpx.post(server + "/v1/completions", json={"prompt": "hi", "max_tokens": 5, "temperature": 0})
+    assert done.json()["choices"][0]["text"] == expected
+
+
+def test_a_temperature_below_float32_is_greedy(server, model):
+    expected = model.generate(PROMPTS[0], max_new_tokens=12, temperature=0)
+    body = b'{"prompt": "%s", "max_tokens": 12, "temperature": 1e-300}' % PROMPTS[0].encode()
+    response = httpx.post(server + "/v1/completions", content=body, headers={"content-type": "application/json"},
+                          timeout=60)
+    assert response.status_code == 200 and response.json()["choices"][0]["text"] == expected
+
+
+def test_more_sequences_than_the_server_ever_holds_get_400_not_429(server):
+    """8 running + 64 queued at most: 5 prompts x n=16 can never fit, so retrying is pointless."""
+    before = metrics(server)["neocore_requests_total"]
+    response = httpx.post(server + "/v1/completions", json={"prompt": ["a", "b", "c", "d", "e"], "n": 16}, timeout=60)
+    assert response.status_code == 400 and "80 sequences" in response.json()["error"]["message"]
+    assert metrics(server)["neocore_requests_total"] == before  # nothing was queued
+
+
+def test_a_non_streaming_client_that_disconnects_frees_its_slots(server):
+    before = metrics(server)
+    body = {"prompt": "x", "max_tokens": 159, "n": 16, "temperature": 0}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server + "/v1/completions", json=body, timeout=0.3)
+    deadline = time.monotonic() + 30
+    while httpx.get(server + "/health").json()["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = metrics(server)
+    assert httpx.get(server + "/health").json()["active"] == 0
+    # cancelled: far fewer than the 16 x 159 tokens asked for
+    assert after["neocore_generated_tokens_total"] - before["neocore_generated_tokens_total"] < 16 * 159 / 2
+    assert after["neocore_requests_finished_total"] == after["neocore_requests_total"]
+
+
 def test_api_key(tiny):
     with running_server(tiny, "--api-key", "s3cret") as (base, _):
-        for header in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        for header in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                       {"Authorization": "Bearer  s3cret"}, {"Authorization": "Basic s3cret"}):
             response = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers=header)
             assert response.status_code == 401
             assert response.json()["error"]["code"] == "invalid_api_key"
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).models.list()
+        lower = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 2},
+                           headers={"Authorization": "bearer s3cret"})  # the scheme is case-insensitive
+        assert lower.status_code == 200
         good = openai.OpenAI(base_url=base + "/v1", api_key="s3cret", max_retries=0)
         assert good.completions.create(model="tiny", prompt="hi", max_tokens=3).usage.completion_tokens == 3
         assert httpx.get(base + "/health").status_code == 200  # health needs no key
