@@ -249,6 +249,17 @@ class _Completions:
         return {"index": index, "text": prefix + text, "logprobs": logprobs, "finish_reason": finish}
 
 
+def _message_text(content: Any) -> str | None:
+    """A message's text: a string, or OpenAI's list of parts ({"type": "text", "text": ...},
+    joined); None for anything else (images and audio included)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    return None
+
+
 class _ChatCompletions:
     """/v1/chat/completions over the transcript format of `neocore chat`."""
     kind, chunk_kind, prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
@@ -265,12 +276,14 @@ class _ChatCompletions:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "'messages' must be a non-empty list", "messages")
+        texts = []
         for i, m in enumerate(messages):
-            if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant", "developer")
-                    and isinstance(m.get("content"), str)):
+            content = _message_text(m.get("content")) if isinstance(m, dict) else None
+            if content is None or m.get("role") not in ("system", "user", "assistant", "developer"):
                 raise ApiError(400, f"messages[{i}] must have a role (system, developer, user or assistant) "
-                                    f"and string content", f"messages[{i}]")
-        self.prompt = _encode(served, chat.transcript(messages), "messages")
+                                    f"and content: a string or a list of text parts", f"messages[{i}]")
+            texts.append({"role": m["role"], "content": content})
+        self.prompt = _encode(served, chat.transcript(texts), "messages")
 
     def requests(self) -> list[Request]:
         return [Request(self.prompt, self.params, self.max_tokens, self.seed, j, self.stops, logprobs=self.logprobs)

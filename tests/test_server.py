@@ -126,6 +126,10 @@ def test_chat_completion_uses_the_chat_transcript(client, model):
     streamed = client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0,
                                               stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected
+    parts = [{"role": "system", "content": [{"type": "text", "text": "A conversation."}]},
+             {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "a lighthouse?"}]}]
+    done = client.chat.completions.create(model="tiny", messages=parts, max_tokens=24, temperature=0)
+    assert done.choices[0].message.content == expected
 
 
 def test_models_health_and_metrics(client, server):
@@ -208,6 +212,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x" * (160 * 128 + 1)}, "prompt"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0]"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages[0]"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 50}, "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0},
      "max_completion_tokens"),
