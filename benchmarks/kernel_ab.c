@@ -1,0 +1,85 @@
+/* kernel_ab.c: two builds of the matrix kernels, A and B, timed on a model's matrices from
+ * memory, alternating A and B every pass (the order swapped every other pass) so that a
+ * shared host's slow spells fall on both. bf16 weights of random values; per pass every layer's
+ * qkv, out, fc and proj matrix, and for decode the tied head as well.
+ *
+ *   gcc -O3 -fopenmp -fno-math-errno -fPIC -shared -Icsrc csrc/matmul.c csrc/matmul_avx512.c \
+ *       csrc/cpu_features.c -o /tmp/libB.so -lm          (and libA.so from the other checkout)
+ *   gcc -O2 -Icsrc benchmarks/kernel_ab.c -o /tmp/kernel_ab -ldl
+ *   /tmp/kernel_ab /tmp/libA.so /tmp/libB.so decode|prefill ROWS THREADS PASSES [HIDDEN LAYERS]
+ *
+ * decode runs matvec_forward (the decode kernel), prefill matmul_forward (the packed GEMM);
+ * HIDDEN and LAYERS default to 125M's 768 and 12. Prints the median, quartiles and minimum
+ * of each build's pass times. */
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include "neocore.h"
+
+typedef void Kernel(float *out, const float *x, const NeoMatrix *w, const float *bias, int T, int K,
+                    int N, int accumulate, int n_threads, NeoIsa isa);
+
+static double now(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+static int by_value(const void *a, const void *b)
+{
+    const double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static NeoMatrix random_bf16(size_t rows, size_t cols)
+{
+    uint16_t *w = malloc(sizeof(uint16_t) * rows * cols);
+    for (size_t i = 0; i < rows * cols; i++) w[i] = 0x3c00 + (rand() & 0xff);  /* about 0.008 .. 0.016 */
+    return (NeoMatrix){NEO_BF16, w, NULL};
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 7) {
+        fprintf(stderr, "usage: %s libA.so libB.so decode|prefill ROWS THREADS PASSES [HIDDEN LAYERS]\n", argv[0]);
+        return 2;
+    }
+    const int decode = strcmp(argv[3], "decode") == 0, T = atoi(argv[4]), threads = atoi(argv[5]);
+    const int passes = atoi(argv[6]), H = argc > 7 ? atoi(argv[7]) : 768, layers = argc > 8 ? atoi(argv[8]) : 12;
+    Kernel *kernel[2];
+    for (int v = 0; v < 2; v++) {
+        void *lib = dlopen(argv[1 + v], RTLD_NOW | RTLD_LOCAL);
+        if (!lib) {
+            fprintf(stderr, "%s\n", dlerror());
+            return 1;
+        }
+        kernel[v] = (Kernel *)dlsym(lib, decode ? "matvec_forward" : "matmul_forward");
+    }
+    const int shape[4][2] = {{3 * H, H}, {H, H}, {4 * H, H}, {H, 4 * H}};  /* [N, K]: qkv, out, fc, proj */
+    NeoMatrix *w = malloc(sizeof(NeoMatrix) * layers * 4);
+    for (int i = 0; i < layers * 4; i++) w[i] = random_bf16(shape[i % 4][0], shape[i % 4][1]);
+    const int vocab = 50257;
+    const NeoMatrix head = decode ? random_bf16(vocab, H) : (NeoMatrix){NEO_BF16, NULL, NULL};
+    float *x = malloc(sizeof(float) * T * 4 * H), *out = malloc(sizeof(float) * T * (vocab > 4 * H ? vocab : 4 * H));
+    for (int i = 0; i < T * 4 * H; i++) x[i] = rand() / (float)RAND_MAX - 0.5f;
+    double *seconds = malloc(sizeof(double) * 2 * passes);
+    for (int p = 0; p < passes; p++)
+        for (int i = 0; i < 2; i++) {
+            const int v = p % 2 ? 1 - i : i;
+            const double start = now();
+            for (int m = 0; m < layers * 4; m++)
+                kernel[v](out, x, &w[m], NULL, T, shape[m % 4][1], shape[m % 4][0], 0, threads, NEO_ISA_AVX2);
+            if (decode) kernel[v](out, x, &head, NULL, T, H, vocab, 0, threads, NEO_ISA_AVX2);
+            seconds[v * passes + p] = now() - start;
+        }
+    for (int v = 0; v < 2; v++) {
+        double *s = seconds + v * passes;
+        qsort(s, passes, sizeof(double), by_value);
+        printf("%s: median %.2f ms (quartiles %.2f-%.2f, min %.2f)\n", v ? "B" : "A", s[passes / 2] * 1e3,
+               s[passes / 4] * 1e3, s[3 * passes / 4] * 1e3, s[0] * 1e3);
+    }
+    return 0;
+}
