@@ -483,21 +483,21 @@ TARGET_AVX2 void pack_panel(float *panel, const NeoMatrix *w, int n0, int K, int
         pack_panel_as(NEO_F32, prefetch, panel, w, n0, K, N, width);
 }
 
-/* out[t0.., n0..n0+PANEL) for GEMM_ROWS rows of x: broadcast x[t, k] against the packed row k.
- * Rows past T are read as row T-1 and not stored. */
-TARGET_AVX2 static void gemm_tile_avx2(float *out, const float *x, const float *panel, const float *bias,
-                                       int t0, int n0, int T, int K, int N, int accumulate)
+/* out[t0.., n0..n0+PANEL) for R <= GEMM_ROWS rows of x: broadcast x[t, k] against the packed
+ * row k. R is a constant where inlined, so that the tile stays in registers. */
+INLINE_AVX2 void gemm_rows_avx2(const int R, float *out, const float *x, const float *panel, const float *bias,
+                                int t0, int n0, int T, int K, int N, int accumulate)
 {
     const float *xr[GEMM_ROWS];
     __m256 acc[GEMM_ROWS][2];
-    for (int i = 0; i < GEMM_ROWS; i++) {
-        xr[i] = x + (size_t)(t0 + i < T ? t0 + i : T - 1) * K;
+    for (int i = 0; i < R; i++) {
+        xr[i] = x + (size_t)(t0 + i) * K;
         acc[i][0] = acc[i][1] = _mm256_setzero_ps();
     }
     for (int k = 0; k < K; k++) {
         __m256 w0 = _mm256_loadu_ps(panel + (size_t)k * PANEL);
         __m256 w1 = _mm256_loadu_ps(panel + (size_t)k * PANEL + 8);
-        for (int i = 0; i < GEMM_ROWS; i++) {
+        for (int i = 0; i < R; i++) {
             /* set1, not broadcast_ss(pointer): with the pointer GCC kept the sums in memory */
             __m256 xv = _mm256_set1_ps(xr[i][k]);
             acc[i][0] = _mm256_fmadd_ps(xv, w0, acc[i][0]);
@@ -506,11 +506,28 @@ TARGET_AVX2 static void gemm_tile_avx2(float *out, const float *x, const float *
     }
     /* Spill with constant indices only: a variable index would keep acc in memory all along. */
     float tile[GEMM_ROWS][PANEL];
-    for (int i = 0; i < GEMM_ROWS; i++) {
+    for (int i = 0; i < R; i++) {
         _mm256_storeu_ps(tile[i], acc[i][0]);
         _mm256_storeu_ps(tile[i] + 8, acc[i][1]);
     }
-    store_tile(out, &tile[0][0], GEMM_ROWS, PANEL, bias, t0, n0, T, N, accumulate);
+    store_tile(out, &tile[0][0], R, PANEL, bias, t0, n0, T, N, accumulate);
+}
+
+/* The GEMM tile: GEMM_ROWS rows of x, or the rows left at the end of x (a short prompt's 8
+ * rows are a tile of 6 and one of 2, not two of 6). Every output is summed along k in order
+ * whatever the tile, so the tile's size never changes a bit. */
+_Static_assert(GEMM_ROWS == 6, "gemm_tile_avx2 has a case for every tile size");
+TARGET_AVX2 static void gemm_tile_avx2(float *out, const float *x, const float *panel, const float *bias,
+                                       int t0, int n0, int T, int K, int N, int accumulate)
+{
+    switch (T - t0 < GEMM_ROWS ? T - t0 : GEMM_ROWS) {
+    case 6: gemm_rows_avx2(6, out, x, panel, bias, t0, n0, T, K, N, accumulate); break;
+    case 5: gemm_rows_avx2(5, out, x, panel, bias, t0, n0, T, K, N, accumulate); break;
+    case 4: gemm_rows_avx2(4, out, x, panel, bias, t0, n0, T, K, N, accumulate); break;
+    case 3: gemm_rows_avx2(3, out, x, panel, bias, t0, n0, T, K, N, accumulate); break;
+    case 2: gemm_rows_avx2(2, out, x, panel, bias, t0, n0, T, K, N, accumulate); break;
+    default: gemm_rows_avx2(1, out, x, panel, bias, t0, n0, T, K, N, accumulate);
+    }
 }
 
 void gemm_panels(GemmTile *tile, int width, int rows, float *out, const float *x, const NeoMatrix *w,
