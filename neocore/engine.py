@@ -32,7 +32,7 @@ class Request:
     """What to generate: prompt token ids, sampling, and when to stop."""
     prompt: Sequence[int]
     params: SamplingParams = field(default_factory=SamplingParams)
-    max_new_tokens: int = 128
+    max_new_tokens: int = 128    # 0: read the prompt only (with prompt_logprobs, to score it)
     seed: int | None = None
     seed_index: int = 0          # which of a seed's sequences this is (a batch's prompt index)
     stop: Sequence[str] = ()     # stop before these strings (text mode only)
@@ -221,8 +221,8 @@ class Engine:
             raise ContextError(f"the prompt is {len(request.prompt)} tokens long; the context holds "
                                f"{model.context_length}, and room is needed for at least one new token")
         if isinstance(request.max_new_tokens, bool) or not isinstance(request.max_new_tokens, int) \
-                or request.max_new_tokens < 1:
-            raise NeocoreError(f"max_new_tokens must be an integer >= 1, got {request.max_new_tokens!r}")
+                or request.max_new_tokens < 0:
+            raise NeocoreError(f"max_new_tokens must be an integer >= 0, got {request.max_new_tokens!r}")
         if request.text and model.tokenizer is None:
             raise NeocoreError(f"{model.path}: no tokenizer files to turn tokens into text")
         if request.logprobs is not None and not 0 <= request.logprobs <= 20:
@@ -367,7 +367,10 @@ class Engine:
             seq.fed += len(rows)
             self.stats.prompt_tokens += len(rows)
             if not seq.pending:
-                choosers.append((seq, logits[at]))
+                if seq.request.max_new_tokens:
+                    choosers.append((seq, logits[at]))
+                else:  # the prompt (and its logprobs) was all it asked for: a scoring request
+                    self._finish(seq, "length")
                 at += 1
             elif seq.request.prompt_logprobs:
                 at += 1

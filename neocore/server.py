@@ -204,7 +204,8 @@ class _Completions:
     def __init__(self, served: Served, body: dict):
         self.served = served
         self.params, self.n, self.seed, self.stops = _sampling(body)
-        self.max_tokens = _field(body, "max_tokens", (int,), 16, lambda v: v >= 1, "an integer >= 1")
+        # 0 with echo and logprobs scores the prompt, as OpenAI's legacy completions did
+        self.max_tokens = _field(body, "max_tokens", (int,), 16, lambda v: v >= 0, "an integer >= 0")
         if _field(body, "best_of", (int,), self.n) != self.n:
             raise ApiError(400, "'best_of' other than n is not supported", "best_of")
         self.echo = _field(body, "echo", (bool,), False)

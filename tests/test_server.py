@@ -103,6 +103,21 @@ def test_prompt_lists_n_seed_stop_and_echo(client, model):
     assert all(len(top) == 2 for top in lp.top_logprobs[1:])
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt(client, model):
+    """OpenAI's legacy idiom for a prompt's log-probabilities: nothing is generated, and each
+    prompt token's logprob is the one a generating request reports for it."""
+    prompt = PROMPTS[5]
+    scored = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    generated = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                          logprobs=1)
+    n = len(model.tokenizer.encode(prompt))
+    choice = scored.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length" and scored.usage.completion_tokens == 0
+    assert choice.logprobs.tokens == generated.choices[0].logprobs.tokens[:n]
+    assert choice.logprobs.token_logprobs == generated.choices[0].logprobs.token_logprobs[:n]
+    assert choice.logprobs.token_logprobs[0] is None and all(lp < 0 for lp in choice.logprobs.token_logprobs[1:])
+
+
 def test_streamed_logprobs_offsets_count_from_the_start_of_the_choice(client):
     """As OpenAI's legacy streams do: text_offset runs on across chunks, so a streamed choice's
     logprobs are the non-streamed ones cut into pieces."""
@@ -194,7 +209,7 @@ def test_a_client_that_disconnects_frees_its_slot(client, model, server):
 
 BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "temperature": 5}, "temperature"),
-    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "n": 0}, "n"),
     ("/v1/completions", {"prompt": "hi", "top_p": 0}, "top_p"),
