@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import time
 from dataclasses import asdict
@@ -253,6 +254,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise NeocoreError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.ray_replicas < 0:
         raise NeocoreError(f"--ray-replicas must be >= 0, got {args.ray_replicas}")
+    try:  # before the load: uvicorn would only find out after printing that it is serving
+        socket.getaddrinfo(args.host, args.port)
+    except (OSError, UnicodeError) as exc:
+        raise NeocoreError(f"--host {args.host!r} is not an address this machine can listen on ({exc})") from None
     if args.ray_replicas:
         from .ray import run  # replicas load the model themselves: this process never does
         run(model_spec(args), args.ray_replicas, args.threads, args.host, args.port, max_batch=args.max_batch,

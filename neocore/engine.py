@@ -225,6 +225,9 @@ class Engine:
             raise NeocoreError(f"max_new_tokens must be an integer >= 0, got {request.max_new_tokens!r}")
         if request.text and model.tokenizer is None:
             raise NeocoreError(f"{model.path}: no tokenizer files to turn tokens into text")
+        if request.seed is not None and (isinstance(request.seed, bool) or not isinstance(request.seed, int)
+                                         or not 0 <= request.seed < 2 ** 63):
+            raise NeocoreError(f"seed must be an integer in [0, 2**63), got {request.seed!r}")
         if request.logprobs is not None and not 0 <= request.logprobs <= 20:
             raise NeocoreError(f"logprobs must be between 0 and 20, got {request.logprobs}")
 
@@ -310,7 +313,13 @@ class Engine:
                     stream._put(Chunk([], finish_reason="cancelled"))
                     self.stats.finished += 1
                     continue
-                seq = _Sequence(stream, self._free_slots.pop(), self.model.tokenizer, submitted)
+                try:
+                    seq = _Sequence(stream, self._free_slots[-1], self.model.tokenizer, submitted)
+                except Exception as exc:  # a request check() let through must still get an answer
+                    stream._put(Chunk([], finish_reason="error", error=str(exc) or type(exc).__name__))
+                    self.stats.finished += 1
+                    continue
+                self._free_slots.pop()
                 self._running.append(seq)
 
     def step(self) -> None:

@@ -273,6 +273,10 @@ def resolve_config(folder: Path, checkpoint: Checkpoint, config: str | os.PathLi
     return GPTNeoConfig.from_file(Path(config) if config else folder / "config.json", overrides)
 
 
+
+MAX_THREADS = 1024  # OpenMP threads one model may use (the C side takes an int)
+
+
 def load(path: str | os.PathLike, dtype: str | None = None, threads: int | None = None,
          context: int | None = None, isa: str | None = None, config: str | os.PathLike | None = None,
          progress: Callable[[int, int], None] | None = None, compute: str | None = None,
@@ -304,8 +308,8 @@ def load(path: str | os.PathLike, dtype: str | None = None, threads: int | None 
     if not 1 <= context <= cfg.max_position_embeddings:
         raise ConfigError(f"context must be between 1 and {cfg.max_position_embeddings}, got {context}")
     threads = usable_cores() if threads is None else int(threads)
-    if threads < 1:
-        raise NeocoreError(f"threads must be >= 1, got {threads}")
+    if not 1 <= threads <= MAX_THREADS:
+        raise NeocoreError(f"threads must be between 1 and {MAX_THREADS}, got {threads}")
     if not _core.built_with_openmp():
         threads = 1
     chosen_isa = kernel_path(isa)

@@ -233,9 +233,29 @@ def test_engine_refuses_bad_requests(tiny):
     with pytest.raises(neocore.NeocoreError, match="token ids"):
         engine.submit(Request([50257], GREEDY, 5))
     with pytest.raises(neocore.NeocoreError, match="max_new_tokens"):
-        engine.submit(Request([1], GREEDY, 0))
+        engine.submit(Request([1], GREEDY, -1))
+    for seed in (-1, 2 ** 70, 1.5, True):  # refused at submit: numpy's generator would raise on the engine's thread
+        with pytest.raises(neocore.NeocoreError, match="seed"):
+            engine.submit(Request([1], GREEDY, 5, seed=seed))
+    with pytest.raises(neocore.NeocoreError, match="seed"):
+        tiny.generate("hi", max_new_tokens=3, seed=-1)
     with pytest.raises(neocore.NeocoreError, match="max_batch"):
         Engine(tiny, max_batch=0)
+
+
+def test_a_request_that_fails_to_start_gets_its_error_and_the_engine_goes_on(tiny, monkeypatch):
+    """Whatever goes wrong while a request joins the batch ends that request with an error
+    (its caller waited for ever before) and nothing else."""
+    import neocore.engine as engine_module
+
+    def broken(seed, index=0):
+        raise ValueError("no generator today")
+    with monkeypatch.context() as patch:
+        patch.setattr(engine_module, "sequence_rng", broken)
+        stream = tiny.engine.submit(Request([1, 2], GREEDY, 3, text=False))
+        chunks = list(stream)
+    assert chunks[-1].finish_reason == "error" and "no generator today" in chunks[-1].error
+    assert tiny.generate_ids([1, 2], max_new_tokens=3) == tiny.generate_ids([1, 2], max_new_tokens=3)
 
 
 def test_queue_limit(reference_models):

@@ -111,7 +111,9 @@ def test_score_and_info(tiny, tmp_path):
     (["generate", "--top-p", "abc", "hi"], None, "invalid float value"),
     (["generate", "word " * 300], None, "the prompt is 301 tokens long; the context holds 160"),
     (["score", "/nonexistent/text.txt"], None, "cannot read the text file"),
-    (["generate", "--threads", "0", "hi"], None, "threads must be >= 1"),
+    (["generate", "--threads", "0", "hi"], None, "threads must be between 1 and 1024"),
+    (["generate", "--threads", str(2 ** 40), "hi"], None, "threads must be between 1 and 1024"),
+    (["generate", "--seed", "-1", "hi"], None, "seed must be an integer in [0, 2**63)"),
 ])
 def test_bad_input_is_one_line_and_a_failure(tiny, args, stdin, message):
     if "-m" not in args:

@@ -371,7 +371,8 @@ def test_sigterm_lets_running_requests_finish_and_exits_0(tiny, model):
 
 
 @pytest.mark.parametrize("flags, message", [(["--port", "70000"], "--port"), (["--max-queue", "-1"], "--max-queue"),
-                                            (["--max-batch", "0"], "max_batch")])
+                                            (["--max-batch", "0"], "max_batch"),
+                                            (["--host", "999.999.999.999"], "--host '999.999.999.999' is not an address")])
 def test_bad_serve_flags_are_one_line_errors(tiny, flags, message):
     done = subprocess.run([sys.executable, "-m", "neocore", "serve", "-m", str(tiny), *flags],
                           capture_output=True, text=True, timeout=60,
