@@ -208,7 +208,10 @@ StorageLocator = Callable[[str, str, int], tuple[Path, int]]
 def _rebuild_tensor(storage: _Storage, storage_offset: int, size: tuple, stride: tuple,
                     *_ignored: Any) -> TensorRef:
     """torch._utils._rebuild_tensor_v2, reduced to where the bytes are. Needs C order."""
-    shape = tuple(int(d) for d in size)
+    if not isinstance(storage, _Storage) or isinstance(storage_offset, bool) or not isinstance(storage_offset, int) \
+            or storage_offset < 0 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in size):
+        raise pickle.UnpicklingError("a tensor whose storage, offset or size is not what torch writes")
+    shape = tuple(size)
     expected, step = [], 1
     for d in reversed(shape):
         expected.append(step)
@@ -236,6 +239,11 @@ def _refuse(module: str, name: str) -> None:
                                  f"tensors and dicts (the pickle tries to run code)")
 
 
+def _plain_name(name: str) -> bool:
+    """A file name with no directory in it: what torch's storage keys and HF's shard names are."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
 class _RestrictedUnpickler(pickle._Unpickler):
     """Admits OrderedDict, torch's tensor and Parameter rebuild functions and storage types;
     nothing else. The pure-Python unpickler, because the C one sizes its memo by the indices
@@ -259,13 +267,26 @@ class _RestrictedUnpickler(pickle._Unpickler):
             return _StorageType(STORAGE_TYPES[name])
         _refuse(module, name)
 
+    def load_build(self) -> None:
+        """BUILD sets an object's state: allowed on the state dict (torch stores its _metadata
+        so), refused on what stands for tensors and storages, which it could repoint."""
+        if isinstance(self.stack[-2], (TensorRef, _Storage, _StorageType)):
+            raise pickle.UnpicklingError("the pickle rewrites a tensor's or a storage's fields")
+        super().load_build()
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = load_build
+
     def persistent_load(self, pid: Any) -> _Storage:
         # torch writes ("storage", storage_type, key, location, numel)
+        # (its type only in the message: the repr of a hostile nested tuple never ends)
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[4], int)):
-            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
+                and isinstance(pid[1], _StorageType) and isinstance(pid[4], int) and pid[4] >= 0):
+            raise pickle.UnpicklingError(f"unexpected persistent id (a {type(pid).__name__})")
         _, storage_type, key, _location, numel = pid
         key = str(key)
+        if not _plain_name(key):
+            raise pickle.UnpicklingError(f"storage key {key[:80]!r} is not a plain file name")
         if key not in self._storages:
             path, offset = self._locate(key, storage_type.dtype, numel)
             self._storages[key] = _Storage(path, offset, storage_type.dtype, numel)
@@ -300,6 +321,7 @@ def _zip_member_offset(f, info: zipfile.ZipInfo) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
+MAX_PICKLE_BYTES = 64 << 20  # a zip member read into memory (data.pkl, byteorder): no bombs
 # What zipfile raises on a damaged archive (a garbled name is a UnicodeDecodeError, a ValueError)
 ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error, NotImplementedError)
 
@@ -333,6 +355,10 @@ def read_torch_zip(path: Path) -> dict[str, TensorRef]:
             _check_extent(path, member, offset, nbytes, size)
             return path, offset
 
+        for member in (pickles[0], top + "byteorder"):
+            if member in zf.namelist() and zf.getinfo(member).file_size > MAX_PICKLE_BYTES:
+                raise CheckpointError(f"{path}: {member} would inflate to {zf.getinfo(member).file_size} bytes; "
+                                      f"a state dict's pickle is a few kB")
         try:
             data = zf.read(pickles[0])
             byteorder = zf.read(top + "byteorder").strip() if top + "byteorder" in zf.namelist() else b"little"
@@ -359,8 +385,11 @@ def _read_sharded(index: Path, reader: Callable[[Path], dict[str, TensorRef]]) -
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         shards = sorted(set(weight_map.values()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError, RecursionError):
         raise CheckpointError(f"{index}: not a valid index file (needs a 'weight_map' object)") from None
+    outside = [shard for shard in shards if not _plain_name(shard)]
+    if outside:
+        raise CheckpointError(f"{index}: shard {str(outside[0])[:80]!r} is not a file name in the model folder")
     tensors: dict[str, TensorRef] = {}
     for shard in shards:
         shard_path = index.parent / shard

@@ -147,13 +147,16 @@ def _expand_attention_types(types: Any, source: str) -> list[str]:
     """[[["global", "local"], 12]] -> ["global", "local", ...] (24 entries), as transformers does."""
     if types is None:
         raise ConfigError(f"{source}: attention_types is missing")
-    layers: list[str] = []
     try:
-        for kinds, repeat in types:
-            if not isinstance(repeat, int) or repeat < 0 or not isinstance(kinds, list):
-                raise TypeError
-            layers.extend(list(kinds) * repeat)
+        groups = [(list(kinds), repeat) for kinds, repeat in types]
+        if not all(isinstance(repeat, int) and not isinstance(repeat, bool) and repeat >= 0
+                   and all(isinstance(k, str) for k in kinds) for kinds, repeat in groups):
+            raise TypeError
     except (TypeError, ValueError):
         raise ConfigError(f"{source}: attention_types must look like [[['global', 'local'], 12]], "
-                          f"got {types!r}") from None
-    return layers
+                          f"got {types!r:.200}") from None
+    # counted before it is built: [[['global'], 10**18]] would not fit in memory
+    count = sum(len(kinds) * repeat for kinds, repeat in groups)
+    if count > C_INT_MAX:
+        raise ConfigError(f"{source}: attention_types describe {count} layers")
+    return [kind for kinds, repeat in groups for kind in kinds * repeat]

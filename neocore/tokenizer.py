@@ -141,10 +141,10 @@ class Tokenizer:
             raw_merges = model["merges"]
             lines = [m if isinstance(m, str) else " ".join(m) for m in raw_merges]
             added = [t["content"] for t in data.get("added_tokens", []) if t.get("special")]
+            for t in data.get("added_tokens", []):
+                vocab.setdefault(t["content"], t["id"])
         except (KeyError, TypeError, AttributeError):
             raise TokenizerError(f"{path}: not a BPE tokenizer.json") from None
-        for t in data.get("added_tokens", []):
-            vocab.setdefault(t["content"], t["id"])
         tokenizer = cls(_check_vocab(vocab, path), _parse_merges(path, lines), added or (ENDOFTEXT,))
         tokenizer.source = path
         return tokenizer
@@ -274,6 +274,11 @@ def _check_vocab(vocab: dict, path: Path) -> dict[str, int]:
     if not vocab or set(map(type, vocab)) != {str} or set(map(type, vocab.values())) != {int} \
             or min(vocab.values()) < 0:
         raise TokenizerError(f"{path}: the vocabulary must map token strings to ids >= 0")
+    # ids number the entries (GPT-2's 50257 are 0..50256): a stray huge id would size every
+    # table indexed by id
+    if max(vocab.values()) >= 2 * len(vocab):
+        raise TokenizerError(f"{path}: token id {max(vocab.values())} is far past the {len(vocab)} "
+                             f"entries of the vocabulary")
     return vocab
 
 

@@ -251,3 +251,101 @@ def test_loading_fp32_peaks_below_the_file_size(reference_models):
     peak = int(subprocess.run([sys.executable, "-c", code, str(ref.folder)], check=True,
                               capture_output=True, text=True).stdout)
     assert peak < weights.stat().st_size, f"peak RSS {peak >> 20} MiB vs file {weights.stat().st_size >> 20} MiB"
+
+
+# ---- hand-made pickles: what torch.save never writes, found by a fuzz -------------------------
+def _text(s: str) -> bytes:
+    b = s.encode()
+    return pickle.SHORT_BINUNICODE + bytes([len(b)]) + b
+
+
+def _global(module: str, name: str) -> bytes:
+    return pickle.GLOBAL + f"{module}\n{name}\n".encode()
+
+
+def _int(i: int) -> bytes:
+    return pickle.BININT + i.to_bytes(4, "little", signed=True)
+
+
+def _tensor(key: str = "0", offset: int = 0, numel: int = 4) -> bytes:
+    """_rebuild_tensor_v2 of a float storage `key`: numel values from offset, 1-D."""
+    storage = pickle.MARK + _text("storage") + _global("torch", "FloatStorage") + _text(key) + _text("cpu") \
+        + _int(numel) + pickle.TUPLE + pickle.BINPERSID
+    return _global("torch._utils", "_rebuild_tensor_v2") + pickle.MARK + storage + _int(offset) \
+        + pickle.MARK + _int(numel - max(offset, 0)) + pickle.TUPLE + pickle.MARK + _int(1) + pickle.TUPLE \
+        + pickle.NEWFALSE + _global("collections", "OrderedDict") + pickle.EMPTY_TUPLE + pickle.REDUCE \
+        + pickle.TUPLE + pickle.REDUCE
+
+
+def _state_dict(value: bytes) -> bytes:
+    return pickle.PROTO + b"\x02" + _global("collections", "OrderedDict") + pickle.EMPTY_TUPLE + pickle.REDUCE \
+        + _text("transformer.wte.weight") + value + pickle.SETITEM + pickle.STOP
+
+
+def _write_bin(folder: Path, data_pkl: bytes, compress_pickle: bool = False) -> Path:
+    folder.mkdir()
+    with zipfile.ZipFile(folder / "pytorch_model.bin", "w") as zf:
+        zf.writestr("archive/data.pkl", data_pkl, zipfile.ZIP_DEFLATED if compress_pickle else zipfile.ZIP_STORED)
+        zf.writestr("archive/byteorder", b"little")
+        zf.writestr("archive/data/0", np.arange(4, dtype=np.float32).tobytes())
+    return folder
+
+
+def test_the_hand_made_pickle_is_read_as_torch_writes_it(tmp_path):
+    from neocore.checkpoint import read_torch_zip
+    folder = _write_bin(tmp_path / "good", _state_dict(_tensor()))
+    ref = read_torch_zip(folder / "pytorch_model.bin")["transformer.wte.weight"]
+    assert ref.shape == (4,) and ref.dtype == "F32"
+
+
+HOSTILE_PICKLES = {
+    # BUILD would repoint the tensor at another file, or before its storage
+    "build": (_state_dict(_tensor() + pickle.EMPTY_DICT + _text("offset") + _int(0) + pickle.SETITEM + pickle.BUILD),
+              "rewrites a tensor's or a storage's fields"),
+    "negative offset": (_state_dict(_tensor(offset=-100)), "offset or size is not what torch writes"),
+    "negative numel": (_state_dict(_tensor(numel=-4)), "unexpected persistent id"),
+    "key with a path": (_state_dict(_tensor(key="../../etc/hostname")), "is not a plain file name"),
+    # a 60-level tuple whose every level holds the one below twice: its repr has 2^60 characters
+    "endless repr": (pickle.PROTO + b"\x02" + _global("collections", "OrderedDict") + pickle.EMPTY_TUPLE
+                     + pickle.REDUCE + _text("w") + _text("a") + pickle.BINPUT + b"\x00"
+                     + (pickle.BINGET + b"\x00" + pickle.BINGET + b"\x00" + pickle.TUPLE2 + pickle.BINPUT + b"\x00") * 60
+                     + pickle.BINPERSID + pickle.SETITEM + pickle.STOP, "unexpected persistent id \\(a tuple\\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_PICKLES))
+def test_hostile_pickles_are_refused_in_one_line(tmp_path, case):
+    from neocore.checkpoint import read_torch_zip
+    data, message = HOSTILE_PICKLES[case]
+    folder = _write_bin(tmp_path / "hostile", data)
+    with pytest.raises(neocore.CheckpointError, match=message):
+        read_torch_zip(folder / "pytorch_model.bin")
+
+
+def test_a_zip_bomb_is_not_inflated(tmp_path):
+    from neocore.checkpoint import read_torch_zip
+    bomb = _state_dict(_tensor())[:-1] + b"\x00" * (80 << 20) + pickle.STOP  # 80 MB of zeros, ~80 kB stored
+    folder = _write_bin(tmp_path / "bomb", bomb, compress_pickle=True)
+    assert (folder / "pytorch_model.bin").stat().st_size < 1 << 20
+    with pytest.raises(neocore.CheckpointError, match="would inflate to"):
+        read_torch_zip(folder / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("shard", ["../elsewhere/model.safetensors", "/tmp/model.safetensors", 7])
+def test_an_index_naming_files_outside_the_folder_is_refused(odd, tmp_path, shard):
+    folder = copy_config(odd.folder, tmp_path / "index")
+    names = load_file(str(odd.folder / "model.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: shard for n in names}}))
+    with pytest.raises(neocore.CheckpointError, match="is not a file name in the model folder"):
+        neocore.load(folder)
+
+
+def test_attention_types_are_counted_before_they_are_built(odd, tmp_path):
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    shutil.copy(odd.folder / "model.safetensors", folder / "model.safetensors")
+    config = json.loads((odd.folder / "config.json").read_text())
+    config["attention_types"] = [[["global"], 10 ** 18]]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(neocore.ConfigError, match="attention_types describe 1000000000000000000 layers"):
+        neocore.load(folder)

@@ -179,6 +179,22 @@ def test_broken_tokenizer_files(gpt2_tokenizer_dir, tmp_path):
             Tokenizer.from_dir(tmp_path)
 
 
+def test_an_id_far_past_the_vocabulary_is_refused(hf, gpt2_tokenizer_dir, tmp_path):
+    """Ids size the id -> bytes table: one id of 2e9 would allocate gigabytes on the first decode."""
+    shutil.copy(gpt2_tokenizer_dir / "merges.txt", tmp_path / "merges.txt")
+    vocab = json.loads((gpt2_tokenizer_dir / "vocab.json").read_text())
+    (tmp_path / "vocab.json").write_text(json.dumps({**vocab, "zz": 2_000_000_000}))
+    with pytest.raises(TokenizerError, match=r"token id 2000000000 is far past the \d+ entries"):
+        Tokenizer.from_dir(tmp_path)
+    (tmp_path / "vocab.json").unlink()
+    hf.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    data["added_tokens"].append({"id": 2_000_000_000, "content": "<|qqzz|>", "special": True})
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(TokenizerError, match="far past"):
+        Tokenizer.from_dir(tmp_path)
+
+
 def test_a_tokenizer_json_with_a_non_string_added_token_is_refused(hf, tmp_path):
     hf.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
     data = json.loads((tmp_path / "tokenizer.json").read_text())
