@@ -138,6 +138,8 @@ class GPTNeoConfig:
             raise ConfigError(f"{path}: no such file") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"{path}: not a readable JSON file ({exc})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not a readable JSON file (nested too deeply)") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object")
         return cls.from_dict(raw, str(path), overrides)

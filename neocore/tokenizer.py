@@ -264,6 +264,8 @@ def _read_json(path: Path, text: str | None = None) -> dict:
         data = json.loads(_read_text(path) if text is None else text)
     except json.JSONDecodeError as exc:
         raise TokenizerError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise TokenizerError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object")
     return data

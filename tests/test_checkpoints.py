@@ -349,3 +349,21 @@ def test_attention_types_are_counted_before_they_are_built(odd, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(neocore.ConfigError, match="attention_types describe 1000000000000000000 layers"):
         neocore.load(folder)
+
+
+def test_json_nested_past_the_recursion_limit_is_a_one_line_error(odd, tmp_path):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    (folder / "config.json").write_bytes(deep)
+    shutil.copy(odd.folder / "model.safetensors", folder / "model.safetensors")
+    with pytest.raises(neocore.ConfigError, match="config.json: not a readable JSON file \\(nested too deeply\\)"):
+        neocore.load(folder)
+    shutil.copy(odd.folder / "config.json", folder / "config.json")
+    (folder / "model.safetensors").write_bytes(len(deep).to_bytes(8, "little") + deep)
+    with pytest.raises(neocore.CheckpointError, match="model.safetensors: corrupt safetensors header"):
+        neocore.load(folder)
+    (folder / "vocab.json").write_bytes(deep)
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(neocore.TokenizerError, match="vocab.json: not valid JSON \\(nested too deeply\\)"):
+        neocore.Tokenizer.from_dir(folder)
