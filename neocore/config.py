@@ -10,6 +10,7 @@ from .errors import ConfigError
 
 ATTENTION_KINDS = ("global", "local")
 C_INT_MAX = 2**31 - 1  # sizes reach the engine as C ints
+MAX_LAYERS = 4096      # GPT-Neo 2.7B has 32: far past any real model, short of a per-layer list bomb
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ class GPTNeoConfig:
 
         hidden = integer("hidden_size")
         layers = integer("num_layers")
+        if layers > MAX_LAYERS:
+            raise ConfigError(f"{source}: num_layers is {layers}; neocore runs at most {MAX_LAYERS}")
         heads = integer("num_heads")
         if hidden % heads:
             raise ConfigError(f"{source}: hidden_size {hidden} is not divisible by num_heads {heads}")
@@ -94,7 +97,7 @@ class GPTNeoConfig:
         if overrides and "attention_layers" in overrides:
             attention = tuple(overrides["attention_layers"])
         else:
-            attention = tuple(_expand_attention_types(raw.get("attention_types"), source))
+            attention = tuple(_expand_attention_types(raw.get("attention_types"), layers, source))
         if len(attention) != layers:
             raise ConfigError(f"{source}: attention_types describe {len(attention)} layers, "
                               f"but num_layers is {layers}")
@@ -145,7 +148,7 @@ class GPTNeoConfig:
         return cls.from_dict(raw, str(path), overrides)
 
 
-def _expand_attention_types(types: Any, source: str) -> list[str]:
+def _expand_attention_types(types: Any, layers: int, source: str) -> list[str]:
     """[[["global", "local"], 12]] -> ["global", "local", ...] (24 entries), as transformers does."""
     if types is None:
         raise ConfigError(f"{source}: attention_types is missing")
@@ -159,6 +162,6 @@ def _expand_attention_types(types: Any, source: str) -> list[str]:
                           f"got {types!r:.200}") from None
     # counted before it is built: [[['global'], 10**18]] would not fit in memory
     count = sum(len(kinds) * repeat for kinds, repeat in groups)
-    if count > C_INT_MAX:
-        raise ConfigError(f"{source}: attention_types describe {count} layers")
+    if count != layers:
+        raise ConfigError(f"{source}: attention_types describe {count} layers, but num_layers is {layers}")
     return [kind for kinds, repeat in groups for kind in kinds * repeat]

@@ -201,6 +201,7 @@ def test_wrong_shape(odd, tmp_path):
     ({"attention_types": [[["global"], 2]]}, "attention_types describe 2 layers, but num_layers is 3"),
     ({"attention_types": [[["sparse"], 3]]}, "unknown attention type\\(s\\) \\[.sparse.\\]"),
     ({"hidden_size": "36"}, "hidden_size must be an integer"),
+    ({"num_layers": 10 ** 9}, "num_layers is 1000000000; neocore runs at most 4096"),
 ])
 def test_bad_config(odd, tmp_path, change, message):
     folder = tmp_path / "cfg"
@@ -347,7 +348,7 @@ def test_attention_types_are_counted_before_they_are_built(odd, tmp_path):
     config = json.loads((odd.folder / "config.json").read_text())
     config["attention_types"] = [[["global"], 10 ** 18]]
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(neocore.ConfigError, match="attention_types describe 1000000000000000000 layers"):
+    with pytest.raises(neocore.ConfigError, match="attention_types describe 1000000000000000000 layers, but num_layers is 3"):
         neocore.load(folder)
 
 
