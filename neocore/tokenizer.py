@@ -197,8 +197,7 @@ class Tokenizer:
                 try:
                     found = cache[piece] = self._bpe(piece)
                 except UnicodeEncodeError as exc:  # a lone surrogate has no UTF-8 bytes
-                    raise TokenizerError(f"the text is not valid Unicode: it holds a lone surrogate "
-                                         f"(U+{ord(exc.object[exc.start]):04X})") from None
+                    raise TokenizerError(_surrogate_message(ord(exc.object[exc.start]))) from None
             ids.extend(found)
 
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
@@ -250,6 +249,13 @@ class StreamDecoder:
     def flush(self) -> str:
         """Whatever is held back, as replacement characters if it never completed."""
         return self._utf8.decode(b"", final=True)
+
+
+def _surrogate_message(code: int) -> str:
+    # U+DC80..U+DCFF is how Python reads a byte that is not UTF-8 (argv, stdin: surrogateescape)
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"the text is not valid UTF-8: it holds the byte 0x{code - 0xDC00:02X}"
+    return f"the text is not valid Unicode: it holds a lone surrogate (U+{code:04X})"
 
 
 def _read_text(path: Path) -> str:
