@@ -153,9 +153,9 @@ def _expand_attention_types(types: Any, layers: int, source: str) -> list[str]:
     if types is None:
         raise ConfigError(f"{source}: attention_types is missing")
     try:
-        groups = [(list(kinds), repeat) for kinds, repeat in types]
-        if not all(isinstance(repeat, int) and not isinstance(repeat, bool) and repeat >= 0
-                   and all(isinstance(k, str) for k in kinds) for kinds, repeat in groups):
+        groups = [(kinds, repeat) for kinds, repeat in types]
+        if not all(isinstance(kinds, list) and all(isinstance(k, str) for k in kinds) and isinstance(repeat, int)
+                   and not isinstance(repeat, bool) and repeat >= 0 for kinds, repeat in groups):
             raise TypeError
     except (TypeError, ValueError):
         raise ConfigError(f"{source}: attention_types must look like [[['global', 'local'], 12]], "

@@ -202,6 +202,7 @@ def test_wrong_shape(odd, tmp_path):
     ({"attention_types": [[["sparse"], 3]]}, "unknown attention type\\(s\\) \\[.sparse.\\]"),
     ({"hidden_size": "36"}, "hidden_size must be an integer"),
     ({"num_layers": 10 ** 9}, "num_layers is 1000000000; neocore runs at most 4096"),
+    ({"attention_types": [["global", 3]]}, "attention_types must look like"),
 ])
 def test_bad_config(odd, tmp_path, change, message):
     folder = tmp_path / "cfg"
