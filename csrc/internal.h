@@ -6,6 +6,12 @@
 #include <string.h>
 #include "neocore.h"
 
+/* Bytes of one weight element (int8 scales aside); a constant where dtype is. */
+static inline __attribute__((always_inline)) size_t dtype_bytes(NeoDType dtype)
+{
+    return dtype == NEO_BF16 ? 2 : dtype == NEO_I8 ? 1 : 4;
+}
+
 #if defined(__x86_64__)
 /* The AVX2+FMA and AVX-512 paths are compiled per function, so the library itself stays
  * portable. Built with -DNEOCORE_SIMDE (a test only), every intrinsic comes from SIMDe instead,
@@ -102,8 +108,9 @@ static inline __m512 simde_cvtepi32_ps(__m512i a)
 
 /* The SIMD GEMMs share one driver (matmul.c): threads take panels of width columns of w
  * (static schedule), pack each once into fp32 [K][width] (pack_panel, AVX2) and run a register
- * tile over it for every rows rows of x. A tile computes out[t0.., n0..) with rows past T read
- * as row T-1 and not stored, and hands its sums to store_tile (below). */
+ * tile over it for every rows rows of x. A tile computes out[t0.., n0..) for the rows of x below
+ * T (the AVX2 tile computes only those; the AVX-512 one reads rows past T as row T-1 and does
+ * not store them) and hands its sums to store_tile (below). */
 typedef void GemmTile(float *out, const float *x, const float *panel, const float *bias, int t0,
                       int n0, int T, int K, int N, int accumulate);
 void gemm_panels(GemmTile *tile, int width, int rows, float *out, const float *x, const NeoMatrix *w,

@@ -97,7 +97,7 @@ pack_panel_rows(const NeoDType dtype, float *restrict panel, const void *data, i
 {
     const void *rows[GEN_PANEL];
     for (int j = 0; j < GEN_PANEL; j++)
-        rows[j] = (const char *)data + (size_t)(n0 + j < N ? n0 + j : N - 1) * K * (dtype == NEO_BF16 ? 2 : 4);
+        rows[j] = (const char *)data + (size_t)(n0 + j < N ? n0 + j : N - 1) * K * dtype_bytes(dtype);
     for (int k = 0; k < K; k++)
         for (int j = 0; j < GEN_PANEL; j++)
             panel[(size_t)k * GEN_PANEL + j] = n0 + j < N ? fp_element(rows[j], dtype, k) : 0.0f;
@@ -190,7 +190,7 @@ typedef struct {
 
 static inline MatrixRow matrix_row(const NeoMatrix *w, size_t n, size_t K)
 {
-    const size_t size = w->dtype == NEO_BF16 ? 2 : w->dtype == NEO_I8 ? 1 : 4;
+    const size_t size = dtype_bytes(w->dtype);
     const size_t blocks = (K + NEO_I8_BLOCK - 1) / NEO_I8_BLOCK;
     return (MatrixRow){w->dtype, (const char *)w->data + n * K * size,
                        w->dtype == NEO_I8 ? w->scales + n * blocks : NULL};
@@ -271,7 +271,7 @@ INLINE_AVX2 float decode_sum_end(__m256 l0, __m256 l1, __m256 l2, __m256 l3, Mat
 INLINE_AVX2 void dot_rows_avx2(const NeoDType dtype, const int R, size_t prefetch_ahead, float *sums,
                                const float *const *xr, MatrixRow row, int K)
 {
-    const int size = dtype == NEO_BF16 ? 2 : dtype == NEO_I8 ? 1 : 4;
+    const size_t size = dtype_bytes(dtype);
     row.dtype = dtype;  /* the constant, so that widen8 compiles to one path */
     __m256 acc[4][MV_ROWS];
     for (int a = 0; a < 4; a++)
@@ -298,7 +298,8 @@ INLINE_AVX2 void dot_block_avx2(const NeoDType dtype, const int R, size_t prefet
                                 float *sums, const float *const *xr, const NeoMatrix *w,
                                 int n_begin, int n_end, int K)
 {
-    const int O = MV_TILE_OUTS, size = dtype == NEO_BF16 ? 2 : dtype == NEO_I8 ? 1 : 4;
+    const int O = MV_TILE_OUTS;
+    const size_t size = dtype_bytes(dtype);
     const int L = 2 * O * R <= MV_ACC ? 2 : 1, K32 = K / 32 * 32;
     const int tiles = (n_end - n_begin + O - 1) / O;
     __m256 lanes[MV_BLOCK][4][MV_TILE_ROWS];  /* each lane's sums between passes, [n][lane][r] */
@@ -370,7 +371,7 @@ INLINE_AVX2 void matvec_block_avx2(const NeoDType dtype, const int prefetch_nta,
 {
     const float *xr[MV_TILE_ROWS];
     float sums[MV_BLOCK * MV_TILE_ROWS];
-    const size_t row_bytes = (size_t)K * (dtype == NEO_BF16 ? 2 : dtype == NEO_I8 ? 1 : 4);
+    const size_t row_bytes = K * dtype_bytes(dtype);
     if (T <= MV_ROWS || (size_t)T * ld * sizeof(float) <= MV_X_L1) {
         for (int n = n_begin; n < n_end; n++)
             for (int t = 0; t < T; t += MV_ROWS) {
@@ -445,7 +446,8 @@ INLINE_AVX2 void transpose8x8(__m256 r[8])
 INLINE_AVX2 void pack_panel_as(const NeoDType dtype, int prefetch, float *panel, const NeoMatrix *w,
                                int n0, int K, int N, int width)
 {
-    const int size = dtype == NEO_BF16 ? 2 : dtype == NEO_I8 ? 1 : 4, filled = N - n0 < width ? N - n0 : width;
+    const size_t size = dtype_bytes(dtype);
+    const int filled = N - n0 < width ? N - n0 : width;
     MatrixRow rows[MAX_PANEL];
     for (int j = 0; j < filled; j++) {
         rows[j] = matrix_row(w, n0 + j, K);

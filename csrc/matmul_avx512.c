@@ -39,7 +39,7 @@ INLINE_AVX512 __m512 widen16(const void *row, const float *scales, NeoDType dtyp
 INLINE_AVX512 void dot_rows_avx512(const NeoDType dtype, const int R, int prefetch_nta, float *sums,
                                    const float *x, size_t ld, const void *row, const float *scales, int K)
 {
-    const size_t elem = dtype == NEO_BF16 ? 2 : dtype == NEO_I8 ? 1 : 4;
+    const size_t elem = dtype_bytes(dtype);
     const char *bytes = (const char *)row;
     __m512 acc[MV512_ROWS][4];
     for (int r = 0; r < R; r++)
@@ -68,7 +68,7 @@ INLINE_AVX512 void matvec_block_avx512(const NeoDType dtype, const int prefetch_
                                        const float *x, int ld, const NeoMatrix *w, const float *bias,
                                        int T, int n_begin, int n_end, int K, int N, int accumulate)
 {
-    const size_t elem = dtype == NEO_BF16 ? 2 : dtype == NEO_I8 ? 1 : 4;
+    const size_t elem = dtype_bytes(dtype);
     const size_t blocks = (K + NEO_I8_BLOCK - 1) / NEO_I8_BLOCK;
     float sums[MV512_ROWS];
     for (int n = n_begin; n < n_end; n++) {

@@ -310,14 +310,12 @@ class Engine:
             while self._waiting and len(self._running) < self.max_batch:
                 stream, submitted = self._waiting.popleft()
                 if stream.cancelled:
-                    stream._put(Chunk([], finish_reason="cancelled"))
-                    self.stats.finished += 1
+                    self._end_waiting(stream, "cancelled")
                     continue
                 try:
                     seq = _Sequence(stream, self._free_slots[-1], self.model.tokenizer, submitted)
                 except Exception as exc:  # a request check() let through must still get an answer
-                    stream._put(Chunk([], finish_reason="error", error=str(exc) or type(exc).__name__))
-                    self.stats.finished += 1
+                    self._end_waiting(stream, "error", str(exc) or type(exc).__name__)
                     continue
                 self._free_slots.pop()
                 self._running.append(seq)
@@ -434,6 +432,11 @@ class Engine:
         else:
             seq.next_token = token
         seq.stream._put(chunk)
+
+    def _end_waiting(self, stream: Stream, reason: str, error: str | None = None) -> None:
+        """Ends a request that never joined the batch."""
+        stream._put(Chunk([], finish_reason=reason, error=error))
+        self.stats.finished += 1
 
     def _finish(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
         self._release(seq)

@@ -273,7 +273,6 @@ def resolve_config(folder: Path, checkpoint: Checkpoint, config: str | os.PathLi
     return GPTNeoConfig.from_file(Path(config) if config else folder / "config.json", overrides)
 
 
-
 MAX_THREADS = 1024  # OpenMP threads one model may use (the C side takes an int)
 
 
