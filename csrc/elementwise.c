@@ -80,7 +80,7 @@ static inline float tanh_portable(float u)
     return bits_float(float_bits(select_float(a < 0.25f, small, big)) | sign);
 }
 
-static inline __attribute__((always_inline)) void gelu_new_portable(float *restrict x, size_t n, int n_threads)
+static void gelu_new_generic(float *restrict x, size_t n, int n_threads)
 {
     #pragma omp parallel for simd num_threads(n_threads) schedule(static) if (n > 8192)
     for (size_t i = 0; i < n; i++) {
@@ -88,13 +88,6 @@ static inline __attribute__((always_inline)) void gelu_new_portable(float *restr
         x[i] = half_v + half_v * tanh_portable(SQRT_2_OVER_PI * (v + GELU_CUBIC * v * v * v));
     }
 }
-
-static void gelu_new_generic(float *x, size_t n, int n_threads) { gelu_new_portable(x, n, n_threads); }
-
-#if defined(__x86_64__)
-/* The AVX-512 path: the portable loop, which the compiler vectorises for AVX-512 here. */
-TARGET_AVX512 static void gelu_new_avx512(float *x, size_t n, int n_threads) { gelu_new_portable(x, n, n_threads); }
-#endif
 
 #if defined(__x86_64__)
 /* e^x for x in [-87, 88]: 2^n e^r with n = round(x / ln 2), |r| <= ln(2)/2, ln 2 split in two
@@ -157,6 +150,68 @@ TARGET_AVX2 static void gelu_new_avx2(float *x, size_t n, int n_threads)
         memcpy(tail, x + n8, sizeof(float) * (n - n8));
         _mm256_storeu_ps(tail, gelu_new8_avx2(_mm256_loadu_ps(tail)));
         memcpy(x + n8, tail, sizeof(float) * (n - n8));
+    }
+}
+
+/* The AVX-512 path: the AVX2 path's e^x, tanh and gelu_new on 16 lanes. (The portable loop
+ * cannot serve here: GCC outlines its OpenMP body once, without the caller's target, and it
+ * ran as SSE2 code on AVX-512 CPUs.) Sign and magnitude through integer ops: AVX-512F has no
+ * float and/or. */
+INLINE_AVX512 __m512 exp_avx512(__m512 x)
+{
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);  /* p 2^n, rounded as the AVX2 path's product by 2^n */
+}
+
+INLINE_AVX512 __m512 tanh_avx512(__m512 u)
+{
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+    __m512 a = _mm512_castsi512_ps(_mm512_andnot_si512(sign, _mm512_castps_si512(u)));
+    __m512 big = _mm512_sub_ps(_mm512_set1_ps(1.0f),
+                               _mm512_div_ps(_mm512_set1_ps(2.0f),
+                                             _mm512_add_ps(exp_avx512(_mm512_add_ps(a, a)), _mm512_set1_ps(1.0f))));
+    __m512 a2 = _mm512_mul_ps(a, a);
+    __m512 p = _mm512_set1_ps(62.0f / 2835);
+    p = _mm512_fmadd_ps(p, a2, _mm512_set1_ps(-17.0f / 315));
+    p = _mm512_fmadd_ps(p, a2, _mm512_set1_ps(2.0f / 15));
+    p = _mm512_fmadd_ps(p, a2, _mm512_set1_ps(-1.0f / 3));
+    __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(p, a2), a, a);
+    __m512 t = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(0.25f), _CMP_LT_OQ), big, small);
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t),
+                                               _mm512_and_si512(_mm512_castps_si512(u), sign)));
+}
+
+INLINE_AVX512 __m512 gelu_new16_avx512(__m512 v)
+{
+    __m512 cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+    __m512 u = _mm512_mul_ps(_mm512_set1_ps(SQRT_2_OVER_PI), _mm512_fmadd_ps(_mm512_set1_ps(GELU_CUBIC), cube, v));
+    __m512 half_v = _mm512_mul_ps(_mm512_set1_ps(0.5f), v);
+    return _mm512_fmadd_ps(half_v, tanh_avx512(u), half_v);
+}
+
+/* The last n % 16 values through the same vector code, padded (see gelu_new_avx2). */
+TARGET_AVX512 static void gelu_new_avx512(float *x, size_t n, int n_threads)
+{
+    const size_t n16 = n / 16 * 16;
+    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n > 8192)
+    for (size_t i = 0; i < n16; i += 16) _mm512_storeu_ps(x + i, gelu_new16_avx512(_mm512_loadu_ps(x + i)));
+    if (n16 < n) {
+        float tail[16] = {0};
+        memcpy(tail, x + n16, sizeof(float) * (n - n16));
+        _mm512_storeu_ps(tail, gelu_new16_avx512(_mm512_loadu_ps(tail)));
+        memcpy(x + n16, tail, sizeof(float) * (n - n16));
     }
 }
 #endif
