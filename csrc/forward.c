@@ -15,9 +15,10 @@ typedef struct {
     int32_t *row_segment;   /* [max_rows] step row -> its segment */
     int32_t *tokens;        /* [max_rows] in step order */
     int32_t *positions;     /* [max_rows] */
-    int32_t *logit_rows;    /* [max_rows] step rows whose logits are wanted, in step order */
+    int32_t *logit_rows;    /* [max_rows] step rows whose logits are wanted: see plan_logits */
     int32_t *logit_dest;    /* [max_rows] where each of them goes among the wanted rows */
     int n_logits;
+    int n_logits_decode;    /* the first of them, which the decode kernel computes */
     uint8_t *seen;          /* [n_seqs] scratch: sequences met so far while planning */
     float *spare_row;       /* [vocab] for putting logit rows into batch order */
 } StepPlan;
@@ -155,6 +156,27 @@ NeoState *neo_state_new(const NeoConfig *c, int n_seqs, int n_ctx, int max_rows,
     return s;
 }
 
+/* The wanted rows (rank[row] >= 0: their place among the wanted), in two groups: first the
+ * last row of every segment, the row a sequence's next token is drawn from, which the decode
+ * kernel computes whatever else the step holds or the request asked (a prompt's last row then
+ * gets the bits of a decode step, and the lm_head is streamed once rather than widened into
+ * GEMM panels for a single row); then the other wanted rows (a scored prompt's), which the
+ * prefill kernel computes. */
+static void plan_logits(StepPlan *p, const int32_t *rank, int n_rows)
+{
+    p->n_logits = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        for (int row = 0; row < n_rows; row++) {
+            const Segment *sg = &p->segments[p->row_segment[row]];
+            const int last = row == sg->row0 + sg->n_rows - 1;
+            if (rank[row] < 0 || last != (pass == 0)) continue;
+            p->logit_rows[p->n_logits] = row;
+            p->logit_dest[p->n_logits++] = rank[row];
+        }
+        if (pass == 0) p->n_logits_decode = p->n_logits;
+    }
+}
+
 /* Splits the batch into segments, checks it, and orders the rows for the step. */
 static int plan_step(const NeoConfig *c, NeoState *s, const NeoBatch *b)
 {
@@ -194,8 +216,7 @@ static int plan_step(const NeoConfig *c, NeoState *s, const NeoBatch *b)
      * run is its first batch row until it is given its step row here. */
     int row = 0, wanted_before = 0;
     p->n_segments = 0;
-    p->n_logits = 0;
-    int32_t wanted_rank[b->n_rows];
+    int32_t wanted_rank[b->n_rows], step_rank[b->n_rows];
     for (int r = 0; r < b->n_rows; r++) wanted_rank[r] = b->want_logits[r] ? wanted_before++ : -1;
     for (int pass = 0; pass < 2; pass++) {
         for (int i = 0; i < n_runs; i++) {
@@ -209,15 +230,13 @@ static int plan_step(const NeoConfig *c, NeoState *s, const NeoBatch *b)
                 p->row_segment[row] = p->n_segments;
                 p->tokens[row] = b->tokens[batch_row0 + t];
                 p->positions[row] = sg.pos0 + t;
-                if (wanted_rank[batch_row0 + t] >= 0) {
-                    p->logit_rows[p->n_logits] = row;
-                    p->logit_dest[p->n_logits++] = wanted_rank[batch_row0 + t];
-                }
+                step_rank[row] = wanted_rank[batch_row0 + t];
             }
             p->n_segments++;
         }
         if (pass == 0) p->n_single = row;
     }
+    plan_logits(p, step_rank, row);
     return NEO_OK;
 }
 
@@ -233,22 +252,23 @@ static void cache_store(float *cache, int slots, const float *rows, int pos0, in
     }
 }
 
-/* out (+)= bias + x @ w.T for the step's rows: single-row sequences through the decode
- * kernel, the others through the prefill kernel (in bf16 if the state computes so), so a
- * row's sums never depend on the batch. */
+/* out (+)= bias + x @ w.T for n_rows rows: the first n_decode through the decode kernel, the
+ * others through the prefill kernel (in bf16 if the state computes so). Callers choose the
+ * split by what a row is (in a layer: a single-row sequence's row), never by what else is in
+ * the batch, so a row's sums never depend on the batch. */
 static void linear(const NeoState *s, float *out, const float *x, const NeoMatrix *w,
-                   const float *bias, int n_rows, int n_single, int K, int N, int accumulate)
+                   const float *bias, int n_rows, int n_decode, int K, int N, int accumulate)
 {
-    if (n_single > 0)
-        matvec_forward(out, x, w, bias, n_single, K, N, accumulate, s->n_threads, s->isa);
-    if (n_rows == n_single) return;
-    out += (size_t)n_single * N;
-    x += (size_t)n_single * K;
+    if (n_decode > 0)
+        matvec_forward(out, x, w, bias, n_decode, K, N, accumulate, s->n_threads, s->isa);
+    if (n_rows == n_decode) return;
+    out += (size_t)n_decode * N;
+    x += (size_t)n_decode * K;
     if (s->bf16_gemm != NEO_BF16_OFF)
-        matmul_bf16_forward(out, x, w, bias, n_rows - n_single, K, N, accumulate, s->n_threads,
+        matmul_bf16_forward(out, x, w, bias, n_rows - n_decode, K, N, accumulate, s->n_threads,
                             s->bf16_gemm);
     else
-        matmul_forward(out, x, w, bias, n_rows - n_single, K, N, accumulate, s->n_threads, s->isa);
+        matmul_forward(out, x, w, bias, n_rows - n_decode, K, N, accumulate, s->n_threads, s->isa);
 }
 
 /* The planned rows through every layer; leaves the final hidden states in s->x. */
@@ -292,13 +312,10 @@ static void logits_forward(const NeoConfig *c, const NeoWeights *w, NeoState *s,
                            const StepPlan *p, float *logits)
 {
     const int C = c->hidden, V = c->vocab;
-    int n_single = 0;
-    for (int i = 0; i < p->n_logits; i++) {
+    for (int i = 0; i < p->n_logits; i++)
         memcpy(s->att + (size_t)i * C, s->x + (size_t)p->logit_rows[i] * C, sizeof(float) * C);
-        n_single += p->logit_rows[i] < p->n_single;
-    }
     layernorm_forward(s->xn, s->att, w->lnf_w, w->lnf_b, p->n_logits, C, c->ln_eps, s->n_threads);
-    linear(s, logits, s->xn, &w->wte, NULL, p->n_logits, n_single, C, V, 0);
+    linear(s, logits, s->xn, &w->wte, NULL, p->n_logits, p->n_logits_decode, C, V, 0);
     /* Row i belongs at logit_dest[i]: follow each cycle of the permutation once. */
     char done[p->n_logits];
     memset(done, 0, sizeof done);

@@ -85,6 +85,36 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(reference_models):
     assert np.array_equal(alone, together)
 
 
+@pytest.mark.parametrize("compute", ["exact", "bf16"])
+def test_a_prompts_last_row_does_not_depend_on_which_rows_are_wanted(reference_models, compute):
+    """The row a prompt's first token is drawn from gets the same bits whether the step also
+    wants the other rows (prompt logprobs, echo) or not, and beside a decoding sequence or not:
+    asking for logprobs never changes what is generated."""
+    ref = reference_models("wide-heads")
+    model = neocore.load(ref.folder, threads=2, compute=compute)
+    vocab = model.config.vocab_size
+    prompt = np.random.default_rng(5).integers(0, vocab, 40).astype(np.int32)
+    decoding = np.array([7, 8, 9], np.int32)
+
+    def last_row(want_all: bool, beside_decode: bool) -> np.ndarray:
+        for slot in (1, 2):
+            model.clear_sequence(slot)
+        tokens, seqs = prompt, np.full(prompt.size, 1, np.int32)
+        want = np.full(prompt.size, want_all, np.uint8)
+        want[-1] = 1
+        if beside_decode:
+            model.step(decoding[:2], np.full(2, 2, np.int32), np.zeros(2, np.uint8), np.empty((0, vocab), np.float32))
+            tokens, seqs = np.concatenate([decoding[2:], prompt]), np.concatenate([[2], seqs]).astype(np.int32)
+            want = np.concatenate([[1], want]).astype(np.uint8)
+        logits = np.empty((int(want.sum()), vocab), np.float32)
+        model.step(tokens, seqs, want, logits)
+        return logits[-1].copy()
+
+    first = last_row(False, False)
+    for want_all, beside_decode in [(True, False), (False, True), (True, True)]:
+        assert np.array_equal(last_row(want_all, beside_decode), first)
+
+
 def test_batched_step_refuses_bad_batches_and_leaves_the_state_alone(reference_models):
     ref = reference_models("tiny")
     model = neocore.load(ref.folder)
