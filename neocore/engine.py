@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import ContextError, EngineClosedError, NeocoreError, QueueFullError
 from .generate import TextStream
-from .sampling import SamplingParams, choose_rows, log_softmax_rows, sequence_rng
+from .sampling import SamplingParams, check_seed, choose_rows, log_softmax_rows, sequence_rng
 
 PREFILL_CHUNK = 128  # prompt tokens a sequence brings to one step
 
@@ -40,6 +40,10 @@ class Request:
     text: bool = True            # decode to text (needs the model's tokenizer)
     logprobs: int | None = None  # report the chosen token's log-probability and this many top ones
     prompt_logprobs: bool = False  # also report each prompt token's log-probability (echo)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # one stop string, not its characters
+            self.stop = [self.stop]
 
 
 @dataclass
@@ -196,6 +200,9 @@ class Engine:
             raise NeocoreError(f"max_batch must be between 1 and {largest}, got {max_batch}")
         if max_queue is not None and max_queue < 0:
             raise NeocoreError(f"max_queue must be >= 0, got {max_queue}")
+        if model._engine is not None:  # two engines would share the model's sequence slots
+            raise NeocoreError("this model already has an engine (model.engine)")
+        model._engine = self
         self.model = model
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -212,9 +219,14 @@ class Engine:
     def check(self, request: Request) -> None:
         """Raises a NeocoreError for a request that cannot run (before it is queued)."""
         model = self.model
-        if not len(request.prompt):
+        try:
+            tokens = np.asarray(request.prompt)
+        except (TypeError, ValueError):  # ragged nesting
+            tokens = np.empty((0, 0))
+        if tokens.ndim != 1:
+            raise NeocoreError("the prompt must be a flat sequence of token ids")
+        if not tokens.size:
             raise NeocoreError("the prompt is empty: give at least one token")
-        tokens = np.asarray(request.prompt)
         if tokens.dtype.kind not in "iu" or tokens.min() < 0 or tokens.max() >= model.config.vocab_size:
             raise NeocoreError(f"token ids must be integers in [0, {model.config.vocab_size})")
         if len(request.prompt) >= model.context_length:
@@ -225,11 +237,16 @@ class Engine:
             raise NeocoreError(f"max_new_tokens must be an integer >= 0, got {request.max_new_tokens!r}")
         if request.text and model.tokenizer is None:
             raise NeocoreError(f"{model.path}: no tokenizer files to turn tokens into text")
-        if request.seed is not None and (isinstance(request.seed, bool) or not isinstance(request.seed, int)
-                                         or not 0 <= request.seed < 2 ** 63):
-            raise NeocoreError(f"seed must be an integer in [0, 2**63), got {request.seed!r}")
-        if request.logprobs is not None and not 0 <= request.logprobs <= 20:
-            raise NeocoreError(f"logprobs must be between 0 and 20, got {request.logprobs}")
+        if not isinstance(request.params, SamplingParams):
+            raise NeocoreError(f"params must be a neocore SamplingParams, got {type(request.params).__name__}")
+        check_seed(request.seed)
+        if isinstance(request.seed_index, bool) or not isinstance(request.seed_index, int) or request.seed_index < 0:
+            raise NeocoreError(f"seed_index must be an integer >= 0, got {request.seed_index!r}")
+        if request.logprobs is not None and (isinstance(request.logprobs, bool) or not isinstance(request.logprobs, int)
+                                             or not 0 <= request.logprobs <= 20):
+            raise NeocoreError(f"logprobs must be an integer from 0 to 20, got {request.logprobs!r}")
+        if not isinstance(request.stop, (list, tuple)) or not all(isinstance(s, str) for s in request.stop):
+            raise NeocoreError(f"stop must be a string or a list of strings, got {request.stop!r}")
 
     def submit(self, request: Request) -> Stream:
         """Queues a request; its Stream is read with `for`, or with `async for` when submit is
@@ -254,8 +271,9 @@ class Engine:
                     raise NeocoreError(f"{len(streams)} sequences asked for at once; this engine runs "
                                        f"{self.max_batch} and queues {self.max_queue} at most")
                 free_places = self.max_batch - len(self._running)
-                if len(self._waiting) + len(streams) - free_places > self.max_queue:
-                    raise QueueFullError(f"{len(self._waiting)} requests are already waiting")
+                waiting = sum(not stream.cancelled for stream, _ in self._waiting)
+                if waiting + len(streams) - free_places > self.max_queue:
+                    raise QueueFullError(f"{waiting} requests are already waiting")
             now = time.monotonic()
             self._waiting.extend((stream, now) for stream in streams)
             self.stats.requests += len(streams)
@@ -264,6 +282,16 @@ class Engine:
                 self._thread.start()
             self._work.notify()
         return streams
+
+    def results(self, requests: Sequence[Request]) -> list[Completion]:
+        """Queues every request or none (submit_all) and waits for all their completions; if
+        the wait is cut short (Ctrl-C, an error), the requests still running are cancelled."""
+        streams = self.submit_all(requests)
+        try:
+            return [stream.result() for stream in streams]
+        finally:
+            for stream in streams:
+                stream.cancel()  # nothing for those that finished
 
     @property
     def queue_depth(self) -> int:
@@ -307,11 +335,12 @@ class Engine:
 
     def _admit(self) -> None:
         with self._work:
+            if any(stream.cancelled for stream, _ in self._waiting):  # ended now, full batch or not
+                for entry in [entry for entry in self._waiting if entry[0].cancelled]:
+                    self._waiting.remove(entry)
+                    self._end_waiting(entry[0], "cancelled")
             while self._waiting and len(self._running) < self.max_batch:
                 stream, submitted = self._waiting.popleft()
-                if stream.cancelled:
-                    self._end_waiting(stream, "cancelled")
-                    continue
                 try:
                     seq = _Sequence(stream, self._free_slots[-1], self.model.tokenizer, submitted)
                 except Exception as exc:  # a request check() let through must still get an answer

@@ -190,9 +190,8 @@ def generate_many(model, prompts: Sequence[str], max_new_tokens: int = 128, temp
     ids = [prompt_ids(model, p) for p in prompts]
     if max_new_tokens == 0:
         return ["" for _ in prompts]
-    handles = [model.engine.submit(Request(p, params, max_new_tokens, seed, i, _stops(stop)))
-               for i, p in enumerate(ids)]
-    return [handle.result().text for handle in handles]
+    requests = [Request(p, params, max_new_tokens, seed, i, _stops(stop)) for i, p in enumerate(ids)]
+    return [completion.text for completion in model.engine.results(requests)]
 
 
 SCORE_CHUNK = 256  # positions whose logits are held at once while scoring

@@ -187,17 +187,14 @@ class Model:
         with self._lock:
             if self._engine is None:
                 from .engine import Engine
-                self._engine = Engine(self)
+                Engine(self)  # which makes itself self._engine
             return self._engine
 
     def start_engine(self, max_batch: int = 16, max_queue: int | None = None) -> Any:
         """Makes this model's engine with these limits (a model has one engine)."""
         from .engine import Engine
         with self._lock:
-            if self._engine is not None:
-                raise NeocoreError("this model already has an engine")
-            self._engine = Engine(self, max_batch, max_queue)
-            return self._engine
+            return Engine(self, max_batch, max_queue)
 
     def generate_ids(self, ids: Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int = 32,
                      stop_at_eos: bool = True) -> list[int] | list[list[int]]:
@@ -219,9 +216,8 @@ class Model:
             results: list[list[int]] = [[] for _ in prompts]
         else:
             greedy = SamplingParams(temperature=0)
-            handles = [self.engine.submit(Request(p, greedy, max_new_tokens, stop_at_eos=stop_at_eos,
-                                                  text=False)) for p in prompts]
-            results = [handle.result().tokens for handle in handles]
+            requests = [Request(p, greedy, max_new_tokens, stop_at_eos=stop_at_eos, text=False) for p in prompts]
+            results = [completion.tokens for completion in self.engine.results(requests)]
         return results if many else results[0]
 
     # ---- text -------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 NumPy Generator so that a seed gives the same text on every run and thread count."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -15,6 +14,9 @@ from .errors import SamplingError
 # Temperatures below this are greedy: dividing float32 logits by less can overflow them to
 # infinity (1e-300 rounds to 0 in float32), and the draw is the argmax long before that.
 GREEDY_BELOW = 1e-5
+# Temperatures and repetition penalties past this (either way, for the penalty) would take
+# float32 logits to infinity or to ties: refused rather than silently sampling other tokens.
+SCALE_LIMIT = 1e6
 
 
 @dataclass(frozen=True)
@@ -25,16 +27,17 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1 disables
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature >= 0):
-            raise SamplingError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= SCALE_LIMIT):
+            raise SamplingError(f"temperature must be a number from 0 (greedy) to {SCALE_LIMIT:g}, "
+                                f"got {self.temperature!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not (isinstance(self.repetition_penalty, (int, float)) and math.isfinite(self.repetition_penalty)
-                and self.repetition_penalty > 0):
-            raise SamplingError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        if not (isinstance(self.repetition_penalty, (int, float))
+                and 1 / SCALE_LIMIT <= self.repetition_penalty <= SCALE_LIMIT):
+            raise SamplingError(f"repetition_penalty must be a number from {1 / SCALE_LIMIT:g} to "
+                                f"{SCALE_LIMIT:g} (1 = off), got {self.repetition_penalty!r}")
 
     @property
     def greedy(self) -> bool:
@@ -137,10 +140,17 @@ def sequence_rng(seed: int | None, index: int = 0) -> np.random.Generator:
     return np.random.default_rng(None if seed is None else [seed, index])
 
 
+def check_seed(seed: object) -> None:
+    """Raises a SamplingError unless seed is None or an integer numpy's generators take."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+        raise SamplingError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+
+
 class Sampler:
     """Chooses tokens for one sequence (the chat loop's)."""
 
     def __init__(self, params: SamplingParams, seed: int | None = None):
+        check_seed(seed)
         self.params = params
         self.rng = sequence_rng(seed)
 

@@ -273,6 +273,69 @@ def test_engine_refuses_bad_requests(tiny):
         Engine(tiny, max_batch=0)
 
 
+@pytest.mark.parametrize("bad, match", [
+    (dict(prompt=None), "flat sequence"), (dict(prompt=[[1, 2], [3, 4]]), "flat sequence"),
+    (dict(prompt=[1, [2, 3]]), "flat sequence"), (dict(prompt=iter([1, 2])), "flat sequence"),
+    (dict(params=None), "SamplingParams"), (dict(logprobs=2.5), "logprobs"), (dict(logprobs=True), "logprobs"),
+    (dict(logprobs="2"), "logprobs"), (dict(stop=[1]), "stop"), (dict(seed_index=-1), "seed_index"),
+])
+def test_a_malformed_request_is_refused_at_submit_and_harms_no_other(tiny, bad, match):
+    """Each of these once passed the checks and then failed inside a step, which ended every
+    running request with its error."""
+    running = tiny.engine.submit(Request([1, 2, 3], GREEDY, 40, text=False, stop_at_eos=False))
+    with pytest.raises(neocore.NeocoreError, match=match):
+        tiny.engine.submit(Request(**{"prompt": [1, 2], "params": GREEDY, "max_new_tokens": 3, **bad}))
+    done = running.result()
+    assert done.finish_reason == "length" and len(done.tokens) == 40
+
+
+def test_a_stop_given_as_one_string_is_one_stop(tiny):
+    text = tiny.generate(PROMPTS[0], max_new_tokens=20, temperature=0)
+    # three characters whose first appearance as a string comes after one of them alone does
+    stop = next(text[k:k + 3] for k in range(1, len(text) - 3)
+                if text.find(text[k:k + 3]) == k and min(text.find(c) for c in text[k:k + 3]) < k)
+    stream = tiny.engine.submit(Request(tiny.tokenizer.encode(PROMPTS[0]), GREEDY, 20, stop=stop))
+    assert stream.result().text == text[:text.index(stop)]
+
+
+def test_one_engine_per_model(reference_models):
+    """A second engine would take the same sequence slots and overwrite the first one's caches."""
+    model = neocore.load(reference_models("tiny").folder)
+    engine = model.engine
+    with pytest.raises(neocore.NeocoreError, match="already has an engine"):
+        Engine(model)
+    with pytest.raises(neocore.NeocoreError, match="already has an engine"):
+        model.start_engine()
+    assert model.engine is engine
+
+
+def test_cancelling_a_queued_request_ends_it_while_the_batch_is_full(reference_models):
+    model = neocore.load(reference_models("tiny").folder)
+    engine = model.start_engine(max_batch=1, max_queue=2)
+    ids = model.tokenizer.encode(PROMPTS[0])
+    running = engine.submit(Request(ids, GREEDY, 150, text=False, stop_at_eos=False))
+    queued = [engine.submit(Request(ids, GREEDY, 5, text=False)) for _ in range(2)]
+    for stream in queued:
+        stream.cancel()
+    assert engine.submit(Request(ids, GREEDY, 5, text=False))  # their places are free at once
+    ends = [stream.result() for stream in queued]
+    assert [c.finish_reason for c in ends] == ["cancelled", "cancelled"]
+    assert engine.stats.tokens_generated < 150  # ended while the running request went on
+    assert len(running.result().tokens) == 150
+    engine.close(10)
+
+
+def test_a_batch_that_never_fits_leaves_nothing_running(reference_models):
+    """generate(list) queues its prompts all together or not at all."""
+    model = neocore.load(reference_models("tiny").folder)
+    engine = model.start_engine(max_batch=1, max_queue=1)
+    with pytest.raises(neocore.NeocoreError, match="at once"):
+        model.generate(PROMPTS[:3], max_new_tokens=100)
+    with pytest.raises(neocore.NeocoreError, match="at once"):
+        model.generate_ids([[1, 2], [3], [4]], max_new_tokens=100)
+    assert engine.active == 0 and engine.queue_depth == 0 and engine.stats.requests == 0
+
+
 def test_a_request_that_fails_to_start_gets_its_error_and_the_engine_goes_on(tiny, monkeypatch):
     """Whatever goes wrong while a request joins the batch ends that request with an error
     (its caller waited for ever before) and nothing else."""

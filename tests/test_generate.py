@@ -151,11 +151,26 @@ def test_sampling_rows_with_nothing_finite_fall_back_to_the_argmax():
     (dict(temperature=-1), "temperature"), (dict(temperature=float("nan")), "temperature"),
     (dict(top_p=2), "top_p"), (dict(top_p=0), "top_p"), (dict(top_k=-1), "top_k"),
     (dict(repetition_penalty=0), "repetition_penalty"), (dict(max_new_tokens=-1), "max_new_tokens"),
+    # finite, but float32 logits divided by them overflow (penalty) or all tie (temperature)
+    (dict(repetition_penalty=1e-40), "repetition_penalty"), (dict(repetition_penalty=1e39), "repetition_penalty"),
+    (dict(temperature=1e39), "temperature"),
 ])
 def test_nonsense_parameters_are_refused_before_generating(tiny, kwargs, message):
     _, model = tiny
     with pytest.raises(neocore.SamplingError, match=message):
         model.stream(PROMPT, **kwargs)
+
+
+def test_the_widest_accepted_settings_still_filter_and_favour():
+    """At the accepted extremes the filters still see distinct float32 scores: top_k keeps k
+    tokens at temperature 1e6, and a penalty of 1e-6 makes a seen token the likeliest."""
+    logits = np.random.default_rng(2).standard_normal((1, 1000)).astype(np.float32)
+    hot = process_logits(logits[0], [], SamplingParams(temperature=1e6, top_k=5, top_p=1.0))
+    assert np.isfinite(hot).sum() == 5
+    seen = int(np.argsort(logits[0])[-2])  # positive, but not the top score
+    boosted = process_logits(logits[0], [seen], SamplingParams(temperature=1.0, top_k=0, top_p=1.0,
+                                                               repetition_penalty=1e-6))
+    assert np.isfinite(boosted).all() and int(np.argmax(boosted)) == seen
 
 
 def test_prompt_longer_than_the_context(tiny):
