@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import NeocoreError
+
 SHAPES = {  # hidden, layers, heads
     "125M": (768, 12, 12),
     "350M": (1024, 24, 16),
@@ -56,6 +58,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", default="1,2,4,8,16,32", help="client counts for --serve")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def counts(text: str, flag: str, minimum: int) -> list[int]:
+    """A comma-separated list of whole numbers >= minimum, e.g. --threads 1,2,16."""
+    try:
+        values = [int(t) for t in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < minimum:
+        raise NeocoreError(f"{flag} takes comma-separated whole numbers >= {minimum}, got {text!r}")
+    return values
 
 
 # ---- random models ---------------------------------------------------------------------------
@@ -267,7 +280,6 @@ def _spawn(engine: str, args: argparse.Namespace, threads: int, dtype: str, fold
 
 def openvino_export(args: argparse.Namespace) -> str:
     """The model exported for OpenVINO beside it (MODEL-openvino), made once with optimum-cli."""
-    from .errors import NeocoreError
     out = Path(args.model.rstrip("/") + "-openvino")
     if not (out / "openvino_model.xml").is_file():
         cli = Path(args.openvino_python).parent / "optimum-cli"
@@ -311,7 +323,6 @@ def weights_bytes_per_token(folder: str, dtype: str = "bfloat16") -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .errors import NeocoreError
     if args.serve:
         if not args.model:
             raise NeocoreError("--serve needs -m MODEL")
@@ -320,7 +331,10 @@ def run(args: argparse.Namespace) -> int:
     if args.make_model:
         if not args.out:
             raise NeocoreError("--make-model needs --out FOLDER")
-        write_random_model(args.make_model, Path(args.out), args.format)
+        out = Path(args.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):  # a model's files are not overwritten
+            raise NeocoreError(f"{out}: exists and is not an empty folder; --out takes a new or empty one")
+        write_random_model(args.make_model, out, args.format)
         print(f"wrote a random {args.make_model} model to {args.out}")
         return 0
     if args.tokenizer:
@@ -336,7 +350,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.model:
         raise NeocoreError("bench needs -m MODEL (a folder; make one with --make-model 125M --out DIR)")
-    thread_counts = [int(t) for t in args.threads.split(",") if t]
+    thread_counts = counts(args.threads, "--threads", minimum=1)
+    for flag, value, minimum in (("--prompt-tokens", args.prompt_tokens, 1), ("--new-tokens", args.new_tokens, 1),
+                                 ("--repeats", args.repeats, 1)):
+        if value < minimum:
+            raise NeocoreError(f"{flag} must be >= {minimum}, got {value}")
     peers = [p for p in args.compare.split(",") if p]
     for peer in peers:
         if peer not in PEERS:

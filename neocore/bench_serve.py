@@ -16,6 +16,8 @@ import time
 
 import numpy as np
 
+from .bench import counts as client_counts
+
 WORDS = ("the river city market winter light station engine garden paper music window harbor "
          "signal forest letter morning bridge voice number story").split()
 
@@ -143,7 +145,7 @@ def _spawn(kind: str, folder: str, threads: int, prompts: list[str], new_tokens:
 def run(args: argparse.Namespace) -> int:
     """Called by `neocore bench --serve`."""
     folder, threads = str(args.model), int(str(args.threads).split(",")[0])
-    counts = [int(n) for n in args.clients.split(",")]
+    counts = client_counts(args.clients, "--clients", minimum=1)
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "neocore", "serve", "-m", folder, "--port", str(port),
                                "--threads", str(threads), "--max-batch", str(max(counts)),

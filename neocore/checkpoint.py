@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import pickle
 import struct
 import zipfile
@@ -160,7 +161,10 @@ SafetensorsEntry = tuple[str, str, tuple[int, ...], Callable[[], np.ndarray]]  #
 
 def write_safetensors(path: Path, entries: list[SafetensorsEntry], metadata: dict[str, str] | None = None) -> None:
     """Writes tensors one at a time (each made only when its turn comes), so that a model
-    never has to sit in memory whole; offsets are padded as the format asks (8-byte header)."""
+    never has to sit in memory whole; offsets are padded as the format asks (8-byte header).
+    The file is written beside path and then renamed over it: a path that is a link to the
+    file being read (a converted folder linked to its source) is replaced, never truncated
+    while the tensors are still read from it."""
     header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for name, dtype, shape, _ in entries:
@@ -169,14 +173,19 @@ def write_safetensors(path: Path, entries: list[SafetensorsEntry], metadata: dic
         offset += size
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name, dtype, shape, make in entries:
-            data = np.ascontiguousarray(make(), dtype=NUMPY_DTYPES[dtype])
-            if data.shape != tuple(shape):
-                raise ValueError(f"{name}: made shape {data.shape}, declared {shape}")
-            f.write(data.tobytes())
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for name, dtype, shape, make in entries:
+                data = np.ascontiguousarray(make(), dtype=NUMPY_DTYPES[dtype])
+                if data.shape != tuple(shape):
+                    raise ValueError(f"{name}: made shape {data.shape}, declared {shape}")
+                f.write(data.tobytes())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 # ---- PyTorch pickles -----------------------------------------------------------------------

@@ -147,14 +147,29 @@ def load_model(args: argparse.Namespace):
                 config=args.config, progress=Progress("loading"), compute=args.compute, **overrides)
 
 
+TEXT_LIMIT = 64 << 20  # characters read from a file or standard input at most (/dev/zero ends)
+
+
+def _stdin():
+    if sys.stdin is None:
+        raise NeocoreError("standard input is closed")
+    return sys.stdin
+
+
 def _read_text(path: str, what: str) -> str:
+    name = "standard input" if path == "-" else path
     try:
         if path == "-":
-            return sys.stdin.read()
-        return Path(path).read_text(encoding="utf-8")
+            text = _stdin().read(TEXT_LIMIT + 1)
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read(TEXT_LIMIT + 1)
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise NeocoreError(f"{path}: cannot read the {what} ({reason})") from None
+        raise NeocoreError(f"{name}: cannot read the {what} ({reason})") from None
+    if len(text) > TEXT_LIMIT:
+        raise NeocoreError(f"{name}: the {what} is longer than {TEXT_LIMIT >> 20} Mi characters")
+    return text
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -173,8 +188,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = args.prompt
     elif args.file:
         prompt = _read_text(args.file, "prompt file")
-    elif not sys.stdin.isatty():
-        prompt = sys.stdin.read()
+    elif not _stdin().isatty():
+        prompt = _read_text("-", "prompt")
     else:
         raise NeocoreError("no prompt: give it as an argument, with -f FILE, or on standard input")
     model = load_model(args)
@@ -195,36 +210,51 @@ def cmd_chat(args: argparse.Namespace) -> int:
     """A running transcript; the cache is reused while it holds a prefix of the transcript's
     tokens, and the oldest turns are dropped once the context would overflow."""
     from . import chat
-    from .generate import stream_text, tokens_after
+    from .errors import ContextError
+    from .generate import check_fits_as_text, stream_text, tokens_after
     from .sampling import Sampler
     sampler = Sampler(_sampling(args), args.seed)
     model = load_model(args)
     if model.tokenizer is None:
         raise NeocoreError(f"{model.path}: no tokenizer files")
+    budget = model.context_length - args.max_tokens - 1  # transcript tokens that leave room for an answer
+    if budget < 1:
+        raise NeocoreError(f"--max-tokens {args.max_tokens} leaves no room for a message in the context of "
+                           f"{model.context_length} positions")
     stops = chat.STOPS + args.stop
-    interactive = sys.stdin.isatty()
+    interactive = _stdin().isatty()
     turns: list[str] = []
     cached: list[int] = []  # the tokens the model's cache holds
-    print("neocore chat: Ctrl-C stops an answer, Ctrl-D quits.", file=sys.stderr)
+    if interactive:
+        print("neocore chat: Ctrl-C stops an answer, Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
             line = input(f"{chat.USER} " if interactive else "")
         except EOFError:
-            print(file=sys.stderr)
+            if interactive:  # end the prompt's line
+                print(file=sys.stderr)
             return 0
         except KeyboardInterrupt:
             print(file=sys.stderr)
             continue
         if not line.strip():
             continue
-        turns.append(chat.turn("user", line) + chat.MODEL)
-        budget = model.context_length - args.max_tokens - 1
+        try:
+            check_fits_as_text(model, line, "message")
+        except ContextError as exc:
+            print(f"neocore: {exc}: not sent", file=sys.stderr)
+            continue
+        turn = chat.turn("user", line) + chat.MODEL
+        alone = len(model.tokenizer.encode(turn))
+        if alone > budget:  # refused, and the transcript kept as it was
+            print(f"neocore: this message is {alone} tokens long; the context has room for {budget} "
+                  f"beside an answer of --max-tokens {args.max_tokens}: not sent", file=sys.stderr)
+            continue
+        turns.append(turn)
         ids = model.tokenizer.encode("".join(turns))
-        while len(turns) > 1 and len(ids) > budget:  # trim: oldest turns go first
+        while len(ids) > budget:  # trim: oldest turns go first
             turns.pop(0)
             ids = model.tokenizer.encode("".join(turns))
-        if len(ids) > budget:
-            raise NeocoreError("this message alone does not fit in the context; lower --max-tokens")
         if cached != ids[:len(cached)] or not cached:
             model.reset()
             cached = []
@@ -254,6 +284,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise NeocoreError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.ray_replicas < 0:
         raise NeocoreError(f"--ray-replicas must be >= 0, got {args.ray_replicas}")
+    if not 0 <= args.shutdown_timeout < float("inf"):
+        raise NeocoreError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
     try:  # before the load: uvicorn would only find out after printing that it is serving
         socket.getaddrinfo(args.host, args.port)
     except (OSError, UnicodeError) as exc:
@@ -273,6 +305,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     text = _read_text(args.file, "text file")
+    if not text:  # before the load, and naming the file
+        raise NeocoreError(f"{'standard input' if args.file == '-' else args.file}: the text is empty: nothing to score")
     model = load_model(args)
     result = model.score(text, stride=args.stride, progress=Progress("scoring"))
     print(f"perplexity: {result.perplexity:.4f} ({len(result.tokens)} tokens, "
@@ -333,6 +367,9 @@ COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "chat": cmd_chat, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if sys.stdout is None:  # started with standard output closed: nowhere for a result to go
+        print("neocore: error: standard output is closed", file=sys.stderr)
+        return 1
     try:
         if args.command == "bench":
             from .bench import run as bench_run

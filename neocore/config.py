@@ -11,6 +11,7 @@ from .errors import ConfigError
 ATTENTION_KINDS = ("global", "local")
 C_INT_MAX = 2**31 - 1  # sizes reach the engine as C ints
 MAX_LAYERS = 4096      # GPT-Neo 2.7B has 32: far past any real model, short of a per-layer list bomb
+CONFIG_LIMIT = 16 << 20  # bytes: a real config.json is a few KB
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,11 @@ class GPTNeoConfig:
     @classmethod
     def from_file(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> "GPTNeoConfig":
         path = Path(path)
+        if path.exists() and not path.is_file():  # a FIFO would block, /dev/zero never end
+            raise ConfigError(f"{path}: not a regular file")
         try:
+            if path.stat().st_size > CONFIG_LIMIT:
+                raise ConfigError(f"{path}: {path.stat().st_size} bytes, too large for a config.json")
             raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such file") from None

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import _core
-from .checkpoint import NEOCORE_INT8_FILE, SafetensorsEntry, open_checkpoint, write_safetensors
+from .checkpoint import (NEOCORE_INT8_FILE, SINGLE_FILE_READERS, SafetensorsEntry, open_checkpoint,
+                         write_safetensors)
 from .errors import CheckpointError, NeocoreError, TokenizerError
 from .model import resolve_config, usable_cores
 from .resolve import resolve_model
@@ -45,6 +46,19 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
         raise CheckpointError(f"{checkpoint.description}: holds {INT8_NOT_TRANSFORMERS}, and they "
                               f"cannot be converted back to {dtype} (the rounding is not undone); "
                               f"convert the original checkpoint instead")
+    written = NEOCORE_INT8_FILE if dtype == "int8" else "model.safetensors"
+    shadows = shadowing_weights(dst, written)
+    if shadows:
+        raise NeocoreError(f"{dst}: already holds {', '.join(shadows)}, which neocore would load instead of "
+                           f"the new {written}: remove it or choose another folder")
+    tokenizer_src = Path(tokenizer) if tokenizer else folder
+    if tokenizer is not None:  # checked before the slow part, not after it
+        if not tokenizer_src.is_dir():
+            raise TokenizerError(f"{tokenizer_src}: no such folder (--tokenizer takes a folder)")
+        if tokenizer_src.resolve() == dst.resolve():
+            raise TokenizerError(f"{tokenizer_src}: the tokenizer folder is the destination")
+        if not Tokenizer.files_present(tokenizer_src):
+            raise TokenizerError(f"{tokenizer_src}: no tokenizer files to copy")
     cfg = resolve_config(folder, checkpoint, config, overrides)
     loader = WeightLoader(checkpoint, cfg, dtype, usable_cores())
     table = weight_table(cfg)
@@ -66,14 +80,21 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
                         matrix.scales))
 
     dst.mkdir(parents=True, exist_ok=True)
-    if dtype == "int8":
-        write_safetensors(dst / NEOCORE_INT8_FILE, entries, INT8_METADATA)
-    else:
-        write_safetensors(dst / "model.safetensors", entries)
+    write_safetensors(dst / written, entries, INT8_METADATA if dtype == "int8" else None)
     loader.report_rounding()
     (dst / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
-    copy_tokenizer(Path(tokenizer) if tokenizer else folder, dst, required=tokenizer is not None)
+    copy_tokenizer(tokenizer_src, dst, required=tokenizer is not None)
     return dst
+
+
+def shadowing_weights(folder: Path, written: str) -> list[str]:
+    """The weight files in folder that neocore would load before the file named written."""
+    found = []
+    for filename in SINGLE_FILE_READERS:
+        if filename == written:
+            break
+        found += [name for name in (filename, f"{filename}.index.json") if (folder / name).exists()]
+    return found
 
 
 class HeldMatrix:
@@ -97,7 +118,7 @@ def copy_tokenizer(src: Path, dst: Path, required: bool) -> None:
     """The tokenizer files as Hugging Face names them (the Java port's are rewritten)."""
     present = [name for name in TOKENIZER_FILES if (src / name).is_file()]
     for name in present:
-        shutil.copy(src / name, dst / name)
+        shutil.copyfile(src / name, dst / name)  # not the mode: a read-only source stays rewritable
     if present:
         return
     if Tokenizer.files_present(src):

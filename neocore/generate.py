@@ -121,10 +121,19 @@ def stream_text(model, tokens: Iterator[int], stop: Sequence[str] = ()) -> Itera
         yield rest
 
 
+def check_fits_as_text(model, text: str, what: str = "prompt") -> None:
+    """Refuses, before tokenizing it, text longer than the context could hold whatever its
+    tokens are (each is at most longest_token characters): tokenizing megabytes takes seconds."""
+    if len(text) > model.context_length * model.tokenizer.longest_token:
+        raise ContextError(f"the {what} is {len(text)} characters long, more than a context of "
+                           f"{model.context_length} tokens can hold")
+
+
 def prompt_ids(model, prompt: str) -> list[int]:
     """The prompt's tokens; an empty prompt starts from <|endoftext|>, GPT-Neo's document start."""
     if model.tokenizer is None:
         raise NeocoreError(f"{model.path}: no tokenizer files (vocab.json + merges.txt or tokenizer.json)")
+    check_fits_as_text(model, prompt)
     ids = model.tokenizer.encode(prompt) or [model.tokenizer.eos_id]
     if len(ids) >= model.context_length:
         raise ContextError(f"the prompt is {len(ids)} tokens long; the context holds "
@@ -221,8 +230,10 @@ def score(model, text: str, stride: int | None = None,
         raise NeocoreError("the text is empty: nothing to score")
     ids = [model.tokenizer.eos_id] + tokens
     window = model.context_length
+    if window < 2:  # a window must hold a token and the one it predicts
+        raise ContextError(f"scoring needs a context of at least 2 positions, got {window}")
     stride = window // 2 if stride is None else stride
-    if not 1 <= stride <= window - 1 and window > 1:
+    if not 1 <= stride <= window - 1:
         raise NeocoreError(f"stride must be between 1 and {window - 1}, got {stride}")
     logprobs = np.empty(len(tokens), dtype=np.float64)
     scored = 0  # logprobs[k] is tokens[k] = ids[k + 1], predicted at input position k

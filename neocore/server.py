@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator
 from . import chat
 from .engine import Chunk, Engine, Request, Stream, TokenLogprob
 from .errors import ContextError, EngineClosedError, NeocoreError, QueueFullError, TokenizerError
+from .generate import check_fits_as_text
 from .sampling import SamplingParams
 
 try:
@@ -101,9 +102,10 @@ def _encode(served: Served, text: str, param: str) -> list[int]:
     """The token ids of text. Text longer than the context could hold whatever its tokens (each
     token is at most longest_token bytes) is refused before it is tokenized."""
     model = served.model
-    if len(text) > model.context_length * model.tokenizer.longest_token:
-        raise ApiError(400, f"the {param} is {len(text)} characters long, more than a context of "
-                            f"{model.context_length} tokens can hold", param, "context_length_exceeded")
+    try:
+        check_fits_as_text(model, text, param)
+    except ContextError as exc:
+        raise ApiError(400, str(exc), param, "context_length_exceeded") from None
     try:
         return model.tokenizer.encode(text)
     except TokenizerError as exc:

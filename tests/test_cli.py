@@ -78,7 +78,15 @@ def test_chat_through_piped_stdin(tiny):
     assert proc.returncode == 0, proc.stderr
     answers = [line for line in proc.stdout.splitlines() if line.strip()]
     assert len(answers) >= 2
-    assert "Ctrl-D" in proc.stderr
+    assert proc.stderr == ""  # the keys banner is for a terminal
+
+
+def test_chat_skips_a_message_too_long_for_the_context_and_goes_on(tiny):
+    proc = run_cli("chat", "-m", str(tiny), "--max-tokens", "10", "--seed", "1",
+                   stdin="Hello there\n" + "word " * 300 + "\nAnd now?\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("not sent") == 1 and len(proc.stderr.splitlines()) == 1
+    assert len([line for line in proc.stdout.splitlines() if line.strip()]) == 2
 
 
 def test_chat_trims_a_transcript_longer_than_the_context(tiny):
@@ -114,11 +122,44 @@ def test_score_and_info(tiny, tmp_path):
     (["generate", "--threads", "0", "hi"], None, "threads must be between 1 and 1024"),
     (["generate", "--threads", str(2 ** 40), "hi"], None, "threads must be between 1 and 1024"),
     (["generate", "--seed", "-1", "hi"], None, "seed must be an integer in [0, 2**63)"),
+    (["chat", "--seed", "-1"], "hi\n", "seed must be an integer in [0, 2**63)"),
+    (["generate", "-f", "/dev/zero"], None, "longer than 64 Mi characters"),
+    (["score", "-"], "", "standard input: the text is empty"),
+    (["score", "--context", "1", "-"], "some text", "scoring needs a context of at least 2"),
+    (["serve", "--shutdown-timeout", "nan"], None, "--shutdown-timeout must be"),
+    (["chat", "--max-tokens", "500"], "hi\n", "--max-tokens 500 leaves no room"),
+    (["bench", "--threads", "two"], None, "--threads takes comma-separated whole numbers"),
+    (["bench", "--repeats", "0"], None, "--repeats must be >= 1"),
 ])
 def test_bad_input_is_one_line_and_a_failure(tiny, args, stdin, message):
     if "-m" not in args:
         args = [args[0], "-m", str(tiny), *args[1:]]
     assert_one_line_error(run_cli(*args, stdin=stdin), message)
+
+
+def test_closed_standard_streams_are_named(tiny):
+    closed_stdin = subprocess.run([sys.executable, "-m", "neocore", "generate", "-m", str(tiny)],
+                                  capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.close(0))
+    assert_one_line_error(closed_stdin, "standard input is closed")
+    closed_stdout = subprocess.run([sys.executable, "-m", "neocore", "info", "-m", str(tiny)], stderr=subprocess.PIPE,
+                                   text=True, timeout=120, preexec_fn=lambda: os.close(1))
+    assert_one_line_error(closed_stdout, "standard output is closed")
+
+
+def test_a_config_that_is_not_a_regular_file_is_refused_not_read(tiny, tmp_path):
+    folder = tmp_path / "fifo-config"
+    folder.mkdir()
+    for item in tiny.iterdir():
+        if item.name != "config.json":
+            (folder / item.name).symlink_to(item)
+    os.mkfifo(folder / "config.json")  # reading it would block for ever
+    assert_one_line_error(run_cli("info", "-m", str(folder), timeout=60), "config.json: not a regular file")
+
+
+def test_make_model_never_writes_into_a_folder_that_holds_files(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    assert_one_line_error(run_cli("bench", "--make-model", "125M", "--out", str(tmp_path)), "not an empty folder")
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
 def test_unknown_repo_id_offline(tmp_path):

@@ -170,6 +170,44 @@ def test_convert_round_trip(tiny, write_bin, tmp_path):
     assert np.abs(their_logits - ref_logits).max() <= 1e-4 * np.abs(ref_logits).max() + 1e-5
 
 
+def test_convert_never_truncates_its_source_through_a_link(tiny, tmp_path):
+    """A destination whose model.safetensors is a hard or symbolic link to the source's file:
+    the new file replaces the link, and the source (read while writing) stays whole."""
+    ref, baseline = tiny
+    from neocore.convert import convert
+    src = convert(ref.folder, tmp_path / "src")
+    before = (src / "model.safetensors").read_bytes()
+    for kind in ("hard", "symbolic"):
+        dst = tmp_path / kind
+        dst.mkdir()
+        link = dst / "model.safetensors"
+        link.hardlink_to(src / "model.safetensors") if kind == "hard" else link.symlink_to(src / "model.safetensors")
+        convert(src, dst)
+        assert (src / "model.safetensors").read_bytes() == before
+        assert np.array_equal(neocore.load(dst).logits(IDS), baseline["bfloat16"])
+    assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_convert_refuses_a_destination_whose_old_weights_would_win(tiny, tmp_path):
+    ref, _ = tiny
+    from neocore.convert import convert
+    dst = convert(ref.folder, tmp_path / "dst")
+    with pytest.raises(neocore.NeocoreError, match="already holds model.safetensors, which neocore would load"):
+        convert(ref.folder, dst, dtype="int8")
+    convert(ref.folder, dst)  # the same file again is fine: it is replaced
+
+
+def test_convert_checks_the_tokenizer_folder_before_writing(tiny, tmp_path):
+    ref, _ = tiny
+    from neocore.convert import convert
+    for tokenizer, message in [(tmp_path / "none", "no such folder"), (tmp_path, "no tokenizer files"),
+                               (tmp_path / "dst", "is the destination")]:
+        (tmp_path / "dst").mkdir(exist_ok=True)
+        with pytest.raises(neocore.TokenizerError, match=message):
+            convert(ref.folder, tmp_path / "dst", tokenizer=tokenizer)
+        assert not (tmp_path / "dst" / "model.safetensors").exists()
+
+
 def test_convert_a_java_port_folder(tiny, gpt2_tokenizer_dir, tmp_path):
     ref, baseline = tiny
     folder = write_java_port(ref, tmp_path / "java", gpt2_tokenizer_dir, properties=True)
