@@ -5,6 +5,7 @@ shows the traceback instead."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import sys
@@ -370,6 +371,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if sys.stdout is None:  # started with standard output closed: nowhere for a result to go
         print("neocore: error: standard output is closed", file=sys.stderr)
         return 1
+    warnings = logging.StreamHandler(sys.stderr)  # the library's warnings, worded as the CLI's lines
+    warnings.setFormatter(logging.Formatter("neocore: warning: %(message)s"))
+    log = logging.getLogger("neocore")
+    log.addHandler(warnings)
+    log.propagate = False
     try:
         if args.command == "bench":
             from .bench import run as bench_run

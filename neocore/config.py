@@ -81,7 +81,8 @@ class GPTNeoConfig:
             if value is None:
                 raise ConfigError(f"{source}: {key} is missing (give it as an override: {key}=...)")
             if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= C_INT_MAX:
-                raise ConfigError(f"{source}: {key} must be an integer from {minimum} to {C_INT_MAX}, got {value!r}")
+                where = "override" if key in (overrides or {}) else source  # blame what set it
+                raise ConfigError(f"{where}: {key} must be an integer from {minimum} to {C_INT_MAX}, got {value!r}")
             return value
 
         hidden = integer("hidden_size")

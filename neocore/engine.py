@@ -308,16 +308,17 @@ class Engine:
             self._closed = True
             self._work.notify()
             thread = self._thread
-        if thread is None:
-            return
-        thread.join(timeout)
-        if thread.is_alive():
+        if thread is not None:
+            thread.join(timeout)
+        if thread is not None and thread.is_alive():
             with self._work:
                 for seq in self._running:
                     seq.stream.cancel()
                 for stream, _ in self._waiting:
                     stream.cancel()
             thread.join()
+        if self.model._engine is self:  # the loop is over: the model's next use makes a fresh engine
+            self.model._engine = None
 
     # ---- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:

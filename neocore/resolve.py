@@ -18,7 +18,10 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # the first one found
 
 
 def resolve_model(spec: str | os.PathLike) -> Path:
-    path = Path(spec).expanduser()
+    try:
+        path = Path(spec).expanduser()
+    except RuntimeError:  # ~user for a user that does not exist
+        raise ModelNotFoundError(f"{spec}: no such model folder (no such home directory)") from None
     if path.is_dir():
         return path
     if path.exists():

@@ -366,6 +366,8 @@ def test_queue_limit(reference_models):
     engine.close(5)
     with pytest.raises(neocore.EngineClosedError):
         engine.submit(Request(ids, GREEDY, 5))
+    assert model.engine is not engine  # the model itself goes on with a fresh engine
+    assert model.generate_ids(ids, max_new_tokens=5) == second.result().tokens
 
 
 def _rss_bytes() -> int:

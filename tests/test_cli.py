@@ -130,6 +130,8 @@ def test_score_and_info(tiny, tmp_path):
     (["chat", "--max-tokens", "500"], "hi\n", "--max-tokens 500 leaves no room"),
     (["bench", "--threads", "two"], None, "--threads takes comma-separated whole numbers"),
     (["bench", "--repeats", "0"], None, "--repeats must be >= 1"),
+    (["info", "--num-heads", "0"], None, "override: num_heads must be an integer"),
+    (["info", "-m", "~no-such-user-here/model"], None, "no such home directory"),
 ])
 def test_bad_input_is_one_line_and_a_failure(tiny, args, stdin, message):
     if "-m" not in args:
@@ -160,6 +162,18 @@ def test_make_model_never_writes_into_a_folder_that_holds_files(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     assert_one_line_error(run_cli("bench", "--make-model", "125M", "--out", str(tmp_path)), "not an empty folder")
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_library_warnings_are_lines_of_their_own_kind(reference_models, write_bin, tmp_path):
+    import copy
+    import torch
+    model = copy.deepcopy(reference_models("tiny").torch_model)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] += 1e-3  # no longer a bfloat16 value
+    folder = write_bin(model, tmp_path / "fp32")
+    proc = run_cli("info", "-m", str(folder))
+    assert proc.returncode == 0
+    assert proc.stderr.startswith("neocore: warning: 1 weight tensor(s) were not exactly representable")
 
 
 def test_unknown_repo_id_offline(tmp_path):
