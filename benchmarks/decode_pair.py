@@ -8,10 +8,12 @@ then hits both sides alike.
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-import neocore
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's neocore
+import neocore  # noqa: E402
 
 path, threads, blocks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 models = [neocore.load(path, threads=threads, **json.loads(spec)) for spec in sys.argv[4:6]]
