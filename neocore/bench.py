@@ -350,6 +350,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.model:
         raise NeocoreError("bench needs -m MODEL (a folder; make one with --make-model 125M --out DIR)")
+    if not Path(args.model).is_dir():  # before measuring anything, and without a worker's traceback
+        raise NeocoreError(f"{args.model}: no such model folder (bench takes a local folder)")
     thread_counts = counts(args.threads, "--threads", minimum=1)
     for flag, value, minimum in (("--prompt-tokens", args.prompt_tokens, 1), ("--new-tokens", args.new_tokens, 1),
                                  ("--repeats", args.repeats, 1)):

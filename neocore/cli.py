@@ -137,6 +137,8 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def model_spec(args: argparse.Namespace) -> str:
+    if args.model == "":  # Path("") would be the current folder
+        raise NeocoreError("-m/--model is empty: give a model folder or a repo id")
     return args.model or os.environ.get("NEOCORE_MODEL") or DEFAULT_MODEL
 
 
@@ -158,7 +160,7 @@ def _stdin():
 
 
 def _read_text(path: str, what: str) -> str:
-    name = "standard input" if path == "-" else path
+    name = "standard input" if path == "-" else path or "''"
     try:
         if path == "-":
             text = _stdin().read(TEXT_LIMIT + 1)
@@ -183,11 +185,11 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import GenerationStats, stream
     params = _sampling(args)
-    if args.prompt is not None and args.file:
+    if args.prompt is not None and args.file is not None:
         raise NeocoreError("give the prompt as an argument or with -f, not both")
     if args.prompt is not None:
         prompt = args.prompt
-    elif args.file:
+    elif args.file is not None:  # -f "" is a file name that does not exist, not "no -f"
         prompt = _read_text(args.file, "prompt file")
     elif not _stdin().isatty():
         prompt = _read_text("-", "prompt")

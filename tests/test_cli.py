@@ -132,6 +132,9 @@ def test_score_and_info(tiny, tmp_path):
     (["bench", "--repeats", "0"], None, "--repeats must be >= 1"),
     (["info", "--num-heads", "0"], None, "override: num_heads must be an integer"),
     (["info", "-m", "~no-such-user-here/model"], None, "no such home directory"),
+    (["info", "-m", ""], None, "-m/--model is empty"),  # not the current folder, nor the default model
+    (["generate", "-f", ""], "a prompt on stdin", "'': cannot read the prompt file"),
+    (["bench", "-m", "/nonexistent/model"], None, "no such model folder (bench takes a local folder)"),
 ])
 def test_bad_input_is_one_line_and_a_failure(tiny, args, stdin, message):
     if "-m" not in args:
