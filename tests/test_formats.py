@@ -197,6 +197,18 @@ def test_convert_refuses_a_destination_whose_old_weights_would_win(tiny, tmp_pat
     convert(ref.folder, dst)  # the same file again is fine: it is replaced
 
 
+def test_convert_into_a_file_or_an_unwritable_place_is_one_clear_error(tiny, tmp_path):
+    ref, _ = tiny
+    from neocore.convert import convert
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(neocore.NeocoreError, match="exists and is not a folder"):
+        convert(ref.folder, tmp_path / "a-file")
+    with pytest.raises(neocore.NeocoreError, match="exists and is not a folder"):
+        convert(ref.folder, tmp_path / "a-file" / "below")
+    with pytest.raises(neocore.NeocoreError, match="cannot write the converted folder"):
+        convert(ref.folder, "/proc/neocore-cannot-write-here")
+
+
 def test_convert_checks_the_tokenizer_folder_before_writing(tiny, tmp_path):
     ref, _ = tiny
     from neocore.convert import convert
