@@ -5,6 +5,7 @@ shows the traceback instead."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import socket
@@ -12,7 +13,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from .errors import NeocoreError
 from .sampling import SamplingParams
@@ -373,28 +374,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     if sys.stdout is None:  # started with standard output closed: nowhere for a result to go
         print("neocore: error: standard output is closed", file=sys.stderr)
         return 1
-    warnings = logging.StreamHandler(sys.stderr)  # the library's warnings, worded as the CLI's lines
-    warnings.setFormatter(logging.Formatter("neocore: warning: %(message)s"))
+    with cli_warnings():
+        try:
+            if args.command == "bench":
+                from .bench import run as bench_run
+                return bench_run(args)
+            return COMMANDS[args.command](args)
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 130
+        except BrokenPipeError:
+            return 1
+        except Exception as exc:  # every failure is one line unless --debug asks for more
+            if args.debug:
+                raise
+            kind = "" if isinstance(exc, NeocoreError) else f"{type(exc).__name__}: "
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            print(f"neocore: error: {kind}{message}", file=sys.stderr)
+            return 1
+
+
+@contextlib.contextmanager
+def cli_warnings() -> Iterator[None]:
+    """While a command runs, the library's warnings are lines like the CLI's own; the logger is
+    put back after (main may run inside a larger program, or a test)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("neocore: warning: %(message)s"))
     log = logging.getLogger("neocore")
-    log.addHandler(warnings)
+    propagate = log.propagate
+    log.addHandler(handler)
     log.propagate = False
     try:
-        if args.command == "bench":
-            from .bench import run as bench_run
-            return bench_run(args)
-        return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 1
-    except Exception as exc:  # every failure is one line unless --debug asks for more
-        if args.debug:
-            raise
-        kind = "" if isinstance(exc, NeocoreError) else f"{type(exc).__name__}: "
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"neocore: error: {kind}{message}", file=sys.stderr)
-        return 1
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
 
 
 if __name__ == "__main__":
