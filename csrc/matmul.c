@@ -197,14 +197,14 @@ static inline MatrixRow matrix_row(const NeoMatrix *w, size_t n, size_t K)
 }
 
 /* The scale of the int8 block holding column k, in every lane. */
-INLINE_AVX2 __m256 block_scale(MatrixRow row, int k)
+INLINE_AVX2 __m256 block_scale(MatrixRow row, size_t k)
 {
-    return _mm256_broadcast_ss(row.scales + (unsigned)k / NEO_I8_BLOCK);
+    return _mm256_broadcast_ss(row.scales + k / NEO_I8_BLOCK);
 }
 
 /* Elements k..k+7 of a row in fp32 (k a multiple of 8, so the 8 share one int8 block, whose
  * scale is given: block_scale(row, k), once for a run of vectors of one block). */
-INLINE_AVX2 __m256 widen8(MatrixRow row, int k, __m256 scale)
+INLINE_AVX2 __m256 widen8(MatrixRow row, size_t k, __m256 scale)
 {
     if (row.dtype == NEO_BF16) {
         /* bf16 is the top half of an fp32: zero-extend to 32 bits and shift into place. */
@@ -220,7 +220,7 @@ INLINE_AVX2 __m256 widen8(MatrixRow row, int k, __m256 scale)
 }
 
 /* widen8 for a vector on its own, looking its scale up. */
-INLINE_AVX2 __m256 widen8_alone(MatrixRow row, int k)
+INLINE_AVX2 __m256 widen8_alone(MatrixRow row, size_t k)
 {
     return widen8(row, k, row.dtype == NEO_I8 ? block_scale(row, k) : _mm256_setzero_ps());
 }
@@ -276,8 +276,8 @@ INLINE_AVX2 void dot_rows_avx2(const NeoDType dtype, const int R, size_t prefetc
     __m256 acc[4][MV_ROWS];
     for (int a = 0; a < 4; a++)
         for (int r = 0; r < R; r++) acc[a][r] = _mm256_setzero_ps();
-    for (int k = 0; k < K / 32 * 32; k += 32) {
-        if (prefetch_ahead) _mm_prefetch((const char *)row.data + (size_t)k * size + prefetch_ahead, _MM_HINT_NTA);
+    for (size_t k = 0; k < (size_t)K / 32 * 32; k += 32) {  /* size_t: -fwrapv int indices cost extensions */
+        if (prefetch_ahead) _mm_prefetch((const char *)row.data + k * size + prefetch_ahead, _MM_HINT_NTA);
         const __m256 scale = dtype == NEO_I8 ? block_scale(row, k) : _mm256_setzero_ps();
         for (int a = 0; a < 4; a++) {
             const __m256 wv = widen8(row, k + 8 * a, scale);
@@ -323,7 +323,7 @@ INLINE_AVX2 void dot_block_avx2(const NeoDType dtype, const int R, size_t prefet
                 for (int l = 0; l < L; l++)
                     for (int o = 0; o < O; o++)
                         for (int r = 0; r < R; r++) acc[l][o][r] = tile_lanes[o][a0 + l][r];
-                for (int k = k0; k < k1; k += 32) {
+                for (size_t k = k0; k < (size_t)k1; k += 32) {
                     /* A tile jumps from row to row span by span, which the hardware prefetcher
                      * does not follow: it fetches the next tile's rows at these columns, a
                      * whole tile of work ahead (EPYC, alternating builds: the kernel from memory
@@ -331,12 +331,12 @@ INLINE_AVX2 void dot_block_avx2(const NeoDType dtype, const int R, size_t prefet
                      * reads half a line a step: its second hint to a line is a cheap no-op. */
                     if (prefetch_ahead && a0 == 0)
                         for (int o = 0; o < O; o++)
-                            _mm_prefetch((const char *)rows[o].data + (size_t)k * size + prefetch_ahead, _MM_HINT_NTA);
+                            _mm_prefetch((const char *)rows[o].data + k * size + prefetch_ahead, _MM_HINT_NTA);
                     __m256 scale[MV_TILE_OUTS];
                     for (int o = 0; o < O; o++)
                         scale[o] = dtype == NEO_I8 ? block_scale(rows[o], k) : _mm256_setzero_ps();
                     for (int l = 0; l < L; l++) {
-                        const int column = k + 8 * (a0 + l);
+                        const size_t column = k + 8 * (a0 + l);
                         __m256 wv[MV_TILE_OUTS];
                         for (int o = 0; o < O; o++) wv[o] = widen8(rows[o], column, scale[o]);
                         for (int r = 0; r < R; r++) {
