@@ -160,8 +160,13 @@ def _stdin():
     return sys.stdin
 
 
+def _input_name(path: str) -> str:
+    """How a message names a text input: '-' is standard input."""
+    return "standard input" if path == "-" else path or "''"
+
+
 def _read_text(path: str, what: str) -> str:
-    name = "standard input" if path == "-" else path or "''"
+    name = _input_name(path)
     try:
         if path == "-":
             text = _stdin().read(TEXT_LIMIT + 1)
@@ -310,7 +315,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     text = _read_text(args.file, "text file")
     if not text:  # before the load, and naming the file
-        raise NeocoreError(f"{'standard input' if args.file == '-' else args.file}: the text is empty: nothing to score")
+        raise NeocoreError(f"{_input_name(args.file)}: the text is empty: nothing to score")
     model = load_model(args)
     result = model.score(text, stride=args.stride, progress=Progress("scoring"))
     print(f"perplexity: {result.perplexity:.4f} ({len(result.tokens)} tokens, "
