@@ -181,6 +181,17 @@ def _read_text(path: str, what: str) -> str:
     return text
 
 
+def _piped_line() -> str:
+    """The next line of piped standard input, without its newline, TEXT_LIMIT characters at most:
+    input() would read /dev/zero until memory ran out."""
+    line = _stdin().readline(TEXT_LIMIT + 1)
+    if not line:
+        raise EOFError
+    if len(line) > TEXT_LIMIT:
+        raise NeocoreError(f"standard input: a line longer than {TEXT_LIMIT >> 20} Mi characters")
+    return line.rstrip("\n")
+
+
 def _sampling(args: argparse.Namespace) -> SamplingParams:
     """The sampling flags, checked (before the slow load)."""
     if args.max_tokens < 0:
@@ -238,7 +249,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print("neocore chat: Ctrl-C stops an answer, Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
-            line = input(f"{chat.USER} " if interactive else "")
+            line = input(f"{chat.USER} ") if interactive else _piped_line()
         except EOFError:
             if interactive:  # end the prompt's line
                 print(file=sys.stderr)

@@ -87,9 +87,16 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
         raise NeocoreError(f"{dst}: cannot write the converted folder ({exc.strerror or exc})") from None
     write_safetensors(dst / written, entries, INT8_METADATA if dtype == "int8" else None)
     loader.report_rounding()
-    (dst / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+    fresh(dst / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
     copy_tokenizer(tokenizer_src, dst, required=tokenizer is not None)
     return dst
+
+
+def fresh(path: Path) -> Path:
+    """path with whatever was there removed, so that writing it makes a new file: never one
+    written through a hard or symbolic link into another folder (DST linked to SRC)."""
+    path.unlink(missing_ok=True)
+    return path
 
 
 def shadowing_weights(folder: Path, written: str) -> list[str]:
@@ -123,14 +130,14 @@ def copy_tokenizer(src: Path, dst: Path, required: bool) -> None:
     """The tokenizer files as Hugging Face names them (the Java port's are rewritten)."""
     present = [name for name in TOKENIZER_FILES if (src / name).is_file()]
     for name in present:
-        shutil.copyfile(src / name, dst / name)  # not the mode: a read-only source stays rewritable
+        shutil.copyfile(src / name, fresh(dst / name))  # not the mode: a read-only source stays rewritable
     if present:
         return
     if Tokenizer.files_present(src):
         tok = Tokenizer.from_dir(src)
-        (dst / "vocab.json").write_text(json.dumps(tok.encoder, ensure_ascii=False), encoding="utf-8")
+        fresh(dst / "vocab.json").write_text(json.dumps(tok.encoder, ensure_ascii=False), encoding="utf-8")
         merges = sorted(tok.ranks, key=tok.ranks.get)
-        (dst / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+        fresh(dst / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
                                         encoding="utf-8")
     elif required:
         raise TokenizerError(f"{src}: no tokenizer files to copy")

@@ -15,6 +15,7 @@ import collections
 import queue
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator, Sequence
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from .errors import ContextError, EngineClosedError, NeocoreError, QueueFullError
 from .generate import TextStream
-from .sampling import SamplingParams, check_seed, choose_rows, log_softmax_rows, sequence_rng
+from .sampling import SamplingParams, check_seed, choose_rows, is_integer, log_softmax_rows, sequence_rng
 
 PREFILL_CHUNK = 128  # prompt tokens a sequence brings to one step
 
@@ -44,6 +45,8 @@ class Request:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # one stop string, not its characters
             self.stop = [self.stop]
+        elif isinstance(self.stop, Iterable):  # a deque, a tuple, dict keys: read once, here
+            self.stop = list(self.stop)
 
 
 @dataclass
@@ -240,12 +243,11 @@ class Engine:
         if not isinstance(request.params, SamplingParams):
             raise NeocoreError(f"params must be a neocore SamplingParams, got {type(request.params).__name__}")
         check_seed(request.seed)
-        if isinstance(request.seed_index, bool) or not isinstance(request.seed_index, int) or request.seed_index < 0:
+        if not is_integer(request.seed_index) or request.seed_index < 0:
             raise NeocoreError(f"seed_index must be an integer >= 0, got {request.seed_index!r}")
-        if request.logprobs is not None and (isinstance(request.logprobs, bool) or not isinstance(request.logprobs, int)
-                                             or not 0 <= request.logprobs <= 20):
+        if request.logprobs is not None and not (is_integer(request.logprobs) and 0 <= request.logprobs <= 20):
             raise NeocoreError(f"logprobs must be an integer from 0 to 20, got {request.logprobs!r}")
-        if not isinstance(request.stop, (list, tuple)) or not all(isinstance(s, str) for s in request.stop):
+        if not isinstance(request.stop, list) or not all(isinstance(s, str) for s in request.stop):
             raise NeocoreError(f"stop must be a string or a list of strings, got {request.stop!r}")
 
     def submit(self, request: Request) -> Stream:

@@ -3,6 +3,7 @@
 NumPy Generator so that a seed gives the same text on every run and thread count."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -140,9 +141,14 @@ def sequence_rng(seed: int | None, index: int = 0) -> np.random.Generator:
     return np.random.default_rng(None if seed is None else [seed, index])
 
 
+def is_integer(value: object) -> bool:
+    """An int or a numpy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def check_seed(seed: object) -> None:
     """Raises a SamplingError unless seed is None or an integer numpy's generators take."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+    if seed is not None and not (is_integer(seed) and 0 <= seed < 2 ** 63):
         raise SamplingError(f"seed must be an integer in [0, 2**63), got {seed!r}")
 
 

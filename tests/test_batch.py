@@ -289,6 +289,15 @@ def test_a_malformed_request_is_refused_at_submit_and_harms_no_other(tiny, bad, 
     assert done.finish_reason == "length" and len(done.tokens) == 40
 
 
+def test_numpy_integers_and_any_sequence_of_stops_are_accepted(tiny):
+    import collections
+    ids = tiny.tokenizer.encode(PROMPTS[0])
+    plain = tiny.engine.submit(Request(ids, GREEDY, 6, logprobs=2, seed=3, seed_index=1, stop=["zz"])).result()
+    numpy = tiny.engine.submit(Request(np.array(ids), GREEDY, 6, logprobs=np.int64(2), seed=np.int64(3),
+                                       seed_index=np.int32(1), stop=collections.deque(["zz"]))).result()
+    assert numpy.tokens == plain.tokens and numpy.text == plain.text
+
+
 def test_a_stop_given_as_one_string_is_one_stop(tiny):
     text = tiny.generate(PROMPTS[0], max_new_tokens=20, temperature=0)
     # three characters whose first appearance as a string comes after one of them alone does

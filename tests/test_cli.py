@@ -142,6 +142,13 @@ def test_bad_input_is_one_line_and_a_failure(tiny, args, stdin, message):
     assert_one_line_error(run_cli(*args, stdin=stdin), message)
 
 
+def test_chat_reading_dev_zero_stops_at_the_line_limit(tiny):
+    with open("/dev/zero", "rb") as zero:
+        proc = subprocess.run([sys.executable, "-m", "neocore", "chat", "-m", str(tiny), "--max-tokens", "5"], stdin=zero,
+                              capture_output=True, text=True, timeout=120)
+    assert_one_line_error(proc, "standard input: a line longer than 64 Mi characters")
+
+
 def test_closed_standard_streams_are_named(tiny):
     closed_stdin = subprocess.run([sys.executable, "-m", "neocore", "generate", "-m", str(tiny)],
                                   capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.close(0))

@@ -177,14 +177,16 @@ def test_convert_never_truncates_its_source_through_a_link(tiny, tmp_path):
     from neocore.convert import convert
     src = convert(ref.folder, tmp_path / "src")
     before = (src / "model.safetensors").read_bytes()
+    originals = {p.name: p.read_bytes() for p in src.iterdir()}
     for kind in ("hard", "symbolic"):
         dst = tmp_path / kind
         dst.mkdir()
-        link = dst / "model.safetensors"
-        link.hardlink_to(src / "model.safetensors") if kind == "hard" else link.symlink_to(src / "model.safetensors")
-        convert(src, dst)
-        assert (src / "model.safetensors").read_bytes() == before
-        assert np.array_equal(neocore.load(dst).logits(IDS), baseline["bfloat16"])
+        for name in originals:  # a linked copy of the whole folder, as cp -al / cp -as make
+            link = dst / name
+            link.hardlink_to(src / name) if kind == "hard" else link.symlink_to(src / name)
+        convert(src, dst, num_heads=2)  # an override, so that DST's config.json differs from SRC's
+        assert {p.name: p.read_bytes() for p in src.iterdir()} == originals
+        assert neocore.load(dst).config.num_heads == 2
     assert not list(tmp_path.rglob("*.partial"))
 
 
