@@ -138,13 +138,23 @@ INLINE_AVX2 __m256 gelu_new8_avx2(__m256 v)
     return _mm256_fmadd_ps(half_v, tanh_avx2(u), half_v);
 }
 
+/* The OpenMP loops below hand each thread spans of GELU_SPAN values, gelu'd by a function of
+ * its own: clang does not carry a function's target into its OpenMP body, where vector values
+ * then fail to compile ("AVX vector argument ... changes the ABI"). */
+#define GELU_SPAN 1024
+
+TARGET_AVX2 static void gelu_new_span_avx2(float *x, size_t n)
+{
+    for (size_t i = 0; i < n; i += 8) _mm256_storeu_ps(x + i, gelu_new8_avx2(_mm256_loadu_ps(x + i)));
+}
+
 /* The last n % 8 values go through the same vector code, padded: a value's result must not
  * depend on where it lies in x (x holds every row of a step, so that changes with the batch). */
 TARGET_AVX2 static void gelu_new_avx2(float *x, size_t n, int n_threads)
 {
     const size_t n8 = n / 8 * 8;
     #pragma omp parallel for num_threads(n_threads) schedule(static) if (n > 8192)
-    for (size_t i = 0; i < n8; i += 8) _mm256_storeu_ps(x + i, gelu_new8_avx2(_mm256_loadu_ps(x + i)));
+    for (size_t i = 0; i < n8; i += GELU_SPAN) gelu_new_span_avx2(x + i, n8 - i < GELU_SPAN ? n8 - i : GELU_SPAN);
     if (n8 < n) {
         float tail[8] = {0};
         memcpy(tail, x + n8, sizeof(float) * (n - n8));
@@ -201,12 +211,18 @@ INLINE_AVX512 __m512 gelu_new16_avx512(__m512 v)
     return _mm512_fmadd_ps(half_v, tanh_avx512(u), half_v);
 }
 
+TARGET_AVX512 static void gelu_new_span_avx512(float *x, size_t n)
+{
+    for (size_t i = 0; i < n; i += 16) _mm512_storeu_ps(x + i, gelu_new16_avx512(_mm512_loadu_ps(x + i)));
+}
+
 /* The last n % 16 values through the same vector code, padded (see gelu_new_avx2). */
+_Static_assert(GELU_SPAN % 16 == 0, "spans are whole vectors");
 TARGET_AVX512 static void gelu_new_avx512(float *x, size_t n, int n_threads)
 {
     const size_t n16 = n / 16 * 16;
     #pragma omp parallel for num_threads(n_threads) schedule(static) if (n > 8192)
-    for (size_t i = 0; i < n16; i += 16) _mm512_storeu_ps(x + i, gelu_new16_avx512(_mm512_loadu_ps(x + i)));
+    for (size_t i = 0; i < n16; i += GELU_SPAN) gelu_new_span_avx512(x + i, n16 - i < GELU_SPAN ? n16 - i : GELU_SPAN);
     if (n16 < n) {
         float tail[16] = {0};
         memcpy(tail, x + n16, sizeof(float) * (n - n16));
