@@ -138,29 +138,33 @@ INLINE_AVX2 __m256 gelu_new8_avx2(__m256 v)
     return _mm256_fmadd_ps(half_v, tanh_avx2(u), half_v);
 }
 
-/* The OpenMP loops below hand each thread spans of GELU_SPAN values, gelu'd by a function of
- * its own: clang does not carry a function's target into its OpenMP body, where vector values
- * then fail to compile ("AVX vector argument ... changes the ABI"). */
+/* gelu_new on x over threads, for a SIMD path whose span function gelus n values, n a multiple
+ * of its width: spans of GELU_SPAN values to each thread, then the last n % width values through
+ * the same vector code, padded (a value's result must not depend on where it lies in x, which
+ * holds every row of a step and so changes with the batch). The span is a function of its own,
+ * called here with no vector value in sight: clang does not carry a function's target into its
+ * OpenMP body, where vector values then fail to compile ("AVX vector argument ... changes the
+ * ABI"). */
 #define GELU_SPAN 1024
+#define GELU_WIDEST 16
+typedef void GeluSpan(float *x, size_t n);
+
+static void gelu_new_spans(GeluSpan *span, size_t width, float *x, size_t n, int n_threads)
+{
+    const size_t whole = n / width * width;
+    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n > 8192)
+    for (size_t i = 0; i < whole; i += GELU_SPAN) span(x + i, whole - i < GELU_SPAN ? whole - i : GELU_SPAN);
+    if (whole < n) {
+        float tail[GELU_WIDEST] = {0};
+        memcpy(tail, x + whole, sizeof(float) * (n - whole));
+        span(tail, width);
+        memcpy(x + whole, tail, sizeof(float) * (n - whole));
+    }
+}
 
 TARGET_AVX2 static void gelu_new_span_avx2(float *x, size_t n)
 {
     for (size_t i = 0; i < n; i += 8) _mm256_storeu_ps(x + i, gelu_new8_avx2(_mm256_loadu_ps(x + i)));
-}
-
-/* The last n % 8 values go through the same vector code, padded: a value's result must not
- * depend on where it lies in x (x holds every row of a step, so that changes with the batch). */
-TARGET_AVX2 static void gelu_new_avx2(float *x, size_t n, int n_threads)
-{
-    const size_t n8 = n / 8 * 8;
-    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n > 8192)
-    for (size_t i = 0; i < n8; i += GELU_SPAN) gelu_new_span_avx2(x + i, n8 - i < GELU_SPAN ? n8 - i : GELU_SPAN);
-    if (n8 < n) {
-        float tail[8] = {0};
-        memcpy(tail, x + n8, sizeof(float) * (n - n8));
-        _mm256_storeu_ps(tail, gelu_new8_avx2(_mm256_loadu_ps(tail)));
-        memcpy(x + n8, tail, sizeof(float) * (n - n8));
-    }
 }
 
 /* The AVX-512 path: the AVX2 path's e^x, tanh and gelu_new on 16 lanes. (The portable loop
@@ -216,31 +220,18 @@ TARGET_AVX512 static void gelu_new_span_avx512(float *x, size_t n)
     for (size_t i = 0; i < n; i += 16) _mm512_storeu_ps(x + i, gelu_new16_avx512(_mm512_loadu_ps(x + i)));
 }
 
-/* The last n % 16 values through the same vector code, padded (see gelu_new_avx2). */
-_Static_assert(GELU_SPAN % 16 == 0, "spans are whole vectors");
-TARGET_AVX512 static void gelu_new_avx512(float *x, size_t n, int n_threads)
-{
-    const size_t n16 = n / 16 * 16;
-    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n > 8192)
-    for (size_t i = 0; i < n16; i += GELU_SPAN) gelu_new_span_avx512(x + i, n16 - i < GELU_SPAN ? n16 - i : GELU_SPAN);
-    if (n16 < n) {
-        float tail[16] = {0};
-        memcpy(tail, x + n16, sizeof(float) * (n - n16));
-        _mm512_storeu_ps(tail, gelu_new16_avx512(_mm512_loadu_ps(tail)));
-        memcpy(x + n16, tail, sizeof(float) * (n - n16));
-    }
-}
+_Static_assert(GELU_SPAN % GELU_WIDEST == 0 && GELU_WIDEST == 16, "spans are whole vectors of either path");
 #endif
 
 void gelu_new_forward(float *x, size_t n, int n_threads, NeoIsa isa)
 {
 #if defined(__x86_64__)
     if (isa == NEO_ISA_AVX2) {
-        gelu_new_avx2(x, n, n_threads);
+        gelu_new_spans(gelu_new_span_avx2, 8, x, n, n_threads);
         return;
     }
     if (isa == NEO_ISA_AVX512) {
-        gelu_new_avx512(x, n, n_threads);
+        gelu_new_spans(gelu_new_span_avx512, 16, x, n, n_threads);
         return;
     }
 #endif
