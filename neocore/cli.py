@@ -264,17 +264,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except ContextError as exc:
             print(f"neocore: {exc}: not sent", file=sys.stderr)
             continue
-        turn = chat.turn("user", line) + chat.MODEL
-        alone = len(model.tokenizer.encode(turn))
-        if alone > budget:  # refused, and the transcript kept as it was
-            print(f"neocore: this message is {alone} tokens long; the context has room for {budget} "
-                  f"beside an answer of --max-tokens {args.max_tokens}: not sent", file=sys.stderr)
-            continue
-        turns.append(turn)
+        kept = list(turns)
+        turns.append(chat.turn("user", line) + chat.MODEL)
         ids = model.tokenizer.encode("".join(turns))
-        while len(ids) > budget:  # trim: oldest turns go first
+        while len(turns) > 1 and len(ids) > budget:  # trim: oldest turns go first
             turns.pop(0)
             ids = model.tokenizer.encode("".join(turns))
+        if len(ids) > budget:  # this message alone is too long: refused, the transcript as it was
+            turns = kept
+            print(f"neocore: this message is {len(ids)} tokens long; the context has room for {budget} "
+                  f"beside an answer of --max-tokens {args.max_tokens}: not sent", file=sys.stderr)
+            continue
         if cached != ids[:len(cached)] or not cached:
             model.reset()
             cached = []

@@ -140,8 +140,9 @@ class GPTNeoConfig:
         if path.exists() and not path.is_file():  # a FIFO would block, /dev/zero never end
             raise ConfigError(f"{path}: not a regular file")
         try:
-            if path.stat().st_size > CONFIG_LIMIT:
-                raise ConfigError(f"{path}: {path.stat().st_size} bytes, too large for a config.json")
+            size = path.stat().st_size
+            if size > CONFIG_LIMIT:
+                raise ConfigError(f"{path}: {size} bytes, too large for a config.json")
             raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such file") from None
