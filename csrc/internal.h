@@ -109,8 +109,7 @@ static inline __m512 simde_cvtepi32_ps(__m512i a)
 /* The SIMD GEMMs share one driver (matmul.c): threads take panels of width columns of w
  * (static schedule), pack each once into fp32 [K][width] (pack_panel, AVX2) and run a register
  * tile over it for every rows rows of x. A tile computes out[t0.., n0..) for the rows of x below
- * T (the AVX2 tile computes only those; the AVX-512 one reads rows past T as row T-1 and does
- * not store them) and hands its sums to store_tile (below). */
+ * T only (the last tile is as short as the rows left) and hands its sums to store_tile (below). */
 typedef void GemmTile(float *out, const float *x, const float *panel, const float *bias, int t0,
                       int n0, int T, int K, int N, int accumulate);
 void gemm_panels(GemmTile *tile, int width, int rows, float *out, const float *x, const NeoMatrix *w,

@@ -96,22 +96,22 @@ TARGET_AVX512 void matvec_avx512(float *out, const float *x, const NeoMatrix *w,
 }
 
 /* Prefill (matmul.c's gemm_panels drives it): W widened once into fp32 panels of PANEL512
- * columns, and a GEMM512_ROWS x PANEL512 register tile over K: 12 rows x 2 zmm = 24
- * accumulators + 2 panel vectors + the broadcast x, 27 of the 32 registers (both sizes in
- * internal.h). Each output is summed along k in order. */
-TARGET_AVX512 void gemm_tile_avx512(float *out, const float *x, const float *panel, const float *bias,
-                                    int t0, int n0, int T, int K, int N, int accumulate)
+ * columns, and a register tile of R <= GEMM512_ROWS rows x PANEL512 over K: 12 rows x 2 zmm =
+ * 24 accumulators + 2 panel vectors + the broadcast x, 27 of the 32 registers (both sizes in
+ * internal.h). R is a constant where inlined, so that the tile stays in registers. */
+INLINE_AVX512 void gemm_rows_avx512(const int R, float *out, const float *x, const float *panel,
+                                    const float *bias, int t0, int n0, int T, int K, int N, int accumulate)
 {
     const float *xr[GEMM512_ROWS];
     __m512 acc[GEMM512_ROWS][2];
-    for (int i = 0; i < GEMM512_ROWS; i++) {
-        xr[i] = x + (size_t)(t0 + i < T ? t0 + i : T - 1) * K;
+    for (int i = 0; i < R; i++) {
+        xr[i] = x + (size_t)(t0 + i) * K;
         acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     }
     for (int k = 0; k < K; k++) {
         const __m512 w0 = _mm512_load_ps(panel + (size_t)k * PANEL512);
         const __m512 w1 = _mm512_load_ps(panel + (size_t)k * PANEL512 + 16);
-        for (int i = 0; i < GEMM512_ROWS; i++) {
+        for (int i = 0; i < R; i++) {
             const __m512 xv = _mm512_set1_ps(xr[i][k]);
             acc[i][0] = _mm512_fmadd_ps(xv, w0, acc[i][0]);
             acc[i][1] = _mm512_fmadd_ps(xv, w1, acc[i][1]);
@@ -119,11 +119,34 @@ TARGET_AVX512 void gemm_tile_avx512(float *out, const float *x, const float *pan
     }
     /* Spill with constant indices only: a variable index would keep acc in memory all along. */
     float tile[GEMM512_ROWS][PANEL512];
-    for (int i = 0; i < GEMM512_ROWS; i++) {
+    for (int i = 0; i < R; i++) {
         _mm512_storeu_ps(tile[i], acc[i][0]);
         _mm512_storeu_ps(tile[i] + 16, acc[i][1]);
     }
-    store_tile(out, &tile[0][0], GEMM512_ROWS, PANEL512, bias, t0, n0, T, N, accumulate);
+    store_tile(out, &tile[0][0], R, PANEL512, bias, t0, n0, T, N, accumulate);
+}
+
+/* The GEMM tile: GEMM512_ROWS rows of x, or the rows left at the end of x (an 8-token prompt
+ * is one tile of 8, not of 12 with 4 thrown away). Each output is summed along k in order
+ * whatever the tile, so its size never changes a bit. */
+_Static_assert(GEMM512_ROWS == 12, "gemm_tile_avx512 has a case for every tile size");
+TARGET_AVX512 void gemm_tile_avx512(float *out, const float *x, const float *panel, const float *bias,
+                                    int t0, int n0, int T, int K, int N, int accumulate)
+{
+    switch (T - t0 < GEMM512_ROWS ? T - t0 : GEMM512_ROWS) {
+    case 12: gemm_rows_avx512(12, out, x, panel, bias, t0, n0, T, K, N, accumulate); break;
+    case 11: gemm_rows_avx512(11, out, x, panel, bias, t0, n0, T, K, N, accumulate); break;
+    case 10: gemm_rows_avx512(10, out, x, panel, bias, t0, n0, T, K, N, accumulate); break;
+    case 9: gemm_rows_avx512(9, out, x, panel, bias, t0, n0, T, K, N, accumulate); break;
+    case 8: gemm_rows_avx512(8, out, x, panel, bias, t0, n0, T, K, N, accumulate); break;
+    case 7: gemm_rows_avx512(7, out, x, panel, bias, t0, n0, T, K, N, accumulate); break;
+    case 6: gemm_rows_avx512(6, out, x, panel, bias, t0, n0, T, K, N, accumulate); break;
+    case 5: gemm_rows_avx512(5, out, x, panel, bias, t0, n0, T, K, N, accumulate); break;
+    case 4: gemm_rows_avx512(4, out, x, panel, bias, t0, n0, T, K, N, accumulate); break;
+    case 3: gemm_rows_avx512(3, out, x, panel, bias, t0, n0, T, K, N, accumulate); break;
+    case 2: gemm_rows_avx512(2, out, x, panel, bias, t0, n0, T, K, N, accumulate); break;
+    default: gemm_rows_avx512(1, out, x, panel, bias, t0, n0, T, K, N, accumulate);
+    }
 }
 
 #endif
