@@ -9,7 +9,8 @@
  *   /tmp/kernel_ab /tmp/libA.so /tmp/libB.so decode|prefill ROWS THREADS PASSES [HIDDEN LAYERS]
  *
  * decode runs matvec_forward (the decode kernel), prefill matmul_forward (the packed GEMM);
- * HIDDEN and LAYERS default to 125M's 768 and 12. Prints the median, quartiles and minimum
+ * HIDDEN and LAYERS default to 125M's 768 and 12; NEOCORE_ISA=avx512 times the AVX-512 path
+ * (the AVX2 one otherwise). Prints the median, quartiles and minimum
  * of each build's pass times. */
 #include <dlfcn.h>
 #include <stdio.h>
@@ -49,6 +50,8 @@ int main(int argc, char **argv)
     }
     const int decode = strcmp(argv[3], "decode") == 0, T = atoi(argv[4]), threads = atoi(argv[5]);
     const int passes = atoi(argv[6]), H = argc > 7 ? atoi(argv[7]) : 768, layers = argc > 8 ? atoi(argv[8]) : 12;
+    const char *isa_name = getenv("NEOCORE_ISA");
+    const NeoIsa isa = isa_name && strcmp(isa_name, "avx512") == 0 ? NEO_ISA_AVX512 : NEO_ISA_AVX2;
     Kernel *kernel[2];
     for (int v = 0; v < 2; v++) {
         void *lib = dlopen(argv[1 + v], RTLD_NOW | RTLD_LOCAL);
@@ -71,8 +74,8 @@ int main(int argc, char **argv)
             const int v = p % 2 ? 1 - i : i;
             const double start = now();
             for (int m = 0; m < layers * 4; m++)
-                kernel[v](out, x, &w[m], NULL, T, shape[m % 4][1], shape[m % 4][0], 0, threads, NEO_ISA_AVX2);
-            if (decode) kernel[v](out, x, &head, NULL, T, H, vocab, 0, threads, NEO_ISA_AVX2);
+                kernel[v](out, x, &w[m], NULL, T, shape[m % 4][1], shape[m % 4][0], 0, threads, isa);
+            if (decode) kernel[v](out, x, &head, NULL, T, H, vocab, 0, threads, isa);
             seconds[v * passes + p] = now() - start;
         }
     for (int v = 0; v < 2; v++) {

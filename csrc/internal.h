@@ -12,6 +12,19 @@ static inline __attribute__((always_inline)) size_t dtype_bytes(NeoDType dtype)
     return dtype == NEO_BF16 ? 2 : dtype == NEO_I8 ? 1 : 4;
 }
 
+/* A weight matrix applied to x: out[t, n] (+)= bias[n] + sum_k x[t, k] * w[n, k], N outputs. */
+typedef struct {
+    float *out;
+    const NeoMatrix *w;
+    const float *bias;
+    int N;
+} Projection;
+#define MAX_PROJECTIONS 3  /* q, k and v, which share their x */
+
+/* matvec_forward (neocore.h) for n_proj <= MAX_PROJECTIONS matrices of K columns and one x. */
+void matvec_projections(const Projection *proj, int n_proj, const float *x, int T, int K,
+                        int accumulate, int n_threads, NeoIsa isa);
+
 #if defined(__x86_64__)
 /* The AVX2+FMA and AVX-512 paths are compiled per function, so the library itself stays
  * portable. Built with -DNEOCORE_SIMDE (a test only), every intrinsic comes from SIMDe instead,
@@ -118,24 +131,31 @@ void pack_panel(float *panel, const NeoMatrix *w, int n0, int K, int N, int widt
 float *aligned_rows(const float *x, int T, int K, int *ld);
 
 /* The decode kernels' driver, one for both SIMD paths (a macro, so that each keeps its target
- * and every dtype gets its own compiled copy of block): x copied into aligned rows, blocks of
- * block_rows weight rows split statically over the threads, prefetching as isa does here. */
+ * and every dtype gets its own compiled copy of block): x copied into aligned rows once, the
+ * blocks of block_rows weight rows of every projection split statically over the threads in
+ * one parallel region (each region costs a start and a barrier, which at 16 threads weighed on
+ * a decode step), prefetching as isa does here. */
 #define MATVEC_DRIVER(block, block_rows, isa)                                                  \
-    const NeoDType dtype = w->dtype;                                                           \
-    const int n_blocks = (N + (block_rows) - 1) / (block_rows), nta = neo_decode_prefetches_nta(isa); \
+    const int nta = neo_decode_prefetches_nta(isa);                                            \
+    int first_block[MAX_PROJECTIONS + 1] = {0};                                                \
+    for (int j = 0; j < n_proj; j++)                                                           \
+        first_block[j + 1] = first_block[j] + (proj[j].N + (block_rows) - 1) / (block_rows);   \
     int ld = K;                                                                                \
     float *aligned = aligned_rows(x, T, K, &ld);                                               \
     const float *xa = aligned ? aligned : x;                                                   \
     _Pragma("omp parallel for num_threads(n_threads) schedule(static)")                        \
-    for (int b = 0; b < n_blocks; b++) {                                                       \
-        const int n_begin = b * (block_rows);                                                  \
-        const int n_end = n_begin + (block_rows) < N ? n_begin + (block_rows) : N;             \
-        if (dtype == NEO_BF16)                                                                 \
-            block(NEO_BF16, nta, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);   \
-        else if (dtype == NEO_I8)                                                              \
-            block(NEO_I8, nta, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);     \
+    for (int b = 0; b < first_block[n_proj]; b++) {                                            \
+        int j = 0;                                                                             \
+        while (b >= first_block[j + 1]) j++;                                                   \
+        const Projection *p = &proj[j];                                                        \
+        const int n_begin = (b - first_block[j]) * (block_rows);                               \
+        const int n_end = n_begin + (block_rows) < p->N ? n_begin + (block_rows) : p->N;       \
+        if (p->w->dtype == NEO_BF16)                                                           \
+            block(NEO_BF16, nta, p->out, xa, ld, p->w, p->bias, T, n_begin, n_end, K, p->N, accumulate); \
+        else if (p->w->dtype == NEO_I8)                                                        \
+            block(NEO_I8, nta, p->out, xa, ld, p->w, p->bias, T, n_begin, n_end, K, p->N, accumulate); \
         else                                                                                   \
-            block(NEO_F32, nta, out, xa, ld, w, bias, T, n_begin, n_end, K, N, accumulate);    \
+            block(NEO_F32, nta, p->out, xa, ld, p->w, p->bias, T, n_begin, n_end, K, p->N, accumulate); \
     }                                                                                          \
     free(aligned);
 
@@ -144,8 +164,8 @@ float *aligned_rows(const float *x, int T, int K, int *ld);
 #define MAX_PANEL PANEL512  /* the widest panel pack_panel is asked for */
 #define GEMM512_ROWS 12
 GemmTile gemm_tile_avx512;
-void matvec_avx512(float *out, const float *x, const NeoMatrix *w, const float *bias, int T, int K,
-                   int N, int accumulate, int n_threads);
+void matvec_avx512(const Projection *proj, int n_proj, const float *x, int T, int K, int accumulate,
+                   int n_threads);
 #endif
 
 /* Adds the bias and either stores or adds to what out holds (a fused residual add). */

@@ -409,9 +409,8 @@ INLINE_AVX2 void matvec_block_avx2(const NeoDType dtype, const int prefetch_nta,
     }
 }
 
-TARGET_AVX2 static void matvec_avx2(float *out, const float *x, const NeoMatrix *w,
-                                    const float *bias, int T, int K, int N, int accumulate,
-                                    int n_threads)
+TARGET_AVX2 static void matvec_avx2(const Projection *proj, int n_proj, const float *x, int T,
+                                    int K, int accumulate, int n_threads)
 {
     MATVEC_DRIVER(matvec_block_avx2, MV_BLOCK, NEO_ISA_AVX2)
 }
@@ -592,21 +591,30 @@ void matmul_forward(float *out, const float *x, const NeoMatrix *w, const float 
         gemm_generic(out, x, w, bias, T, K, N, accumulate, n_threads);
 }
 
-void matvec_forward(float *out, const float *x, const NeoMatrix *w, const float *bias, int T,
-                    int K, int N, int accumulate, int n_threads, NeoIsa isa)
+void matvec_projections(const Projection *proj, int n_proj, const float *x, int T, int K,
+                        int accumulate, int n_threads, NeoIsa isa)
 {
 #if defined(__x86_64__)
     if (isa == NEO_ISA_AVX512) {
-        matvec_avx512(out, x, w, bias, T, K, N, accumulate, n_threads);
+        matvec_avx512(proj, n_proj, x, T, K, accumulate, n_threads);
         return;
     }
     if (isa == NEO_ISA_AVX2) {
-        matvec_avx2(out, x, w, bias, T, K, N, accumulate, n_threads);
+        matvec_avx2(proj, n_proj, x, T, K, accumulate, n_threads);
         return;
     }
 #endif
-    if (isa == NEO_ISA_SCALAR)
-        matmul_scalar(out, x, w, bias, T, K, N, accumulate, n_threads);
-    else
-        matvec_generic(out, x, w, bias, T, K, N, accumulate, n_threads);
+    for (const Projection *p = proj; p < proj + n_proj; p++) {
+        if (isa == NEO_ISA_SCALAR)
+            matmul_scalar(p->out, x, p->w, p->bias, T, K, p->N, accumulate, n_threads);
+        else
+            matvec_generic(p->out, x, p->w, p->bias, T, K, p->N, accumulate, n_threads);
+    }
+}
+
+void matvec_forward(float *out, const float *x, const NeoMatrix *w, const float *bias, int T,
+                    int K, int N, int accumulate, int n_threads, NeoIsa isa)
+{
+    const Projection one = {out, w, bias, N};
+    matvec_projections(&one, 1, x, T, K, accumulate, n_threads, isa);
 }

@@ -89,8 +89,8 @@ INLINE_AVX512 void matvec_block_avx512(const NeoDType dtype, const int prefetch_
     }
 }
 
-TARGET_AVX512 void matvec_avx512(float *out, const float *x, const NeoMatrix *w, const float *bias,
-                                 int T, int K, int N, int accumulate, int n_threads)
+TARGET_AVX512 void matvec_avx512(const Projection *proj, int n_proj, const float *x, int T, int K,
+                                 int accumulate, int n_threads)
 {
     MATVEC_DRIVER(matvec_block_avx512, MV512_BLOCK, NEO_ISA_AVX512)
 }
