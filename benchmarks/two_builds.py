@@ -3,11 +3,12 @@ both alike: this checkout's `neocore` (A) and another build (B) copied as a pack
 `neocore_b`, e.g. before a change:
 
     rm -rf /tmp/nb && mkdir /tmp/nb && cp -r neocore /tmp/nb/neocore_b   # built in place
-    python benchmarks/two_builds.py /tmp/nb MODEL THREADS [PROMPT_LENGTHS] [ROUNDS]
+    python benchmarks/two_builds.py /tmp/nb MODEL THREADS [PROMPT_LENGTHS] [ROUNDS] [LOAD_JSON]
 
 For each prompt length: the median time of a prefill wanting the last row's logits, of a
 decode step after it, and of a step in which the prompt joins 8 decoding sequences (a server's
 step when a client arrives); A and B alternate within every round."""
+import json
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,9 @@ import neocore_b  # noqa: E402
 model_path, threads = sys.argv[2], int(sys.argv[3])
 lengths = [int(n) for n in (sys.argv[4] if len(sys.argv) > 4 else "8,32,128").split(",")]
 rounds = int(sys.argv[5]) if len(sys.argv) > 5 else 15
-builds = {"A": neocore.load(model_path, threads=threads), "B": neocore_b.load(model_path, threads=threads)}
+options = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}  # neocore.load's, e.g. {"dtype": "int8"}
+builds = {"A": neocore.load(model_path, threads=threads, **options),
+          "B": neocore_b.load(model_path, threads=threads, **options)}
 vocab = builds["A"].config.vocab_size
 rng = np.random.default_rng(0)
 logits = np.empty((1, vocab), np.float32)

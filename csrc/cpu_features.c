@@ -80,20 +80,23 @@ int neo_cpu_has_amx_bf16(void)
     return cached;
 }
 
-int neo_cpu_is_amd(void)
+NeoCpuVendor neo_cpu_vendor(void)
 {
     static int cached = -1; /* CPUID is slow under virtualisation: ask once */
     if (cached < 0) {
         unsigned a, vendor[3];
-        cached = __get_cpuid(0, &a, &vendor[0], &vendor[2], &vendor[1])
-                 && memcmp(vendor, "AuthenticAMD", 12) == 0;
+        cached = NEO_VENDOR_OTHER;
+        if (__get_cpuid(0, &a, &vendor[0], &vendor[2], &vendor[1]))
+            cached = memcmp(vendor, "AuthenticAMD", 12) == 0   ? NEO_VENDOR_AMD
+                     : memcmp(vendor, "GenuineIntel", 12) == 0 ? NEO_VENDOR_INTEL
+                                                               : NEO_VENDOR_OTHER;
     }
-    return cached;
+    return (NeoCpuVendor)cached;
 }
 #else
 int neo_cpu_has_avx2_fma(void) { return 0; }
 int neo_cpu_has_avx512(void) { return 0; }
 int neo_cpu_has_avx512_bf16(void) { return 0; }
 int neo_cpu_has_amx_bf16(void) { return 0; }
-int neo_cpu_is_amd(void) { return 0; }
+NeoCpuVendor neo_cpu_vendor(void) { return NEO_VENDOR_OTHER; }
 #endif

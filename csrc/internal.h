@@ -116,8 +116,34 @@ static inline __m512 simde_cvtepi32_ps(__m512i a)
 #define INLINE_AVX512 static inline __attribute__((always_inline, target("avx2,fma,avx512f,avx512bw,avx512vl")))
 #endif
 
-/* Decode kernels that prefetch (neo_decode_prefetches_nta) do so this far ahead. */
-#define PREFETCH_BYTES 256
+/* The decode kernels stream each weight row once a step. How they prefetch that stream
+ * (neo_decode_prefetch) is chosen by CPU maker, because each way was measured on one maker's
+ * CPUs and loses on the other's:
+ * - AMD (EPYC, Zen 3): a non-temporal hint PREFETCH_NEAR_BYTES ahead, once a step, gave 4-20%
+ *   more bandwidth; into L2 PREFETCH_FAR_BYTES ahead made 1.3B's matrices 18% slower.
+ * - Intel (Xeon, Sapphire Rapids class): the non-temporal hint halved decode; into L2,
+ *   PREFETCH_FAR_BYTES ahead, every line, made the decode kernel 1.3-1.45x faster (125M and
+ *   1.3B matrices, 1 and 2 threads, against no prefetch, builds alternating: kernel_ab.c).
+ * Elsewhere the kernels leave it to the hardware. */
+#define PREFETCH_NEAR_BYTES 256
+#define PREFETCH_FAR_BYTES 4096
+
+/* The prefetch for the bytes [p, p + bytes) that a decode step reads, ahead bytes ahead (a
+ * step's whole span into L2, or its first line non-temporally). */
+static inline __attribute__((always_inline)) void
+prefetch_stream(NeoDecodePrefetch how, const char *p, size_t bytes, size_t ahead)
+{
+    if (how == NEO_PREFETCH_L2_FAR)
+        for (size_t line = 0; line < bytes; line += 64) _mm_prefetch(p + ahead + line, _MM_HINT_T1);
+    else if (how == NEO_PREFETCH_NTA_NEAR)
+        _mm_prefetch(p + ahead, _MM_HINT_NTA);
+}
+
+/* How far ahead a step's prefetch reaches in this way. */
+static inline size_t prefetch_distance(NeoDecodePrefetch how)
+{
+    return how == NEO_PREFETCH_L2_FAR ? PREFETCH_FAR_BYTES : PREFETCH_NEAR_BYTES;
+}
 
 /* The SIMD GEMMs share one driver (matmul.c): threads take panels of width columns of w
  * (static schedule), pack each once into fp32 [K][width] (pack_panel, AVX2) and run a register
@@ -136,7 +162,7 @@ float *aligned_rows(const float *x, int T, int K, int *ld);
  * one parallel region (each region costs a start and a barrier, which at 16 threads weighed on
  * a decode step), prefetching as isa does here. */
 #define MATVEC_DRIVER(block, block_rows, isa)                                                  \
-    const int nta = neo_decode_prefetches_nta(isa);                                            \
+    const NeoDecodePrefetch how = neo_decode_prefetch(isa);                                    \
     int first_block[MAX_PROJECTIONS + 1] = {0};                                                \
     for (int j = 0; j < n_proj; j++)                                                           \
         first_block[j + 1] = first_block[j] + (proj[j].N + (block_rows) - 1) / (block_rows);   \
@@ -151,11 +177,11 @@ float *aligned_rows(const float *x, int T, int K, int *ld);
         const int n_begin = (b - first_block[j]) * (block_rows);                               \
         const int n_end = n_begin + (block_rows) < p->N ? n_begin + (block_rows) : p->N;       \
         if (p->w->dtype == NEO_BF16)                                                           \
-            block(NEO_BF16, nta, p->out, xa, ld, p->w, p->bias, T, n_begin, n_end, K, p->N, accumulate); \
+            block(NEO_BF16, how, p->out, xa, ld, p->w, p->bias, T, n_begin, n_end, K, p->N, accumulate); \
         else if (p->w->dtype == NEO_I8)                                                        \
-            block(NEO_I8, nta, p->out, xa, ld, p->w, p->bias, T, n_begin, n_end, K, p->N, accumulate); \
+            block(NEO_I8, how, p->out, xa, ld, p->w, p->bias, T, n_begin, n_end, K, p->N, accumulate); \
         else                                                                                   \
-            block(NEO_F32, nta, p->out, xa, ld, p->w, p->bias, T, n_begin, n_end, K, p->N, accumulate); \
+            block(NEO_F32, how, p->out, xa, ld, p->w, p->bias, T, n_begin, n_end, K, p->N, accumulate); \
     }                                                                                          \
     free(aligned);
 

@@ -170,10 +170,8 @@ static void gemm_generic(float *out, const float *x, const NeoMatrix *w, const f
 #if defined(__x86_64__)
 /* Decode (T = 1) is bound by reading the weights once. One row at a time keeps a single
  * sequential stream per thread, which the hardware prefetcher follows best (several rows side
- * by side measured 30-40% slower here); four accumulators hide the FMA latency. On AMD a
- * non-temporal software prefetch PREFETCH_BYTES ahead measured 4-20% more bandwidth (Zen 3):
- * weights are used once per step. On an Intel Xeon (Sapphire Rapids) the same hint halved
- * decode, so it is chosen by CPU vendor at run time. */
+ * by side measured 30-40% slower here); four accumulators hide the FMA latency. The stream is
+ * prefetched as the CPU's maker wants (prefetch_stream, internal.h). */
 #define MV_BLOCK 16           /* rows a thread takes at a time (static schedule) */
 
 /* Prefill (T > 1) is bound by arithmetic: W is widened once into packed fp32 panels of
@@ -267,9 +265,11 @@ INLINE_AVX2 float decode_sum_end(__m256 l0, __m256 l1, __m256 l2, __m256 l3, Mat
 
 /* sums[r] = the decode sum of x row xr[r] and one weight row, for R <= MV_ROWS rows of x: all
  * four lanes of every row in registers, the weight row read once, in order, as one stream
- * (prefetched prefetch_ahead bytes ahead when that is not 0), four FMA chains a row in flight. */
-INLINE_AVX2 void dot_rows_avx2(const NeoDType dtype, const int R, size_t prefetch_ahead, float *sums,
-                               const float *const *xr, MatrixRow row, int K)
+ * (prefetched as how says, prefetch_ahead bytes ahead, when that is not 0), four FMA chains a
+ * row in flight. */
+INLINE_AVX2 void dot_rows_avx2(const NeoDType dtype, const int R, NeoDecodePrefetch how,
+                               size_t prefetch_ahead, float *sums, const float *const *xr,
+                               MatrixRow row, int K)
 {
     const size_t size = dtype_bytes(dtype);
     row.dtype = dtype;  /* the constant, so that widen8 compiles to one path */
@@ -277,7 +277,7 @@ INLINE_AVX2 void dot_rows_avx2(const NeoDType dtype, const int R, size_t prefetc
     for (int a = 0; a < 4; a++)
         for (int r = 0; r < R; r++) acc[a][r] = _mm256_setzero_ps();
     for (size_t k = 0; k < (size_t)K / 32 * 32; k += 32) {  /* size_t: -fwrapv int indices cost extensions */
-        if (prefetch_ahead) _mm_prefetch((const char *)row.data + k * size + prefetch_ahead, _MM_HINT_NTA);
+        if (prefetch_ahead) prefetch_stream(how, (const char *)row.data + k * size, 32 * size, prefetch_ahead);
         const __m256 scale = dtype == NEO_I8 ? block_scale(row, k) : _mm256_setzero_ps();
         for (int a = 0; a < 4; a++) {
             const __m256 wv = widen8(row, k + 8 * a, scale);
@@ -365,7 +365,7 @@ INLINE_AVX2 void dot_block_avx2(const NeoDType dtype, const int R, size_t prefet
  * that a weight row's groups would each re-read x from L2 (L2-bound: 27% slower at T = 8,
  * K = 3072): T is split evenly into tiles of 3 to MV_TILE_ROWS rows (T > MV_ROWS), each run
  * over the whole block. */
-INLINE_AVX2 void matvec_block_avx2(const NeoDType dtype, const int prefetch_nta, float *out,
+INLINE_AVX2 void matvec_block_avx2(const NeoDType dtype, NeoDecodePrefetch how, float *out,
                                    const float *x, int ld, const NeoMatrix *w, const float *bias,
                                    int T, int n_begin, int n_end, int K, int N, int accumulate)
 {
@@ -375,18 +375,21 @@ INLINE_AVX2 void matvec_block_avx2(const NeoDType dtype, const int prefetch_nta,
     if (T <= MV_ROWS || (size_t)T * ld * sizeof(float) <= MV_X_L1) {
         for (int n = n_begin; n < n_end; n++)
             for (int t = 0; t < T; t += MV_ROWS) {
-                /* The first group streams the row from memory; the second, which reads it from
-                 * L1, fetches the next row meanwhile, so that memory and arithmetic overlap. */
+                /* The first group streams the row from memory; with the near prefetch (AMD)
+                 * the second, which reads it from L1, fetches the next row meanwhile, so that
+                 * memory and arithmetic overlap. */
                 const int R = T - t < MV_ROWS ? T - t : MV_ROWS;
-                const size_t prefetch = !prefetch_nta ? 0 : t == 0 ? PREFETCH_BYTES : t == MV_ROWS ? row_bytes : 0;
+                const size_t prefetch = how == NEO_PREFETCH_NONE ? 0
+                                      : t == 0 ? prefetch_distance(how)
+                                      : t == MV_ROWS && how == NEO_PREFETCH_NTA_NEAR ? row_bytes : 0;
                 const MatrixRow row = matrix_row(w, n, K);
                 for (int r = 0; r < R; r++) xr[r] = x + (size_t)(t + r) * ld;
                 if (R == 3)
-                    dot_rows_avx2(dtype, 3, prefetch, sums, xr, row, K);
+                    dot_rows_avx2(dtype, 3, how, prefetch, sums, xr, row, K);
                 else if (R == 2)
-                    dot_rows_avx2(dtype, 2, prefetch, sums, xr, row, K);
+                    dot_rows_avx2(dtype, 2, how, prefetch, sums, xr, row, K);
                 else
-                    dot_rows_avx2(dtype, 1, prefetch, sums, xr, row, K);
+                    dot_rows_avx2(dtype, 1, how, prefetch, sums, xr, row, K);
                 for (int r = 0; r < R; r++) store_output(&out[(size_t)(t + r) * N + n], sums[r], bias, n, accumulate);
             }
         return;
@@ -395,7 +398,8 @@ INLINE_AVX2 void matvec_block_avx2(const NeoDType dtype, const int prefetch_nta,
     for (int i = 0, t = 0; i < tiles; i++) {
         const int R = (T - t) / (tiles - i);  /* the remaining rows over the remaining tiles */
         for (int r = 0; r < R; r++) xr[r] = x + (size_t)(t + r) * ld;
-        const size_t prefetch = prefetch_nta && i == 0 ? MV_TILE_OUTS * row_bytes : 0;
+        /* measured on AMD only (see dot_block_avx2) */
+        const size_t prefetch = how == NEO_PREFETCH_NTA_NEAR && i == 0 ? MV_TILE_OUTS * row_bytes : 0;
         switch (R) {  /* constant R: each compiles to its own loops with the tile in registers */
         case 6: dot_block_avx2(dtype, 6, prefetch, sums, xr, w, n_begin, n_end, K); break;
         case 5: dot_block_avx2(dtype, 5, prefetch, sums, xr, w, n_begin, n_end, K); break;
@@ -440,7 +444,7 @@ INLINE_AVX2 void transpose8x8(__m256 r[8])
  * prefetcher follows poorly: with prefetch set, each row is fetched PACK_PREFETCH_BYTES ahead.
  * EPYC (Zen 3), 2 threads, a 125M model's 48 GEMMs from memory, builds alternating: T = 128
  * rows 208 -> 179 ms, T = 8 57 -> 40 ms (256 bytes ahead measured a little better than 512 or
- * 1024). Not measured on Intel, so AMD only (neo_cpu_is_amd), as the decode prefetch. */
+ * 1024). Not measured on Intel, so on AMD only. */
 #define PACK_PREFETCH_BYTES 256
 INLINE_AVX2 void pack_panel_as(const NeoDType dtype, int prefetch, float *panel, const NeoMatrix *w,
                                int n0, int K, int N, int width)
@@ -475,7 +479,7 @@ INLINE_AVX2 void pack_panel_as(const NeoDType dtype, int prefetch, float *panel,
  * packs with it too. */
 TARGET_AVX2 void pack_panel(float *panel, const NeoMatrix *w, int n0, int K, int N, int width)
 {
-    const int prefetch = neo_cpu_is_amd();
+    const int prefetch = neo_cpu_vendor() == NEO_VENDOR_AMD;
     if (w->dtype == NEO_BF16)
         pack_panel_as(NEO_BF16, prefetch, panel, w, n0, K, N, width);
     else if (w->dtype == NEO_I8)
@@ -565,10 +569,16 @@ float *aligned_rows(const float *x, int T, int K, int *ld)
     return rows;
 }
 
-/* The SIMD paths' decode kernels prefetch on AMD only (see PREFETCH_BYTES). */
-int neo_decode_prefetches_nta(NeoIsa isa)
+/* The SIMD paths' decode kernels prefetch by CPU maker (see prefetch_stream); the others leave
+ * it to the hardware. */
+NeoDecodePrefetch neo_decode_prefetch(NeoIsa isa)
 {
-    return (isa == NEO_ISA_AVX2 || isa == NEO_ISA_AVX512) && neo_cpu_is_amd();
+    if (isa != NEO_ISA_AVX2 && isa != NEO_ISA_AVX512) return NEO_PREFETCH_NONE;
+    switch (neo_cpu_vendor()) {
+    case NEO_VENDOR_AMD: return NEO_PREFETCH_NTA_NEAR;
+    case NEO_VENDOR_INTEL: return NEO_PREFETCH_L2_FAR;
+    default: return NEO_PREFETCH_NONE;
+    }
 }
 
 void matmul_forward(float *out, const float *x, const NeoMatrix *w, const float *bias, int T,

@@ -12,7 +12,7 @@
 
 /* Decode: each weight row is streamed once for all T rows. MV512_ROWS rows of x share each
  * widened weight vector: 4 x 4 accumulators + 4 weight vectors + x use 25 of the 32 registers.
- * On AMD (Zen 4 has AVX-512) the same non-temporal prefetch as the AVX2 path. */
+ * The first group of rows prefetches w as the CPU's maker wants (prefetch_stream, internal.h). */
 #define MV512_ROWS 4
 #define MV512_BLOCK 16  /* rows of w a thread takes at a time (static schedule) */
 
@@ -36,7 +36,7 @@ INLINE_AVX512 __m512 widen16(const void *row, const float *scales, NeoDType dtyp
 /* sums[r] = sum_k x[r * K + k] * w[row + k] for R rows of x (R a constant, 1 to MV512_ROWS).
  * Every row is summed in the same order whatever R is: four accumulators over 64-element
  * steps, the 16-element steps and a masked tail into the first, then a fixed reduction. */
-INLINE_AVX512 void dot_rows_avx512(const NeoDType dtype, const int R, int prefetch_nta, float *sums,
+INLINE_AVX512 void dot_rows_avx512(const NeoDType dtype, const int R, NeoDecodePrefetch how, float *sums,
                                    const float *x, size_t ld, const void *row, const float *scales, int K)
 {
     const size_t elem = dtype_bytes(dtype);
@@ -46,7 +46,7 @@ INLINE_AVX512 void dot_rows_avx512(const NeoDType dtype, const int R, int prefet
         for (int a = 0; a < 4; a++) acc[r][a] = _mm512_setzero_ps();
     int k = 0;
     for (; k + 64 <= K; k += 64) {
-        if (prefetch_nta) _mm_prefetch(bytes + (size_t)k * elem + PREFETCH_BYTES, _MM_HINT_NTA);
+        prefetch_stream(how, bytes + (size_t)k * elem, 64 * elem, prefetch_distance(how));
         for (int a = 0; a < 4; a++) {
             const __m512 wv = widen16(row, scales, dtype, k + 16 * a, 0xFFFF);
             for (int r = 0; r < R; r++)
@@ -64,7 +64,7 @@ INLINE_AVX512 void dot_rows_avx512(const NeoDType dtype, const int R, int prefet
                                                      _mm512_add_ps(acc[r][2], acc[r][3])));
 }
 
-INLINE_AVX512 void matvec_block_avx512(const NeoDType dtype, const int prefetch_nta, float *out,
+INLINE_AVX512 void matvec_block_avx512(const NeoDType dtype, NeoDecodePrefetch how, float *out,
                                        const float *x, int ld, const NeoMatrix *w, const float *bias,
                                        int T, int n_begin, int n_end, int K, int N, int accumulate)
 {
@@ -75,7 +75,8 @@ INLINE_AVX512 void matvec_block_avx512(const NeoDType dtype, const int prefetch_
         const void *row = (const char *)w->data + (size_t)n * K * elem;
         const float *scales = dtype == NEO_I8 ? w->scales + n * blocks : NULL;
         for (int t = 0; t < T; t += MV512_ROWS) {
-            const int R = T - t < MV512_ROWS ? T - t : MV512_ROWS, prefetch = prefetch_nta && t == 0;
+            const int R = T - t < MV512_ROWS ? T - t : MV512_ROWS;
+            const NeoDecodePrefetch prefetch = t == 0 ? how : NEO_PREFETCH_NONE;
             const float *xt = x + (size_t)t * ld;
             switch (R) {  /* constant R: each compiles to its own loop with acc in registers */
             case 4: dot_rows_avx512(dtype, 4, prefetch, sums, xt, ld, row, scales, K); break;

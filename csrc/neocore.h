@@ -122,12 +122,16 @@ int neo_cpu_has_avx512(void);
  * that is refused. */
 int neo_cpu_has_avx512_bf16(void);
 int neo_cpu_has_amx_bf16(void);
-/* 1 on AMD processors (CPUID vendor string). */
-int neo_cpu_is_amd(void);
+/* The CPU's maker (CPUID vendor string): some kernel choices were measured on one maker's CPUs
+ * and lose on the other's, so they are made by it at run time. */
+typedef enum { NEO_VENDOR_OTHER, NEO_VENDOR_AMD, NEO_VENDOR_INTEL } NeoCpuVendor;
+NeoCpuVendor neo_cpu_vendor(void);
 /* 1 when compiled with OpenMP; without it every step runs on one thread. */
 int neo_built_with_openmp(void);
-/* 1 when the decode kernel of path isa prefetches its weights non-temporally on this CPU. */
-int neo_decode_prefetches_nta(NeoIsa isa);
+/* How the decode kernel of path isa prefetches the weights it streams, on this CPU: not at all,
+ * non-temporally a little ahead (AMD), or into L2 far ahead (Intel); see internal.h. */
+typedef enum { NEO_PREFETCH_NONE, NEO_PREFETCH_NTA_NEAR, NEO_PREFETCH_L2_FAR } NeoDecodePrefetch;
+NeoDecodePrefetch neo_decode_prefetch(NeoIsa isa);
 
 NeoState *neo_state_new(const NeoConfig *cfg, int n_seqs, int n_ctx, int max_rows,
                         int n_threads, NeoIsa isa, NeoBf16Gemm bf16_gemm);

@@ -69,9 +69,8 @@ cdef extern from "neocore.h":
     int neo_cpu_has_avx512()
     int neo_cpu_has_avx512_bf16()
     int neo_cpu_has_amx_bf16()
-    int neo_cpu_is_amd()
     int neo_built_with_openmp()
-    int neo_decode_prefetches_nta(NeoIsa isa)
+    int neo_decode_prefetch(NeoIsa isa)
     NeoState *neo_state_new(const NeoConfig *cfg, int n_seqs, int n_ctx, int max_rows,
                             int n_threads, NeoIsa isa, NeoBf16Gemm bf16_gemm)
     void neo_state_free(NeoState *s)
@@ -123,10 +122,6 @@ def cpu_has_amx_bf16() -> bool:
     return bool(neo_cpu_has_amx_bf16())
 
 
-def cpu_is_amd() -> bool:
-    return bool(neo_cpu_is_amd())
-
-
 def built_with_openmp() -> bool:
     return bool(neo_built_with_openmp())
 
@@ -142,9 +137,12 @@ def usable_isas() -> list:
     return [isa for isa in MODEL_ISAS if isa_runs_here(isa)] + ["scalar"]
 
 
-def decode_prefetches_nta(str isa) -> bool:
-    """Whether path isa's decode kernel prefetches its weights non-temporally on this CPU."""
-    return bool(neo_decode_prefetches_nta(ISAS[isa]))
+DECODE_PREFETCHES = ("none", "non-temporal, a few lines ahead", "into L2, a page ahead")
+
+
+def decode_prefetch(str isa) -> str:
+    """How path isa's decode kernel prefetches its weights on this CPU (chosen by its maker)."""
+    return DECODE_PREFETCHES[neo_decode_prefetch(ISAS[isa])]
 
 
 # /proc/cpuinfo flags that decide which kernels can run or would help (x86 and Arm names)

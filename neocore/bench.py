@@ -300,7 +300,7 @@ def machine() -> dict:
     return {"cpu": _core.cpu_model(), "cpu_flags": _core.cpu_flags(), "cores": os.cpu_count(),
             "usable_paths": _core.usable_isas()[:-1], "path": isa,
             "path_chosen_by": "NEOCORE_ISA" if os.environ.get("NEOCORE_ISA") else "auto",
-            "decode_prefetch_nta": _core.decode_prefetches_nta(isa)}
+            "decode_prefetch": _core.decode_prefetch(isa)}
 
 
 def warm_page_cache(folder: Path) -> None:
@@ -402,7 +402,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"CPU: {host['cpu']} ({host['cores']} cores); SIMD flags: {' '.join(host['cpu_flags']) or 'none listed'}")
     print(f"kernel path: {host['path']} ({host['path_chosen_by']}; this CPU runs {', '.join(host['usable_paths'])}); "
-          f"decode non-temporal prefetch: {'on' if host['decode_prefetch_nta'] else 'off'}")
+          f"decode prefetch: {host['decode_prefetch']}")
     for r in rows:
         if r["engine"] == "neocore" and not r.get("variant_of_first"):
             print(f"read bandwidth, {r['threads']} thread(s): {r['bandwidth_gb_s']:.1f} GB/s")

@@ -130,3 +130,15 @@ def test_gelu_new_matches_float64_formula(isa):
     bound = np.abs(torch32 - expected).max()
     assert np.abs(y - expected).max() <= max(bound, 5e-7)
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=5e-7)
+
+
+def test_decode_prefetch_is_chosen_by_the_cpu_maker():
+    """Each way was measured on its maker's CPUs and loses on the other's (csrc/internal.h);
+    the portable paths leave prefetching to the hardware."""
+    with open("/proc/cpuinfo") as f:
+        vendor = next((line.partition(":")[2].strip() for line in f if line.startswith("vendor_id")), "")
+    simd = {"AuthenticAMD": "non-temporal, a few lines ahead",
+            "GenuineIntel": "into L2, a page ahead"}.get(vendor, "none")
+    for isa in _core.usable_isas():
+        expected = simd if isa in ("avx2", "avx512", "avx512bf16", "amx") else "none"
+        assert _core.decode_prefetch(isa) == expected, isa
