@@ -50,8 +50,12 @@ int main(int argc, char **argv)
     }
     const int decode = strcmp(argv[3], "decode") == 0, T = atoi(argv[4]), threads = atoi(argv[5]);
     const int passes = atoi(argv[6]), H = argc > 7 ? atoi(argv[7]) : 768, layers = argc > 8 ? atoi(argv[8]) : 12;
-    const char *isa_name = getenv("NEOCORE_ISA");
-    const NeoIsa isa = isa_name && strcmp(isa_name, "avx512") == 0 ? NEO_ISA_AVX512 : NEO_ISA_AVX2;
+    const char *isa_name = getenv("NEOCORE_ISA") ? getenv("NEOCORE_ISA") : "avx2";
+    if (strcmp(isa_name, "avx2") != 0 && strcmp(isa_name, "avx512") != 0) {
+        fprintf(stderr, "NEOCORE_ISA: avx2 or avx512, not %s\n", isa_name);
+        return 2;
+    }
+    const NeoIsa isa = strcmp(isa_name, "avx512") == 0 ? NEO_ISA_AVX512 : NEO_ISA_AVX2;
     Kernel *kernel[2];
     for (int v = 0; v < 2; v++) {
         void *lib = dlopen(argv[1 + v], RTLD_NOW | RTLD_LOCAL);
@@ -60,6 +64,11 @@ int main(int argc, char **argv)
             return 1;
         }
         kernel[v] = (Kernel *)dlsym(lib, decode ? "matvec_forward" : "matmul_forward");
+        int (*runs)(void) = (int (*)(void))dlsym(lib, isa == NEO_ISA_AVX512 ? "neo_cpu_has_avx512" : "neo_cpu_has_avx2_fma");
+        if (!kernel[v] || !runs || !runs()) {
+            fprintf(stderr, "%s: no kernel, or this CPU lacks %s\n", argv[1 + v], isa_name);
+            return 1;
+        }
     }
     const int shape[4][2] = {{3 * H, H}, {H, H}, {4 * H, H}, {H, 4 * H}};  /* [N, K]: qkv, out, fc, proj */
     NeoMatrix *w = malloc(sizeof(NeoMatrix) * layers * 4);

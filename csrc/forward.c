@@ -253,18 +253,18 @@ static void cache_store(float *cache, int slots, const float *rows, int pos0, in
 }
 
 /* For each projection, out (+)= bias + x @ w.T over n_rows rows: the first n_decode through the
- * decode kernel (every projection in one pass), the others through the prefill kernel (in
+ * decode kernel (on the SIMD paths every projection in one parallel region), the others through the prefill kernel (in
  * bf16 if the state computes so). Callers choose the split by what a row is (in a layer: a
  * single-row sequence's row), never by what else is in the batch, so a row's sums never
  * depend on the batch. */
-static void linear(const NeoState *s, const Projection *proj, int n_proj, const float *x,
+static void linear(const NeoState *s, const NeoProjection *proj, int n_proj, const float *x,
                    int n_rows, int n_decode, int K, int accumulate)
 {
     if (n_decode > 0)
         matvec_projections(proj, n_proj, x, n_decode, K, accumulate, s->n_threads, s->isa);
     if (n_rows == n_decode) return;
     x += (size_t)n_decode * K;
-    for (const Projection *p = proj; p < proj + n_proj; p++) {
+    for (const NeoProjection *p = proj; p < proj + n_proj; p++) {
         float *out = p->out + (size_t)n_decode * p->N;
         if (s->bf16_gemm != NEO_BF16_OFF)
             matmul_bf16_forward(out, x, p->w, p->bias, n_rows - n_decode, K, p->N, accumulate,
@@ -288,7 +288,7 @@ static void forward_rows(const NeoConfig *c, const NeoWeights *w, NeoState *s, c
 
         /* x += out_proj(attention(ln_1(x))) */
         layernorm_forward(s->xn, s->x, L->ln1_w, L->ln1_b, T, C, c->ln_eps, nt);
-        const Projection qkv[] = {{s->q, &L->q, NULL, C}, {s->k, &L->k, NULL, C}, {s->v, &L->v, NULL, C}};
+        const NeoProjection qkv[] = {{s->q, &L->q, NULL, C}, {s->k, &L->k, NULL, C}, {s->v, &L->v, NULL, C}};
         linear(s, qkv, 3, s->xn, T, S, C, 0);
         attention_forward(s->att, s->q, s->k, s->v, s->seq, l, slots, p->segments, p->row_segment,
                           T, c->n_heads, c->head_dim, window, s->scores, s->n_ctx, nt, s->isa);
@@ -300,13 +300,13 @@ static void forward_rows(const NeoConfig *c, const NeoWeights *w, NeoState *s, c
             cache_store(s->seq[sg->seq].value_cache[l], slots, s->v + first, sg->pos0, sg->n_rows,
                         c->n_heads, c->head_dim);
         }
-        linear(s, &(Projection){s->x, &L->out, L->out_b, C}, 1, s->att, T, S, C, 1);
+        linear(s, &(NeoProjection){s->x, &L->out, L->out_b, C}, 1, s->att, T, S, C, 1);
 
         /* x += c_proj(gelu_new(c_fc(ln_2(x)))) */
         layernorm_forward(s->xn, s->x, L->ln2_w, L->ln2_b, T, C, c->ln_eps, nt);
-        linear(s, &(Projection){s->h, &L->fc, L->fc_b, c->ffn}, 1, s->xn, T, S, C, 0);
+        linear(s, &(NeoProjection){s->h, &L->fc, L->fc_b, c->ffn}, 1, s->xn, T, S, C, 0);
         gelu_new_forward(s->h, (size_t)T * c->ffn, nt, s->isa);
-        linear(s, &(Projection){s->x, &L->proj, L->proj_b, C}, 1, s->h, T, S, c->ffn, 1);
+        linear(s, &(NeoProjection){s->x, &L->proj, L->proj_b, C}, 1, s->h, T, S, c->ffn, 1);
     }
 }
 
@@ -318,7 +318,7 @@ static void logits_forward(const NeoConfig *c, const NeoWeights *w, NeoState *s,
     for (int i = 0; i < p->n_logits; i++)
         memcpy(s->att + (size_t)i * C, s->x + (size_t)p->logit_rows[i] * C, sizeof(float) * C);
     layernorm_forward(s->xn, s->att, w->lnf_w, w->lnf_b, p->n_logits, C, c->ln_eps, s->n_threads);
-    linear(s, &(Projection){logits, &w->wte, NULL, V}, 1, s->xn, p->n_logits, p->n_logits_decode, C, 0);
+    linear(s, &(NeoProjection){logits, &w->wte, NULL, V}, 1, s->xn, p->n_logits, p->n_logits_decode, C, 0);
     /* Row i belongs at logit_dest[i]: follow each cycle of the permutation once. */
     char done[p->n_logits];
     memset(done, 0, sizeof done);

@@ -12,19 +12,6 @@ static inline __attribute__((always_inline)) size_t dtype_bytes(NeoDType dtype)
     return dtype == NEO_BF16 ? 2 : dtype == NEO_I8 ? 1 : 4;
 }
 
-/* A weight matrix applied to x: out[t, n] (+)= bias[n] + sum_k x[t, k] * w[n, k], N outputs. */
-typedef struct {
-    float *out;
-    const NeoMatrix *w;
-    const float *bias;
-    int N;
-} Projection;
-#define MAX_PROJECTIONS 3  /* q, k and v, which share their x */
-
-/* matvec_forward (neocore.h) for n_proj <= MAX_PROJECTIONS matrices of K columns and one x. */
-void matvec_projections(const Projection *proj, int n_proj, const float *x, int T, int K,
-                        int accumulate, int n_threads, NeoIsa isa);
-
 #if defined(__x86_64__)
 /* The AVX2+FMA and AVX-512 paths are compiled per function, so the library itself stays
  * portable. Built with -DNEOCORE_SIMDE (a test only), every intrinsic comes from SIMDe instead,
@@ -129,7 +116,7 @@ static inline __m512 simde_cvtepi32_ps(__m512i a)
 #define PREFETCH_FAR_BYTES 4096
 
 /* The prefetch for the bytes [p, p + bytes) that a decode step reads, ahead bytes ahead (a
- * step's whole span into L2, or its first line non-temporally). */
+ * step's whole span into L2, or its first line non-temporally; nothing for NEO_PREFETCH_NONE). */
 static inline __attribute__((always_inline)) void
 prefetch_stream(NeoDecodePrefetch how, const char *p, size_t bytes, size_t ahead)
 {
@@ -142,7 +129,7 @@ prefetch_stream(NeoDecodePrefetch how, const char *p, size_t bytes, size_t ahead
 /* How far ahead a step's prefetch reaches in this way. */
 static inline size_t prefetch_distance(NeoDecodePrefetch how)
 {
-    return how == NEO_PREFETCH_L2_FAR ? PREFETCH_FAR_BYTES : PREFETCH_NEAR_BYTES;
+    return how == NEO_PREFETCH_L2_FAR ? PREFETCH_FAR_BYTES : how == NEO_PREFETCH_NTA_NEAR ? PREFETCH_NEAR_BYTES : 0;
 }
 
 /* The SIMD GEMMs share one driver (matmul.c): threads take panels of width columns of w
@@ -163,7 +150,7 @@ float *aligned_rows(const float *x, int T, int K, int *ld);
  * a decode step), prefetching as isa does here. */
 #define MATVEC_DRIVER(block, block_rows, isa)                                                  \
     const NeoDecodePrefetch how = neo_decode_prefetch(isa);                                    \
-    int first_block[MAX_PROJECTIONS + 1] = {0};                                                \
+    int first_block[NEO_MAX_PROJECTIONS + 1] = {0};                                            \
     for (int j = 0; j < n_proj; j++)                                                           \
         first_block[j + 1] = first_block[j] + (proj[j].N + (block_rows) - 1) / (block_rows);   \
     int ld = K;                                                                                \
@@ -173,7 +160,7 @@ float *aligned_rows(const float *x, int T, int K, int *ld);
     for (int b = 0; b < first_block[n_proj]; b++) {                                            \
         int j = 0;                                                                             \
         while (b >= first_block[j + 1]) j++;                                                   \
-        const Projection *p = &proj[j];                                                        \
+        const NeoProjection *p = &proj[j];                                                     \
         const int n_begin = (b - first_block[j]) * (block_rows);                               \
         const int n_end = n_begin + (block_rows) < p->N ? n_begin + (block_rows) : p->N;       \
         if (p->w->dtype == NEO_BF16)                                                           \
@@ -190,7 +177,7 @@ float *aligned_rows(const float *x, int T, int K, int *ld);
 #define MAX_PANEL PANEL512  /* the widest panel pack_panel is asked for */
 #define GEMM512_ROWS 12
 GemmTile gemm_tile_avx512;
-void matvec_avx512(const Projection *proj, int n_proj, const float *x, int T, int K, int accumulate,
+void matvec_avx512(const NeoProjection *proj, int n_proj, const float *x, int T, int K, int accumulate,
                    int n_threads);
 #endif
 

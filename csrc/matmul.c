@@ -265,11 +265,9 @@ INLINE_AVX2 float decode_sum_end(__m256 l0, __m256 l1, __m256 l2, __m256 l3, Mat
 
 /* sums[r] = the decode sum of x row xr[r] and one weight row, for R <= MV_ROWS rows of x: all
  * four lanes of every row in registers, the weight row read once, in order, as one stream
- * (prefetched as how says, prefetch_ahead bytes ahead, when that is not 0), four FMA chains a
- * row in flight. */
-INLINE_AVX2 void dot_rows_avx2(const NeoDType dtype, const int R, NeoDecodePrefetch how,
-                               size_t prefetch_ahead, float *sums, const float *const *xr,
-                               MatrixRow row, int K)
+ * (prefetched as how says, ahead bytes ahead), four FMA chains a row in flight. */
+INLINE_AVX2 void dot_rows_avx2(const NeoDType dtype, const int R, NeoDecodePrefetch how, size_t ahead,
+                               float *sums, const float *const *xr, MatrixRow row, int K)
 {
     const size_t size = dtype_bytes(dtype);
     row.dtype = dtype;  /* the constant, so that widen8 compiles to one path */
@@ -277,7 +275,7 @@ INLINE_AVX2 void dot_rows_avx2(const NeoDType dtype, const int R, NeoDecodePrefe
     for (int a = 0; a < 4; a++)
         for (int r = 0; r < R; r++) acc[a][r] = _mm256_setzero_ps();
     for (size_t k = 0; k < (size_t)K / 32 * 32; k += 32) {  /* size_t: -fwrapv int indices cost extensions */
-        if (prefetch_ahead) prefetch_stream(how, (const char *)row.data + k * size, 32 * size, prefetch_ahead);
+        prefetch_stream(how, (const char *)row.data + k * size, 32 * size, ahead);
         const __m256 scale = dtype == NEO_I8 ? block_scale(row, k) : _mm256_setzero_ps();
         for (int a = 0; a < 4; a++) {
             const __m256 wv = widen8(row, k + 8 * a, scale);
@@ -379,17 +377,17 @@ INLINE_AVX2 void matvec_block_avx2(const NeoDType dtype, NeoDecodePrefetch how, 
                  * the second, which reads it from L1, fetches the next row meanwhile, so that
                  * memory and arithmetic overlap. */
                 const int R = T - t < MV_ROWS ? T - t : MV_ROWS;
-                const size_t prefetch = how == NEO_PREFETCH_NONE ? 0
-                                      : t == 0 ? prefetch_distance(how)
-                                      : t == MV_ROWS && how == NEO_PREFETCH_NTA_NEAR ? row_bytes : 0;
+                const int next_row = t == MV_ROWS && how == NEO_PREFETCH_NTA_NEAR;
+                const NeoDecodePrefetch group_how = t == 0 || next_row ? how : NEO_PREFETCH_NONE;
+                const size_t ahead = next_row ? row_bytes : prefetch_distance(how);
                 const MatrixRow row = matrix_row(w, n, K);
                 for (int r = 0; r < R; r++) xr[r] = x + (size_t)(t + r) * ld;
                 if (R == 3)
-                    dot_rows_avx2(dtype, 3, how, prefetch, sums, xr, row, K);
+                    dot_rows_avx2(dtype, 3, group_how, ahead, sums, xr, row, K);
                 else if (R == 2)
-                    dot_rows_avx2(dtype, 2, how, prefetch, sums, xr, row, K);
+                    dot_rows_avx2(dtype, 2, group_how, ahead, sums, xr, row, K);
                 else
-                    dot_rows_avx2(dtype, 1, how, prefetch, sums, xr, row, K);
+                    dot_rows_avx2(dtype, 1, group_how, ahead, sums, xr, row, K);
                 for (int r = 0; r < R; r++) store_output(&out[(size_t)(t + r) * N + n], sums[r], bias, n, accumulate);
             }
         return;
@@ -413,7 +411,7 @@ INLINE_AVX2 void matvec_block_avx2(const NeoDType dtype, NeoDecodePrefetch how, 
     }
 }
 
-TARGET_AVX2 static void matvec_avx2(const Projection *proj, int n_proj, const float *x, int T,
+TARGET_AVX2 static void matvec_avx2(const NeoProjection *proj, int n_proj, const float *x, int T,
                                     int K, int accumulate, int n_threads)
 {
     MATVEC_DRIVER(matvec_block_avx2, MV_BLOCK, NEO_ISA_AVX2)
@@ -601,9 +599,15 @@ void matmul_forward(float *out, const float *x, const NeoMatrix *w, const float 
         gemm_generic(out, x, w, bias, T, K, N, accumulate, n_threads);
 }
 
-void matvec_projections(const Projection *proj, int n_proj, const float *x, int T, int K,
+void matvec_projections(const NeoProjection *proj, int n_proj, const float *x, int T, int K,
                         int accumulate, int n_threads, NeoIsa isa)
 {
+    if (n_proj > NEO_MAX_PROJECTIONS) {  /* the drivers hold one block count per projection */
+        matvec_projections(proj, NEO_MAX_PROJECTIONS, x, T, K, accumulate, n_threads, isa);
+        matvec_projections(proj + NEO_MAX_PROJECTIONS, n_proj - NEO_MAX_PROJECTIONS, x, T, K,
+                           accumulate, n_threads, isa);
+        return;
+    }
 #if defined(__x86_64__)
     if (isa == NEO_ISA_AVX512) {
         matvec_avx512(proj, n_proj, x, T, K, accumulate, n_threads);
@@ -614,7 +618,7 @@ void matvec_projections(const Projection *proj, int n_proj, const float *x, int 
         return;
     }
 #endif
-    for (const Projection *p = proj; p < proj + n_proj; p++) {
+    for (const NeoProjection *p = proj; p < proj + n_proj; p++) {
         if (isa == NEO_ISA_SCALAR)
             matmul_scalar(p->out, x, p->w, p->bias, T, K, p->N, accumulate, n_threads);
         else
@@ -625,6 +629,6 @@ void matvec_projections(const Projection *proj, int n_proj, const float *x, int 
 void matvec_forward(float *out, const float *x, const NeoMatrix *w, const float *bias, int T,
                     int K, int N, int accumulate, int n_threads, NeoIsa isa)
 {
-    const Projection one = {out, w, bias, N};
+    const NeoProjection one = {out, w, bias, N};
     matvec_projections(&one, 1, x, T, K, accumulate, n_threads, isa);
 }

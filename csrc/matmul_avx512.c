@@ -90,7 +90,7 @@ INLINE_AVX512 void matvec_block_avx512(const NeoDType dtype, NeoDecodePrefetch h
     }
 }
 
-TARGET_AVX512 void matvec_avx512(const Projection *proj, int n_proj, const float *x, int T, int K,
+TARGET_AVX512 void matvec_avx512(const NeoProjection *proj, int n_proj, const float *x, int T, int K,
                                  int accumulate, int n_threads)
 {
     MATVEC_DRIVER(matvec_block_avx512, MV512_BLOCK, NEO_ISA_AVX512)

@@ -165,6 +165,17 @@ void matmul_forward(float *out, const float *x, const NeoMatrix *w, const float 
                     int T, int K, int N, int accumulate, int n_threads, NeoIsa isa);
 void matvec_forward(float *out, const float *x, const NeoMatrix *w, const float *bias,
                     int T, int K, int N, int accumulate, int n_threads, NeoIsa isa);
+/* One weight matrix of a decode pass: out[t, n] (+)= bias[n] + sum_k x[t, k] * w[n, k], N outputs. */
+typedef struct {
+    float *out;
+    const NeoMatrix *w;
+    const float *bias;
+    int N;
+} NeoProjection;
+#define NEO_MAX_PROJECTIONS 3  /* q, k and v, which share their x: one parallel region for all */
+/* matvec_forward for n_proj matrices of K columns over one x, NEO_MAX_PROJECTIONS at a time. */
+void matvec_projections(const NeoProjection *proj, int n_proj, const float *x, int T, int K,
+                        int accumulate, int n_threads, NeoIsa isa);
 /* matmul_forward with x rounded to bf16 and the products summed in fp32 (weights of any
  * dtype are rounded to bf16 too: bf16 ones are unchanged), on the given multiplier. */
 void matmul_bf16_forward(float *out, const float *x, const NeoMatrix *w, const float *bias,

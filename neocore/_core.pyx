@@ -18,6 +18,10 @@ cdef extern from "neocore.h":
         NEO_ISA_AVX2
         NEO_ISA_AVX512
         NEO_ISA_SCALAR
+    ctypedef enum NeoDecodePrefetch:
+        NEO_PREFETCH_NONE
+        NEO_PREFETCH_NTA_NEAR
+        NEO_PREFETCH_L2_FAR
     ctypedef enum NeoBf16Gemm:
         NEO_BF16_OFF
         NEO_BF16_REFERENCE
@@ -70,7 +74,7 @@ cdef extern from "neocore.h":
     int neo_cpu_has_avx512_bf16()
     int neo_cpu_has_amx_bf16()
     int neo_built_with_openmp()
-    int neo_decode_prefetch(NeoIsa isa)
+    NeoDecodePrefetch neo_decode_prefetch(NeoIsa isa)
     NeoState *neo_state_new(const NeoConfig *cfg, int n_seqs, int n_ctx, int max_rows,
                             int n_threads, NeoIsa isa, NeoBf16Gemm bf16_gemm)
     void neo_state_free(NeoState *s)
@@ -81,6 +85,14 @@ cdef extern from "neocore.h":
                         int T, int K, int N, int accumulate, int n_threads, NeoIsa isa) nogil
     void matvec_forward(float *out, const float *x, const NeoMatrix *w, const float *bias,
                         int T, int K, int N, int accumulate, int n_threads, NeoIsa isa) nogil
+    ctypedef struct NeoProjection:
+        float *out
+        const NeoMatrix *w
+        const float *bias
+        int N
+    void c_matvec_projections "matvec_projections"(const NeoProjection *proj, int n_proj,
+                                                   const float *x, int T, int K, int accumulate,
+                                                   int n_threads, NeoIsa isa) nogil
     void matmul_bf16_forward(float *out, const float *x, const NeoMatrix *w, const float *bias,
                              int T, int K, int N, int accumulate, int n_threads,
                              NeoBf16Gemm gemm) nogil
@@ -137,12 +149,14 @@ def usable_isas() -> list:
     return [isa for isa in MODEL_ISAS if isa_runs_here(isa)] + ["scalar"]
 
 
-DECODE_PREFETCHES = ("none", "non-temporal, a few lines ahead", "into L2, a page ahead")
-
-
 def decode_prefetch(str isa) -> str:
-    """How path isa's decode kernel prefetches its weights on this CPU (chosen by its maker)."""
-    return DECODE_PREFETCHES[neo_decode_prefetch(ISAS[isa])]
+    """How path isa's decode kernel prefetches its weights on this CPU, chosen by its maker:
+    "none", "nta-near" (non-temporally, a few lines ahead: AMD) or "l2-far" (into L2, a page
+    ahead: Intel)."""
+    cdef NeoDecodePrefetch how = neo_decode_prefetch(ISAS[isa])
+    if how == NEO_PREFETCH_NTA_NEAR:
+        return "nta-near"
+    return "l2-far" if how == NEO_PREFETCH_L2_FAR else "none"
 
 
 # /proc/cpuinfo flags that decide which kernels can run or would help (x86 and Arm names)
@@ -396,6 +410,40 @@ def matmul(float[:, ::1] out, const float[:, ::1] x, w, const float[::1] bias, b
             matmul_bf16_forward(&out[0, 0], &x[0, 0], &m, bp, T, K, N, accumulate, threads, gemm)
         else:
             matmul_forward(&out[0, 0], &x[0, 0], &m, bp, T, K, N, accumulate, threads, path)
+
+
+def matvec_projections(list outs, const float[:, ::1] x, list ws, list biases, bint accumulate,
+                       int threads, str isa) -> None:
+    """outs[i] (+)= biases[i] + x @ ws[i].T for every i, in one decode pass as q, k and v run;
+    each weight as matmul takes it, each bias an fp32 vector or None."""
+    cdef int T = x.shape[0], K = x.shape[1], n = len(ws), i, N
+    if len(outs) != n or len(biases) != n:
+        raise ValueError("outs, ws and biases need one entry per matrix")
+    cdef NeoIsa path = _check_isa(isa)
+    cdef NeoMatrix *m = <NeoMatrix *>calloc(max(n, 1), sizeof(NeoMatrix))
+    cdef NeoProjection *p = <NeoProjection *>calloc(max(n, 1), sizeof(NeoProjection))
+    cdef float[:, ::1] out
+    cdef const float[::1] bias
+    try:
+        if not m or not p:
+            raise MemoryError()
+        for i in range(n):
+            N = (ws[i].values if hasattr(ws[i], "scales") else ws[i]).shape[0]
+            _set_matrix(&m[i], ws[i], N, K, f"ws[{i}]")
+            out = outs[i]
+            if out.shape[0] != T or out.shape[1] != N:
+                raise ValueError(f"outs[{i}] must be [T, N]")
+            p[i].out, p[i].w, p[i].N, p[i].bias = &out[0, 0], &m[i], N, NULL
+            if biases[i] is not None:
+                bias = biases[i]
+                if bias.shape[0] != N:
+                    raise ValueError(f"biases[{i}] must be [N]")
+                p[i].bias = &bias[0]
+        with nogil:
+            c_matvec_projections(p, n, &x[0, 0], T, K, accumulate, threads, path)
+    finally:
+        free(m)
+        free(p)
 
 
 def gelu_new(float[::1] x, int threads, str isa) -> None:

@@ -402,7 +402,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"CPU: {host['cpu']} ({host['cores']} cores); SIMD flags: {' '.join(host['cpu_flags']) or 'none listed'}")
     print(f"kernel path: {host['path']} ({host['path_chosen_by']}; this CPU runs {', '.join(host['usable_paths'])}); "
-          f"decode prefetch: {host['decode_prefetch']}")
+          f"decode prefetch: {host['decode_prefetch']} (by CPU maker)")
     for r in rows:
         if r["engine"] == "neocore" and not r.get("variant_of_first"):
             print(f"read bandwidth, {r['threads']} thread(s): {r['bandwidth_gb_s']:.1f} GB/s")

@@ -132,13 +132,39 @@ def test_gelu_new_matches_float64_formula(isa):
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=5e-7)
 
 
+
 def test_decode_prefetch_is_chosen_by_the_cpu_maker():
     """Each way was measured on its maker's CPUs and loses on the other's (csrc/internal.h);
     the portable paths leave prefetching to the hardware."""
     with open("/proc/cpuinfo") as f:
         vendor = next((line.partition(":")[2].strip() for line in f if line.startswith("vendor_id")), "")
-    simd = {"AuthenticAMD": "non-temporal, a few lines ahead",
-            "GenuineIntel": "into L2, a page ahead"}.get(vendor, "none")
-    for isa in _core.usable_isas():
-        expected = simd if isa in ("avx2", "avx512", "avx512bf16", "amx") else "none"
-        assert _core.decode_prefetch(isa) == expected, isa
+    simd = {"AuthenticAMD": "nta-near", "GenuineIntel": "l2-far"}.get(vendor, "none")
+    for isa in ISAS:
+        assert _core.decode_prefetch(isa) == (simd if isa in ("avx2", "avx512", "avx512bf16", "amx") else "none"), isa
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("T", [1, 2, 5, 9])
+def test_projections_in_one_pass_equal_each_matrix_alone(isa, T):
+    """matvec_projections (q, k and v in one parallel region) splits the blocks of several
+    matrices over the threads together: each output must still be what the matrix gives alone,
+    whatever the matrices' sizes and weight types, past the three the driver holds at once."""
+    from neocore.weights import quantize_i8
+    rng = np.random.default_rng(T)
+    K = 200
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    sizes = [5, 768, 33, 1, 47]
+    matrices = [rng.standard_normal((N, K)).astype(np.float32) for N in sizes]
+    weights = [matrices[0], f32_to_bf16(matrices[1])[0], quantize_i8(matrices[2]), matrices[3],
+               f32_to_bf16(matrices[4])[0]]
+    biases = [rng.standard_normal(N).astype(np.float32) if i % 2 else None for i, N in enumerate(sizes)]
+    for accumulate in (False, True):
+        start = [rng.standard_normal((T, N)).astype(np.float32) for N in sizes]
+        alone = [s.copy() for s in start]
+        for out, w, b in zip(alone, weights, biases):
+            _core.matmul(out, x, w, b, accumulate, 2, isa, "matvec")
+        for threads in (1, 2, 3):
+            together = [s.copy() for s in start]
+            _core.matvec_projections(together, x, weights, biases, accumulate, threads, isa)
+            for i, (a, b) in enumerate(zip(together, alone)):
+                assert np.array_equal(a, b), (i, threads, accumulate)
