@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import neocore
+from neocore import _core
 
 PROMPT = "The old lighthouse keeper climbed the stairs"
 
@@ -106,7 +107,9 @@ def test_score_and_info(tiny, tmp_path):
     info = run_cli("info", "-m", str(tiny), "--threads", "1")
     assert info.returncode == 0
     assert "hidden size:     64" in info.stdout and "threads:         1" in info.stdout
-    assert "kernel path:" in info.stdout
+    isa = neocore.load(tiny).isa
+    assert f"kernel path:     {isa} " in info.stdout
+    assert f"decode prefetch: {_core.decode_prefetch(isa)} " in info.stdout
 
 
 @pytest.mark.parametrize("args, stdin, message", [
