@@ -107,7 +107,7 @@ static inline __m512 simde_cvtepi32_ps(__m512i a)
  * (neo_decode_prefetch) is chosen by CPU maker, because each way was measured on one maker's
  * CPUs and loses on the other's:
  * - AMD (EPYC, Zen 3): a non-temporal hint PREFETCH_NEAR_BYTES ahead, once a step, gave 4-20%
- *   more bandwidth; into L2 PREFETCH_FAR_BYTES ahead made 1.3B's matrices 18% slower.
+ *   more bandwidth; into L2 PREFETCH_FAR_BYTES ahead made 1.3B's matrices 1.07-1.22x slower.
  * - Intel (Xeon, Sapphire Rapids class): the non-temporal hint halved decode; into L2,
  *   PREFETCH_FAR_BYTES ahead, every line, made the decode kernel 1.3-1.45x faster (125M and
  *   1.3B matrices, 1 and 2 threads, against no prefetch, builds alternating: kernel_ab.c).
