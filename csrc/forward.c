@@ -253,10 +253,10 @@ static void cache_store(float *cache, int slots, const float *rows, int pos0, in
 }
 
 /* For each projection, out (+)= bias + x @ w.T over n_rows rows: the first n_decode through the
- * decode kernel (on the SIMD paths every projection in one parallel region), the others through the prefill kernel (in
- * bf16 if the state computes so). Callers choose the split by what a row is (in a layer: a
- * single-row sequence's row), never by what else is in the batch, so a row's sums never
- * depend on the batch. */
+ * decode kernel (on the SIMD paths every projection in one parallel region), the others
+ * through the prefill kernel (in bf16 if the state computes so). Callers choose the split by
+ * what a row is (in a layer: a single-row sequence's row), never by what else is in the batch,
+ * so a row's sums never depend on the batch. */
 static void linear(const NeoState *s, const NeoProjection *proj, int n_proj, const float *x,
                    int n_rows, int n_decode, int K, int accumulate)
 {

@@ -129,7 +129,9 @@ prefetch_stream(NeoDecodePrefetch how, const char *p, size_t bytes, size_t ahead
 /* How far ahead a step's prefetch reaches in this way. */
 static inline size_t prefetch_distance(NeoDecodePrefetch how)
 {
-    return how == NEO_PREFETCH_L2_FAR ? PREFETCH_FAR_BYTES : how == NEO_PREFETCH_NTA_NEAR ? PREFETCH_NEAR_BYTES : 0;
+    return how == NEO_PREFETCH_L2_FAR     ? PREFETCH_FAR_BYTES
+           : how == NEO_PREFETCH_NTA_NEAR ? PREFETCH_NEAR_BYTES
+                                          : 0;
 }
 
 /* The SIMD GEMMs share one driver (matmul.c): threads take panels of width columns of w
