@@ -181,12 +181,8 @@ def stream(model, prompt: str, max_new_tokens: int = 128, temperature: float = 0
         return iter(())
     stats = stats or GenerationStats()
     stats.prompt_tokens = len(ids)
-    handle = model.engine.submit(Request(ids, params, max_new_tokens, seed, 0, _stops(stop)))
+    handle = model.engine.submit(Request(ids, params, max_new_tokens, seed, 0, stop))
     return _chunks_text(handle, stats)
-
-
-def _stops(stop: Sequence[str] | str) -> list[str]:
-    return [stop] if isinstance(stop, str) else list(stop)
 
 
 def generate_many(model, prompts: Sequence[str], max_new_tokens: int = 128, temperature: float = 0.8,
@@ -199,7 +195,7 @@ def generate_many(model, prompts: Sequence[str], max_new_tokens: int = 128, temp
     ids = [prompt_ids(model, p) for p in prompts]
     if max_new_tokens == 0:
         return ["" for _ in prompts]
-    requests = [Request(p, params, max_new_tokens, seed, i, _stops(stop)) for i, p in enumerate(ids)]
+    requests = [Request(p, params, max_new_tokens, seed, i, stop) for i, p in enumerate(ids)]
     return [completion.text for completion in model.engine.results(requests)]
 
 
