@@ -10,7 +10,8 @@
  *
  * decode runs matvec_forward (the decode kernel), prefill matmul_forward (the packed GEMM);
  * HIDDEN and LAYERS default to 125M's 768 and 12; NEOCORE_ISA=avx512 times the AVX-512 path
- * (the AVX2 one otherwise). Prints the median, quartiles and minimum
+ * (the AVX2 one otherwise), NEOCORE_AB_DTYPE=int8 int8 weights (bf16 otherwise). Prints the
+ * median, quartiles and minimum
  * of each build's pass times. */
 #include <dlfcn.h>
 #include <stdio.h>
@@ -35,8 +36,16 @@ static int by_value(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-static NeoMatrix random_bf16(size_t rows, size_t cols)
+static NeoMatrix random_weights(NeoDType dtype, size_t rows, size_t cols)
 {
+    if (dtype == NEO_I8) {
+        const size_t blocks = (cols + NEO_I8_BLOCK - 1) / NEO_I8_BLOCK;
+        int8_t *w = malloc(rows * cols);
+        float *scales = malloc(sizeof(float) * rows * blocks);
+        for (size_t i = 0; i < rows * cols; i++) w[i] = (int8_t)(rand() % 255 - 127);
+        for (size_t i = 0; i < rows * blocks; i++) scales[i] = 1e-4f * (1 + rand() % 100);
+        return (NeoMatrix){NEO_I8, w, scales};
+    }
     uint16_t *w = malloc(sizeof(uint16_t) * rows * cols);
     for (size_t i = 0; i < rows * cols; i++) w[i] = 0x3c00 + (rand() & 0xff);  /* about 0.008 .. 0.016 */
     return (NeoMatrix){NEO_BF16, w, NULL};
@@ -56,6 +65,12 @@ int main(int argc, char **argv)
         return 2;
     }
     const NeoIsa isa = strcmp(isa_name, "avx512") == 0 ? NEO_ISA_AVX512 : NEO_ISA_AVX2;
+    const char *dtype_name = getenv("NEOCORE_AB_DTYPE") ? getenv("NEOCORE_AB_DTYPE") : "bf16";
+    if (strcmp(dtype_name, "bf16") != 0 && strcmp(dtype_name, "int8") != 0) {
+        fprintf(stderr, "NEOCORE_AB_DTYPE: bf16 or int8, not %s\n", dtype_name);
+        return 2;
+    }
+    const NeoDType dtype = strcmp(dtype_name, "int8") == 0 ? NEO_I8 : NEO_BF16;
     Kernel *kernel[2];
     for (int v = 0; v < 2; v++) {
         void *lib = dlopen(argv[1 + v], RTLD_NOW | RTLD_LOCAL);
@@ -72,9 +87,9 @@ int main(int argc, char **argv)
     }
     const int shape[4][2] = {{3 * H, H}, {H, H}, {4 * H, H}, {H, 4 * H}};  /* [N, K]: qkv, out, fc, proj */
     NeoMatrix *w = malloc(sizeof(NeoMatrix) * layers * 4);
-    for (int i = 0; i < layers * 4; i++) w[i] = random_bf16(shape[i % 4][0], shape[i % 4][1]);
+    for (int i = 0; i < layers * 4; i++) w[i] = random_weights(dtype, shape[i % 4][0], shape[i % 4][1]);
     const int vocab = 50257;
-    const NeoMatrix head = decode ? random_bf16(vocab, H) : (NeoMatrix){NEO_BF16, NULL, NULL};
+    const NeoMatrix head = decode ? random_weights(dtype, vocab, H) : (NeoMatrix){dtype, NULL, NULL};
     float *x = malloc(sizeof(float) * T * 4 * H), *out = malloc(sizeof(float) * T * (vocab > 4 * H ? vocab : 4 * H));
     for (int i = 0; i < T * 4 * H; i++) x[i] = rand() / (float)RAND_MAX - 0.5f;
     double *seconds = malloc(sizeof(double) * 2 * passes);
