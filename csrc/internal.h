@@ -108,13 +108,17 @@ static inline __m512 simde_cvtepi32_ps(__m512i a)
  * CPUs and loses on the other's:
  * - AMD (EPYC, Zen 3): a non-temporal hint PREFETCH_NEAR_BYTES ahead, once a step, gave 4-20%
  *   more bandwidth; into L2 PREFETCH_FAR_BYTES ahead made 1.3B's matrices 1.07-1.22x slower.
- *   1024 bytes ahead against 256: one row 5-8% faster in bf16, 5-16% in int8 (125M and 1.3B
- *   matrices, 1 and 2 threads); 512 was no better than 1024, 2048 7% slower on 1.3B in bf16.
+ *   Its distance, by weight type (125M and 1.3B matrices, 1 and 2 threads, builds alternating):
+ *   bf16 1024 bytes against 256 5-8% faster; 512 no better; 2048 7% and 4096 9-12% slower on
+ *   1.3B. int8 rows, half the bytes a column, want more: 4096 bytes against 1024 7-15% faster
+ *   alone, whole 125M steps 10% faster at 1 and 2 threads, 1.3B steps within 1%; 8192 no
+ *   better. fp32 rows take the bf16 distance (not measured).
  * - Intel (Xeon, Sapphire Rapids class): the non-temporal hint halved decode; into L2,
  *   PREFETCH_FAR_BYTES ahead, every line, made the decode kernel 1.3-1.45x faster (125M and
  *   1.3B matrices, 1 and 2 threads, against no prefetch, builds alternating: kernel_ab.c).
  * Elsewhere the kernels leave it to the hardware. */
 #define PREFETCH_NEAR_BYTES 1024
+#define PREFETCH_NEAR_I8_BYTES 4096
 #define PREFETCH_FAR_BYTES 4096
 
 /* The prefetch for the bytes [p, p + bytes) that a decode step reads, ahead bytes ahead (a
@@ -128,12 +132,12 @@ prefetch_stream(NeoDecodePrefetch how, const char *p, size_t bytes, size_t ahead
         _mm_prefetch(p + ahead, _MM_HINT_NTA);
 }
 
-/* How far ahead a step's prefetch reaches in this way. */
-static inline size_t prefetch_distance(NeoDecodePrefetch how)
+/* How far ahead a step's prefetch reaches in this way, for rows of this weight type. */
+static inline size_t prefetch_distance(NeoDecodePrefetch how, NeoDType dtype)
 {
-    return how == NEO_PREFETCH_L2_FAR     ? PREFETCH_FAR_BYTES
-           : how == NEO_PREFETCH_NTA_NEAR ? PREFETCH_NEAR_BYTES
-                                          : 0;
+    if (how == NEO_PREFETCH_L2_FAR) return PREFETCH_FAR_BYTES;
+    if (how == NEO_PREFETCH_NTA_NEAR) return dtype == NEO_I8 ? PREFETCH_NEAR_I8_BYTES : PREFETCH_NEAR_BYTES;
+    return 0;
 }
 
 /* The SIMD GEMMs share one driver (matmul.c): threads take panels of width columns of w

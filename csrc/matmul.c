@@ -379,7 +379,7 @@ INLINE_AVX2 void matvec_block_avx2(const NeoDType dtype, NeoDecodePrefetch how, 
                 const int R = T - t < MV_ROWS ? T - t : MV_ROWS;
                 const int next_row = t == MV_ROWS && how == NEO_PREFETCH_NTA_NEAR;
                 const NeoDecodePrefetch group_how = t == 0 || next_row ? how : NEO_PREFETCH_NONE;
-                const size_t ahead = next_row ? row_bytes : prefetch_distance(how);
+                const size_t ahead = next_row ? row_bytes : prefetch_distance(how, dtype);
                 const MatrixRow row = matrix_row(w, n, K);
                 for (int r = 0; r < R; r++) xr[r] = x + (size_t)(t + r) * ld;
                 if (R == 3)

@@ -46,7 +46,7 @@ INLINE_AVX512 void dot_rows_avx512(const NeoDType dtype, const int R, NeoDecodeP
         for (int a = 0; a < 4; a++) acc[r][a] = _mm512_setzero_ps();
     int k = 0;
     for (; k + 64 <= K; k += 64) {
-        prefetch_stream(how, bytes + (size_t)k * elem, 64 * elem, prefetch_distance(how));
+        prefetch_stream(how, bytes + (size_t)k * elem, 64 * elem, prefetch_distance(how, dtype));
         for (int a = 0; a < 4; a++) {
             const __m512 wv = widen16(row, scales, dtype, k + 16 * a, 0xFFFF);
             for (int r = 0; r < R; r++)
