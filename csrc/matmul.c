@@ -362,7 +362,10 @@ INLINE_AVX2 void dot_block_avx2(const NeoDType dtype, const int R, size_t prefet
  * memory by the first group and from L1 by the others, one sequential stream per thread. Past
  * that a weight row's groups would each re-read x from L2 (L2-bound: 27% slower at T = 8,
  * K = 3072): T is split evenly into tiles of 3 to MV_TILE_ROWS rows (T > MV_ROWS), each run
- * over the whole block. */
+ * over the whole block. int8 rows take the tiles past one group even where x fits L1: their
+ * widening (convert, then scale) costs more than bf16's, and a tile widens each vector once for
+ * all its rows (EPYC, 125M's matrices, 2 threads, alternating: 4 rows 14% and 8 rows 20%
+ * faster; bf16 rows through the tiles 1.25-1.45x slower). */
 INLINE_AVX2 void matvec_block_avx2(const NeoDType dtype, NeoDecodePrefetch how, float *out,
                                    const float *x, int ld, const NeoMatrix *w, const float *bias,
                                    int T, int n_begin, int n_end, int K, int N, int accumulate)
@@ -370,7 +373,7 @@ INLINE_AVX2 void matvec_block_avx2(const NeoDType dtype, NeoDecodePrefetch how, 
     const float *xr[MV_TILE_ROWS];
     float sums[MV_BLOCK * MV_TILE_ROWS];
     const size_t row_bytes = K * dtype_bytes(dtype);
-    if (T <= MV_ROWS || (size_t)T * ld * sizeof(float) <= MV_X_L1) {
+    if (T <= MV_ROWS || (dtype != NEO_I8 && (size_t)T * ld * sizeof(float) <= MV_X_L1)) {
         for (int n = n_begin; n < n_end; n++)
             for (int t = 0; t < T; t += MV_ROWS) {
                 /* The first group streams the row from memory; with the near prefetch (AMD)
