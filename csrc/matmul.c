@@ -285,6 +285,20 @@ INLINE_AVX2 void dot_rows_avx2(const NeoDType dtype, const int R, NeoDecodePrefe
     for (int r = 0; r < R; r++) sums[r] = decode_sum_end(acc[0][r], acc[1][r], acc[2][r], acc[3][r], row, xr[r], K);
 }
 
+/* dot_rows_avx2 compiled for each way of prefetching: with how a constant, its loop tests
+ * nothing but k (EPYC, one row, 2 threads, alternating: int8 5%, bf16 2-4% faster). */
+INLINE_AVX2 void dot_rows_prefetching(const NeoDType dtype, const int R, NeoDecodePrefetch how,
+                                      size_t ahead, float *sums, const float *const *xr,
+                                      MatrixRow row, int K)
+{
+    if (how == NEO_PREFETCH_NTA_NEAR)
+        dot_rows_avx2(dtype, R, NEO_PREFETCH_NTA_NEAR, ahead, sums, xr, row, K);
+    else if (how == NEO_PREFETCH_L2_FAR)
+        dot_rows_avx2(dtype, R, NEO_PREFETCH_L2_FAR, ahead, sums, xr, row, K);
+    else
+        dot_rows_avx2(dtype, R, NEO_PREFETCH_NONE, ahead, sums, xr, row, K);
+}
+
 /* sums[(n - n_begin) * R + r] = the decode sum of x row xr[r] and weight row n, for the
  * weight rows n_begin..n_end (at most MV_BLOCK) and R (3 to MV_TILE_ROWS) rows of x, in tiles
  * of MV_TILE_OUTS weight rows by R rows, every x vector serving MV_TILE_OUTS FMAs and every
@@ -386,11 +400,11 @@ INLINE_AVX2 void matvec_block_avx2(const NeoDType dtype, NeoDecodePrefetch how, 
                 const MatrixRow row = matrix_row(w, n, K);
                 for (int r = 0; r < R; r++) xr[r] = x + (size_t)(t + r) * ld;
                 if (R == 3)
-                    dot_rows_avx2(dtype, 3, group_how, ahead, sums, xr, row, K);
+                    dot_rows_prefetching(dtype, 3, group_how, ahead, sums, xr, row, K);
                 else if (R == 2)
-                    dot_rows_avx2(dtype, 2, group_how, ahead, sums, xr, row, K);
+                    dot_rows_prefetching(dtype, 2, group_how, ahead, sums, xr, row, K);
                 else
-                    dot_rows_avx2(dtype, 1, group_how, ahead, sums, xr, row, K);
+                    dot_rows_prefetching(dtype, 1, group_how, ahead, sums, xr, row, K);
                 for (int r = 0; r < R; r++) store_output(&out[(size_t)(t + r) * N + n], sums[r], bias, n, accumulate);
             }
         return;
