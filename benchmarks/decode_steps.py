@@ -2,32 +2,46 @@
 prefilled with 40 random tokens each, then `model.step` advances all of them by one token.
 Prints the median of 10 steps (after 2 warm-up steps) for each R.
 
-    python benchmarks/decode_steps.py MODEL [THREADS] [R,R,...]"""
+    python benchmarks/decode_steps.py MODEL [THREADS] [R,R,...] [OTHER_DIR]
+
+With OTHER_DIR (a build copied as a package named `neocore_b`, as for two_builds.py) this
+checkout's build (A) and that one (B) take turns step by step, so that a noisy host's swings hit
+both alike, and A/B is printed."""
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-import neocore
+sys.path[:0] = [str(Path(__file__).resolve().parents[1])] + sys.argv[4:5]
+import neocore  # noqa: E402
 
-model = neocore.load(sys.argv[1], threads=int(sys.argv[2]) if len(sys.argv) > 2 else 2)
-vocab = model.config.vocab_size
+threads = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+builds = {"A": neocore.load(sys.argv[1], threads=threads)}
+if len(sys.argv) > 4:
+    import neocore_b
+    builds["B"] = neocore_b.load(sys.argv[1], threads=threads)
+vocab = builds["A"].config.vocab_size
 rng = np.random.default_rng(0)
 for rows in [int(r) for r in (sys.argv[3] if len(sys.argv) > 3 else "1,8,32").split(",")]:
-    for seq in range(rows):
-        model.clear_sequence(seq)
-        prompt = rng.integers(0, vocab, 40).astype(np.int32)
-        want = np.zeros(40, np.uint8)
-        want[-1] = 1
-        model.step(prompt, np.full(40, seq, np.int32), want, np.empty((1, vocab), np.float32))
+    prompts = rng.integers(0, vocab, (rows, 40)).astype(np.int32)
+    want = np.zeros(40, np.uint8)
+    want[-1] = 1
+    for model in builds.values():
+        for seq in range(rows):
+            model.clear_sequence(seq)
+            model.step(prompts[seq], np.full(40, seq, np.int32), want, np.empty((1, vocab), np.float32))
     tokens = rng.integers(0, vocab, rows).astype(np.int32)
     seqs = np.arange(rows, dtype=np.int32)
-    want, logits = np.ones(rows, np.uint8), np.empty((rows, vocab), np.float32)
-    times = []
+    logits = np.empty((rows, vocab), np.float32)
+    times = {name: [] for name in builds}
     for _ in range(12):
-        start = time.perf_counter()
-        model.step(tokens, seqs, want, logits)
-        times.append(time.perf_counter() - start)
-    step = statistics.median(times[2:])
-    print(f"{rows:3d} rows: step {step * 1e3:7.2f} ms, {rows / step:7.1f} tok/s", flush=True)
+        for name, model in builds.items():
+            start = time.perf_counter()
+            model.step(tokens, seqs, np.ones(rows, np.uint8), logits)
+            times[name].append(time.perf_counter() - start)
+    steps = {name: statistics.median(t[2:]) for name, t in times.items()}
+    line = " | ".join(f"{name} step {s * 1e3:7.2f} ms, {rows / s:7.1f} tok/s" for name, s in steps.items())
+    ratio = f" (A/B {steps['A'] / steps['B']:.3f})" if "B" in steps else ""
+    print(f"{rows:3d} rows: {line}{ratio}", flush=True)
