@@ -4,9 +4,10 @@ Prints the median of 10 steps (after 2 warm-up steps) for each R.
 
     python benchmarks/decode_steps.py MODEL [THREADS] [R,R,...] [OTHER_DIR]
 
-With OTHER_DIR (a build copied as a package named `neocore_b`, as for two_builds.py) this
-checkout's build (A) and that one (B) take turns step by step, so that a noisy host's swings hit
-both alike, and A/B is printed."""
+Runs this checkout's build (in place or editable). With OTHER_DIR, a folder holding another
+build copied as a package named `neocore_b` (as for two_builds.py), this build (A) and that one
+(B) take turns step by step, A first, so that a noisy host's swings hit both alike, and A/B is
+printed. The weight type is the folder's: time int8 on a converted int8 folder."""
 import statistics
 import sys
 import time

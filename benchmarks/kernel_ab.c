@@ -1,7 +1,7 @@
 /* kernel_ab.c: two builds of the matrix kernels, A and B, timed on a model's matrices from
  * memory, alternating A and B every pass (the order swapped every other pass) so that a
- * shared host's slow spells fall on both. bf16 weights of random values; per pass every layer's
- * qkv, out, fc and proj matrix, and for decode the tied head as well.
+ * shared host's slow spells fall on both. Weights of random values (bf16, or int8 blocks);
+ * per pass every layer's qkv, out, fc and proj matrix, and for decode the tied head as well.
  *
  *   gcc -O3 -fopenmp -fno-math-errno -fPIC -shared -Icsrc csrc/matmul.c csrc/matmul_avx512.c \
  *       csrc/cpu_features.c -o /tmp/libB.so -lm          (and libA.so from the other checkout)
@@ -11,8 +11,7 @@
  * decode runs matvec_forward (the decode kernel), prefill matmul_forward (the packed GEMM);
  * HIDDEN and LAYERS default to 125M's 768 and 12; NEOCORE_ISA=avx512 times the AVX-512 path
  * (the AVX2 one otherwise), NEOCORE_AB_DTYPE=int8 int8 weights (bf16 otherwise). Prints the
- * median, quartiles and minimum
- * of each build's pass times. */
+ * median, quartiles and minimum of each build's pass times. */
 #include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -106,13 +106,14 @@ static inline __m512 simde_cvtepi32_ps(__m512i a)
 /* The decode kernels stream each weight row once a step. How they prefetch that stream
  * (neo_decode_prefetch) is chosen by CPU maker, because each way was measured on one maker's
  * CPUs and loses on the other's:
- * - AMD (EPYC, Zen 3): a non-temporal hint PREFETCH_NEAR_BYTES ahead, once a step, gave 4-20%
- *   more bandwidth; into L2 PREFETCH_FAR_BYTES ahead made 1.3B's matrices 1.07-1.22x slower.
- *   Its distance, by weight type (125M and 1.3B matrices, 1 and 2 threads, builds alternating):
- *   bf16 1024 bytes against 256 5-8% faster; 512 no better; 2048 7% and 4096 9-12% slower on
- *   1.3B. int8 rows, half the bytes a column, want more: 4096 bytes against 1024 7-15% faster
- *   alone, whole 125M steps 10% faster at 1 and 2 threads, 1.3B steps within 1%; 8192 no
- *   better. fp32 rows take the bf16 distance (not measured).
+ * - AMD (EPYC, Zen 3): a non-temporal hint a few lines ahead, once a step, gave 4-20% more
+ *   bandwidth (256 bytes ahead, against none); into L2 PREFETCH_FAR_BYTES ahead made 1.3B's
+ *   matrices 1.07-1.22x slower. The distance was then measured by weight type (125M and 1.3B
+ *   matrices, 1 and 2 threads, builds alternating): bf16 1024 bytes against 256 5-8% faster;
+ *   512 no better; 2048 7% and 4096 9-12% slower on 1.3B. int8 rows measured best farther:
+ *   4096 bytes against 1024 7-15% faster alone, whole 125M steps 10% faster at 1 and 2
+ *   threads, 1.3B steps 1.2-1.3% (within noise); 8192 no better. fp32 rows take the bf16
+ *   distance (not measured), and so does the AVX-512 loop on AMD (Zen 4, not measured).
  * - Intel (Xeon, Sapphire Rapids class): the non-temporal hint halved decode; into L2,
  *   PREFETCH_FAR_BYTES ahead, every line, made the decode kernel 1.3-1.45x faster (125M and
  *   1.3B matrices, 1 and 2 threads, against no prefetch, builds alternating: kernel_ab.c).

@@ -246,9 +246,9 @@ INLINE_AVX2 float hsum8(__m256 v)
  * or one after the other (dot_block_avx2) and get the same bits. */
 #define MV_ROWS 3          /* rows of x with all four lanes in registers: 12 accumulators */
 #define MV_X_L1 (24 << 10) /* bytes of x that stay in L1 beside the weight rows */
-#define MV_TILE_OUTS 2     /* weight rows a tile shares each x vector with (x past L1) */
+#define MV_TILE_OUTS 2     /* weight rows a tile shares each x vector with (x past L1, or int8) */
 #define MV_TILE_ROWS 6     /* rows of x a tile shares each widened weight vector with */
-#define MV_SPAN 512        /* columns a tile runs over before the next tile (x past L1): see below */
+#define MV_SPAN 512        /* columns a tile runs over before the next tile: see below */
 _Static_assert(NEO_I8_BLOCK % 32 == 0, "a 32-column step takes one int8 scale");
 _Static_assert(MV_BLOCK % MV_TILE_OUTS == 0, "a block is whole tiles");
 
@@ -286,7 +286,8 @@ INLINE_AVX2 void dot_rows_avx2(const NeoDType dtype, const int R, NeoDecodePrefe
 }
 
 /* dot_rows_avx2 compiled for each way of prefetching: with how a constant, its loop tests
- * nothing but k (EPYC, one row, 2 threads, alternating: int8 5%, bf16 2-4% faster). */
+ * nothing but k (EPYC, one row, alternating: the kernel alone int8 5-6%, bf16 1-5% faster;
+ * whole int8 steps 6-9% faster, bf16 steps unchanged within noise). */
 INLINE_AVX2 void dot_rows_prefetching(const NeoDType dtype, const int R, NeoDecodePrefetch how,
                                       size_t ahead, float *sums, const float *const *xr,
                                       MatrixRow row, int K)
@@ -415,7 +416,10 @@ INLINE_AVX2 void matvec_block_avx2(const NeoDType dtype, NeoDecodePrefetch how, 
         for (int r = 0; r < R; r++) xr[r] = x + (size_t)(t + r) * ld;
         /* measured on AMD only (see dot_block_avx2) */
         const size_t prefetch = how == NEO_PREFETCH_NTA_NEAR && i == 0 ? MV_TILE_OUTS * row_bytes : 0;
-        switch (R) {  /* constant R: each compiles to its own loops with the tile in registers */
+        /* constant R: each compiles to its own loops with the tile in registers; T > MV_ROWS
+         * split evenly into tiles of at most 6 rows gives 3 to 6 */
+        _Static_assert(MV_ROWS == 3 && MV_TILE_ROWS == 6, "the cases below are the tile heights");
+        switch (R) {
         case 6: dot_block_avx2(dtype, 6, prefetch, sums, xr, w, n_begin, n_end, K); break;
         case 5: dot_block_avx2(dtype, 5, prefetch, sums, xr, w, n_begin, n_end, K); break;
         case 4: dot_block_avx2(dtype, 4, prefetch, sums, xr, w, n_begin, n_end, K); break;
