@@ -132,7 +132,6 @@ def test_gelu_new_matches_float64_formula(isa):
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=5e-7)
 
 
-
 def test_decode_prefetch_is_chosen_by_the_cpu_maker():
     """Each way was measured on its maker's CPUs and loses on the other's (csrc/internal.h);
     the portable paths leave prefetching to the hardware."""
