@@ -145,7 +145,7 @@ def read_safetensors(path: Path) -> dict[str, TensorRef]:
                 raise TypeError
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors entry for {name!r}") from None
-        if dtype not in NUMPY_DTYPES:
+        if dtype not in NUMPY_DTYPES or dtype == "F32BE":  # F32BE: the Java port's files, not a safetensors dtype
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
         ref = TensorRef(name, path, data_start + begin, dtype, shape)
         if end - begin != ref.nbytes:
@@ -432,6 +432,9 @@ def read_unzipped(pickle_path: Path) -> dict[str, TensorRef]:
         return path, 0
 
     try:
+        if pickle_path.stat().st_size > MAX_PICKLE_BYTES:
+            raise CheckpointError(f"{pickle_path}: {pickle_path.stat().st_size} bytes, too large for "
+                                  "the pickle of a state dict")
         data = pickle_path.read_bytes()
     except OSError as exc:
         raise CheckpointError(f"{pickle_path}: cannot read ({exc.strerror})") from None

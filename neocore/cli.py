@@ -232,11 +232,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from . import chat
     from .errors import ContextError
     from .generate import check_fits_as_text, stream_text, tokens_after
-    from .sampling import Sampler
-    sampler = Sampler(_sampling(args), args.seed)
+    from .sampling import Sampler, check_seed
+    params = _sampling(args)
+    check_seed(args.seed)  # bad arguments fail before the model loads
     model = load_model(args)
     if model.tokenizer is None:
         raise NeocoreError(f"{model.path}: no tokenizer files")
+    sampler = Sampler(params, args.seed, model.tokenizer.vocab_size)
     budget = model.context_length - args.max_tokens - 1  # transcript tokens that leave room for an answer
     if budget < 1:
         raise NeocoreError(f"--max-tokens {args.max_tokens} leaves no room for a message in the context of "

@@ -91,7 +91,12 @@ class GPTNeoConfig:
             raise ConfigError(f"{source}: num_layers is {layers}; neocore runs at most {MAX_LAYERS}")
         heads = integer("num_heads")
         if hidden % heads:
-            raise ConfigError(f"{source}: hidden_size {hidden} is not divisible by num_heads {heads}")
+            where = "override" if {"hidden_size", "num_heads"} & set(overrides or {}) else source
+            raise ConfigError(f"{where}: hidden_size {hidden} is not divisible by num_heads {heads}")
+        if raw.get("tie_word_embeddings", True) is not True:
+            # transformers then reads a separate lm_head.weight, which neocore has no place for
+            raise ConfigError(f"{source}: tie_word_embeddings is {raw['tie_word_embeddings']!r}; neocore runs "
+                              "GPT-Neo with its lm_head tied to the token embedding, as GPT-Neo checkpoints are")
         inner = raw.get("intermediate_size")
         inner = 4 * hidden if inner is None else integer("intermediate_size")
         # transformers derives attention_layers from attention_types (and may save both):
@@ -146,7 +151,7 @@ class GPTNeoConfig:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON, bad UTF-8, an integer too long
             raise ConfigError(f"{path}: not a readable JSON file ({exc})") from None
         except RecursionError:
             raise ConfigError(f"{path}: not a readable JSON file (nested too deeply)") from None

@@ -79,13 +79,19 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
         entries.append((name + SCALES_SUFFIX, "F32", (spec.shape[0], i8_blocks(spec.shape[1])),
                         matrix.scales))
 
+    created = not dst.exists()
     try:
         dst.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise NeocoreError(f"{dst}: exists and is not a folder") from None
     except OSError as exc:
         raise NeocoreError(f"{dst}: cannot write the converted folder ({exc.strerror or exc})") from None
-    write_safetensors(dst / written, entries, INT8_METADATA if dtype == "int8" else None)
+    try:
+        write_safetensors(dst / written, entries, INT8_METADATA if dtype == "int8" else None)
+    except BaseException:
+        if created and not any(dst.iterdir()):  # a failed convert leaves no empty folder behind
+            dst.rmdir()
+        raise
     loader.report_rounding()
     fresh(dst / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
     copy_tokenizer(tokenizer_src, dst, required=tokenizer is not None)

@@ -23,7 +23,8 @@ import numpy as np
 
 from .errors import ContextError, EngineClosedError, NeocoreError, QueueFullError
 from .generate import TextStream
-from .sampling import SamplingParams, check_seed, choose_rows, is_integer, log_softmax_rows, sequence_rng
+from .sampling import (NON_FINITE_LOGITS, SamplingParams, check_seed, choose_rows, is_integer, log_softmax_rows,
+                       sequence_rng)
 
 PREFILL_CHUNK = 128  # prompt tokens a sequence brings to one step
 
@@ -217,6 +218,7 @@ class Engine:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._logits = np.empty((0, model.config.vocab_size), np.float32)
+        self._text_vocab = model.tokenizer.vocab_size if model.tokenizer else model.config.vocab_size
 
     # ---- callers' side ------------------------------------------------------------------------
     def check(self, request: Request) -> None:
@@ -417,6 +419,18 @@ class Engine:
             return
         rows_logits = np.stack([row for _, row in choosers])
         sequences = [seq for seq, _ in choosers]
+        finite = np.isfinite(rows_logits).all(axis=1)
+        if not finite.all():  # NaN or infinite weights (or an overflow): nothing sound to sample from
+            for seq in [seq for seq, ok in zip(sequences, finite) if not ok]:
+                self._finish(seq, "error", error=NON_FINITE_LOGITS)
+            rows_logits, sequences = rows_logits[finite], [seq for seq, ok in zip(sequences, finite) if ok]
+            if not sequences:
+                return
+        if self._text_vocab < rows_logits.shape[1]:
+            # ids past the tokenizer's (a padded vocabulary) have no text: never chosen for text
+            for i, seq in enumerate(sequences):
+                if seq.text is not None:
+                    rows_logits[i, self._text_vocab:] = -np.inf
         chosen = choose_rows(rows_logits, [s.history for s in sequences],
                              [s.request.params for s in sequences], [s.rng for s in sequences])
         wants_logprobs = [i for i, s in enumerate(sequences) if s.request.logprobs is not None]

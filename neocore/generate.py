@@ -9,7 +9,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .errors import ContextError, NeocoreError, SamplingError
-from .sampling import Sampler, SamplingParams
+from .sampling import NON_FINITE_LOGITS, Sampler, SamplingParams
 
 
 @dataclass
@@ -242,6 +242,8 @@ def score(model, text: str, stride: int | None = None,
         for at in range(scored, end - 1, SCORE_CHUNK):
             chunk = ids[at:min(at + SCORE_CHUNK, end - 1)]
             rows = model.append(chunk, all_logits=True)
+            if not np.isfinite(rows).all():
+                raise NeocoreError(NON_FINITE_LOGITS)
             top = rows.max(axis=1, keepdims=True)
             log_total = np.log(np.exp(rows - top).sum(axis=1, dtype=np.float64))
             targets = np.asarray(ids[at + 1:at + 1 + len(chunk)])

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import SamplingError
+from .errors import NeocoreError, SamplingError
 
 
 # Temperatures below this are greedy: dividing float32 logits by less can overflow them to
@@ -18,6 +18,8 @@ GREEDY_BELOW = 1e-5
 # Temperatures and repetition penalties past this (either way, for the penalty) would take
 # float32 logits to infinity or to ties: refused rather than silently sampling other tokens.
 SCALE_LIMIT = 1e6
+# Weights holding NaN or infinity give such logits: no token can be chosen or scored from them.
+NON_FINITE_LOGITS = "the model's logits are NaN or infinite: its weights hold NaN or infinity"
 
 
 @dataclass(frozen=True)
@@ -153,12 +155,18 @@ def check_seed(seed: object) -> None:
 
 
 class Sampler:
-    """Chooses tokens for one sequence (the chat loop's)."""
+    """Chooses tokens for one sequence (the chat loop's), among the first `vocab` ids when
+    given (those its tokenizer can turn into text)."""
 
-    def __init__(self, params: SamplingParams, seed: int | None = None):
+    def __init__(self, params: SamplingParams, seed: int | None = None, vocab: int | None = None):
         check_seed(seed)
         self.params = params
         self.rng = sequence_rng(seed)
+        self.vocab = vocab
 
     def choose(self, logits: np.ndarray, previous: Sequence[int]) -> int:
-        return int(choose_rows(logits[None], [previous], [self.params], [self.rng])[0])
+        if not np.isfinite(logits).all():
+            raise NeocoreError(NON_FINITE_LOGITS)
+        row = logits[None].copy()
+        row[:, self.vocab:] = -np.inf
+        return int(choose_rows(row, [previous], [self.params], [self.rng])[0])

@@ -203,6 +203,7 @@ def test_wrong_shape(odd, tmp_path):
     ({"hidden_size": "36"}, "hidden_size must be an integer"),
     ({"num_layers": 10 ** 9}, "num_layers is 1000000000; neocore runs at most 4096"),
     ({"attention_types": [["global", 3]]}, "attention_types must look like"),
+    ({"tie_word_embeddings": False}, "tie_word_embeddings is False; neocore runs GPT-Neo with its lm_head tied"),
 ])
 def test_bad_config(odd, tmp_path, change, message):
     folder = tmp_path / "cfg"
@@ -369,3 +370,42 @@ def test_json_nested_past_the_recursion_limit_is_a_one_line_error(odd, tmp_path)
     (folder / "merges.txt").write_text("#version: 0.2\n")
     with pytest.raises(neocore.TokenizerError, match="vocab.json: not valid JSON \\(nested too deeply\\)"):
         neocore.Tokenizer.from_dir(folder)
+
+
+def test_an_integer_too_long_to_read_is_a_config_error(odd, tmp_path):
+    folder = copy_config(odd.folder, tmp_path / "long")
+    shutil.copy(odd.folder / "model.safetensors", folder)
+    text = (folder / "config.json").read_text()
+    (folder / "config.json").write_text(text.replace('"num_layers": 3', '"num_layers": 1' + "0" * 5000))
+    with pytest.raises(neocore.ConfigError, match="config.json: not a readable JSON file"):
+        neocore.load(folder)
+
+
+def test_a_shape_error_blames_the_override_that_caused_it(odd):
+    with pytest.raises(neocore.ConfigError, match="^override: hidden_size 36 is not divisible by num_heads 5"):
+        neocore.load(odd.folder, num_heads=5)
+
+
+def test_a_big_endian_dtype_is_not_a_safetensors_dtype(odd, tmp_path):
+    """F32BE is neocore's name for the Java port's files: in a safetensors header it is refused."""
+    folder = copy_config(odd.folder, tmp_path / "be")
+    data = (odd.folder / "model.safetensors").read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    name = "transformer.ln_f.weight"
+    assert header[name]["dtype"] == "F32"
+    header[name]["dtype"] = "F32BE"
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    (folder / "model.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob + data[8 + size:])
+    with pytest.raises(neocore.CheckpointError, match=f"tensor '{name}' has unsupported dtype F32BE"):
+        neocore.load(folder)
+
+
+def test_an_unzipped_pickle_too_large_is_refused_unread(odd, tmp_path):
+    folder = copy_config(odd.folder, tmp_path / "big")
+    (folder / "archive").mkdir()
+    with open(folder / "archive" / "data.pkl", "wb") as f:
+        f.truncate(8 << 30)  # sparse: 8 GiB on paper, nothing on disk
+    with pytest.raises(neocore.CheckpointError, match="data.pkl: 8589934592 bytes, too large"):
+        neocore.load(folder)

@@ -222,3 +222,61 @@ def test_score_windows_a_text_longer_than_the_context(tiny):
         expected[done:end - 1] = hf_logprobs(ref, ids[start:end])[done - start:]
         done, start = end - 1, start + 60
     np.testing.assert_allclose(result.logprobs, expected, atol=1e-4)
+
+
+def folder_with(ref, tmp_path, change) -> "Path":
+    """A copy of ref's folder (config and tokenizer files) whose weights change(tensors) edits."""
+    from safetensors.torch import load_file, save_file
+    folder = tmp_path / "changed"
+    folder.mkdir()
+    for f in ref.folder.iterdir():
+        if f.name != "model.safetensors":
+            (folder / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(ref.folder / "model.safetensors")
+    change(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_nan_weights_are_an_error_not_text(tiny, tmp_path, dtype):
+    """NaN logits leave nothing to choose or score: a clear error, whatever the sampling."""
+    ref, _ = tiny
+
+    def poison(tensors):
+        tensors["transformer.h.1.mlp.c_fc.weight"][2, 3] = float("nan")
+
+    model = neocore.load(folder_with(ref, tmp_path, poison), dtype=dtype)
+    for kwargs in ({"temperature": 0}, {"top_p": 0.9, "seed": 1}, {"top_p": 1.0, "top_k": 0, "seed": 1}):
+        with pytest.raises(neocore.NeocoreError, match="logits are NaN or infinite"):
+            model.generate(PROMPT, max_new_tokens=4, **kwargs)
+    with pytest.raises(neocore.NeocoreError, match="logits are NaN or infinite"):
+        model.score(PROMPT)
+
+
+def test_a_padded_vocabulary_never_yields_ids_without_text(tiny, tmp_path):
+    """The vocabulary padded past the tokenizer's 50257 ids with rows that win every argmax:
+    text generation picks the best id the tokenizer has, as transformers' logits rank them."""
+    import json
+    from transformers import GPTNeoForCausalLM
+    ref, _ = tiny
+
+    def pad(tensors):  # the final norm's output leans on its bias b; the padding rows are 20 b
+        tensors["transformer.ln_f.weight"] *= 0.1
+        wte = tensors["transformer.wte.weight"]
+        tensors["transformer.wte.weight"] = torch.cat([wte, 20 * tensors["transformer.ln_f.bias"].expand(3, -1)])
+
+    folder = folder_with(ref, tmp_path, pad)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 50260}))
+    model = neocore.load(folder, dtype="float32")
+    assert model.tokenizer.vocab_size == 50257 < model.config.vocab_size
+    torch_model = GPTNeoForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    ids, expected = model.tokenizer.encode(PROMPT), []
+    with torch.no_grad():
+        for _ in range(6):
+            logits = torch_model(torch.tensor([ids + expected])).logits[0, -1]
+            assert int(logits.argmax()) >= 50257
+            expected.append(int(logits[:50257].argmax()))
+    assert model.generate(PROMPT, max_new_tokens=6, temperature=0) == model.tokenizer.decode(expected)
+    assert len(model.generate(PROMPT, max_new_tokens=6, seed=3)) > 0

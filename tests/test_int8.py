@@ -20,6 +20,7 @@ from transformers import GPTNeoForCausalLM
 
 import neocore
 from neocore import _core
+from neocore.convert import convert
 from neocore.weights import Int8Matrix, quantize_i8
 
 ISAS = [isa for isa in ("avx512", "avx2", "generic") if _core.isa_runs_here(isa)]
@@ -312,6 +313,9 @@ def test_non_finite_weight_is_refused_when_quantising(tiny, tmp_path):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(neocore.CheckpointError, match="c_fc.weight' holds NaN or infinite values: cannot quantise"):
         neocore.load(folder, dtype="int8")
+    with pytest.raises(neocore.CheckpointError, match="c_fc.weight' holds NaN or infinite values: cannot quantise"):
+        convert(folder, tmp_path / "new" / "int8", dtype="int8")
+    assert not (tmp_path / "new" / "int8").exists()  # no empty folder left behind
 
 
 def test_loading_int8_from_fp32_peaks_below_bfloat16(reference_models):
