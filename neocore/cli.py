@@ -71,11 +71,13 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     d = SamplingParams()
-    p.add_argument("--max-tokens", type=int, default=max_tokens, help="new tokens at most")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
-    p.add_argument("--top-p", type=float, default=d.top_p, help="1 = off")
-    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="1 = off")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"new tokens at most (default {max_tokens})")
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help=f"0 = greedy (default {d.temperature:g})")
+    p.add_argument("--top-k", type=int, default=d.top_k, help=f"0 = off (default {d.top_k})")
+    p.add_argument("--top-p", type=float, default=d.top_p, help=f"1 = off (default {d.top_p:g})")
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                   help=f"1 = off (default {d.repetition_penalty:g})")
     p.add_argument("--seed", type=int, default=None, help="random seed (same seed, same text)")
     p.add_argument("--stop", action="append", default=[], help="stop before this text (repeatable)")
 
