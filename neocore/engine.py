@@ -147,9 +147,15 @@ def _collect(stream: Stream, chunks: list[Chunk]) -> Completion:
                       prompt_logprobs=stream.prompt_logprobs)
 
 
+RATE_WINDOW_SECONDS = 10.0  # tokens_per_second's window
+RATE_BUCKET_SECONDS = 0.1   # its resolution: tokens are counted per bucket, however many come
+RATE_BUCKETS = round(RATE_WINDOW_SECONDS / RATE_BUCKET_SECONDS)
+
+
 @dataclass
 class EngineStats:
-    """Counters for /metrics; times in seconds."""
+    """Counters for /metrics; times in seconds. Requests count sequences: a request for n
+    completions of each of several prompts is several."""
     requests: int = 0
     finished: int = 0
     tokens_generated: int = 0
@@ -157,14 +163,32 @@ class EngineStats:
     steps: int = 0
     step_seconds: float = 0.0      # in the C step
     python_seconds: float = 0.0    # the rest of each step: batching, sampling, text
+    first_tokens: int = 0                   # sequences that have had their first token,
+    first_token_seconds_total: float = 0.0  # and their waits for it, summed
+    # the latest waits, for quantiles over recent traffic
     first_token_seconds: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1024))
-    recent_tokens: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
+    # [bucket number, tokens generated in it] for the last RATE_WINDOW_SECONDS
+    token_buckets: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RATE_BUCKETS))
 
-    def tokens_per_second(self, window: float = 10.0) -> float:
-        """Generated tokens per second over the last window seconds."""
-        now = time.monotonic()
-        recent = [t for t in self.recent_tokens if now - t <= window]
-        return len(recent) / window
+    def add_first_token(self, seconds: float) -> None:
+        self.first_tokens += 1
+        self.first_token_seconds_total += seconds
+        self.first_token_seconds.append(seconds)
+
+    def add_token(self, now: float) -> None:
+        self.tokens_generated += 1
+        bucket = int(now / RATE_BUCKET_SECONDS)
+        if self.token_buckets and self.token_buckets[-1][0] == bucket:
+            self.token_buckets[-1][1] += 1
+        else:
+            self.token_buckets.append([bucket, 1])
+
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second over the last RATE_WINDOW_SECONDS (the current bucket
+        and those before it)."""
+        oldest = int(time.monotonic() / RATE_BUCKET_SECONDS) - RATE_BUCKETS + 1
+        # list(): a snapshot, as the engine's thread appends buckets meanwhile
+        return sum(count for bucket, count in list(self.token_buckets) if bucket >= oldest) / RATE_WINDOW_SECONDS
 
 
 class _Sequence:
@@ -457,11 +481,10 @@ class Engine:
         request, now = seq.request, time.monotonic()
         if seq.first_token_at is None:
             seq.first_token_at = now
-            self.stats.first_token_seconds.append(now - seq.submitted)
+            self.stats.add_first_token(now - seq.submitted)
         seq.generated += 1
         seq.history.append(token)
-        self.stats.tokens_generated += 1
-        self.stats.recent_tokens.append(now)
+        self.stats.add_token(now)
         chunk = Chunk([token], logprobs=[logprob] if logprob else [])
         eos = request.stop_at_eos and token == self.model.config.eos_token_id
         if seq.text is not None and not eos:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import secrets
 import signal
 import sys
@@ -21,9 +20,11 @@ from . import chat
 from .engine import Chunk, Engine, Request, Stream, TokenLogprob
 from .errors import ContextError, EngineClosedError, NeocoreError, QueueFullError, TokenizerError
 from .generate import check_fits_as_text
-from .sampling import SamplingParams
+from .sampling import SCALE_LIMIT, SamplingParams
+from .tokenizer import StreamDecoder, Tokenizer
 
 try:
+    import uvicorn
     from fastapi import FastAPI, Request as HttpRequest
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException
@@ -32,7 +33,12 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 MAX_N = 16          # completions one request may ask for per prompt
 MAX_STOPS = 4       # as OpenAI
+MAX_STOP_CHARS = 1024  # per stop string: as much text may be held back, and is searched at each token
+MAX_BODY_BYTES = 4 * 2 ** 20  # a request body past this is refused (413) rather than held in memory
 DISCONNECT_POLL_SECONDS = 0.1
+# how long past --shutdown-timeout uvicorn waits: time for the requests the engine then
+# cancels to send their 503 or error event, before uvicorn cancels their tasks outright
+SHUTDOWN_GRACE_SECONDS = 5.0
 
 
 class ApiError(Exception):
@@ -44,9 +50,11 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
         self.headers = headers
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 @dataclass
@@ -57,7 +65,8 @@ class Served:
     name: str
     api_key: str | None = None
     replica: str | None = None   # named in an x-neocore-replica header when set
-    rejected: int = 0            # requests refused because the queue was full
+    rejected: int = 0            # sequences refused because the queue was full (as the engine counts them)
+    max_body_bytes: int = MAX_BODY_BYTES  # a larger request body is refused with a 413
 
 
 # ---- reading a request ------------------------------------------------------------------------
@@ -70,6 +79,11 @@ def _field(body: dict, name: str, kinds: tuple, default: Any, check=None, rule: 
         return default
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         raise ApiError(400, f"'{name}' must be {rule or _KIND_NAMES[kinds]}", name)
+    if float in kinds:
+        try:
+            value = float(value)  # one type to check and use
+        except OverflowError:  # an integer past float's range
+            raise ApiError(400, f"'{name}' must be {rule or _KIND_NAMES[kinds]}", name) from None
     if check is not None and not check(value):
         raise ApiError(400, f"'{name}' must be {rule}", name)
     return value
@@ -78,38 +92,61 @@ def _field(body: dict, name: str, kinds: tuple, default: Any, check=None, rule: 
 def _sampling(body: dict) -> tuple[SamplingParams, int, int | None, list[str]]:
     """Sampling parameters, n, seed and stop strings, checked."""
     number = (int, float)
-    temperature = _field(body, "temperature", number, 1.0, lambda v: math.isfinite(v) and 0 <= v <= 2,
-                         "a number between 0 and 2")
+    # the comparisons refuse NaN and infinity too (Python's json reads NaN and Infinity)
+    temperature = _field(body, "temperature", number, 1.0, lambda v: 0 <= v <= 2, "a number between 0 and 2")
     top_p = _field(body, "top_p", number, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
     top_k = _field(body, "top_k", (int,), 0, lambda v: v >= 0, "an integer >= 0")
-    penalty = _field(body, "repetition_penalty", number, 1.0, lambda v: math.isfinite(v) and v > 0,
-                     "a number > 0")
+    penalty = _field(body, "repetition_penalty", number, 1.0, lambda v: 1 / SCALE_LIMIT <= v <= SCALE_LIMIT,
+                     f"a number from {1 / SCALE_LIMIT:g} to {SCALE_LIMIT:g}")
     n = _field(body, "n", (int,), 1, lambda v: 1 <= v <= MAX_N, f"an integer between 1 and {MAX_N}")
     seed = _field(body, "seed", (int,), None, lambda v: 0 <= v < 2 ** 63, "an integer in [0, 2**63)")
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
-    if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) for s in stops):
-        raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} strings", "stop")
+    if not isinstance(stops, list) or len(stops) > MAX_STOPS \
+            or not all(isinstance(s, str) and len(s) <= MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} strings, each of at most "
+                            f"{MAX_STOP_CHARS} characters", "stop")
     for name in ("presence_penalty", "frequency_penalty"):
         if _field(body, name, number, 0, None) != 0:
             raise ApiError(400, f"'{name}' is not supported; use 'repetition_penalty'", name)
     if body.get("logit_bias"):
         raise ApiError(400, "'logit_bias' is not supported", "logit_bias")
-    return SamplingParams(float(temperature), top_k, float(top_p), float(penalty)), n, seed, stops
+    return SamplingParams(temperature, top_k, top_p, penalty), n, seed, stops
+
+
+def _streaming(body: dict) -> tuple[bool, bool]:
+    """Whether to stream, and whether a stream ends with a usage chunk (stream_options)."""
+    stream = _field(body, "stream", (bool,), False)
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not stream:
+        raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
+    if not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    include_usage = options.get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise ApiError(400, "'stream_options.include_usage' must be true or false", "stream_options.include_usage")
+    return stream, bool(include_usage)
 
 
 def _encode(served: Served, text: str, param: str) -> list[int]:
-    """The token ids of text. Text longer than the context could hold whatever its tokens (each
-    token is at most longest_token bytes) is refused before it is tokenized."""
+    """The token ids of text, which must leave room in the context for a token. Text longer
+    than the context could hold whatever its tokens (each token is at most longest_token
+    bytes) is refused before it is tokenized."""
     model = served.model
     try:
         check_fits_as_text(model, text, param)
     except ContextError as exc:
         raise ApiError(400, str(exc), param, "context_length_exceeded") from None
     try:
-        return model.tokenizer.encode(text)
+        ids = model.tokenizer.encode(text)
     except TokenizerError as exc:
         raise ApiError(400, str(exc), param) from None
+    if len(ids) >= model.context_length:
+        raise ApiError(400, f"'{param}' comes to {len(ids)} tokens; the context holds {model.context_length}, "
+                            f"and room is needed for at least one new token", param, "context_length_exceeded")
+    return ids
 
 
 def _prompts(served: Served, prompt: Any) -> list[list[int]]:
@@ -130,11 +167,25 @@ def _prompts(served: Served, prompt: Any) -> list[list[int]]:
     return [ids_of(prompt)]
 
 
-async def _body(request: HttpRequest) -> dict:
+async def _read_body(request: HttpRequest, limit: int) -> bytes:
+    """The request body, refused once more than limit bytes of it have come (whatever its
+    Content-Length says)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _body(request: HttpRequest, served: Served) -> dict:
     try:
-        body = await request.json()
+        body = json.loads(await _read_body(request, served.max_body_bytes))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ApiError(400, "the request body is not valid JSON") from None
+    except ValueError:  # the other ValueError json.loads raises: Python's limit on an int's digits
+        raise ApiError(400, "the request body holds an integer with too many digits") from None
     except RecursionError:
         raise ApiError(400, "the request body is JSON nested too deeply") from None
     if not isinstance(body, dict):
@@ -147,7 +198,7 @@ def _submit_all(served: Served, requests: list[Request]) -> list[Stream]:
     try:
         return served.engine.submit_all(requests)
     except QueueFullError as exc:
-        served.rejected += 1
+        served.rejected += len(requests)
         raise ApiError(429, f"the server is busy ({exc}); try again shortly", code="queue_full",
                        kind="rate_limit_error", headers={"Retry-After": "1"}) from None
     except EngineClosedError:
@@ -193,9 +244,31 @@ def _sse(payload: Any) -> str:
     return f"data: {json.dumps(payload) if not isinstance(payload, str) else payload}\n\n"
 
 
-def _check_error(chunk: Chunk) -> None:
+def _failure(chunk: Chunk) -> ApiError | None:
+    """The error a chunk ends its request with, if any: a failed step, or a cancelled sequence,
+    which a client still reading only meets when the server stops (the engine cancels what
+    runs past the shutdown timeout; a client that left cancels its own, unread)."""
     if chunk.finish_reason == "error":
-        raise ApiError(500, f"generation failed: {chunk.error}", kind="server_error")
+        return ApiError(500, f"generation failed: {chunk.error}", kind="server_error")
+    if chunk.finish_reason == "cancelled":
+        return ApiError(503, "the server shut down before this request finished", kind="server_error")
+    return None
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _token_text(tokenizer: Tokenizer, token: int) -> str:
+    """A token's name in logprobs: its text, or, for a token that is part of a character (the
+    first bytes of an emoji), its bytes as OpenAI writes them, "bytes:\\xf0\\x9f", so that no
+    two tokens share a name (U+FFFD would stand for all of them)."""
+    raw = tokenizer.token_bytes(token)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 # ---- the two generation routes' shapes --------------------------------------------------------
@@ -218,7 +291,13 @@ class _Completions:
         if body.get("suffix"):
             raise ApiError(400, "'suffix' is not supported", "suffix")
         self.prompts = _prompts(served, body["prompt"])
-        self.text_ends: dict[int, int] = {}  # per choice: length of the token texts sent so far
+        # per choice, across a stream's chunks: the text of its logprobs' tokens, and its length
+        self.decoders: dict[int, StreamDecoder] = {}
+        self.text_ends: dict[int, int] = {}
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(ids) for ids in self.prompts)  # once each, whatever n
 
     def requests(self) -> list[Request]:
         return [Request(ids, self.params, self.max_tokens, self.seed, i * self.n + j, self.stops,
@@ -229,27 +308,32 @@ class _Completions:
         return self.served.model.tokenizer.decode(self.prompts[index // self.n]) if self.echo else ""
 
     def _logprobs(self, index: int, entries: list[TokenLogprob]) -> dict | None:
-        """The legacy logprobs object; text_offset counts from the start of the choice's text,
-        across every chunk of a stream."""
+        """The legacy logprobs object; text_offset is where each token's text begins in the
+        choice's text, in characters, across every chunk of a stream (a token that ends inside
+        a character adds nothing until a later one completes it)."""
         if self.logprobs is None:
             return None
         tokenizer = self.served.model.tokenizer
-        tokens = [tokenizer.decode([e.token]) for e in entries]
+        decoder = self.decoders.setdefault(index, tokenizer.stream_decoder())
         offsets, at = [], self.text_ends.get(index, 0)
-        for text in tokens:
+        for e in entries:
             offsets.append(at)
-            at += len(text)
+            at += len(decoder.add(e.token))
         self.text_ends[index] = at
-        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{tokenizer.decode([t]): lp for t, lp in e.top} if e.logprob is not None else None
+        return {"tokens": [_token_text(tokenizer, e.token) for e in entries],
+                "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{_token_text(tokenizer, t): lp for t, lp in e.top} if e.logprob is not None else None
                                  for e in entries],
                 "text_offset": offsets}
 
     def choice(self, index: int, text: str, entries: list[TokenLogprob], prompt_entries: list[TokenLogprob],
-               finish: str | None, first: bool) -> dict:
+               finish: str | None, first: bool = True) -> dict:
         prefix = self._prompt_text(index) if first else ""
         logprobs = self._logprobs(index, (prompt_entries if first else []) + entries)
         return {"index": index, "text": prefix + text, "logprobs": logprobs, "finish_reason": finish}
+
+    def stream_choice(self, index: int, chunk: Chunk, prompt_entries: list[TokenLogprob], first: bool) -> dict:
+        return self.choice(index, chunk.text, chunk.logprobs, prompt_entries, chunk.finish_reason, first)
 
 
 def _message_text(content: Any) -> str | None:
@@ -287,6 +371,11 @@ class _ChatCompletions:
                                     f"and content: a string or a list of text parts", f"messages[{i}]")
             texts.append({"role": m["role"], "content": content})
         self.prompt = _encode(served, chat.transcript(texts), "messages")
+        self.began: set[int] = set()  # streamed choices whose text (past its leading whitespace) has begun
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)  # once, whatever n
 
     def requests(self) -> list[Request]:
         return [Request(self.prompt, self.params, self.max_tokens, self.seed, j, self.stops, logprobs=self.logprobs)
@@ -295,88 +384,110 @@ class _ChatCompletions:
     def _logprobs(self, entries: list[TokenLogprob]) -> dict | None:
         if self.logprobs is None:
             return None
-        decode = self.served.model.tokenizer.decode
+        tokenizer = self.served.model.tokenizer
 
         def item(token: int, logprob: float) -> dict:
-            text = decode([token])
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+            # the token's own bytes: those of a token that is part of a character are no text's
+            return {"token": _token_text(tokenizer, token), "logprob": logprob,
+                    "bytes": list(tokenizer.token_bytes(token))}
         return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
                             for e in entries]}
 
     def choice(self, index: int, text: str, entries: list[TokenLogprob], prompt_entries: list[TokenLogprob],
-               finish: str | None, first: bool) -> dict:
-        message = {"role": "assistant", "content": text.lstrip() if first else text}
+               finish: str | None) -> dict:
+        message = {"role": "assistant", "content": text.lstrip()}
         return {"index": index, "message": message, "logprobs": self._logprobs(entries), "finish_reason": finish}
 
-    def delta(self, index: int, text: str, entries: list[TokenLogprob], finish: str | None, first: bool) -> dict:
-        delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
-        if finish and not text:
-            delta = {}
-        return {"index": index, "delta": delta, "logprobs": self._logprobs(entries), "finish_reason": finish}
+    def stream_choice(self, index: int, chunk: Chunk, prompt_entries: list[TokenLogprob], first: bool) -> dict:
+        """A chunk's delta: its text loses leading whitespace, as choice()'s does, until a
+        chunk has had text left; the first delta names the role."""
+        text = chunk.text if index in self.began else chunk.text.lstrip()
+        if text:
+            self.began.add(index)
+        if first:
+            delta = {"role": "assistant", "content": text}
+        elif text or not chunk.finish_reason:
+            delta = {"content": text}
+        else:
+            delta = {}  # a last chunk with nothing but its finish_reason
+        return {"index": index, "delta": delta, "logprobs": self._logprobs(chunk.logprobs),
+                "finish_reason": chunk.finish_reason}
 
 
-async def _generate(http: HttpRequest, served: Served, shape: Any, stream: bool) -> Any:
+async def _generate(http: HttpRequest, served: Served, shape: Any, stream: bool, include_usage: bool) -> Any:
     streams = _submit_all(served, shape.requests())
     meta = {"id": f"{shape.prefix}-{secrets.token_hex(12)}", "created": int(time.time()), "model": served.name}
-    prompt_tokens = sum(len(r.prompt) for r in (s.request for s in streams))
-    if not stream:
-        texts = [""] * len(streams)
-        entries: list[list[TokenLogprob]] = [[] for _ in streams]
-        finish: list[str | None] = [None] * len(streams)
-        completion_tokens = 0
-        watcher = asyncio.create_task(_cancel_on_disconnect(http, streams))
-        try:
-            async for index, chunk in _merged(streams):
-                _check_error(chunk)
-                texts[index] += chunk.text
-                entries[index] += chunk.logprobs
-                finish[index] = chunk.finish_reason
-                completion_tokens += len(chunk.tokens)
-        finally:
-            watcher.cancel()
-        choices = [shape.choice(i, texts[i], entries[i], streams[i].prompt_logprobs, finish[i], True)
-                   for i in range(len(streams))]
-        return JSONResponse({**meta, "object": shape.kind, "choices": choices,
-                             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                       "total_tokens": prompt_tokens + completion_tokens}})
+    if stream:
+        return StreamingResponse(_events(shape, streams, meta, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await _answer(http, shape, streams, meta)
 
-    async def events() -> AsyncIterator[str]:
-        first = [True] * len(streams)
+
+async def _answer(http: HttpRequest, shape: Any, streams: list[Stream], meta: dict) -> JSONResponse:
+    """The whole answer, once every stream has finished."""
+    texts = [""] * len(streams)
+    entries: list[list[TokenLogprob]] = [[] for _ in streams]
+    finish: list[str | None] = [None] * len(streams)
+    completion_tokens = 0
+    watcher = asyncio.create_task(_cancel_on_disconnect(http, streams))
+    try:
         async for index, chunk in _merged(streams):
-            if chunk.finish_reason == "error":
-                yield _sse({"error": {"message": f"generation failed: {chunk.error}", "type": "server_error",
-                                      "param": None, "code": None}})
-                break
-            if not (chunk.text or chunk.finish_reason or chunk.logprobs):
-                continue
-            if isinstance(shape, _ChatCompletions):
-                text = chunk.text.lstrip() if first[index] else chunk.text
-                choice = shape.delta(index, text, chunk.logprobs, chunk.finish_reason, first[index])
-            else:
-                choice = shape.choice(index, chunk.text, chunk.logprobs, streams[index].prompt_logprobs,
-                                      chunk.finish_reason, first[index])
-            first[index] = False
-            yield _sse({**meta, "object": shape.chunk_kind, "choices": [choice]})
-        yield _sse("[DONE]")
+            error = _failure(chunk)
+            if error is not None:
+                raise error
+            texts[index] += chunk.text
+            entries[index] += chunk.logprobs
+            finish[index] = chunk.finish_reason
+            completion_tokens += len(chunk.tokens)
+    finally:
+        watcher.cancel()
+    choices = [shape.choice(i, texts[i], entries[i], streams[i].prompt_logprobs, finish[i])
+               for i in range(len(streams))]
+    return JSONResponse({**meta, "object": shape.kind, "choices": choices,
+                         "usage": _usage(shape.prompt_tokens, completion_tokens)})
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+async def _events(shape: Any, streams: list[Stream], meta: dict, include_usage: bool) -> AsyncIterator[str]:
+    """The answer as server-sent events; with include_usage, as OpenAI's: every chunk has
+    "usage": null, and a last one, with no choices, has the usage."""
+    usage: dict[str, Any] = {"usage": None} if include_usage else {}
+    first = [True] * len(streams)
+    completion_tokens = 0
+    async for index, chunk in _merged(streams):
+        error = _failure(chunk)
+        if error is not None:
+            yield _sse(error.body())
+            break
+        completion_tokens += len(chunk.tokens)
+        if not (chunk.text or chunk.finish_reason or chunk.logprobs):
+            continue
+        choice = shape.stream_choice(index, chunk, streams[index].prompt_logprobs, first[index])
+        first[index] = False
+        yield _sse({**meta, "object": shape.chunk_kind, "choices": [choice], **usage})
+    else:
+        if include_usage:
+            yield _sse({**meta, "object": shape.chunk_kind, "choices": [],
+                        "usage": _usage(shape.prompt_tokens, completion_tokens)})
+    yield _sse("[DONE]")
 
 
 # ---- the app ------------------------------------------------------------------------------------
 def _metrics(served: Served) -> str:
     stats, engine = served.engine.stats, served.engine
-    ttft = sorted(stats.first_token_seconds)
+    ttft = sorted(stats.first_token_seconds)  # the latest: quantiles describe recent traffic
 
     def quantile(q: float) -> float:
         return ttft[min(len(ttft) - 1, int(q * len(ttft)))] if ttft else float("nan")
     lines = [
-        ("neocore_requests_total", "counter", "Generation requests accepted.", stats.requests),
-        ("neocore_requests_finished_total", "counter", "Generation requests finished.", stats.finished),
-        ("neocore_requests_rejected_total", "counter", "Requests refused: queue full.", served.rejected),
+        ("neocore_requests_total", "counter", "Sequences accepted for generation (a request for n completions "
+         "of each of its prompts counts n per prompt).", stats.requests),
+        ("neocore_requests_finished_total", "counter", "Sequences finished (done, stopped, cancelled or failed).",
+         stats.finished),
+        ("neocore_requests_rejected_total", "counter", "Sequences refused because the queue was full (counted as "
+         "neocore_requests_total counts them).", served.rejected),
         ("neocore_generated_tokens_total", "counter", "Tokens generated.", stats.tokens_generated),
         ("neocore_prompt_tokens_total", "counter", "Prompt tokens read.", stats.prompt_tokens),
-        ("neocore_queue_depth", "gauge", "Requests waiting for a place in the batch.", engine.queue_depth),
+        ("neocore_queue_depth", "gauge", "Sequences waiting for a place in the batch.", engine.queue_depth),
         ("neocore_active_sequences", "gauge", "Sequences in the running batch.", engine.active),
         ("neocore_generation_tokens_per_second", "gauge", "Tokens generated per second, last 10 s.",
          stats.tokens_per_second()),
@@ -388,12 +499,17 @@ def _metrics(served: Served) -> str:
     out = []
     for name, kind, help_text, value in lines:
         out += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
-    out += ["# HELP neocore_time_to_first_token_seconds Time from a request's arrival to its first token.",
+    out += ["# HELP neocore_time_to_first_token_seconds Time from a sequence's arrival to its first token "
+            f"(quantiles over the latest {stats.first_token_seconds.maxlen}).",
             "# TYPE neocore_time_to_first_token_seconds summary"]
     out += [f'neocore_time_to_first_token_seconds{{quantile="{q}"}} {quantile(q)}' for q in (0.5, 0.95)]
-    out += [f"neocore_time_to_first_token_seconds_sum {sum(ttft)}",
-            f"neocore_time_to_first_token_seconds_count {len(ttft)}"]
+    out += [f"neocore_time_to_first_token_seconds_sum {stats.first_token_seconds_total}",
+            f"neocore_time_to_first_token_seconds_count {stats.first_tokens}"]
     return "\n".join(out) + "\n"
+
+
+def _model_object(served: Served) -> dict:
+    return {"id": served.name, "object": "model", "created": 0, "owned_by": "neocore"}
 
 
 class _ReplicaHeader:
@@ -454,34 +570,57 @@ def build_app() -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: HttpRequest) -> dict:
+        return {"object": "list", "data": [_model_object(served_of(request))]}
+
+    @app.get("/v1/models/{model_id:path}")  # :path, as a --name may hold a slash
+    async def model(request: HttpRequest, model_id: str) -> dict:
         served = served_of(request)
-        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0,
-                                            "owned_by": "neocore"}]}
+        if model_id != served.name:
+            raise ApiError(404, f"the model '{model_id}' does not exist; this server serves '{served.name}'",
+                           "model", "model_not_found")
+        return _model_object(served)
 
     @app.post("/v1/completions")
     async def completions(request: HttpRequest) -> Any:
         served = served_of(request)
-        body = await _body(request)
+        body = await _body(request, served)
+        stream, include_usage = _streaming(body)
         # tokenizing a long prompt takes a while: off the event loop, which serves everyone
         shape = await asyncio.to_thread(_Completions, served, body)
-        return await _generate(request, served, shape, _field(body, "stream", (bool,), False))
+        return await _generate(request, served, shape, stream, include_usage)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HttpRequest) -> Any:
         served = served_of(request)
-        body = await _body(request)
+        body = await _body(request, served)
+        stream, include_usage = _streaming(body)
         shape = await asyncio.to_thread(_ChatCompletions, served, body)
-        return await _generate(request, served, shape, _field(body, "stream", (bool,), False))
+        return await _generate(request, served, shape, stream, include_usage)
 
     return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which on shutdown also closes the engine: past the shutdown timeout
+    the engine cancels what still runs, so each such request still ends with an error the
+    client can read, before uvicorn's own, later deadline cancels the request's task."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine, shutdown_timeout: float):
+        super().__init__(config)
+        self.engine, self.shutdown_timeout = engine, shutdown_timeout
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        closing = asyncio.create_task(asyncio.to_thread(self.engine.close, self.shutdown_timeout))
+        await super().shutdown(sockets)
+        await closing
 
 
 def serve(model: Any, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
           max_queue: int | None = 64, api_key: str | None = None, name: str | None = None,
           shutdown_timeout: float = 30.0) -> None:
     """Runs the server until SIGINT/SIGTERM: then it stops accepting, lets running requests
-    finish (for at most shutdown_timeout seconds) and returns."""
-    import uvicorn
+    finish (for at most shutdown_timeout seconds; those still running then get a 503, or an
+    error event) and returns."""
     if model.tokenizer is None:
         raise NeocoreError(f"{model.path}: no tokenizer files: the server needs one")
     engine = model.start_engine(max_batch, max_queue)
@@ -490,8 +629,8 @@ def serve(model: Any, host: str = "127.0.0.1", port: int = 8000, max_batch: int 
     print(f"neocore: serving {app.state.served.name} on http://{host}:{port}/v1 ({model.threads} threads, "
           f"up to {max_batch} sequences at once)", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning",
-                            timeout_graceful_shutdown=shutdown_timeout)
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=shutdown_timeout + SHUTDOWN_GRACE_SECONDS)
+    server = _Server(config, engine, shutdown_timeout)
     # uvicorn hands a caught SIGTERM back to the previous handler once it has shut down: make
     # that one a no-op, so a requested stop ends the process with status 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)

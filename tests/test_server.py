@@ -17,8 +17,10 @@ import openai
 import pytest
 
 import neocore
-from neocore import chat
+from neocore import chat, server as neocore_server
 from neocore.bench_serve import free_port, wait_until_serving
+from neocore.engine import Request
+from neocore.sampling import SamplingParams
 
 PROMPTS = ["The old lighthouse keeper", "def fibonacci(n):", "Hello", "In 1887, the city of",
            "import numpy as np\n", "Once upon a time there was a", "x", "The results show that the"]
@@ -132,6 +134,30 @@ def test_streamed_logprobs_offsets_count_from_the_start_of_the_choice(client):
     assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
 
 
+def token_name(raw: bytes) -> str:
+    """A token's name in logprobs: its text, or, for a token that is part of a character, its
+    bytes written as OpenAI writes them ("bytes:\\xe2\\x80")."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def test_completion_logprobs_tell_partial_tokens_apart(client, model):
+    """A prompt of tokens that split characters (’ and an emoji), echoed and scored: each token
+    has a name of its own (U+FFFD would give several the same one), and text_offset counts the
+    characters of the text before each token."""
+    tokenizer = model.tokenizer
+    ids = tokenizer.encode("Hi ’’ 😊 x")
+    raw = [tokenizer.token_bytes(t) for t in ids]
+    assert any(token_name(r).startswith("bytes:") for r in raw)
+    choice = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=5).choices[0]
+    assert choice.text == b"".join(raw).decode("utf-8")
+    assert choice.logprobs.tokens == [token_name(r) for r in raw]
+    assert choice.logprobs.text_offset == [len(b"".join(raw[:i]).decode("utf-8", "ignore")) for i in range(len(ids))]
+    assert all(len(top) == 5 for top in choice.logprobs.top_logprobs[1:])
+
+
 def test_chat_completion_uses_the_chat_transcript(client, model):
     messages = [{"role": "system", "content": "A conversation."}, {"role": "user", "content": "What is a lighthouse?"}]
     expected = model.generate(chat.transcript(messages), max_new_tokens=24, temperature=0, stop=chat.STOPS).lstrip()
@@ -147,6 +173,107 @@ def test_chat_completion_uses_the_chat_transcript(client, model):
     assert done.choices[0].message.content == expected
 
 
+def sse_events(base: str, path: str, body: dict) -> list:
+    """Each event's data of a streamed request, parsed ("[DONE]" as it is)."""
+    with httpx.stream("POST", base + path, json=body, timeout=60) as response:
+        assert response.status_code == 200
+        return [line[6:] if line == "data: [DONE]" else json.loads(line[6:])
+                for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def whitespace_first_messages(model, penalty: float) -> list[dict]:
+    """Messages whose greedy answer starts with a token of whitespace only (sent as a chunk of
+    its own) followed by one that starts with whitespace. A repetition penalty far below 1
+    multiplies the positive logits of the transcript's own tokens, whitespace among them, so a
+    short bounded search finds such messages."""
+    tokenizer = model.tokenizer
+    for gap in (" \r ", " \t ", " \x0b ", " \x0c "):
+        for word in ("a", "b", "x", "?", "Z", "ok", "%", "1"):
+            messages = [{"role": "user", "content": f"{word}{gap}{word}"}]
+            ids = tokenizer.encode(chat.transcript(messages))
+            tokens = model.engine.results([Request(ids, SamplingParams(0, 0, 1.0, penalty), 2,
+                                                   stop=chat.STOPS)])[0].tokens
+            texts = [tokenizer.decode([t]) for t in tokens]
+            if len(texts) == 2 and texts[0].strip() == "" and "\n" not in texts[0] and texts[1][:1].isspace():
+                return messages
+    pytest.fail("no messages found whose answer starts with two whitespace tokens")
+
+
+def test_streamed_chat_drops_all_the_leading_whitespace_the_answer_drops(client, model):
+    """The answer's leading whitespace spans two chunks: streamed, both are stripped, as the
+    non-streamed answer strips them."""
+    penalty = 1e-5
+    messages = whitespace_first_messages(model, penalty)
+    request = dict(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                   extra_body={"repetition_penalty": penalty})
+    expected = model.generate(chat.transcript(messages), max_new_tokens=8, temperature=0, repetition_penalty=penalty,
+                              stop=chat.STOPS).lstrip()
+    assert client.chat.completions.create(**request).choices[0].message.content == expected
+    streamed = client.chat.completions.create(**request, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected
+
+
+def test_streamed_chat_names_the_role_in_the_first_delta_even_without_text(client, model):
+    """A stop string at the very start of the answer: the only chunk has no text, and still
+    names the role."""
+    messages = [{"role": "user", "content": "What is a lighthouse?"}]
+    first = model.generate(chat.transcript(messages), max_new_tokens=1, temperature=0, stop=chat.STOPS).strip()
+    assert first
+    request = dict(model="tiny", messages=messages, max_tokens=5, temperature=0, stop=[first])
+    assert client.chat.completions.create(**request).choices[0].message.content == ""
+    chunks = list(client.chat.completions.create(**request, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ""
+
+
+def test_chat_logprobs_bytes_are_the_tokens_own(client, model):
+    """Tokens that are part of a character carry their own bytes, not U+FFFD's, and a name of
+    their own; the truth is the engine's token ids and the tokenizer's bytes for them."""
+    tokenizer = model.tokenizer
+    for prompt in PROMPTS:
+        messages = [{"role": "user", "content": prompt}]
+        ids = tokenizer.encode(chat.transcript(messages))
+        truth = model.engine.results([Request(ids, SamplingParams(0, 0, 1.0, 1.0), 8, stop=chat.STOPS,
+                                              logprobs=20)])[0].logprobs
+        if any(token_name(tokenizer.token_bytes(t)).startswith("bytes:") for e in truth for t, _ in e.top):
+            break
+    else:
+        pytest.fail("no partial token among any prompt's top 20")
+    done = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, logprobs=True,
+                                          top_logprobs=20)
+    content = done.choices[0].logprobs.content
+    assert [c.bytes for c in content] == [list(tokenizer.token_bytes(e.token)) for e in truth]
+    assert [[t.bytes for t in c.top_logprobs] for c in content] == \
+        [[list(tokenizer.token_bytes(t)) for t, _ in e.top] for e in truth]
+    assert [[t.token for t in c.top_logprobs] for c in content] == \
+        [[token_name(tokenizer.token_bytes(t)) for t, _ in e.top] for e in truth]
+
+
+def test_usage_counts_each_prompt_once_whatever_n(client, model):
+    messages = [{"role": "user", "content": "hi"}]
+    done = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0, n=3)
+    assert done.usage.prompt_tokens == len(model.tokenizer.encode(chat.transcript(messages)))
+    assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+    done = client.completions.create(model="tiny", prompt=PROMPTS[:2], max_tokens=3, temperature=0, n=2)
+    assert done.usage.prompt_tokens == sum(len(model.tokenizer.encode(p)) for p in PROMPTS[:2])
+    assert done.usage.completion_tokens == 4 * 3
+
+
+def test_stream_options_include_usage_ends_with_a_usage_chunk(server):
+    """As OpenAI's streams: every chunk carries "usage": null, and a last chunk before [DONE]
+    has no choices and the usage the non-streamed answer reports."""
+    for path, body in (("/v1/completions", {"prompt": PROMPTS[0]}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        body = {**body, "max_tokens": 6, "temperature": 0, "n": 2}
+        whole = httpx.post(server + path, json=body, timeout=60).json()
+        streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        *chunks, last, done = sse_events(server, path, streamed)
+        assert done == "[DONE]" and last["choices"] == [] and last["usage"] == whole["usage"]
+        assert chunks and all(c["choices"] and "usage" in c and c["usage"] is None for c in chunks)
+        plain = sse_events(server, path, {**body, "stream": True, "stream_options": {"include_usage": False}})
+        assert all("usage" not in c for c in plain[:-1]) and plain[-2]["choices"]
+
+
 def test_models_health_and_metrics(client, server):
     assert [m.id for m in client.models.list().data] == ["tiny0"]
     assert httpx.get(server + "/health").json()["status"] == "ok"
@@ -157,6 +284,29 @@ def test_models_health_and_metrics(client, server):
     assert after["neocore_generated_tokens_total"] >= before["neocore_generated_tokens_total"] + 1
     assert after["neocore_time_to_first_token_seconds_count"] > before["neocore_time_to_first_token_seconds_count"]
     assert {"neocore_queue_depth", "neocore_active_sequences", "neocore_generation_tokens_per_second"} <= set(after)
+
+
+def test_retrieve_a_model(client, server):
+    listed = client.models.list().data[0]
+    assert client.models.retrieve(listed.id) == listed
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+    response = httpx.get(server + "/v1/models/no-such-model")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found" and response.json()["error"]["param"] == "model"
+
+
+def test_first_token_summary_count_and_sum_only_grow(server):
+    """A Prometheus summary's _count and _sum are counters: past the 1024 waits its quantiles
+    are taken over, they still count every first token."""
+    name = "neocore_time_to_first_token_seconds"
+    before = metrics(server)
+    body = {"prompt": ["a", "b", "c", "d"], "n": 16, "max_tokens": 1, "temperature": 0}
+    for _ in range(17):
+        assert httpx.post(server + "/v1/completions", json=body, timeout=60).status_code == 200
+    after = metrics(server)
+    assert after[name + "_count"] - before[name + "_count"] == 17 * 64
+    assert after[name + "_sum"] > before[name + "_sum"]
 
 
 def metrics(base: str) -> dict[str, float]:
@@ -232,6 +382,24 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 50}, "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0},
      "max_completion_tokens"),
+    # integers past float's range
+    ("/v1/completions", {"prompt": "hi", "temperature": 10 ** 400}, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 10 ** 400}, "repetition_penalty"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": 10 ** 400},
+     "temperature"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": -10 ** 400},
+     "repetition_penalty"),
+    # past what sampling takes (1e-6 to 1e6)
+    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 1e7}, "repetition_penalty"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 1e-7},
+     "repetition_penalty"),
+    ("/v1/completions", {"prompt": "hi", "stop": "x" * 1025}, "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]},
+     "stop"),
+    ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+    ("/v1/completions", {"prompt": "hi", "stream": True, "stream_options": True}, "stream_options"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True,
+                              "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
 ]
 
 
@@ -244,6 +412,27 @@ def test_bad_requests_get_400_and_the_error_object(server, path, body, param):
     if body.get("prompt") in ("word " * 400, "x" * (160 * 128 + 1)):
         assert error["code"] == "context_length_exceeded"
     assert httpx.get(server + "/health").status_code == 200  # still serving
+
+
+def test_chat_too_long_for_the_context_names_messages(server):
+    body = {"messages": [{"role": "user", "content": "word " * 400}]}
+    response = httpx.post(server + "/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "messages" and error["code"] == "context_length_exceeded"
+    assert "prompt" not in error["message"]
+
+
+def test_a_body_over_the_size_limit_gets_413(server):
+    """Sent whole (with its Content-Length) or in chunks (without), a body past the limit is
+    refused once the limit is read."""
+    big = b'{"prompt": "' + b"x" * neocore_server.MAX_BODY_BYTES + b'"}'
+    for content in (big, iter([big[i:i + 65536] for i in range(0, len(big), 65536)])):
+        response = httpx.post(server + "/v1/completions", content=content, headers={"content-type": "application/json"},
+                              timeout=60)
+        assert response.status_code == 413
+        assert response.json()["error"]["type"] == "invalid_request_error" and response.json()["error"]["message"]
+    assert httpx.get(server + "/health").status_code == 200
 
 
 def test_malformed_bodies_and_unknown_routes(server, client):
@@ -266,7 +455,10 @@ def test_hostile_text_and_bodies_get_400(server, model):
              (b'{"messages": [{"role": "user", "content": "\\ud83d"}]}', "/v1/chat/completions", "messages"),
              (b"[" * 100_000 + b"]" * 100_000, "/v1/completions", None),
              (b'{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "/v1/chat/completions", None),
-             (json.dumps({"prompt": "ab" * 10_000}).encode(), "/v1/completions", "prompt")]
+             (json.dumps({"prompt": "ab" * 10_000}).encode(), "/v1/completions", "prompt"),
+             # more digits than Python turns into an int (4300): json.loads raises ValueError
+             (b'{"prompt": "hi", "seed": 1' + b"0" * 5000 + b"}", "/v1/completions", None),
+             (b'{"messages": [], "temperature": 1' + b"0" * 5000 + b"}", "/v1/chat/completions", None)]
     for content, path, param in cases:
         response = httpx.post(server + path, content=content, headers={"content-type": "application/json"},
                               timeout=60)
@@ -353,6 +545,33 @@ def test_full_queue_gets_429_then_serving_resumes(tiny, model):
         assert ok.status_code == 200 and metrics(base)["neocore_requests_rejected_total"] == len(refused)
 
 
+def test_rejected_sequences_are_counted_as_accepted_ones_are(tiny):
+    """Both counters count sequences: of eight requests for n=2 sent at once to two places and
+    no queue, each accepted one adds 2 to neocore_requests_total, each refused one 2 to
+    neocore_requests_rejected_total."""
+    with running_server(tiny, "--max-batch", "2", "--max-queue", "0") as (base, _):
+        body = {"prompt": "x", "n": 2, "max_tokens": 159, "temperature": 1.0}
+        start = threading.Barrier(8)
+        statuses: list[int] = []
+
+        def ask() -> None:
+            start.wait(30)
+            statuses.append(httpx.post(base + "/v1/completions", json=body, timeout=60).status_code)
+
+        threads = [threading.Thread(target=ask) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert len(statuses) == 8 and set(statuses) == {200, 429}
+        values = metrics(base)
+        assert values["neocore_requests_total"] == 2 * statuses.count(200)
+        assert values["neocore_requests_rejected_total"] == 2 * statuses.count(429)
+        helps = [line for line in httpx.get(base + "/metrics").text.splitlines()
+                 if line.startswith("# HELP neocore_requests_")]
+        assert len(helps) == 3 and all("sequences" in line.lower() for line in helps)
+
+
 def test_sigterm_lets_running_requests_finish_and_exits_0(tiny, model):
     expected = model.generate(PROMPTS[3], max_new_tokens=60, temperature=0)
     with running_server(tiny) as (base, process):
@@ -368,6 +587,34 @@ def test_sigterm_lets_running_requests_finish_and_exits_0(tiny, model):
         assert process.wait(30) == 0
         with pytest.raises(httpx.HTTPError):
             httpx.get(base + "/health", timeout=2)
+
+
+def test_shutdown_timeout_ends_running_requests_with_an_error(tiny):
+    """--shutdown-timeout 0: SIGTERM cancels what is running; a non-streamed request gets a 503
+    error object, a streamed one an error event and [DONE], and the server logs no traceback."""
+    with running_server(tiny, "--shutdown-timeout", "0") as (base, process):
+        answers: list[httpx.Response] = []
+        body = {"prompt": "x", "max_tokens": 159, "n": 8, "temperature": 1.0}
+        thread = threading.Thread(target=lambda: answers.append(
+            httpx.post(base + "/v1/completions", json=body, timeout=60)))
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not httpx.get(base + "/health").json()["active"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        events = []
+        body = {"prompt": PROMPTS[0], "max_tokens": 150, "temperature": 1.0, "stream": True}
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as response:
+            for i, line in enumerate(response.iter_lines()):
+                if i == 2:
+                    process.send_signal(signal.SIGTERM)
+                if line.startswith("data: "):
+                    events.append(line[6:])
+        thread.join(60)
+        assert process.wait(30) == 0
+        stderr = process.stderr.read()
+    assert answers[0].status_code == 503 and answers[0].json()["error"]["type"] == "server_error"
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "server_error"
+    assert "Traceback" not in stderr and "Exception in ASGI application" not in stderr
 
 
 @pytest.mark.parametrize("flags, message", [(["--port", "70000"], "--port"), (["--max-queue", "-1"], "--max-queue"),
