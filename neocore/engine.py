@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Iterator, Sequence
 
 import numpy as np
@@ -88,7 +88,7 @@ class Stream:
         self._loop = loop
         self._queue: Any = asyncio.Queue() if loop else queue.SimpleQueue()
         self._cancelled = threading.Event()
-        self._completion: Completion | None = None
+        self._read: list[Chunk] = []  # the chunks taken from the queue so far, for result()
 
     def _put(self, chunk: Chunk) -> None:
         if self._loop:
@@ -106,35 +106,36 @@ class Stream:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
+    @property
+    def _finished(self) -> bool:
+        return bool(self._read) and self._read[-1].finish_reason is not None
+
     def __iter__(self) -> Iterator[Chunk]:
+        """The chunks not yet read, as they come."""
         if self._loop:
             raise TypeError("this stream was submitted from an event loop: use `async for`")
-        while True:
-            chunk = self._queue.get()
-            yield chunk
-            if chunk.finish_reason:
-                return
+        while not self._finished:
+            self._read.append(self._queue.get())
+            yield self._read[-1]
 
     async def __aiter__(self) -> AsyncIterator[Chunk]:
         if not self._loop:
             raise TypeError("this stream was submitted outside an event loop: use `for`")
-        while True:
-            chunk = await self._queue.get()
-            yield chunk
-            if chunk.finish_reason:
-                return
+        while not self._finished:
+            self._read.append(await self._queue.get())
+            yield self._read[-1]
 
     def result(self) -> Completion:
-        """Waits for the whole completion (threads only); the chunks are read once, so
-        iterate the stream or ask for its result, not both."""
-        if self._completion is None:
-            self._completion = _collect(self, list(self))
-        return self._completion
+        """Waits for the whole completion (threads only): every chunk, those already read
+        by iterating included."""
+        for _ in self:
+            pass
+        return _collect(self, self._read)
 
     async def aresult(self) -> Completion:
-        if self._completion is None:
-            self._completion = _collect(self, [chunk async for chunk in self])
-        return self._completion
+        async for _ in self:
+            pass
+        return _collect(self, self._read)
 
 
 def _collect(stream: Stream, chunks: list[Chunk]) -> Completion:
@@ -245,8 +246,9 @@ class Engine:
         self._text_vocab = model.tokenizer.vocab_size if model.tokenizer else model.config.vocab_size
 
     # ---- callers' side ------------------------------------------------------------------------
-    def check(self, request: Request) -> None:
-        """Raises a NeocoreError for a request that cannot run (before it is queued)."""
+    def check(self, request: Request) -> list[int]:
+        """Raises a NeocoreError for a request that cannot run (before it is queued); returns
+        its prompt, copied: what runs is what was checked, whatever the caller does with its list."""
         model = self.model
         try:
             tokens = np.asarray(request.prompt)
@@ -261,8 +263,7 @@ class Engine:
         if len(request.prompt) >= model.context_length:
             raise ContextError(f"the prompt is {len(request.prompt)} tokens long; the context holds "
                                f"{model.context_length}, and room is needed for at least one new token")
-        if isinstance(request.max_new_tokens, bool) or not isinstance(request.max_new_tokens, int) \
-                or request.max_new_tokens < 0:
+        if not is_integer(request.max_new_tokens) or request.max_new_tokens < 0:
             raise NeocoreError(f"max_new_tokens must be an integer >= 0, got {request.max_new_tokens!r}")
         if request.text and model.tokenizer is None:
             raise NeocoreError(f"{model.path}: no tokenizer files to turn tokens into text")
@@ -275,6 +276,7 @@ class Engine:
             raise NeocoreError(f"logprobs must be an integer from 0 to 20, got {request.logprobs!r}")
         if not isinstance(request.stop, list) or not all(isinstance(s, str) for s in request.stop):
             raise NeocoreError(f"stop must be a string or a list of strings, got {request.stop!r}")
+        return tokens.tolist()
 
     def submit(self, request: Request) -> Stream:
         """Queues a request; its Stream is read with `for`, or with `async for` when submit is
@@ -284,13 +286,12 @@ class Engine:
     def submit_all(self, requests: Sequence[Request]) -> list[Stream]:
         """Queues every request or none (a server request's n completions of each prompt):
         QueueFullError when they do not fit the queue now, NeocoreError when they never could."""
-        for request in requests:
-            self.check(request)
+        checked = [replace(request, prompt=self.check(request)) for request in requests]
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        streams = [Stream(request, loop) for request in requests]
+        streams = [Stream(request, loop) for request in checked]
         with self._work:
             if self._closed:
                 raise EngineClosedError("the engine is shutting down")
@@ -316,7 +317,10 @@ class Engine:
         the wait is cut short (Ctrl-C, an error), the requests still running are cancelled."""
         streams = self.submit_all(requests)
         try:
-            return [stream.result() for stream in streams]
+            completions = [stream.result() for stream in streams]
+            if any(c.finish_reason == "cancelled" for c in completions):  # only close() cancels them
+                raise EngineClosedError("the engine shut down before these requests finished")
+            return completions
         finally:
             for stream in streams:
                 stream.cancel()  # nothing for those that finished
@@ -340,7 +344,7 @@ class Engine:
             thread.join(timeout)
         if thread is not None and thread.is_alive():
             with self._work:
-                for seq in self._running:
+                for seq in list(self._running):  # a snapshot: the loop's thread removes from it
                     seq.stream.cancel()
                 for stream, _ in self._waiting:
                     stream.cancel()

@@ -8,7 +8,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import ContextError, NeocoreError, SamplingError
+from .errors import ContextError, EngineClosedError, NeocoreError, SamplingError
 from .sampling import NON_FINITE_LOGITS, Sampler, SamplingParams
 
 
@@ -131,6 +131,8 @@ def check_fits_as_text(model, text: str, what: str = "prompt") -> None:
 
 def prompt_ids(model, prompt: str) -> list[int]:
     """The prompt's tokens; an empty prompt starts from <|endoftext|>, GPT-Neo's document start."""
+    if not isinstance(prompt, str):
+        raise NeocoreError(f"a prompt must be a string, got {prompt!r:.80}")
     if model.tokenizer is None:
         raise NeocoreError(f"{model.path}: no tokenizer files (vocab.json + merges.txt or tokenizer.json)")
     check_fits_as_text(model, prompt)
@@ -157,6 +159,8 @@ def _chunks_text(handle, stats: GenerationStats) -> Iterator[str]:
         for chunk in handle:
             if chunk.finish_reason == "error":
                 raise NeocoreError(chunk.error or "generation failed")
+            if chunk.finish_reason == "cancelled":  # not by the reader (it would not be here): close()
+                raise EngineClosedError("the engine shut down before this request finished")
             if chunk.tokens:
                 now = time.perf_counter()
                 if first is None:

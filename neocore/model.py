@@ -6,6 +6,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -14,6 +15,7 @@ from . import _core
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import GPTNeoConfig
 from .errors import ConfigError, ContextError, NeocoreError
+from .sampling import is_integer
 from .weights import WEIGHT_DTYPES, WeightLoader, holds_int8
 
 PREFILL_CHUNK = 256  # rows one step may carry (bounds scratch memory)
@@ -202,14 +204,22 @@ class Model:
         A list of id lists gives a list of continuations, decoded together."""
         from .engine import Request
         from .sampling import SamplingParams
-        many = len(ids) > 0 and not isinstance(ids[0], (int, np.integer))
-        prompts = [list(p) for p in ids] if many else [list(ids)]
-        if max_new_tokens < 0:
-            raise NeocoreError("max_new_tokens must be >= 0")
+        if not is_integer(max_new_tokens) or max_new_tokens < 0:
+            raise NeocoreError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        try:
+            many = len(ids) > 0 and not isinstance(ids[0], (int, np.integer))
+            prompts = [list(p) for p in ids] if many else [list(ids)]
+        except TypeError:
+            raise NeocoreError("ids must be a list of token ids, or a list of such lists") from None
         for prompt in prompts:
             if not prompt:
                 raise NeocoreError("the prompt is empty: give at least one token")
-            if len(prompt) + max(max_new_tokens - 1, 0) > self.context_length:
+            if not max_new_tokens:
+                continue
+            if len(prompt) >= self.context_length:  # the engine's rule: room for a new token
+                raise ContextError(f"the prompt is {len(prompt)} tokens long; the context holds "
+                                   f"{self.context_length}, and room is needed for at least one new token")
+            if len(prompt) + max_new_tokens - 1 > self.context_length:
                 raise ContextError(f"{len(prompt) + max_new_tokens - 1} tokens do not fit in the "
                                    f"context of {self.context_length} positions")
         if max_new_tokens == 0:
@@ -233,7 +243,10 @@ class Model:
         if isinstance(prompt, str):
             return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p,
                                        repetition_penalty, seed, stop))
-        return generate_many(self, list(prompt), max_new_tokens, temperature, top_k, top_p,
+        prompts = list(prompt) if isinstance(prompt, Iterable) else None
+        if prompts is None or not all(isinstance(p, str) for p in prompts):
+            raise NeocoreError(f"prompt must be a string or a list of strings, got {prompt!r:.80}")
+        return generate_many(self, prompts, max_new_tokens, temperature, top_k, top_p,
                              repetition_penalty, seed, stop)
 
     def stream(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.8,

@@ -33,7 +33,7 @@ class SamplingParams:
         if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= SCALE_LIMIT):
             raise SamplingError(f"temperature must be a number from 0 (greedy) to {SCALE_LIMIT:g}, "
                                 f"got {self.temperature!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if not is_integer(self.top_k) or self.top_k < 0:
             raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p!r}")

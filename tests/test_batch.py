@@ -293,9 +293,73 @@ def test_numpy_integers_and_any_sequence_of_stops_are_accepted(tiny):
     import collections
     ids = tiny.tokenizer.encode(PROMPTS[0])
     plain = tiny.engine.submit(Request(ids, GREEDY, 6, logprobs=2, seed=3, seed_index=1, stop=["zz"])).result()
-    numpy = tiny.engine.submit(Request(np.array(ids), GREEDY, 6, logprobs=np.int64(2), seed=np.int64(3),
+    numpy = tiny.engine.submit(Request(np.array(ids), SamplingParams(temperature=0, top_k=np.int64(40)),
+                                       np.int64(6), logprobs=np.int64(2), seed=np.int64(3),
                                        seed_index=np.int32(1), stop=collections.deque(["zz"]))).result()
     assert numpy.tokens == plain.tokens and numpy.text == plain.text
+
+
+def test_a_prompt_changed_after_submit_runs_as_it_was_checked(reference_models):
+    """The caller reuses its list while the request waits: the request runs with the prompt
+    that was checked, and the sequence already running is not failed by a bad id."""
+    model = neocore.load(reference_models("tiny").folder)
+    engine = model.start_engine(max_batch=1)
+    running = engine.submit(Request([1, 2, 3], GREEDY, 30, text=False, stop_at_eos=False))
+    prompt = [7, 8, 9]
+    queued = engine.submit(Request(prompt, GREEDY, 5, text=False, stop_at_eos=False))
+    prompt[1] = 10 ** 6
+    assert running.result().tokens == model.generate_ids([1, 2, 3], 30, stop_at_eos=False)
+    done = queued.result()
+    assert done.tokens == model.generate_ids([7, 8, 9], 5, stop_at_eos=False) and done.prompt_tokens == 3
+
+
+def test_result_after_reading_a_stream_holds_every_chunk(tiny):
+    request = Request(tiny.tokenizer.encode(PROMPTS[1]), GREEDY, 12)
+    whole = tiny.engine.submit(request).result()
+    read_all = tiny.engine.submit(request)
+    chunks = list(read_all)
+    assert "".join(c.text for c in chunks) == whole.text and read_all.result() == whole
+    read_one = tiny.engine.submit(request)
+    first = next(iter(read_one))
+    assert first.tokens == whole.tokens[:1] and read_one.result() == whole
+
+
+def test_closing_the_engine_under_generate_is_an_error_not_short_text(reference_models):
+    import time
+    model = neocore.load(reference_models("tiny").folder)
+    outcome = {}
+
+    def run(name, call):
+        try:
+            outcome[name] = call()
+        except neocore.NeocoreError as exc:
+            outcome[name] = exc
+
+    threads = [threading.Thread(target=run, args=("many", lambda: model.generate(PROMPTS, 120, temperature=0))),
+               threading.Thread(target=run, args=("one", lambda: model.generate(PROMPTS[0], 120, temperature=0)))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while model.engine.stats.tokens_generated < 1 + len(PROMPTS) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    model.engine.close(0)
+    for t in threads:
+        t.join(60)
+    assert all(isinstance(outcome[name], neocore.EngineClosedError) for name in ("many", "one")), outcome
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m: m.generate(None), "prompt must be a string"), (lambda m: m.generate(5), "prompt must be a string"),
+    (lambda m: m.generate(["a", None]), "prompt must be a string"),
+    (lambda m: m.stream(None), "a prompt must be a string"),
+    (lambda m: m.generate_ids([1], max_new_tokens=None), "max_new_tokens must be an integer"),
+    (lambda m: m.generate_ids(None), "ids must be a list of token ids"),
+    (lambda m: m.generate_ids([1] * 160, max_new_tokens=1), "room is needed for at least one new token"),
+    (lambda m: m.generate_ids([1] * 150, max_new_tokens=12), "161 tokens do not fit in the context"),
+])
+def test_wrong_arguments_are_neocore_errors(tiny, call, match):
+    with pytest.raises(neocore.NeocoreError, match=match):
+        call(tiny)
 
 
 def test_a_stop_given_as_one_string_is_one_stop(tiny):
