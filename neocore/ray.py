@@ -49,8 +49,8 @@ def _threads(threads: int | None) -> int:
         return threads
     if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:  # in an actor
         reserved = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
-        if reserved >= 1:
-            return int(reserved)
+        if reserved > 0:  # a fraction of a CPU (num_cpus=0.5) is one thread, not every core
+            return max(1, int(reserved))
     return usable_cores()
 
 
@@ -91,6 +91,13 @@ def _seed_of(value: Any, default: int | None) -> int | None:
     return int(value)
 
 
+def _column(batch: Any, name: str) -> Any:
+    """The batch's column name, or a NeocoreError naming the columns it has."""
+    if name not in batch:
+        raise NeocoreError(f"the batch has no {name!r} column (its columns: {', '.join(map(str, batch))})")
+    return batch[name]
+
+
 def _with_columns(batch: Any, columns: dict[str, list]) -> Any:
     """The batch (a dict of NumPy arrays or a pandas DataFrame) with these columns added; each
     an object array, so that None stays a null beside strings and numbers."""
@@ -129,7 +136,7 @@ class Generate:
     def __call__(self, batch: Any) -> Any:
         """batch: a dict of NumPy arrays or a pandas DataFrame (Ray Data's numpy and pandas
         batch formats); returned with the new columns."""
-        prompts = list(batch["prompt"])
+        prompts = list(_column(batch, "prompt"))
         seeds = list(batch["seed"]) if "seed" in batch else [None] * len(prompts)
         new = {name: [None] * len(prompts) for name in GENERATED}
         running = []
@@ -179,7 +186,7 @@ class Score:
                 out[i] = str(exc)
                 continue
             if len(ids) < model.context_length:  # the engine needs room for one new token
-                request = Request(ids, GREEDY, 1, text=False, stop_at_eos=False, prompt_logprobs=True)
+                request = Request(ids, GREEDY, 0, text=False, stop_at_eos=False, prompt_logprobs=True)
                 running.append((i, self.engine.submit(request)))
             else:
                 long.append(i)
@@ -197,7 +204,7 @@ class Score:
         return out
 
     def __call__(self, batch: Any) -> Any:
-        results = self._logprobs(list(batch["text"]))
+        results = self._logprobs(list(_column(batch, "text")))
         scored = [not isinstance(r, str) for r in results]
         return _with_columns(batch, {
             "log_prob": [float(r.sum()) if ok else None for r, ok in zip(results, scored)],

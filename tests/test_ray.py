@@ -146,6 +146,21 @@ def test_score_rows_equal_model_score(local_ray, folder, model):
     assert rows[-1]["log_prob"] is None and rows[-1]["tokens"] is None and rows[-1]["perplexity"] is None
 
 
+def test_an_actor_with_part_of_a_cpu_runs_one_thread(local_ray):
+    """Not every core of the node (each such actor would take them all)."""
+    @ray.remote(num_cpus=0.5)
+    class Actor:
+        def threads(self) -> int:
+            from neocore.ray import _threads
+            return _threads(None)
+
+    actor = Actor.remote()
+    try:
+        assert ray.get(actor.threads.remote(), timeout=120) == 1
+    finally:
+        ray.kill(actor)
+
+
 def test_the_callables_take_pandas_batches_outside_ray(folder, model):
     """Ray Data's pandas batch format, where a null may come as NaN; no Ray needed."""
     import pandas as pd
@@ -159,6 +174,10 @@ def test_the_callables_take_pandas_batches_outside_ray(folder, model):
     scores = neocore.ray.Score(folder, threads=1)(pd.DataFrame({"text": [PROMPTS[2], 7]}))
     assert scores["tokens"][0] == len(model.tokenizer.encode(PROMPTS[2]))
     assert scores["error"][1] == "the text must be a string, got int"
+    with pytest.raises(neocore.NeocoreError, match="the batch has no 'prompt' column \\(its columns: text\\)"):
+        neocore.ray.Generate(folder, threads=1)(pd.DataFrame({"text": ["a"]}))
+    with pytest.raises(neocore.NeocoreError, match="the batch has no 'text' column \\(its columns: prompt, seed\\)"):
+        neocore.ray.Score(folder, threads=1)({"prompt": np.array(["a"]), "seed": np.array([1])})
 
 
 def ask_concurrently(client: openai.OpenAI, prompts: list[str]) -> list[tuple[str, str]]:
