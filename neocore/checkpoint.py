@@ -153,6 +153,11 @@ def read_safetensors(path: Path) -> dict[str, TensorRef]:
                                   f"but {dtype}{list(shape)} needs {ref.nbytes}")
         _check_extent(path, name, ref.offset, ref.nbytes, size)
         tensors[name] = ref
+    # as the format requires (and its own reader checks): no two tensors share a byte
+    spans = sorted((ref.offset, ref.offset + ref.nbytes, name) for name, ref in tensors.items() if ref.nbytes)
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(f"{path}: tensors {first!r} and {second!r} overlap")
     return tensors
 
 

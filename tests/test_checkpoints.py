@@ -386,18 +386,28 @@ def test_a_shape_error_blames_the_override_that_caused_it(odd):
         neocore.load(odd.folder, num_heads=5)
 
 
-def test_a_big_endian_dtype_is_not_a_safetensors_dtype(odd, tmp_path):
-    """F32BE is neocore's name for the Java port's files: in a safetensors header it is refused."""
-    folder = copy_config(odd.folder, tmp_path / "be")
-    data = (odd.folder / "model.safetensors").read_bytes()
+def with_header(src: Path, dst: Path, change) -> Path:
+    """A copy of src (config and model.safetensors) whose safetensors header change(header) edits."""
+    folder = copy_config(src, dst)
+    data = (src / "model.safetensors").read_bytes()
     size = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + size])
-    name = "transformer.ln_f.weight"
-    assert header[name]["dtype"] == "F32"
-    header[name]["dtype"] = "F32BE"
+    change(header)
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
     (folder / "model.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob + data[8 + size:])
+    return folder
+
+
+def test_a_big_endian_dtype_is_not_a_safetensors_dtype(odd, tmp_path):
+    """F32BE is neocore's name for the Java port's files: in a safetensors header it is refused."""
+    name = "transformer.ln_f.weight"
+
+    def big_endian(header):
+        assert header[name]["dtype"] == "F32"
+        header[name]["dtype"] = "F32BE"
+
+    folder = with_header(odd.folder, tmp_path / "be", big_endian)
     with pytest.raises(neocore.CheckpointError, match=f"tensor '{name}' has unsupported dtype F32BE"):
         neocore.load(folder)
 
@@ -408,4 +418,13 @@ def test_an_unzipped_pickle_too_large_is_refused_unread(odd, tmp_path):
     with open(folder / "archive" / "data.pkl", "wb") as f:
         f.truncate(8 << 30)  # sparse: 8 GiB on paper, nothing on disk
     with pytest.raises(neocore.CheckpointError, match="data.pkl: 8589934592 bytes, too large"):
+        neocore.load(folder)
+
+
+def test_overlapping_tensors_are_refused(odd, tmp_path):
+    def overlap(header):  # two tensors of one shape and dtype on the same bytes
+        header["transformer.ln_f.bias"]["data_offsets"] = header["transformer.ln_f.weight"]["data_offsets"]
+
+    folder = with_header(odd.folder, tmp_path / "overlap", overlap)
+    with pytest.raises(neocore.CheckpointError, match="overlap"):
         neocore.load(folder)
