@@ -92,6 +92,7 @@ static inline __m512 simde_cvtepi32_ps(__m512i a)
 #define INLINE_AVX512_BF16 static inline __attribute__((always_inline))
 #define INLINE_AVX2 static inline __attribute__((always_inline))
 #define INLINE_AVX512 static inline __attribute__((always_inline))
+#define KEEP_IN_REGISTER(v) ((void)(v))
 #else
 #include <immintrin.h>
 #define TARGET_AVX2 __attribute__((target("avx2,fma")))
@@ -101,6 +102,13 @@ static inline __m512 simde_cvtepi32_ps(__m512i a)
 #define INLINE_AVX512_BF16 static inline __attribute__((always_inline, target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")))
 #define INLINE_AVX2 static inline __attribute__((always_inline, target("avx2,fma")))
 #define INLINE_AVX512 static inline __attribute__((always_inline, target("avx2,fma,avx512f,avx512bw,avx512vl")))
+/* Keeps a loaded vector in a register for all its uses: GCC may otherwise fold its load into
+ * each of them, loading it again and again (clang does not, and refuses this operand at -O1). */
+#if defined(__clang__)
+#define KEEP_IN_REGISTER(v) ((void)(v))
+#else
+#define KEEP_IN_REGISTER(v) __asm__("" : "+x"(v))
+#endif
 #endif
 
 /* The decode kernels stream each weight row once a step. How they prefetch that stream

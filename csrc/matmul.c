@@ -383,9 +383,7 @@ INLINE_AVX2 void dot_block_avx2(const NeoDType dtype, const int R, size_t prefet
                         for (int o = 0; o < O; o++) wv[o] = widen8(rows[o], column, scale[o]);
                         for (int r = 0; r < R; r++) {
                             __m256 xv = _mm256_loadu_ps(xr[r] + column);
-                            /* one load for the tile's weight rows: GCC would otherwise load x
-                             * again for each FMA (EPYC, 16-32 rows from cache: 10% faster) */
-                            __asm__("" : "+x"(xv));
+                            KEEP_IN_REGISTER(xv);  /* one load for the tile's weight rows */
                             for (int o = 0; o < O; o++) acc[l][o][r] = _mm256_fmadd_ps(wv[o], xv, acc[l][o][r]);
                         }
                     }
