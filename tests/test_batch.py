@@ -339,10 +339,11 @@ def test_closing_the_engine_under_generate_is_an_error_not_short_text(reference_
                threading.Thread(target=run, args=("one", lambda: model.generate(PROMPTS[0], 120, temperature=0)))]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 60
-    while model.engine.stats.tokens_generated < 1 + len(PROMPTS) and time.monotonic() < deadline:
+    engine, deadline = model.engine, time.monotonic() + 60
+    # both calls' sequences running (a call made after close would start a fresh engine)
+    while (engine.active < 1 + len(PROMPTS) or not engine.stats.tokens_generated) and time.monotonic() < deadline:
         time.sleep(0.001)
-    model.engine.close(0)
+    engine.close(0)
     for t in threads:
         t.join(60)
     assert all(isinstance(outcome[name], neocore.EngineClosedError) for name in ("many", "one")), outcome
