@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--port", type=int, default=8000)
     r.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     r.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
-    r.add_argument("--api-key", default=os.environ.get("NEOCORE_API_KEY"),
+    r.add_argument("--api-key", default=os.environ.get("NEOCORE_API_KEY") or None,  # set but empty: none
                    help="require 'Authorization: Bearer KEY' (default: $NEOCORE_API_KEY, else none)")
     r.add_argument("--name", default=None, help="the model name clients use (default: the folder's name)")
     r.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -308,6 +308,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise NeocoreError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.ray_replicas < 0:
         raise NeocoreError(f"--ray-replicas must be >= 0, got {args.ray_replicas}")
+    if args.api_key == "":  # would let any client through that sends 'Bearer' and no key
+        raise NeocoreError("--api-key is empty: give a key, or leave the option out for a server without one")
     if not 0 <= args.shutdown_timeout < float("inf"):
         raise NeocoreError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
     try:  # before the load: uvicorn would only find out after printing that it is serving

@@ -130,6 +130,7 @@ def test_score_and_info(tiny, tmp_path):
     (["score", "-"], "", "standard input: the text is empty"),
     (["score", "--context", "1", "-"], "some text", "scoring needs a context of at least 2"),
     (["serve", "--shutdown-timeout", "nan"], None, "--shutdown-timeout must be"),
+    (["serve", "--api-key", ""], None, "--api-key is empty"),
     (["chat", "--max-tokens", "500"], "hi\n", "--max-tokens 500 leaves no room"),
     (["bench", "--threads", "two"], None, "--threads takes comma-separated whole numbers"),
     (["bench", "--repeats", "0"], None, "--repeats must be >= 1"),
