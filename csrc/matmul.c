@@ -341,15 +341,16 @@ INLINE_AVX2 void dot_block_avx2(const NeoDType dtype, const int R, size_t prefet
     const size_t size = dtype_bytes(dtype);
     const int L = 2 * O * R <= MV_ACC ? 2 : 1, K32 = K / 32 * 32;
     const int tiles = (n_end - n_begin + O - 1) / O;
-    /* spans of equal length, so that none is a short one whose passes are mostly overhead */
-    const int spans = (K32 + MV_SPAN - 1) / MV_SPAN, span = spans ? (K32 / 32 + spans - 1) / spans * 32 : 0;
+    /* the fewest spans, their 32-column steps shared out evenly, so that none is a short one
+     * whose passes are mostly overhead */
+    const int steps = K32 / 32, spans = (K32 + MV_SPAN - 1) / MV_SPAN;
     __m256 lanes[MV_BLOCK][4][MV_TILE_ROWS];  /* each lane's sums between passes, [n][lane][r] */
     if (!spans)
         for (int i = 0; i < tiles * O; i++)
             for (int a = 0; a < 4; a++)
                 for (int r = 0; r < R; r++) lanes[i][a][r] = _mm256_setzero_ps();
-    for (int k0 = 0; k0 < K32; k0 += span) {
-        const int k1 = K32 - k0 < span ? K32 : k0 + span;
+    for (int s = 0; s < spans; s++) {
+        const int k0 = s * steps / spans * 32, k1 = (s + 1) * steps / spans * 32;
         for (int tile = 0; tile < tiles; tile++) {
             MatrixRow rows[MV_TILE_OUTS];
             for (int o = 0; o < O; o++) {

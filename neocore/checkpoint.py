@@ -437,9 +437,9 @@ def read_unzipped(pickle_path: Path) -> dict[str, TensorRef]:
         return path, 0
 
     try:
-        if pickle_path.stat().st_size > MAX_PICKLE_BYTES:
-            raise CheckpointError(f"{pickle_path}: {pickle_path.stat().st_size} bytes, too large for "
-                                  "the pickle of a state dict")
+        size = pickle_path.stat().st_size
+        if size > MAX_PICKLE_BYTES:
+            raise CheckpointError(f"{pickle_path}: {size} bytes, too large for the pickle of a state dict")
         data = pickle_path.read_bytes()
     except OSError as exc:
         raise CheckpointError(f"{pickle_path}: cannot read ({exc.strerror})") from None

@@ -79,7 +79,7 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
         entries.append((name + SCALES_SUFFIX, "F32", (spec.shape[0], i8_blocks(spec.shape[1])),
                         matrix.scales))
 
-    created = not dst.exists()
+    created = [folder for folder in (dst, *dst.parents) if not folder.exists()]  # deepest first
     try:
         dst.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -89,8 +89,10 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
     try:
         write_safetensors(dst / written, entries, INT8_METADATA if dtype == "int8" else None)
     except BaseException:
-        if created and not any(dst.iterdir()):  # a failed convert leaves no empty folder behind
-            dst.rmdir()
+        for folder in created:  # a failed convert leaves no empty folders behind
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
         raise
     loader.report_rounding()
     fresh(dst / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")

@@ -184,10 +184,11 @@ class EngineStats:
         else:
             self.token_buckets.append([bucket, 1])
 
-    def tokens_per_second(self) -> float:
+    def tokens_per_second(self, now: float | None = None) -> float:
         """Generated tokens per second over the last RATE_WINDOW_SECONDS (the current bucket
-        and those before it)."""
-        oldest = int(time.monotonic() / RATE_BUCKET_SECONDS) - RATE_BUCKETS + 1
+        and those before it) up to now (time.monotonic()'s clock)."""
+        now = time.monotonic() if now is None else now
+        oldest = int(now / RATE_BUCKET_SECONDS) - RATE_BUCKETS + 1
         # list(): a snapshot, as the engine's thread appends buckets meanwhile
         return sum(count for bucket, count in list(self.token_buckets) if bucket >= oldest) / RATE_WINDOW_SECONDS
 
@@ -430,6 +431,10 @@ class Engine:
                 at += 1
                 continue
             if seq.request.prompt_logprobs:
+                if not np.isfinite(logits[at:at + len(rows)]).all():  # as when choosing a token
+                    self._finish(seq, "error", error=NON_FINITE_LOGITS)
+                    at += len(rows)
+                    continue
                 self._record_prompt_logprobs(seq, rows, logits[at:at + len(rows)])
                 at += len(rows) - 1
             seq.pending = seq.pending[len(rows):]
@@ -454,11 +459,8 @@ class Engine:
             rows_logits, sequences = rows_logits[finite], [seq for seq, ok in zip(sequences, finite) if ok]
             if not sequences:
                 return
-        if self._text_vocab < rows_logits.shape[1]:
-            # ids past the tokenizer's (a padded vocabulary) have no text: never chosen for text
-            for i, seq in enumerate(sequences):
-                if seq.text is not None:
-                    rows_logits[i, self._text_vocab:] = -np.inf
+        for i, seq in enumerate(sequences):
+            rows_logits[i] = self._text_only(seq, rows_logits[i])
         chosen = choose_rows(rows_logits, [s.history for s in sequences],
                              [s.request.params for s in sequences], [s.rng for s in sequences])
         wants_logprobs = [i for i, s in enumerate(sequences) if s.request.logprobs is not None]
@@ -469,6 +471,15 @@ class Engine:
                 entry = _logprob_entry(logprobs[wants_logprobs.index(i)], int(chosen[i]), seq.request.logprobs)
             self._deliver(seq, int(chosen[i]), entry)
 
+    def _text_only(self, seq: _Sequence, logits: np.ndarray) -> np.ndarray:
+        """A text request's logits without the ids past the tokenizer's (a padded vocabulary):
+        they have no text, so they are never chosen, nor named among its log-probabilities."""
+        if seq.text is None or self._text_vocab >= logits.shape[-1]:
+            return logits
+        kept = logits.copy()
+        kept[..., self._text_vocab:] = -np.inf
+        return kept
+
     def _record_prompt_logprobs(self, seq: _Sequence, rows: list[int], logits: np.ndarray) -> None:
         """Row j's logits predict prompt token fed + j + 1: the log-probability of each."""
         stream = seq.stream
@@ -477,7 +488,7 @@ class Engine:
         targets = seq.request.prompt[seq.fed + 1:seq.fed + len(rows) + 1]
         if not len(targets):
             return
-        table = log_softmax_rows(logits[:len(targets)])
+        table = log_softmax_rows(self._text_only(seq, logits[:len(targets)]))
         for j, target in enumerate(targets):
             stream.prompt_logprobs.append(_logprob_entry(table[j], int(target), seq.request.logprobs or 0))
 

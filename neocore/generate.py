@@ -9,7 +9,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .errors import ContextError, EngineClosedError, NeocoreError, SamplingError
-from .sampling import NON_FINITE_LOGITS, Sampler, SamplingParams
+from .sampling import NON_FINITE_LOGITS, Sampler, SamplingParams, is_integer
 
 
 @dataclass
@@ -146,7 +146,7 @@ def prompt_ids(model, prompt: str) -> list[int]:
 def _params(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
             repetition_penalty: float) -> SamplingParams:
     params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if not is_integer(max_new_tokens) or max_new_tokens < 0:
         raise SamplingError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     return params
 

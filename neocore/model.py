@@ -214,14 +214,10 @@ class Model:
         for prompt in prompts:
             if not prompt:
                 raise NeocoreError("the prompt is empty: give at least one token")
-            if not max_new_tokens:
-                continue
-            if len(prompt) >= self.context_length:  # the engine's rule: room for a new token
-                raise ContextError(f"the prompt is {len(prompt)} tokens long; the context holds "
-                                   f"{self.context_length}, and room is needed for at least one new token")
-            if len(prompt) + max_new_tokens - 1 > self.context_length:
-                raise ContextError(f"{len(prompt) + max_new_tokens - 1} tokens do not fit in the "
-                                   f"context of {self.context_length} positions")
+            # (the engine then also asks for room for a new token: a prompt shorter than the context)
+            needed = len(prompt) + max(max_new_tokens - 1, 0)  # the last token chosen is never fed
+            if needed > self.context_length:
+                raise ContextError(f"{needed} tokens do not fit in the context of {self.context_length} positions")
         if max_new_tokens == 0:
             results: list[list[int]] = [[] for _ in prompts]
         else:

@@ -29,7 +29,7 @@ import numpy as np
 from .engine import Engine, Request
 from .errors import NeocoreError
 from .model import Model, load, usable_cores
-from .sampling import SamplingParams
+from .sampling import SamplingParams, is_integer
 
 try:
     import ray
@@ -126,7 +126,7 @@ class Generate:
                  stop: Sequence[str] | str = (), compute: str | None = None):
         # arguments are checked before the slow load
         self.params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not is_integer(max_new_tokens) or max_new_tokens < 1:
             raise NeocoreError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         self.max_new_tokens = max_new_tokens
         self.seed = _seed_of(seed, None)

@@ -168,5 +168,6 @@ class Sampler:
         if not np.isfinite(logits).all():
             raise NeocoreError(NON_FINITE_LOGITS)
         row = logits[None].copy()
-        row[:, self.vocab:] = -np.inf
+        if self.vocab is not None:
+            row[:, self.vocab:] = -np.inf
         return int(choose_rows(row, [previous], [self.params], [self.rng])[0])

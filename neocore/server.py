@@ -291,6 +291,9 @@ class _Completions:
         if body.get("suffix"):
             raise ApiError(400, "'suffix' is not supported", "suffix")
         self.prompts = _prompts(served, body["prompt"])
+        text_vocab = served.model.tokenizer.vocab_size
+        if self.echo and any(t >= text_vocab for ids in self.prompts for t in ids):  # a padded vocabulary's
+            raise ApiError(400, f"'echo' needs token ids the tokenizer has, in [0, {text_vocab})", "prompt")
         # per choice, across a stream's chunks: the text of its logprobs' tokens, and its length
         self.decoders: dict[int, StreamDecoder] = {}
         self.text_ends: dict[int, int] = {}

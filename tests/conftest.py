@@ -151,3 +151,41 @@ def assert_logits_close(ours: np.ndarray, ref: np.ndarray) -> None:
 @pytest.fixture(scope="session")
 def logits_close():
     return assert_logits_close
+
+
+def _edited_copy(src: Path, dst: Path, change, config: dict | None = None) -> Path:
+    """A copy of the model folder src (config and tokenizer files too) whose weights
+    change(tensors) edits, and whose config.json gets the fields in config."""
+    import json
+    from safetensors.torch import load_file, save_file
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copyfile(f, dst / f.name)
+    tensors = load_file(src / "model.safetensors")
+    change(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    if config:
+        (dst / "config.json").write_text(json.dumps({**json.loads((src / "config.json").read_text()), **config}))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def edited_copy():
+    """edited_copy(src, dst, change, config=None): see _edited_copy."""
+    return _edited_copy
+
+
+@pytest.fixture(scope="session")
+def padded_vocab(reference_models, tmp_path_factory) -> Path:
+    """The "tiny" model with its vocabulary padded past the tokenizer's 50257 ids by 3 rows
+    that win every argmax: the final norm's output leans on its bias b, and the rows are 20 b."""
+    torch = reference("torch")
+
+    def pad(tensors):
+        tensors["transformer.ln_f.weight"] *= 0.1
+        extra = 20 * tensors["transformer.ln_f.bias"].expand(3, -1)
+        tensors["transformer.wte.weight"] = torch.cat([tensors["transformer.wte.weight"], extra])
+
+    return _edited_copy(reference_models("tiny").folder, tmp_path_factory.mktemp("padded") / "model", pad,
+                        {"vocab_size": 50260})

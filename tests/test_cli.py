@@ -297,12 +297,10 @@ def test_chat_on_a_terminal_ctrl_c_stops_the_answer_and_ctrl_d_quits(reference_m
                                          (["generate", "--temperature", "0", "hi"], None),
                                          (["chat", "--temperature", "0", "--max-tokens", "8"], "hi\n"),
                                          (["score", "-"], "some text to score")])
-def test_nan_weights_are_one_line_and_a_failure(tiny, tmp_path, args, stdin):
-    from safetensors.torch import load_file, save_file
-    folder = tmp_path / "nan"
-    shutil.copytree(tiny, folder)
-    tensors = load_file(folder / "model.safetensors")
-    tensors["transformer.ln_f.weight"][7] = float("nan")
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+def test_nan_weights_are_one_line_and_a_failure(tiny, tmp_path, edited_copy, args, stdin):
+    def poison(tensors):
+        tensors["transformer.ln_f.weight"][7] = float("nan")
+
+    folder = edited_copy(tiny, tmp_path / "nan", poison)
     proc = run_cli(args[0], "-m", str(folder), *args[1:], stdin=stdin)
     assert_one_line_error(proc, "logits are NaN or infinite: its weights hold NaN or infinity")

@@ -224,51 +224,30 @@ def test_score_windows_a_text_longer_than_the_context(tiny):
     np.testing.assert_allclose(result.logprobs, expected, atol=1e-4)
 
 
-def folder_with(ref, tmp_path, change) -> "Path":
-    """A copy of ref's folder (config and tokenizer files) whose weights change(tensors) edits."""
-    from safetensors.torch import load_file, save_file
-    folder = tmp_path / "changed"
-    folder.mkdir()
-    for f in ref.folder.iterdir():
-        if f.name != "model.safetensors":
-            (folder / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(ref.folder / "model.safetensors")
-    change(tensors)
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    return folder
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_nan_weights_are_an_error_not_text(tiny, tmp_path, dtype):
+def test_nan_weights_are_an_error_not_text(tiny, tmp_path, edited_copy, dtype):
     """NaN logits leave nothing to choose or score: a clear error, whatever the sampling."""
     ref, _ = tiny
 
     def poison(tensors):
         tensors["transformer.h.1.mlp.c_fc.weight"][2, 3] = float("nan")
 
-    model = neocore.load(folder_with(ref, tmp_path, poison), dtype=dtype)
+    model = neocore.load(edited_copy(ref.folder, tmp_path / "nan", poison), dtype=dtype)
     for kwargs in ({"temperature": 0}, {"top_p": 0.9, "seed": 1}, {"top_p": 1.0, "top_k": 0, "seed": 1}):
         with pytest.raises(neocore.NeocoreError, match="logits are NaN or infinite"):
             model.generate(PROMPT, max_new_tokens=4, **kwargs)
     with pytest.raises(neocore.NeocoreError, match="logits are NaN or infinite"):
         model.score(PROMPT)
+    scoring = Request(model.tokenizer.encode(PROMPT), SamplingParams(temperature=0), 0, prompt_logprobs=True)
+    with pytest.raises(neocore.NeocoreError, match="logits are NaN or infinite"):
+        model.engine.submit(scoring).result()
 
 
-def test_a_padded_vocabulary_never_yields_ids_without_text(tiny, tmp_path):
+def test_a_padded_vocabulary_never_yields_ids_without_text(padded_vocab):
     """The vocabulary padded past the tokenizer's 50257 ids with rows that win every argmax:
     text generation picks the best id the tokenizer has, as transformers' logits rank them."""
-    import json
     from transformers import GPTNeoForCausalLM
-    ref, _ = tiny
-
-    def pad(tensors):  # the final norm's output leans on its bias b; the padding rows are 20 b
-        tensors["transformer.ln_f.weight"] *= 0.1
-        wte = tensors["transformer.wte.weight"]
-        tensors["transformer.wte.weight"] = torch.cat([wte, 20 * tensors["transformer.ln_f.bias"].expand(3, -1)])
-
-    folder = folder_with(ref, tmp_path, pad)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 50260}))
+    folder = padded_vocab
     model = neocore.load(folder, dtype="float32")
     assert model.tokenizer.vocab_size == 50257 < model.config.vocab_size
     torch_model = GPTNeoForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
@@ -280,3 +259,7 @@ def test_a_padded_vocabulary_never_yields_ids_without_text(tiny, tmp_path):
             expected.append(int(logits[:50257].argmax()))
     assert model.generate(PROMPT, max_new_tokens=6, temperature=0) == model.tokenizer.decode(expected)
     assert len(model.generate(PROMPT, max_new_tokens=6, seed=3)) > 0
+    # nor named among a text request's log-probabilities, the prompt's included
+    done = model.engine.submit(Request(ids, SamplingParams(temperature=0), 3, logprobs=5, prompt_logprobs=True)).result()
+    named = [t for entry in done.prompt_logprobs[1:] + done.logprobs for t, _ in entry.top]
+    assert len(named) == 5 * (len(ids) - 1 + 3) and max(named) < 50257

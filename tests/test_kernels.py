@@ -58,7 +58,8 @@ def test_every_path_agrees_with_the_scalar_reference(isa, kernel, wtype, T, K, N
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("T, K, N", [(7, 100, 37), (13, 768, 70), (40, 203, 37), (2, 8192, 9), (64, 100, 8),
-                                     (4, 1541, 9), (129, 63, 5), (6, 520, 11), (8, 744, 13)])
+                                     (4, 1541, 9), (129, 63, 5), (6, 520, 11), (8, 744, 13), (8, 1000, 21),
+                                     (8, 1100, 21), (200, 20, 19), (5, 8224, 3)])
 @pytest.mark.parametrize("wtype", ["float32", "bfloat16"])
 def test_a_row_is_computed_as_if_alone(isa, kernel, T, K, N, wtype):
     """Bit for bit: the decode kernel sums each of T rows in the order of one row alone, in

@@ -594,18 +594,19 @@ def test_shutdown_timeout_ends_running_requests_with_an_error(tiny):
     error object, a streamed one an error event and [DONE], and the server logs no traceback."""
     with running_server(tiny, "--shutdown-timeout", "0") as (base, process):
         answers: list[httpx.Response] = []
-        body = {"prompt": "x", "max_tokens": 159, "n": 8, "temperature": 1.0}
-        thread = threading.Thread(target=lambda: answers.append(
-            httpx.post(base + "/v1/completions", json=body, timeout=60)))
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not httpx.get(base + "/health").json()["active"] and time.monotonic() < deadline:
-            time.sleep(0.05)
         events = []
-        body = {"prompt": PROMPTS[0], "max_tokens": 150, "temperature": 1.0, "stream": True}
+        body = {"prompt": "x", "max_tokens": 159, "temperature": 1.0, "stream": True}
         with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as response:
             for i, line in enumerate(response.iter_lines()):
-                if i == 2:
+                if i == 0:  # the stream runs: now a request of 8 sequences beside it
+                    body = {"prompt": "x", "max_tokens": 159, "n": 8, "temperature": 1.0}
+                    thread = threading.Thread(target=lambda: answers.append(
+                        httpx.post(base + "/v1/completions", json=body, timeout=60)))
+                    thread.start()
+                    deadline = time.monotonic() + 30
+                    while httpx.get(base + "/health").json()["active"] < 9 and time.monotonic() < deadline:
+                        time.sleep(0.005)
+                    # the 8 have 159 tokens to go, the stream as many less the few it has made
                     process.send_signal(signal.SIGTERM)
                 if line.startswith("data: "):
                     events.append(line[6:])
@@ -626,3 +627,16 @@ def test_bad_serve_flags_are_one_line_errors(tiny, flags, message):
                           cwd=os.path.dirname(os.path.dirname(__file__)))
     assert done.returncode == 1 and message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_echo_of_ids_past_the_tokenizers_is_refused_and_text_never_names_them(padded_vocab):
+    """A padded vocabulary (rows that win every argmax): echo needs ids with text (400 before
+    anything runs), and a text request's log-probabilities name only ids the tokenizer has."""
+    with running_server(padded_vocab) as (base, _):
+        bad = httpx.post(base + "/v1/completions", json={"prompt": [5, 50258], "echo": True, "max_tokens": 1})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
+        body = {"prompt": PROMPTS[0], "echo": True, "logprobs": 5, "max_tokens": 3, "temperature": 0}
+        good = httpx.post(base + "/v1/completions", json=body, timeout=60)
+        assert good.status_code == 200  # a padded id among the top 5 had no name: 400 before
+        tops = good.json()["choices"][0]["logprobs"]["top_logprobs"]
+        assert tops[0] is None and len(tops) > 3 and all(len(top) == 5 for top in tops[1:])
