@@ -459,8 +459,9 @@ class Engine:
             rows_logits, sequences = rows_logits[finite], [seq for seq, ok in zip(sequences, finite) if ok]
             if not sequences:
                 return
-        for i, seq in enumerate(sequences):
-            rows_logits[i] = self._text_only(seq, rows_logits[i])
+        if self._text_vocab < rows_logits.shape[1]:  # a padded vocabulary (else nothing to copy)
+            for i, seq in enumerate(sequences):
+                rows_logits[i] = self._text_only(seq, rows_logits[i])
         chosen = choose_rows(rows_logits, [s.history for s in sequences],
                              [s.request.params for s in sequences], [s.rng for s in sequences])
         wants_logprobs = [i for i, s in enumerate(sequences) if s.request.logprobs is not None]
