@@ -28,6 +28,7 @@ try:
     from fastapi import FastAPI, Request as HttpRequest
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise NeocoreError('the server needs FastAPI and uvicorn: pip install "neocore[server]"') from exc
 
@@ -171,11 +172,14 @@ async def _read_body(request: HttpRequest, limit: int) -> bytes:
     """The request body, refused once more than limit bytes of it have come (whatever its
     Content-Length says)."""
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone before its body came: an answer nobody reads, not a traceback
+        raise ApiError(400, "the client disconnected while sending its request") from None
     return b"".join(chunks)
 
 
@@ -310,19 +314,29 @@ class _Completions:
     def _prompt_text(self, index: int) -> str:
         return self.served.model.tokenizer.decode(self.prompts[index // self.n]) if self.echo else ""
 
-    def _logprobs(self, index: int, entries: list[TokenLogprob]) -> dict | None:
+    def _logprobs(self, index: int, prompt_entries: list[TokenLogprob], entries: list[TokenLogprob]) -> dict | None:
         """The legacy logprobs object; text_offset is where each token's text begins in the
         choice's text, in characters, across every chunk of a stream (a token that ends inside
-        a character adds nothing until a later one completes it)."""
+        a character adds nothing until a later one completes it). The echoed prompt's text is
+        decoded on its own, as the generated text is, so each gets a decoder of its own."""
         if self.logprobs is None:
             return None
         tokenizer = self.served.model.tokenizer
-        decoder = self.decoders.setdefault(index, tokenizer.stream_decoder())
         offsets, at = [], self.text_ends.get(index, 0)
-        for e in entries:
-            offsets.append(at)
-            at += len(decoder.add(e.token))
+
+        def measure(decoder: StreamDecoder, some: list[TokenLogprob]) -> None:
+            nonlocal at
+            for e in some:
+                offsets.append(at)
+                at += len(decoder.add(e.token))
+
+        if prompt_entries:
+            prompt_decoder = tokenizer.stream_decoder()
+            measure(prompt_decoder, prompt_entries)
+            at += len(prompt_decoder.flush())  # a character the prompt leaves unfinished
+        measure(self.decoders.setdefault(index, tokenizer.stream_decoder()), entries)
         self.text_ends[index] = at
+        entries = prompt_entries + entries
         return {"tokens": [_token_text(tokenizer, e.token) for e in entries],
                 "token_logprobs": [e.logprob for e in entries],
                 "top_logprobs": [{_token_text(tokenizer, t): lp for t, lp in e.top} if e.logprob is not None else None
@@ -332,7 +346,7 @@ class _Completions:
     def choice(self, index: int, text: str, entries: list[TokenLogprob], prompt_entries: list[TokenLogprob],
                finish: str | None, first: bool = True) -> dict:
         prefix = self._prompt_text(index) if first else ""
-        logprobs = self._logprobs(index, (prompt_entries if first else []) + entries)
+        logprobs = self._logprobs(index, prompt_entries if first else [], entries)
         return {"index": index, "text": prefix + text, "logprobs": logprobs, "finish_reason": finish}
 
     def stream_choice(self, index: int, chunk: Chunk, prompt_entries: list[TokenLogprob], first: bool) -> dict:

@@ -156,6 +156,28 @@ def test_completion_logprobs_tell_partial_tokens_apart(client, model):
     assert choice.logprobs.tokens == [token_name(r) for r in raw]
     assert choice.logprobs.text_offset == [len(b"".join(raw[:i]).decode("utf-8", "ignore")) for i in range(len(ids))]
     assert all(len(top) == 5 for top in choice.logprobs.top_logprobs[1:])
+    # a prompt that ends inside a character is echoed with U+FFFD for it, as decode gives it:
+    # the first new token's text begins after that
+    cut = next(n for n in range(1, len(ids)) if not b"".join(raw[:n]).decode("utf-8", "ignore")
+               == b"".join(raw[:n]).decode("utf-8", "replace"))
+    choice = client.completions.create(model="tiny", prompt=ids[:cut], max_tokens=3, echo=True, logprobs=1,
+                                       temperature=0).choices[0]
+    assert choice.text.startswith(tokenizer.decode(ids[:cut]))
+    assert choice.logprobs.text_offset[cut] == len(tokenizer.decode(ids[:cut]))
+
+
+def test_a_client_gone_while_sending_its_body_leaves_no_traceback(tiny):
+    import socket
+    with running_server(tiny) as (base, process):
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 1000\r\n\r\n" + b'{"messages": [')
+        assert httpx.get(base + "/health", timeout=10).status_code == 200  # still serving
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        stderr = process.stderr.read()
+    assert "Traceback" not in stderr and "Exception in ASGI application" not in stderr, stderr
 
 
 def test_chat_completion_uses_the_chat_transcript(client, model):
