@@ -169,8 +169,11 @@ def _prompts(served: Served, prompt: Any) -> list[list[int]]:
 
 
 async def _read_body(request: HttpRequest, limit: int) -> bytes:
-    """The request body, refused once more than limit bytes of it have come (whatever its
-    Content-Length says)."""
+    """The request body, refused when its Content-Length says it is larger than limit bytes,
+    or once more than limit bytes of it have come (whatever Content-Length said)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:  # (uvicorn refuses a length past 64 bits itself)
+        raise ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
     chunks, size = [], 0
     try:
         async for chunk in request.stream():

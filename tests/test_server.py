@@ -454,6 +454,13 @@ def test_a_body_over_the_size_limit_gets_413(server):
                               timeout=60)
         assert response.status_code == 413
         assert response.json()["error"]["type"] == "invalid_request_error" and response.json()["error"]["message"]
+    # a Content-Length past the limit is refused before any of the body is read
+    import socket
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as raw:
+        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n" % (neocore_server.MAX_BODY_BYTES + 1))
+        assert raw.recv(4096).startswith(b"HTTP/1.1 413")
     assert httpx.get(server + "/health").status_code == 200
 
 
