@@ -24,7 +24,7 @@ import numpy as np
 from .errors import ContextError, EngineClosedError, NeocoreError, QueueFullError
 from .generate import TextStream
 from .sampling import (NON_FINITE_LOGITS, SamplingParams, check_seed, choose_rows, is_integer, log_softmax_rows,
-                       sequence_rng)
+                       sequence_rng, without_ids_from)
 
 PREFILL_CHUNK = 128  # prompt tokens a sequence brings to one step
 
@@ -422,16 +422,19 @@ class Engine:
         self.stats.python_seconds += time.perf_counter() - started - c_seconds
 
     def _after_step(self, batch: list[tuple[_Sequence, list[int]]], logits: np.ndarray) -> None:
-        """Records what was fed, then samples every sequence that now needs a token, together."""
-        choosers: list[tuple[_Sequence, np.ndarray]] = []
+        """Records what was fed, then samples every sequence that now needs a token, together.
+        A sequence whose logits are not finite (NaN or infinite weights, or an overflow) ends
+        with an error instead: there is nothing sound to choose or score from."""
+        finite = np.isfinite(logits).all(axis=1)
+        choosers: list[tuple[_Sequence, int]] = []  # and the row of logits it chooses from
         at = 0
         for seq, rows in batch:
             if seq.next_token is not None:
-                choosers.append((seq, logits[at]))
+                choosers.append((seq, at))
                 at += 1
                 continue
             if seq.request.prompt_logprobs:
-                if not np.isfinite(logits[at:at + len(rows)]).all():  # as when choosing a token
+                if not finite[at:at + len(rows)].all():
                     self._finish(seq, "error", error=NON_FINITE_LOGITS)
                     at += len(rows)
                     continue
@@ -442,24 +445,21 @@ class Engine:
             self.stats.prompt_tokens += len(rows)
             if not seq.pending:
                 if seq.request.max_new_tokens:
-                    choosers.append((seq, logits[at]))
+                    choosers.append((seq, at))
                 else:  # the prompt (and its logprobs) was all it asked for: a scoring request
                     self._finish(seq, "length")
                 at += 1
             elif seq.request.prompt_logprobs:
                 at += 1
+        for seq, row in choosers:
+            if not finite[row]:
+                self._finish(seq, "error", error=NON_FINITE_LOGITS)
+        choosers = [(seq, row) for seq, row in choosers if finite[row]]
         if not choosers:
             return
-        rows_logits = np.stack([row for _, row in choosers])
         sequences = [seq for seq, _ in choosers]
-        finite = np.isfinite(rows_logits).all(axis=1)
-        if not finite.all():  # NaN or infinite weights (or an overflow): nothing sound to sample from
-            for seq in [seq for seq, ok in zip(sequences, finite) if not ok]:
-                self._finish(seq, "error", error=NON_FINITE_LOGITS)
-            rows_logits, sequences = rows_logits[finite], [seq for seq, ok in zip(sequences, finite) if ok]
-            if not sequences:
-                return
-        if self._text_vocab < rows_logits.shape[1]:  # a padded vocabulary (else nothing to copy)
+        rows_logits = logits[[row for _, row in choosers]]  # a copy: the masks below stay in it
+        if self._text_vocab < rows_logits.shape[1]:  # a padded vocabulary (else nothing to mask)
             for i, seq in enumerate(sequences):
                 rows_logits[i] = self._text_only(seq, rows_logits[i])
         chosen = choose_rows(rows_logits, [s.history for s in sequences],
@@ -475,11 +475,7 @@ class Engine:
     def _text_only(self, seq: _Sequence, logits: np.ndarray) -> np.ndarray:
         """A text request's logits without the ids past the tokenizer's (a padded vocabulary):
         they have no text, so they are never chosen, nor named among its log-probabilities."""
-        if seq.text is None or self._text_vocab >= logits.shape[-1]:
-            return logits
-        kept = logits.copy()
-        kept[..., self._text_vocab:] = -np.inf
-        return kept
+        return without_ids_from(logits, self._text_vocab) if seq.text is not None else logits
 
     def _record_prompt_logprobs(self, seq: _Sequence, rows: list[int], logits: np.ndarray) -> None:
         """Row j's logits predict prompt token fed + j + 1: the log-probability of each."""

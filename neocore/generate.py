@@ -129,16 +129,17 @@ def check_fits_as_text(model, text: str, what: str = "prompt") -> None:
                            f"{model.context_length} tokens can hold")
 
 
-def prompt_ids(model, prompt: str) -> list[int]:
-    """The prompt's tokens; an empty prompt starts from <|endoftext|>, GPT-Neo's document start."""
+def prompt_ids(model, prompt: str, what: str = "prompt") -> list[int]:
+    """The prompt's tokens, which leave room in the context for a new one; an empty prompt
+    starts from <|endoftext|>, GPT-Neo's document start. what names the text in errors."""
     if not isinstance(prompt, str):
-        raise NeocoreError(f"a prompt must be a string, got {prompt!r:.80}")
+        raise NeocoreError(f"a {what} must be a string, got {prompt!r:.80}")
     if model.tokenizer is None:
         raise NeocoreError(f"{model.path}: no tokenizer files (vocab.json + merges.txt or tokenizer.json)")
-    check_fits_as_text(model, prompt)
+    check_fits_as_text(model, prompt, what)
     ids = model.tokenizer.encode(prompt) or [model.tokenizer.eos_id]
     if len(ids) >= model.context_length:
-        raise ContextError(f"the prompt is {len(ids)} tokens long; the context holds "
+        raise ContextError(f"the {what} is {len(ids)} tokens long; the context holds "
                            f"{model.context_length}, and room is needed for at least one new token")
     return ids
 

@@ -5,8 +5,8 @@ import os
 import sys
 import threading
 import time
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np

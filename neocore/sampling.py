@@ -154,6 +154,16 @@ def check_seed(seed: object) -> None:
         raise SamplingError(f"seed must be an integer in [0, 2**63), got {seed!r}")
 
 
+def without_ids_from(logits: np.ndarray, vocab: int | None) -> np.ndarray:
+    """logits with every id from vocab on out of reach (-inf): a copy where there are such ids
+    (a vocabulary padded past its tokenizer's, whose ids have no text), else logits itself."""
+    if vocab is None or vocab >= logits.shape[-1]:
+        return logits
+    kept = logits.copy()
+    kept[..., vocab:] = -np.inf
+    return kept
+
+
 class Sampler:
     """Chooses tokens for one sequence (the chat loop's), among the first `vocab` ids when
     given (those its tokenizer can turn into text)."""
@@ -167,7 +177,5 @@ class Sampler:
     def choose(self, logits: np.ndarray, previous: Sequence[int]) -> int:
         if not np.isfinite(logits).all():
             raise NeocoreError(NON_FINITE_LOGITS)
-        row = logits[None].copy()
-        if self.vocab is not None:
-            row[:, self.vocab:] = -np.inf
+        row = without_ids_from(logits[None], self.vocab)
         return int(choose_rows(row, [previous], [self.params], [self.rng])[0])

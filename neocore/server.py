@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator
 from . import chat
 from .engine import Chunk, Engine, Request, Stream, TokenLogprob
 from .errors import ContextError, EngineClosedError, NeocoreError, QueueFullError, TokenizerError
-from .generate import check_fits_as_text
+from .generate import prompt_ids
 from .sampling import SCALE_LIMIT, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -132,31 +132,23 @@ def _streaming(body: dict) -> tuple[bool, bool]:
 
 
 def _encode(served: Served, text: str, param: str) -> list[int]:
-    """The token ids of text, which must leave room in the context for a token. Text longer
-    than the context could hold whatever its tokens (each token is at most longest_token
-    bytes) is refused before it is tokenized."""
-    model = served.model
+    """The token ids of text (prompt_ids: room left for a new token, text too long refused
+    before it is tokenized), its errors as the client's, naming param."""
     try:
-        check_fits_as_text(model, text, param)
+        return prompt_ids(served.model, text, param)
     except ContextError as exc:
         raise ApiError(400, str(exc), param, "context_length_exceeded") from None
-    try:
-        ids = model.tokenizer.encode(text)
     except TokenizerError as exc:
         raise ApiError(400, str(exc), param) from None
-    if len(ids) >= model.context_length:
-        raise ApiError(400, f"'{param}' comes to {len(ids)} tokens; the context holds {model.context_length}, "
-                            f"and room is needed for at least one new token", param, "context_length_exceeded")
-    return ids
 
 
 def _prompts(served: Served, prompt: Any) -> list[list[int]]:
     """A string, a list of strings, a list of token ids, or a list of such lists."""
-    tokenizer, vocab = served.model.tokenizer, served.model.config.vocab_size
+    vocab = served.model.config.vocab_size
 
     def ids_of(item: Any) -> list[int]:
         if isinstance(item, str):
-            return _encode(served, item, "prompt") or [tokenizer.eos_id]
+            return _encode(served, item, "prompt")
         if isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
             if not all(0 <= t < vocab for t in item):
                 raise ApiError(400, f"token ids must lie in [0, {vocab})", "prompt")
@@ -171,15 +163,16 @@ def _prompts(served: Served, prompt: Any) -> list[list[int]]:
 async def _read_body(request: HttpRequest, limit: int) -> bytes:
     """The request body, refused when its Content-Length says it is larger than limit bytes,
     or once more than limit bytes of it have come (whatever Content-Length said)."""
+    too_large = ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:  # (uvicorn refuses a length past 64 bits itself)
-        raise ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+        raise too_large
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+                raise too_large
             chunks.append(chunk)
     except ClientDisconnect:  # gone before its body came: an answer nobody reads, not a traceback
         raise ApiError(400, "the client disconnected while sending its request") from None
