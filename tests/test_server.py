@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -48,6 +49,16 @@ def running_server(folder, *flags: str):
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def raw_post(base: str, path: str, declared_length: int, body: bytes = b"") -> socket.socket:
+    """A connection that has sent a POST whose Content-Length says declared_length, then body:
+    what no HTTP client library sends on purpose."""
+    host, port = base.removeprefix("http://").split(":")
+    raw = socket.create_connection((host, int(port)), timeout=30)
+    raw.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                % (path.encode(), declared_length) + body)
+    return raw
 
 
 @pytest.fixture(scope="module")
@@ -167,12 +178,8 @@ def test_completion_logprobs_tell_partial_tokens_apart(client, model):
 
 
 def test_a_client_gone_while_sending_its_body_leaves_no_traceback(tiny):
-    import socket
     with running_server(tiny) as (base, process):
-        host, port = base.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=10) as raw:
-            raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                        b"Content-Length: 1000\r\n\r\n" + b'{"messages": [')
+        raw_post(base, "/v1/chat/completions", 1000, b'{"messages": [').close()  # 14 of its 1000 bytes
         assert httpx.get(base + "/health", timeout=10).status_code == 200  # still serving
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
@@ -455,11 +462,7 @@ def test_a_body_over_the_size_limit_gets_413(server):
         assert response.status_code == 413
         assert response.json()["error"]["type"] == "invalid_request_error" and response.json()["error"]["message"]
     # a Content-Length past the limit is refused before any of the body is read
-    import socket
-    host, port = server.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as raw:
-        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\n\r\n" % (neocore_server.MAX_BODY_BYTES + 1))
+    with raw_post(server, "/v1/completions", neocore_server.MAX_BODY_BYTES + 1) as raw:
         assert raw.recv(4096).startswith(b"HTTP/1.1 413")
     assert httpx.get(server + "/health").status_code == 200
 
