@@ -55,6 +55,16 @@ class TensorRef:
         return isinstance(self.path, Path) and not self.transposed and self.dtype != "F32BE"
 
 
+def _read_pieces(paths: tuple[Path, ...], nbytes: int) -> bytes:
+    """The first nbytes of the files joined, reading no further: a file that grew since its
+    size was checked cannot make this read without end."""
+    chunks = []
+    for path in paths:
+        with open(path, "rb") as f:
+            chunks.append(f.read(nbytes - sum(map(len, chunks))))
+    return b"".join(chunks)
+
+
 class Checkpoint:
     """The tensors of one model, by name, and the memory maps that reach their bytes."""
 
@@ -72,7 +82,7 @@ class Checkpoint:
         dtype = NUMPY_DTYPES[ref.dtype]
         if isinstance(ref.path, tuple):
             try:
-                data = np.frombuffer(b"".join(p.read_bytes() for p in ref.path), dtype=dtype, count=count)
+                data = np.frombuffer(_read_pieces(ref.path, ref.nbytes), dtype=dtype, count=count)
             except (OSError, ValueError) as exc:
                 raise CheckpointError(f"{ref.path[0]}: cannot read ({exc})") from None
         else:

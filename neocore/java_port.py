@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import TensorRef
+from .config import CONFIG_LIMIT
 from .errors import CheckpointError
 
 HEADS_BY_HIDDEN = {768: 12, 1024: 16, 2048: 16, 2560: 20}  # 125M, 350M, 1.3B, 2.7B
@@ -36,7 +37,10 @@ def is_java_port_folder(folder: Path) -> bool:
 
 
 def read_properties(path: Path) -> dict[str, str]:
-    """key = value lines; '#' comments."""
+    """key = value lines; '#' comments. Capped as config.json is: a real one is a few lines."""
+    if path.stat().st_size > CONFIG_LIMIT:
+        raise CheckpointError(f"{path}: {path.stat().st_size} bytes, more than a model.properties "
+                              f"file holds (at most {CONFIG_LIMIT})")
     props = {}
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         line = line.strip()
@@ -59,25 +63,51 @@ def _floats(path: Path) -> int:
 
 
 def _pieces(path: Path) -> tuple[Path, ...]:
-    if path.is_file():
+    """The file, or its pieces path.part1 .. path.partN in order. Only regular files: a device
+    or a pipe reports no size and would be read without end."""
+    if path.exists():
+        if not path.is_file():
+            raise CheckpointError(f"{path}: not a regular file")
         return (path,)
-    parts = sorted(path.parent.glob(path.name + ".part*"),
-                   key=lambda p: int(re.sub(r"\D", "", p.suffix) or 0))
-    if not parts:
+    numbers = sorted(int(m.group(1)) for p in path.parent.glob(path.name + ".part*")
+                     if (m := re.fullmatch(re.escape(path.name) + r"\.part([1-9]\d*)", p.name)))
+    if not numbers:
         raise CheckpointError(f"{path}: missing (neither the file nor {path.name}.part1, ... exist)")
-    return tuple(parts)
+    if numbers != list(range(1, len(numbers) + 1)):
+        gap = next(i for i in range(1, len(numbers) + 2) if i not in numbers)
+        raise CheckpointError(f"{path}.part{gap}: missing (found parts {numbers[:8]}"
+                              f"{' ...' if len(numbers) > 8 else ''})")
+    parts = tuple(path.with_name(f"{path.name}.part{i}") for i in numbers)
+    for part in parts:
+        if not part.is_file():
+            raise CheckpointError(f"{part}: not a regular file")
+    return parts
+
+
+def _describe(pieces: tuple[Path, ...]) -> str:
+    """A file for messages: its name, or its parts with their sizes."""
+    if len(pieces) == 1:
+        return str(pieces[0])
+    sizes = ", ".join(str(p.stat().st_size) for p in pieces)
+    return f"{pieces[0].with_suffix('')} ({len(pieces)} parts of {sizes} bytes)"
 
 
 def _config_from(folder: Path, props: dict[str, str]) -> dict[str, Any]:
     """A config.json-style dict: model.properties where it speaks, file sizes otherwise."""
-    decoders = sorted(int(m.group(1)) for d in folder.iterdir()
-                      if d.is_dir() and (m := re.fullmatch(r"decoder(\d+)", d.name)))
+    decoders = {int(m.group(1)) for d in folder.iterdir()
+                if d.is_dir() and (m := re.fullmatch(r"decoder([1-9]\d*)", d.name))}
     layers = len(decoders)
-    missing = sorted(set(range(1, max(decoders) + 1)) - set(decoders))
-    if missing:
-        raise CheckpointError(f"{folder / f'decoder{missing[0]}'}: decoder folder is missing "
+    # the first gap, found in len(decoders) steps: a folder named decoder100000000 is one folder
+    gap = next(i for i in range(1, layers + 2) if i not in decoders)
+    if gap <= max(decoders):
+        raise CheckpointError(f"{folder / f'decoder{gap}'}: decoder folder is missing "
                               f"(found {layers} of decoder1..decoder{max(decoders)})")
+    if "decoder.count" in props and props["decoder.count"] != str(layers):
+        raise CheckpointError(f"{folder / 'model.properties'}: decoder.count = {props['decoder.count']}, "
+                              f"but the folder holds decoder1..decoder{layers}")
     hidden = _floats(folder / "decoder1" / "att.norm.w.dat")
+    if not hidden:
+        raise CheckpointError(f"{folder / 'decoder1' / 'att.norm.w.dat'}: empty")
     ffn = _floats(folder / "decoder1" / "mlp.layer1.b.dat")
     vocab = _floats(folder / "input" / "wte.dat") // hidden
     positions = _floats(folder / "input" / "wpe.dat") // hidden
@@ -111,6 +141,11 @@ def read_java_port(folder: Path) -> tuple[dict[str, TensorRef], dict[str, Any]]:
     if props.get("byte.order", "BIG_ENDIAN") != "BIG_ENDIAN" or props.get("data.type", "FLOAT32") != "FLOAT32":
         raise CheckpointError(f"{folder / 'model.properties'}: only big-endian FLOAT32 parameter files are supported")
     config = _config_from(folder, props)
+    # huplay's loader reads matrices as [in, out] unless weights.transposed says false
+    stored_transposed = props.get("weights.transposed", "true").lower()
+    if stored_transposed not in ("true", "false"):
+        raise CheckpointError(f"{folder / 'model.properties'}: weights.transposed = "
+                              f"{props['weights.transposed']!r} is neither true nor false")
     H, F = config["hidden_size"], config["intermediate_size"]
     shapes = {"ln_1.weight": (H,), "ln_1.bias": (H,), "ln_2.weight": (H,), "ln_2.bias": (H,),
               "attn.attention.out_proj.bias": (H,), "mlp.c_fc.bias": (F,), "mlp.c_proj.bias": (H,),
@@ -124,13 +159,14 @@ def read_java_port(folder: Path) -> tuple[dict[str, TensorRef], dict[str, Any]]:
     for i in range(config["num_layers"]):
         for java, (name, transposed) in DECODER_FILES.items():
             files[f"transformer.h.{i}.{name}"] = (folder / f"decoder{i + 1}" / f"{java}.dat",
-                                                  shapes.get(name, (H, H)), transposed)
+                                                  shapes.get(name, (H, H)),
+                                                  transposed and stored_transposed == "true")
     tensors = {}
     for name, (path, shape, transposed) in files.items():
         pieces = _pieces(path)
         expected, actual = 4 * prod(shape), _bytes(pieces)
         if actual != expected:
-            raise CheckpointError(f"{pieces[0]}: holds {actual} bytes, but {name} of shape "
+            raise CheckpointError(f"{_describe(pieces)}: holds {actual} bytes, but {name} of shape "
                                   f"{list(shape)} needs {expected} (wrong size or truncated)")
         where = pieces[0] if len(pieces) == 1 else pieces
         tensors[name] = TensorRef(name, where, 0, "F32BE", shape, transposed)

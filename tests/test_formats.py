@@ -3,6 +3,7 @@ folder; convert writes a standard folder that loads in place, and in transformer
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -64,8 +65,9 @@ JAVA_FILES = {  # Hugging Face name in a block -> Java port file in decoderN/
 }
 
 
-def write_java_port(ref, folder: Path, tokenizer_dir: Path, properties: bool) -> Path:
-    """The layout of huplay's GPT-NEO parameter repositories, written independently of neocore."""
+def write_java_port(ref, folder: Path, tokenizer_dir: Path, properties: bool, transposed: bool = True) -> Path:
+    """The layout of huplay's GPT-NEO parameter repositories, written independently of neocore;
+    matrices [in, out] unless transposed is False (then [out, in], and model.properties says so)."""
     state = {k: v.numpy() for k, v in ref.state_dict().items()}
 
     def dat(path: Path, array: np.ndarray) -> None:
@@ -82,7 +84,7 @@ def write_java_port(ref, folder: Path, tokenizer_dir: Path, properties: bool) ->
     for i in range(layers):
         for name, java in JAVA_FILES.items():
             value = state[f"transformer.h.{i}.{name}"]
-            dat(folder / f"decoder{i + 1}" / f"{java}.dat", value.T if value.ndim == 2 else value)
+            dat(folder / f"decoder{i + 1}" / f"{java}.dat", value.T if value.ndim == 2 and transposed else value)
     dat(folder / "output" / "norm.w.dat", state["transformer.ln_f.weight"])
     dat(folder / "output" / "norm.b.dat", state["transformer.ln_f.bias"])
     (folder / "tokenizer").mkdir()
@@ -98,7 +100,7 @@ def write_java_port(ref, folder: Path, tokenizer_dir: Path, properties: bool) ->
             f"feedforward.size = {4 * ref.config['hidden_size']}\ndecoder.count = {layers}\n"
             f"attention.head.count = {ref.config['num_heads']}\n{kinds}epsilon = 1e-5f\n"
             f"attention.local.size = {ref.config['window_size']}\ndata.type = FLOAT32\n"
-            f"byte.order = BIG_ENDIAN\nweights.transposed = true\n")
+            f"byte.order = BIG_ENDIAN\nweights.transposed = {str(transposed).lower()}\n")
     return folder
 
 
@@ -137,6 +139,58 @@ def test_java_port_broken_folders(tiny, gpt2_tokenizer_dir, tmp_path):
     shutil.rmtree(folder / "decoder2")
     with pytest.raises(neocore.CheckpointError, match="decoder2: decoder folder is missing"):
         neocore.load(folder)
+
+
+def test_java_port_matrices_stored_untransposed(tiny, gpt2_tokenizer_dir, tmp_path):
+    ref, baseline = tiny
+    folder = write_java_port(ref, tmp_path / "java", gpt2_tokenizer_dir, properties=True, transposed=False)
+    assert np.array_equal(neocore.load(folder).logits(IDS), baseline["bfloat16"])
+    props = folder / "model.properties"
+    props.write_text(props.read_text().replace("weights.transposed = false", "weights.transposed = maybe"))
+    with pytest.raises(neocore.CheckpointError, match="weights.transposed = 'maybe' is neither true nor false"):
+        neocore.load(folder)
+
+
+def test_java_port_hostile_folders_are_refused_without_reading_them(tiny, gpt2_tokenizer_dir, tmp_path):
+    ref, _ = tiny
+    folder = write_java_port(ref, tmp_path / "java", gpt2_tokenizer_dir, properties=True)
+    wte = folder / "input" / "wte.dat.part1"
+    first = wte.read_bytes()
+
+    def refused(match: str) -> None:
+        with pytest.raises(neocore.CheckpointError, match=match):
+            neocore.load(folder)
+
+    wte.unlink()
+    wte.symlink_to("/dev/zero")  # reports 0 bytes and never ends
+    refused(r"wte\.dat\.part1: not a regular file")
+    wte.unlink()
+    os.mkfifo(wte)  # reading it would wait for a writer for ever
+    refused(r"wte\.dat\.part1: not a regular file")
+    wte.unlink()
+    wte.write_bytes(first)
+    third = folder / "input" / "wte.dat.part3"
+    third.rename(folder / "input" / "wte.dat.part4")
+    refused(r"wte\.dat\.part3: missing \(found parts \[1, 2, 4\]\)")
+    (folder / "input" / "wte.dat.part4").rename(third)
+    second = folder / "input" / "wte.dat.part2"
+    second.write_bytes(second.read_bytes()[:-4])
+    refused(rf"input/wte\.dat \(3 parts of {len(first)}, {len(first) - 4}, \d+ bytes\): holds")
+    second.write_bytes(first[:len(first)])  # the parts were cut equal
+    (folder / "decoder100000000").mkdir()  # one folder, not a hundred million layers
+    refused("decoder5: decoder folder is missing .found 5 of decoder1..decoder100000000")
+    (folder / "decoder100000000").rmdir()
+    (folder / "decoder0").mkdir()  # not a decoder name: ignored like any other folder
+    shutil.rmtree(folder / "decoder4")
+    refused("decoder.count = 4, but the folder holds decoder1..decoder3")
+    props = folder / "model.properties"
+    props.write_text(props.read_text().replace("decoder.count = 4", "decoder.count = 3"))
+    norm = folder / "decoder1" / "att.norm.w.dat"
+    norm.write_bytes(b"")
+    refused(r"decoder1/att\.norm\.w\.dat: empty")
+    with open(props, "r+b") as f:
+        f.truncate(17 << 20)  # sparse: a huge file that costs no disk
+    refused("model.properties: 17825792 bytes, more than a model.properties file holds")
 
 
 def test_unrecognisable_folder_says_what_it_looked_for(tmp_path):
