@@ -37,6 +37,9 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
             dtype: str = "bfloat16", **overrides: Any) -> Path:
     if dtype not in CONVERT_DTYPES:
         raise NeocoreError(f"convert writes {' or '.join(CONVERT_DTYPES)}, not {dtype!r}")
+    for what, path in (("source", src), ("destination", dst)):
+        if not str(path).strip():  # Path("") is the current folder, which nobody means by ""
+            raise NeocoreError(f"the {what} folder is empty: name a folder")
     folder = resolve_model(src)
     dst = Path(dst)
     if dst.resolve() == folder.resolve():
@@ -79,6 +82,9 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
         entries.append((name + SCALES_SUFFIX, "F32", (spec.shape[0], i8_blocks(spec.shape[1])),
                         matrix.scales))
 
+    for name in ("config.json", *TOKENIZER_FILES):  # found before the slow part, not after it
+        if (dst / name).is_dir():
+            raise NeocoreError(f"{dst / name}: is a folder, where the converted model's file goes")
     created = [folder for folder in (dst, *dst.parents) if not folder.exists()]  # deepest first
     try:
         dst.mkdir(parents=True, exist_ok=True)
@@ -88,15 +94,18 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
         raise NeocoreError(f"{dst}: cannot write the converted folder ({exc.strerror or exc})") from None
     try:
         write_safetensors(dst / written, entries, INT8_METADATA if dtype == "int8" else None)
-    except BaseException:
+        loader.report_rounding()
+        fresh(dst / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+        copy_tokenizer(tokenizer_src, dst, required=tokenizer is not None)
+    except BaseException as exc:
         for folder in created:  # a failed convert leaves no empty folders behind
             if any(folder.iterdir()):
                 break
             folder.rmdir()
+        if isinstance(exc, OSError):
+            raise NeocoreError(f"{exc.filename or dst}: cannot write the converted folder "
+                               f"({exc.strerror or exc})") from None
         raise
-    loader.report_rounding()
-    fresh(dst / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
-    copy_tokenizer(tokenizer_src, dst, required=tokenizer is not None)
     return dst
 
 
@@ -135,7 +144,11 @@ class HeldMatrix:
 
 
 def copy_tokenizer(src: Path, dst: Path, required: bool) -> None:
-    """The tokenizer files as Hugging Face names them (the Java port's are rewritten)."""
+    """The tokenizer files as Hugging Face names them (the Java port's are rewritten). dst's
+    old ones go first: left beside the new, an old vocab.json would be read before a new
+    tokenizer.json."""
+    for name in TOKENIZER_FILES:
+        fresh(dst / name)
     present = [name for name in TOKENIZER_FILES if (src / name).is_file()]
     for name in present:
         shutil.copyfile(src / name, fresh(dst / name))  # not the mode: a read-only source stays rewritable

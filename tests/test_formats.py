@@ -265,6 +265,52 @@ def test_convert_into_a_file_or_an_unwritable_place_is_one_clear_error(tiny, tmp
         convert(ref.folder, "/proc/neocore-cannot-write-here")
 
 
+def test_convert_refuses_empty_folder_names(tiny, tmp_path, monkeypatch):
+    ref, _ = tiny
+    from neocore.convert import convert
+    monkeypatch.chdir(tmp_path)  # "" would otherwise mean this folder
+    with pytest.raises(neocore.NeocoreError, match="the destination folder is empty"):
+        convert(ref.folder, "")
+    with pytest.raises(neocore.NeocoreError, match="the source folder is empty"):
+        convert("", tmp_path / "dst")
+    assert not list(tmp_path.iterdir())
+
+
+def test_convert_replaces_the_destinations_old_tokenizer(tiny, gpt2_tokenizer_dir, tmp_path):
+    """A source whose tokenizer is a tokenizer.json, converted into a folder that holds another
+    model's vocab.json + merges.txt (read first when present): those must not survive."""
+    ref, _ = tiny
+    src = tmp_path / "src"
+    shutil.copytree(ref.folder, src)
+    for name in ("vocab.json", "merges.txt"):
+        (src / name).unlink(missing_ok=True)
+    hf = GPT2TokenizerFast(str(gpt2_tokenizer_dir / "vocab.json"), str(gpt2_tokenizer_dir / "merges.txt"))
+    hf.backend_tokenizer.save(str(src / "tokenizer.json"))
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "vocab.json").write_text(json.dumps({"a": 0, "b": 1, "ab": 2}))
+    (dst / "merges.txt").write_text("#version: 0.2\na b\n")
+    from neocore.convert import convert
+    convert(src, dst)
+    text = "an old tokenizer must not outlive its model"
+    assert Tokenizer.from_dir(dst).encode(text) == hf.encode(text)
+
+
+def test_convert_finds_an_unwritable_small_file_before_the_weights(tiny, tmp_path):
+    ref, _ = tiny
+    from neocore.convert import convert
+    for name in ("config.json", "vocab.json"):
+        dst = tmp_path / name.replace(".", "-")
+        (dst / name).mkdir(parents=True)
+        with pytest.raises(neocore.NeocoreError, match=f"{name}: is a folder, where the converted model's file goes"):
+            convert(ref.folder, dst)
+        assert [p.name for p in dst.iterdir()] == [name]  # no weights written
+    dst = tmp_path / "partial-is-a-folder"
+    (dst / "model.safetensors.partial").mkdir(parents=True)
+    with pytest.raises(neocore.NeocoreError, match="model.safetensors.partial: cannot write the converted folder"):
+        convert(ref.folder, dst)
+
+
 def test_convert_checks_the_tokenizer_folder_before_writing(tiny, tmp_path):
     ref, _ = tiny
     from neocore.convert import convert
