@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import GPTNeoConfig
 from .errors import NeocoreError
 
 SHAPES = {  # hidden, layers, heads
@@ -38,17 +39,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="folder for --make-model")
     p.add_argument("--format", choices=["safetensors", "bin"], default="safetensors",
                    help="file --make-model writes (bin needs torch)")
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--threads", default="2", help="comma-separated thread counts, e.g. 1,2")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length timed for prefill (default 128)")
+    p.add_argument("--new-tokens", type=int, default=128, help="decode steps timed (default 128)")
+    p.add_argument("--threads", default="2", help="comma-separated thread counts, e.g. 1,2 (default 2)")
     p.add_argument("--compare", default="", help=f"peers to run too: {', '.join(PEERS)}")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per engine; the median is reported")
     p.add_argument("--openvino-python", default=sys.executable,
                    help="a Python with optimum-intel[openvino] for the openvino peers (its optimum-cli exports)")
     p.add_argument("--latency", action="store_true", help="also time decode steps at positions 100 and 2000")
-    p.add_argument("--dtype", default="bfloat16",
-                   help="neocore weight formats to run, comma-separated: bfloat16, float32, int8 "
-                        "(e.g. bfloat16,int8)")
+    p.add_argument("--dtype", help="neocore weight formats to run, comma-separated: bfloat16, float32, int8 "
+                                   "(e.g. bfloat16,int8; default: what neocore.load picks for the folder)")
     p.add_argument("--compute", default="exact",
                    help="neocore compute modes to run, comma-separated: exact, bf16 (e.g. exact,bf16)")
     p.add_argument("--load-only", action="store_true", help="measure load time and peak RSS only")
@@ -68,6 +68,8 @@ def counts(text: str, flag: str, minimum: int) -> list[int]:
         values = []
     if not values or min(values) < minimum:
         raise NeocoreError(f"{flag} takes comma-separated whole numbers >= {minimum}, got {text!r}")
+    if len(set(values)) < len(values):  # each count is one row of the results, found by its count
+        raise NeocoreError(f"{flag} names a count twice: {text!r}")
     return values
 
 
@@ -214,8 +216,18 @@ PEERS = {"transformers": ("transformers", "float32"), "transformers-bf16": ("tra
 WARMUP_STEPS = 8
 
 
+LATENCY_POSITIONS = (100, 2000)
+LATENCY_STEPS = 16
+
+
+def random_prompt(length: int, vocab_size: int, seed: int) -> list[int]:
+    """Token ids every engine gets alike (below 50000, as they were before models with smaller
+    vocabularies were measured, so that earlier numbers stay comparable)."""
+    return np.random.default_rng(seed).integers(0, min(vocab_size, 50000), length).tolist()
+
+
 def worker(engine: str, folder: str, threads: int, dtype: str, prompt_tokens: int, new_tokens: int,
-           latency: bool, repeats: int, compute: str = "exact") -> dict:
+           latency: bool, repeats: int, vocab_size: int, compute: str = "exact") -> dict:
     if engine != "neocore":  # library import time is not model load time
         import torch, transformers  # noqa: F401
     start = time.perf_counter()
@@ -224,7 +236,7 @@ def worker(engine: str, folder: str, threads: int, dtype: str, prompt_tokens: in
     load = time.perf_counter() - start
     if prompt_tokens == 0:  # --load-only
         return {"engine": engine, "dtype": dtype, "threads": threads, "load_s": load, "peak_rss": peak_rss()}
-    prompt = np.random.default_rng(0).integers(0, 50000, prompt_tokens).tolist()
+    prompt = random_prompt(prompt_tokens, vocab_size, seed=0)
     # warm up on the shapes timed below: the whole prompt, then decode steps after it
     token = runner.prefill(prompt)
     for _ in range(WARMUP_STEPS):
@@ -247,25 +259,23 @@ def worker(engine: str, folder: str, threads: int, dtype: str, prompt_tokens: in
     if engine == "neocore":
         result["isa"], result["compute"] = runner.model.isa, runner.model.compute
     if latency:
-        steps = 16
-        for position in (100, 2000):
-            long_prompt = np.random.default_rng(1).integers(0, 50000, position).tolist()
-            token = runner.prefill(long_prompt)
+        for position in LATENCY_POSITIONS:
+            token = runner.prefill(random_prompt(position, vocab_size, seed=1))
             start = time.perf_counter()
-            for _ in range(steps):
+            for _ in range(LATENCY_STEPS):
                 token = runner.step(token)
-            result[f"step_ms_at_{position}"] = (time.perf_counter() - start) / steps * 1e3
+            result[f"step_ms_at_{position}"] = (time.perf_counter() - start) / LATENCY_STEPS * 1e3
     return result
 
 
 # ---- the parent ------------------------------------------------------------------------------
 
-def _spawn(engine: str, args: argparse.Namespace, threads: int, dtype: str, folder: str,
+def _spawn(engine: str, args: argparse.Namespace, threads: int, dtype: str, folder: str, vocab_size: int,
            python: str = sys.executable, compute: str = "exact") -> dict:
     spec = {"engine": engine, "folder": folder, "threads": threads, "dtype": dtype,
             "prompt_tokens": 0 if args.load_only else args.prompt_tokens,
             "new_tokens": args.new_tokens, "repeats": args.repeats,
-            "latency": args.latency and engine == "neocore"}
+            "latency": args.latency and engine == "neocore", "vocab_size": vocab_size}
     spec = json.dumps(dict(spec, compute=compute) if engine == "neocore" else spec)
     # this neocore's source first, whichever Python runs the worker
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
@@ -274,7 +284,7 @@ def _spawn(engine: str, args: argparse.Namespace, threads: int, dtype: str, fold
                           env=env)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"the {engine} worker failed: {tail}")
+        raise NeocoreError(f"the {engine} worker failed: {tail}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -311,15 +321,26 @@ def warm_page_cache(folder: Path) -> None:
                 pass
 
 
-def weights_bytes_per_token(folder: str, dtype: str = "bfloat16") -> float:
+def weights_bytes_per_token(c: GPTNeoConfig, dtype: str = "bfloat16") -> float:
     """Bytes a decode step reads: every matrix once (the tied lm_head included); int8 is one
     byte a weight plus a float32 scale per block."""
     from . import _core
-    from .config import GPTNeoConfig
-    c = GPTNeoConfig.from_file(Path(folder) / "config.json")
     h, f = c.hidden_size, c.intermediate_size
     per_weight = {"bfloat16": 2, "float32": 4, "int8": 1 + 4 / _core.I8_BLOCK}[dtype]
     return per_weight * (c.vocab_size * h + c.num_layers * (4 * h * h + 2 * h * f))
+
+
+
+
+def check_lengths(args: argparse.Namespace, positions: int) -> None:
+    """Every sequence the workers will run fits the model's context: found before measuring."""
+    longest = args.prompt_tokens + max(args.new_tokens, WARMUP_STEPS)
+    if not args.load_only and longest > positions:
+        raise NeocoreError(f"--prompt-tokens {args.prompt_tokens} and --new-tokens {args.new_tokens} (at least "
+                           f"{WARMUP_STEPS} warm-up steps) need {longest} positions; the model has {positions}")
+    if args.latency and LATENCY_POSITIONS[-1] + LATENCY_STEPS > positions:
+        raise NeocoreError(f"--latency times steps up to position {LATENCY_POSITIONS[-1] + LATENCY_STEPS}; "
+                           f"the model has {positions}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -361,13 +382,20 @@ def run(args: argparse.Namespace) -> int:
     for peer in peers:
         if peer not in PEERS:
             raise NeocoreError(f"unknown peer {peer!r} ({', '.join(PEERS)})")
-    computes, dtypes = args.compute.split(","), args.dtype.split(",")
+    computes = args.compute.split(",")
+    dtypes = args.dtype.split(",") if args.dtype is not None else []
     for compute in computes:
         if compute not in ("exact", "bf16"):
             raise NeocoreError(f"unknown compute mode {compute!r} (exact, bf16)")
     for dtype in dtypes:
         if dtype not in ("bfloat16", "float32", "int8"):
             raise NeocoreError(f"unknown dtype {dtype!r} (bfloat16, float32, int8)")
+    from .checkpoint import open_checkpoint
+    from .model import default_dtype, resolve_config
+    checkpoint = open_checkpoint(Path(args.model))
+    config = resolve_config(Path(args.model), checkpoint, None, {})  # any folder neocore loads
+    check_lengths(args, config.max_position_embeddings)
+    dtypes = dtypes or [default_dtype(checkpoint)]
     folders = {"neocore": args.model, "transformers": args.model}
     if any(PEERS[p][0] == "openvino" for p in peers):
         folders["openvino"] = openvino_export(args)
@@ -378,13 +406,14 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for threads in thread_counts:
         before = memory_bandwidth(threads)
-        runs = [_spawn("neocore", args, threads, dtype, args.model, compute=compute) for dtype, compute in variants]
+        runs = [_spawn("neocore", args, threads, dtype, args.model, config.vocab_size, compute=compute)
+                for dtype, compute in variants]
         # measured on both sides of the runs, the better kept: on a shared machine one reading
         # taken in a busy moment put the roofline below what the engine then reached
         bandwidth = max(before, memory_bandwidth(threads))
         for i, ((dtype, compute), row) in enumerate(zip(variants, runs)):
             row.update(bandwidth_gb_s=bandwidth,
-                       roofline_tok_s=bandwidth * 1e9 / weights_bytes_per_token(args.model, dtype))
+                       roofline_tok_s=bandwidth * 1e9 / weights_bytes_per_token(config, dtype))
             if i == 0:
                 row.update(host)
             else:
@@ -394,7 +423,7 @@ def run(args: argparse.Namespace) -> int:
         for peer in peers:
             runner, dtype = PEERS[peer]
             python = args.openvino_python if runner == "openvino" else sys.executable
-            theirs = _spawn(runner, args, threads, dtype, folders[runner], python)
+            theirs = _spawn(runner, args, threads, dtype, folders[runner], config.vocab_size, python)
             theirs["engine"] = peer
             rows.append(theirs)
     if args.json:
@@ -496,6 +525,9 @@ if __name__ == "__main__":
     parsed = parser.parse_args()
     if parsed.worker:
         spec = json.loads(parsed.worker)
-        print(json.dumps(worker(**spec)))
+        try:
+            print(json.dumps(worker(**spec)))
+        except NeocoreError as exc:  # the parent shows the last line: the message, not a traceback
+            sys.exit(str(exc))
     else:
         sys.exit(run(parsed))

@@ -281,6 +281,11 @@ def resolve_config(folder: Path, checkpoint: Checkpoint, config: str | os.PathLi
 MAX_THREADS = 1024  # OpenMP threads one model may use (the C side takes an int)
 
 
+def default_dtype(checkpoint: Checkpoint) -> str:
+    """The weight format a folder loads in unless told: int8 where it holds int8, else bf16."""
+    return "int8" if holds_int8(checkpoint) else "bfloat16"
+
+
 def load(path: str | os.PathLike, dtype: str | None = None, threads: int | None = None,
          context: int | None = None, isa: str | None = None, config: str | os.PathLike | None = None,
          progress: Callable[[int, int], None] | None = None, compute: str | None = None,
@@ -306,7 +311,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, threads: int | None 
         raise NeocoreError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
     checkpoint = open_checkpoint(folder)
     if dtype is None:
-        dtype = "int8" if holds_int8(checkpoint) else "bfloat16"
+        dtype = default_dtype(checkpoint)
     cfg = resolve_config(folder, checkpoint, config, overrides)
     context = cfg.max_position_embeddings if context is None else int(context)
     if not 1 <= context <= cfg.max_position_embeddings:

@@ -44,3 +44,36 @@ def test_bench_refuses_an_unknown_weight_format(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode != 0
     assert proc.stderr.strip() == "neocore: error: unknown dtype 'int4' (bfloat16, float32, int8)"
+
+
+def test_bench_runs_a_model_with_a_small_vocabulary(reference_models):
+    odd = reference_models("odd")  # 1003 ids, 64 positions, no config the prompt's ids could exceed
+    proc = subprocess.run([sys.executable, "-m", "neocore", "bench", "-m", str(odd.folder), "--prompt-tokens", "8",
+                           "--new-tokens", "4", "--threads", "1", "--repeats", "1", "--json"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(proc.stdout)
+    assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt-tokens", "60", "--new-tokens", "4"],
+     "--prompt-tokens 60 and --new-tokens 4 .at least 8 warm-up steps. need 68 positions; the model has 64"),
+    (["--prompt-tokens", "8", "--new-tokens", "57"], "need 65 positions; the model has 64"),
+    (["--latency"], "--latency times steps up to position 2016; the model has 64"),
+    (["--threads", "1,2,1"], "--threads names a count twice: '1,2,1'"),
+])
+def test_bench_refuses_what_cannot_run_before_measuring(reference_models, monkeypatch, flags, message):
+    from neocore import bench
+    odd = reference_models("odd")
+
+    def measured(*_):
+        raise AssertionError("measured before refusing")
+
+    monkeypatch.setattr(bench, "memory_bandwidth", measured)
+    monkeypatch.setattr(bench, "_spawn", measured)
+    parser = bench.argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["-m", str(odd.folder), "--prompt-tokens", "8", "--new-tokens", "4", *flags])
+    with pytest.raises(neocore.NeocoreError, match=message):
+        bench.run(args)
