@@ -2,17 +2,17 @@
 
 Text is split by GPT-2's pre-tokenisation pattern; each piece's UTF-8 bytes are mapped to
 printable characters (bytes_to_unicode) and merged pair by pair, lowest merge rank first.
-Pieces repeat a lot in real text, so each piece's ids are cached."""
+Pieces repeat a lot in real text, so each short piece's ids are cached."""
 from __future__ import annotations
 
 import codecs
 import heapq
 import json
+import operator
+from collections.abc import Iterable, Sequence
 from functools import cached_property, lru_cache
 from itertools import filterfalse, repeat
-from operator import methodcaller
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import regex
 
@@ -24,6 +24,10 @@ PRETOKENIZE = regex.compile(
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 ENDOFTEXT = "<|endoftext|>"
 _CACHE_LIMIT = 200_000  # pieces remembered; the cache is emptied past it
+# Longer pieces are not remembered: rare in real text (a run of indentation, a hash), they would
+# let a client fill the cache with megabyte-long words, one per request. So it holds ~250 MiB at
+# worst (32 four-byte characters a piece, a token per byte), ~35 MiB of ordinary text's pieces.
+_CACHED_PIECE = 32
 # GPT-2's vocab.json + merges.txt, which every GPT-Neo model uses, shipped with the package so
 # that a weight folder without tokenizer files can still be run (provenance in SOURCE.md).
 BUNDLED_GPT2 = Path(__file__).resolve().parent / "data" / "gpt2"
@@ -48,12 +52,15 @@ class Tokenizer:
     """encode(text) -> ids and decode(ids) -> text, exactly as GPT2TokenizerFast does."""
 
     def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]],
-                 special_tokens: Iterable[str] = (ENDOFTEXT,)):
+                 special_tokens: Iterable[str] = (ENDOFTEXT,), added_tokens: Iterable[str] = ()):
+        """special_tokens and added_tokens (not special) are matched whole in the text before
+        it is split into pieces; allow_special=False leaves only the added ones, as Hugging Face
+        does with split_special_tokens."""
         self.encoder = dict(vocab)
         self.ranks = dict(zip(merges, range(len(merges))))  # a later duplicate's rank wins
         self.special = {tok: self.encoder[tok] for tok in special_tokens if tok in self.encoder}
-        self._special_split = regex.compile("(" + "|".join(regex.escape(t) for t in self.special) + ")") \
-            if self.special else None
+        added = [tok for tok in added_tokens if tok in self.encoder]
+        self._splitters = {True: _splitter([*self.special, *added]), False: _splitter(added)}  # by allow_special
         self.vocab_size = max(self.encoder.values()) + 1 if self.encoder else 0
         self._to_unicode = str.maketrans({b: ch for b, ch in bytes_to_unicode().items()})
         self._cache: dict[str, list[int]] = {}
@@ -123,8 +130,8 @@ class Tokenizer:
                 if vocab_path.suffix == ".map":  # the vocab JSON without its outer braces
                     text = "{" + text + "}"
                 vocab = _read_json(vocab_path, text)
-                merges = _parse_merges(merges_path, _read_text(merges_path).splitlines())
-                return cls(_check_vocab(vocab, vocab_path), merges)
+                vocab = _check_vocab(vocab, vocab_path)
+                return cls(vocab, _parse_merges(merges_path, _read_text(merges_path).splitlines(), vocab))
         if (folder / "tokenizer.json").is_file():
             return cls.from_tokenizer_json(folder / "tokenizer.json")
         raise TokenizerError(f"{folder}: no tokenizer files (looked for vocab.json + merges.txt, "
@@ -140,12 +147,15 @@ class Tokenizer:
             vocab = dict(model["vocab"])
             raw_merges = model["merges"]
             lines = [m if isinstance(m, str) else " ".join(m) for m in raw_merges]
-            added = [t["content"] for t in data.get("added_tokens", []) if t.get("special")]
-            for t in data.get("added_tokens", []):
+            added = data.get("added_tokens", [])
+            special = [t["content"] for t in added if t.get("special")]
+            plain = [t["content"] for t in added if not t.get("special")]
+            for t in added:
                 vocab.setdefault(t["content"], t["id"])
         except (KeyError, TypeError, AttributeError):
             raise TokenizerError(f"{path}: not a BPE tokenizer.json") from None
-        tokenizer = cls(_check_vocab(vocab, path), _parse_merges(path, lines), added or (ENDOFTEXT,))
+        vocab = _check_vocab(vocab, path)
+        tokenizer = cls(vocab, _parse_merges(path, lines, vocab), special or (ENDOFTEXT,), plain)
         tokenizer.source = path
         return tokenizer
 
@@ -195,23 +205,27 @@ class Tokenizer:
             found = cache.get(piece)
             if found is None:
                 try:
-                    found = cache[piece] = self._bpe(piece)
+                    found = self._bpe(piece)
                 except UnicodeEncodeError as exc:  # a lone surrogate has no UTF-8 bytes
                     raise TokenizerError(_surrogate_message(ord(exc.object[exc.start]))) from None
+                if len(piece) <= _CACHED_PIECE:
+                    cache[piece] = found
             ids.extend(found)
 
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Token ids of text. '<|endoftext|>' becomes its single special id, as Hugging Face
-        does by default; allow_special=False encodes it as plain text instead."""
+        does by default; allow_special=False encodes it as plain text instead. A tokenizer.json's
+        added tokens that are not special stay single ids either way, as in Hugging Face."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode takes a str, got {type(text).__name__}")
         ids: list[int] = []
-        if not allow_special or self._special_split is None:
+        splitter = self._splitters[bool(allow_special)]
+        if splitter is None:
             self._encode_ordinary(text, ids)
             return ids
-        for i, part in enumerate(self._special_split.split(text)):
+        for i, part in enumerate(splitter.split(text)):
             if i % 2:
-                ids.append(self.special[part])
+                ids.append(self.encoder[part])
             elif part:
                 self._encode_ordinary(part, ids)
         return ids
@@ -221,14 +235,19 @@ class Tokenizer:
 
     # ---- decoding ---------------------------------------------------------------------------
     def token_bytes(self, token_id: int) -> bytes:
-        if not isinstance(token_id, int) or not 0 <= token_id < self.vocab_size \
-                or self.id_to_bytes[token_id] is None:
+        """The bytes of one id: an int or a NumPy integer, not a float or a string that would
+        round or parse to one."""
+        index = token_id if type(token_id) is int else _as_id(token_id)  # an int: at once (decode's loop)
+        if not 0 <= index < self.vocab_size or self.id_to_bytes[index] is None:
             raise TokenizerError(f"token id {token_id!r} is outside the vocabulary (0..{self.vocab_size - 1})")
-        return self.id_to_bytes[token_id]
+        return self.id_to_bytes[index]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of ids; byte sequences that are not valid UTF-8 become U+FFFD, as in Hugging Face."""
-        return b"".join(self.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")
+        """Text of ids (a sequence or 1-D array of them); byte sequences that are not valid
+        UTF-8 become U+FFFD, as in Hugging Face."""
+        if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, Iterable):
+            raise TokenizerError(f"decode takes a sequence of token ids, got {type(ids).__name__}")
+        return b"".join(map(self.token_bytes, ids)).decode("utf-8", errors="replace")
 
     def stream_decoder(self) -> "StreamDecoder":
         return StreamDecoder(self)
@@ -244,11 +263,30 @@ class StreamDecoder:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def add(self, token_id: int) -> str:
-        return self._utf8.decode(self._tokenizer.token_bytes(int(token_id)))
+        return self._utf8.decode(self._tokenizer.token_bytes(token_id))
 
     def flush(self) -> str:
         """Whatever is held back, as replacement characters if it never completed."""
         return self._utf8.decode(b"", final=True)
+
+
+def _splitter(tokens: Iterable[str]) -> regex.Pattern | None:
+    """A pattern whose split() isolates each of tokens, or None for none. Longest first: of
+    two that start at one place the longer wins ('<|a|>b' over '<|a|>'), as in Hugging Face."""
+    ordered = sorted(filter(None, tokens), key=len, reverse=True)  # an empty one would match everywhere
+    return regex.compile("(" + "|".join(map(regex.escape, ordered)) + ")") if ordered else None
+
+
+def _as_id(token_id: object) -> int:
+    """token_id as an int, without int()'s conversions (3.7 -> 3, '5' -> 5). A bool is refused:
+    True among ids is a mask or a flag passed by mistake, not token 1 (the server refuses
+    it in a prompt too)."""
+    if not isinstance(token_id, bool):
+        try:
+            return operator.index(token_id)
+        except TypeError:
+            pass
+    raise TokenizerError(f"token id {token_id!r:.80} is not an integer")
 
 
 def _surrogate_message(code: int) -> str:
@@ -290,12 +328,14 @@ def _check_vocab(vocab: dict, path: Path) -> dict[str, int]:
     return vocab
 
 
-def _parse_merges(path: Path, lines: Sequence[str]) -> list[tuple[str, str]]:
-    # iterators of C functions only: 50,000 lines at every load
-    kept = filterfalse(methodcaller("startswith", "#version"), filter(None, lines))
-    merges = list(map(tuple, map(str.split, kept, repeat(" "))))
-    if set(map(len, merges)) - {2}:
+def _parse_merges(path: Path, lines: Sequence[str], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """The merges, each symbol the vocabulary's own string where it has one: the 100,000 copies
+    split() makes would be a quarter of the tokenizer's memory."""
+    own = dict(zip(vocab, vocab))
+    kept = filterfalse(operator.methodcaller("startswith", "#version"), filter(None, lines))
+    try:  # 50,000 lines at every load: split by a C iterator, each pair's strings freed as it goes
+        return [(own.get(a, a), own.get(b, b)) for a, b in map(str.split, kept, repeat(" "))]
+    except ValueError:  # a line of one symbol, or of three
         number, line = next((n, line) for n, line in enumerate(lines, 1)
                             if line and not line.startswith("#version") and len(line.split(" ")) != 2)
-        raise TokenizerError(f"{path}: line {number} is not a merge of two symbols: {line!r}")
-    return merges
+        raise TokenizerError(f"{path}: line {number} is not a merge of two symbols: {line!r}") from None
