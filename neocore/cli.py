@@ -13,10 +13,13 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from .errors import NeocoreError
 from .sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "EleutherAI/gpt-neo-125M"
 
@@ -31,10 +34,10 @@ class OneLineParser(argparse.ArgumentParser):
 class Progress:
     """A bar on stderr when it is a terminal; silent otherwise."""
 
-    def __init__(self, label: str, stream=sys.stderr):
+    def __init__(self, label: str, stream=None):
         self.label = label
-        self.stream = stream
-        self.enabled = stream.isatty()
+        self.stream = stream or sys.stderr  # the stderr of now, not of when this module was imported
+        self.enabled = self.stream.isatty()
 
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled:
@@ -228,11 +231,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
-    """A running transcript; the cache is reused while it holds a prefix of the transcript's
-    tokens, and the oldest turns are dropped once the context would overflow."""
+def _fitted(tokenizer: Tokenizer, messages: list[dict[str, str]], budget: int,
+            max_tokens: int) -> tuple[list[dict[str, str]], list[int]]:
+    """The messages whose transcript fits in budget tokens, the oldest exchanges dropped first,
+    and the transcript's tokens; ContextError when the last message alone does not fit."""
     from . import chat
     from .errors import ContextError
+    while True:
+        ids = chat.encode(tokenizer, chat.transcript(messages))
+        if len(ids) <= budget:
+            return messages, ids
+        if len(messages) == 1:
+            raise ContextError(f"this message is {len(ids)} tokens long; the context has room for {budget} "
+                               f"beside an answer of --max-tokens {max_tokens}")
+        messages = messages[2:]  # a question and its answer
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A running conversation, fed to the model as the server's chat route feeds it (chat.py);
+    the cache is reused while it holds a prefix of the transcript's tokens, and the oldest
+    exchanges are dropped once the context would overflow."""
+    from . import chat
+    from .errors import ContextError, TokenizerError
     from .generate import check_fits_as_text, stream_text, tokens_after
     from .sampling import Sampler, check_seed
     params = _sampling(args)
@@ -247,7 +267,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                            f"{model.context_length} positions")
     stops = chat.STOPS + args.stop
     interactive = _stdin().isatty()
-    turns: list[str] = []
+    messages: list[dict[str, str]] = []
     cached: list[int] = []  # the tokens the model's cache holds
     if interactive:
         print("neocore chat: Ctrl-C stops an answer, Ctrl-D quits.", file=sys.stderr)
@@ -265,32 +285,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         try:
             check_fits_as_text(model, line, "message")
-        except ContextError as exc:
+            kept, ids = _fitted(model.tokenizer, [*messages, {"role": "user", "content": line}], budget,
+                                args.max_tokens)
+        except (ContextError, TokenizerError) as exc:  # this message is refused; the conversation goes on
             print(f"neocore: {exc}: not sent", file=sys.stderr)
             continue
-        kept = list(turns)
-        turns.append(chat.turn("user", line) + chat.MODEL)
-        ids = model.tokenizer.encode("".join(turns))
-        while len(turns) > 1 and len(ids) > budget:  # trim: oldest turns go first
-            turns.pop(0)
-            ids = model.tokenizer.encode("".join(turns))
-        if len(ids) > budget:  # this message alone is too long: refused, the transcript as it was
-            turns = kept
-            print(f"neocore: this message is {len(ids)} tokens long; the context has room for {budget} "
-                  f"beside an answer of --max-tokens {args.max_tokens}: not sent", file=sys.stderr)
-            continue
-        if cached != ids[:len(cached)] or not cached:
+        # Ctrl-C can land after a step has cached a token and before `cached` has it: the position
+        # tells; and with nothing new to feed there would be no logits to answer from
+        if not (model.position == len(cached) < len(ids) and cached == ids[:len(cached)]):
             model.reset()
             cached = []
-        new_ids = ids[len(cached):]
-        if not new_ids:  # the cache holds the whole transcript: feed nothing twice
-            model.reset()
-            cached, new_ids = [], ids
         answer = []
-        sys.stdout.write(chat.MODEL if interactive else "")
+        sys.stdout.write(f"{chat.MODEL} " if interactive else "")
         try:
-            tokens = tokens_after(model, cached, new_ids, sampler, args.max_tokens)
-            for chunk in stream_text(model, tokens, stops):
+            tokens = tokens_after(model, cached, ids[len(cached):], sampler, args.max_tokens)
+            for chunk in chat.stripped(stream_text(model, tokens, stops)):
                 answer.append(chunk)
                 sys.stdout.write(chunk)
                 sys.stdout.flush()
@@ -298,7 +307,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             sys.stdout.write(" [stopped]")
         sys.stdout.write("\n")
         sys.stdout.flush()
-        turns[-1] += "".join(answer) + "\n"
+        messages = [*kept, {"role": "assistant", "content": "".join(answer)}]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -397,6 +406,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if sys.stdout is None:  # started with standard output closed: nowhere for a result to go
         print("neocore: error: standard output is closed", file=sys.stderr)
         return 1
+    # a byte of standard input that is not UTF-8 reaches the tokenizer, whose error names it, as
+    # under the C.UTF-8 locale; a strict decoder (en_US.UTF-8) would raise inside readline. Only
+    # before the first read: a stream already read (main called twice in one process) stays as is.
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdin.reconfigure(errors="surrogateescape")
     with cli_warnings():
         try:
             if args.command == "bench":

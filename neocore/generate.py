@@ -129,15 +129,16 @@ def check_fits_as_text(model, text: str, what: str = "prompt") -> None:
                            f"{model.context_length} tokens can hold")
 
 
-def prompt_ids(model, prompt: str, what: str = "prompt") -> list[int]:
+def prompt_ids(model, prompt: str, what: str = "prompt", allow_special: bool = True) -> list[int]:
     """The prompt's tokens, which leave room in the context for a new one; an empty prompt
-    starts from <|endoftext|>, GPT-Neo's document start. what names the text in errors."""
+    starts from <|endoftext|>, GPT-Neo's document start. what names the text in errors;
+    allow_special=False reads '<|endoftext|>' in it as text (a chat transcript: chat.encode)."""
     if not isinstance(prompt, str):
         raise NeocoreError(f"a {what} must be a string, got {prompt!r:.80}")
     if model.tokenizer is None:
         raise NeocoreError(f"{model.path}: no tokenizer files (vocab.json + merges.txt or tokenizer.json)")
     check_fits_as_text(model, prompt, what)
-    ids = model.tokenizer.encode(prompt) or [model.tokenizer.eos_id]
+    ids = model.tokenizer.encode(prompt, allow_special) or [model.tokenizer.eos_id]
     if len(ids) >= model.context_length:
         raise ContextError(f"the {what} is {len(ids)} tokens long; the context holds "
                            f"{model.context_length}, and room is needed for at least one new token")

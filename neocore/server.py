@@ -131,11 +131,11 @@ def _streaming(body: dict) -> tuple[bool, bool]:
     return stream, bool(include_usage)
 
 
-def _encode(served: Served, text: str, param: str) -> list[int]:
+def _encode(served: Served, text: str, param: str, allow_special: bool = True) -> list[int]:
     """The token ids of text (prompt_ids: room left for a new token, text too long refused
     before it is tokenized), its errors as the client's, naming param."""
     try:
-        return prompt_ids(served.model, text, param)
+        return prompt_ids(served.model, text, param, allow_special)
     except ContextError as exc:
         raise ApiError(400, str(exc), param, "context_length_exceeded") from None
     except TokenizerError as exc:
@@ -383,7 +383,8 @@ class _ChatCompletions:
                 raise ApiError(400, f"messages[{i}] must have a role (system, developer, user or assistant) "
                                     f"and content: a string or a list of text parts", f"messages[{i}]")
             texts.append({"role": m["role"], "content": content})
-        self.prompt = _encode(served, chat.transcript(texts), "messages")
+        # the transcript's tokens as `neocore chat` feeds them (chat.encode): no special tokens
+        self.prompt = _encode(served, chat.transcript(texts), "messages", allow_special=False)
         self.began: set[int] = set()  # streamed choices whose text (past its leading whitespace) has begun
 
     @property

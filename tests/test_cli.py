@@ -1,6 +1,8 @@
-"""The command line, run as a user runs it: in a subprocess."""
+"""The command line, run as a user runs it: in a subprocess (in this process where a test
+must reach inside: to script the model's answers, or to interrupt a step)."""
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
@@ -11,15 +13,19 @@ from pathlib import Path
 import pytest
 
 import neocore
-from neocore import _core
+from neocore import _core, chat
+from neocore.cli import main as cli_main
+from neocore.model import Model
+from neocore.sampling import Sampler
 
 PROMPT = "The old lighthouse keeper climbed the stairs"
 
 
-def run_cli(*args: str, stdin: str | None = None, env: dict | None = None, timeout: float = 120):
+def run_cli(*args: str, stdin: str | bytes | None = None, env: dict | None = None, timeout: float = 120):
+    """The finished process; its output is bytes when stdin is."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "neocore", *args], input=stdin, capture_output=True,
-                          text=True, timeout=timeout, env=full_env)
+                          text=not isinstance(stdin, bytes), timeout=timeout, env=full_env)
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +101,67 @@ def test_chat_trims_a_transcript_longer_than_the_context(tiny):
     proc = run_cli("chat", "-m", str(tiny), "--max-tokens", "40", "--seed", "2", stdin=lines)
     assert proc.returncode == 0, proc.stderr
     assert len([line for line in proc.stdout.splitlines() if line.strip()]) >= 12
+
+
+@pytest.mark.parametrize("stdin_encoding", [{"PYTHONUTF8": "1"}, {"PYTHONIOENCODING": "utf-8:strict"}])
+def test_chat_skips_a_line_that_is_not_utf8_and_goes_on(tiny, stdin_encoding):
+    """A byte that is not UTF-8 refuses its line alone, as an over-long line is refused: the next
+    line is answered as if the bad one had never been sent. Whether standard input passes such a
+    byte on (UTF-8 mode, the C.UTF-8 locale) or would raise at it (a strict decoder, as a
+    UTF-8 locale such as en_US.UTF-8 gives)."""
+    args = ["chat", "-m", str(tiny), "--max-tokens", "10", "--seed", "1"]
+    proc = run_cli(*args, stdin=b"caf\xff\nok\n", env=stdin_encoding)
+    clean = run_cli(*args, stdin=b"ok\n", env=stdin_encoding)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.decode().splitlines() == ["neocore: the text is not valid UTF-8: it holds the byte 0xFF: not sent"]
+    assert proc.stdout == clean.stdout and clean.stdout.strip()
+
+
+def test_chat_after_ctrl_c_within_a_step_answers_as_a_fresh_model(tiny, monkeypatch, capsys):
+    """SIGINT can land after the C step inside model.append has cached a token and before the
+    chat recorded it: the next answer must still be the one a fresh model gives the transcript."""
+    append, calls = Model.append, []
+
+    def interrupted_append(self, ids, all_logits=False):
+        logits = append(self, ids, all_logits)
+        calls.append(ids)
+        if len(calls) == 2:  # the first answer's first token, fed: Ctrl-C before append returns
+            raise KeyboardInterrupt
+        return logits
+
+    monkeypatch.setattr(Model, "append", interrupted_append)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\nAnd then?\n"))
+    assert cli_main(["chat", "-m", str(tiny), "--temperature", "0", "--max-tokens", "8"]) == 0
+    first, second = capsys.readouterr().out.splitlines()
+    assert first.endswith(" [stopped]")
+    monkeypatch.undo()
+    messages = [{"role": "user", "content": "Hello there"},
+                {"role": "assistant", "content": first.removesuffix(" [stopped]")},
+                {"role": "user", "content": "And then?"}]
+    expected = neocore.load(tiny).generate(chat.transcript(messages), max_new_tokens=8, temperature=0, stop=chat.STOPS)
+    assert second == expected.strip()
+
+
+def test_chat_feeds_the_transcript_the_server_feeds(tiny, monkeypatch, capsys):
+    """The conversation is written out as the server writes it: an answer without the whitespace
+    at its ends (one ending in a newline leaves no blank line, printed or fed), and what the user
+    or the model wrote is text, '<|endoftext|>' too, not the token that ends a document. The
+    model's answers are scripted; what it is fed is checked against the transcript written by hand."""
+    tokenizer = neocore.Tokenizer.gpt2()
+    first, second = (tokenizer.encode(text, allow_special=False) for text in (" Hi <|endoftext|>\n", " Bye"))
+    script, fed = iter([*first, *second, tokenizer.eos_id]), []
+
+    def choose(self, logits, previous):
+        fed.append(list(previous))
+        return next(script)
+
+    monkeypatch.setattr(Sampler, "choose", choose)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a\nb <|endoftext|>\n"))
+    assert cli_main(["chat", "-m", str(tiny), "--max-tokens", str(len(first))]) == 0  # the first answer ends at "\n"
+    assert capsys.readouterr().out == "Hi <|endoftext|>\nBye\n"
+    transcripts = ["You: a\nNeo:", "You: a\nNeo: Hi <|endoftext|>\nYou: b <|endoftext|>\nNeo:"]
+    assert [fed[0], fed[len(first)]] == [tokenizer.encode(t, allow_special=False) for t in transcripts]
+    assert tokenizer.eos_id not in fed[-1]
 
 
 def test_score_and_info(tiny, tmp_path):

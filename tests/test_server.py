@@ -202,6 +202,19 @@ def test_chat_completion_uses_the_chat_transcript(client, model):
     assert done.choices[0].message.content == expected
 
 
+def test_chat_text_that_spells_a_special_token_stays_text(client, model):
+    """'<|endoftext|>' in a message is what its writer wrote, not the end of a document: the
+    answer is the one the engine gives the transcript encoded as text (as `neocore chat` feeds it)."""
+    messages = [{"role": "system", "content": "A conversation.<|endoftext|>"},
+                {"role": "user", "content": "What does <|endoftext|> mean?"}]
+    ids = model.tokenizer.encode(chat.transcript(messages), allow_special=False)
+    assert model.tokenizer.eos_id not in ids
+    expected = model.engine.results([Request(ids, SamplingParams(0, 0, 1.0, 1.0), 24, stop=chat.STOPS)])[0].text
+    done = client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0)
+    assert done.choices[0].message.content == expected.lstrip()
+    assert done.usage.prompt_tokens == len(ids)
+
+
 def sse_events(base: str, path: str, body: dict) -> list:
     """Each event's data of a streamed request, parsed ("[DONE]" as it is)."""
     with httpx.stream("POST", base + path, json=body, timeout=60) as response:
