@@ -183,7 +183,7 @@ def _read_text(path: str, what: str) -> str:
         raise NeocoreError(f"{name}: cannot read the {what} ({reason})") from None
     if len(text) > TEXT_LIMIT:
         raise NeocoreError(f"{name}: the {what} is longer than {TEXT_LIMIT >> 20} Mi characters")
-    return text
+    return text.removeprefix("\ufeff")  # a byte-order mark (Windows editors write one) is not text
 
 
 def _piped_line() -> str:

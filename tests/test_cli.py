@@ -171,6 +171,10 @@ def test_score_and_info(tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr
     expected = neocore.load(tiny).score(text).perplexity
     assert f"perplexity: {expected:.4f}" in proc.stdout
+    (tmp_path / "bom.txt").write_text(text, encoding="utf-8-sig")  # as Notepad saves it
+    for source, stdin in ((str(tmp_path / "bom.txt"), None), ("-", "\ufeff" + text)):
+        with_bom = run_cli("score", "-m", str(tiny), source, stdin=stdin)
+        assert with_bom.returncode == 0 and with_bom.stdout == proc.stdout.replace(str(tmp_path / "text.txt"), source)
     info = run_cli("info", "-m", str(tiny), "--threads", "1")
     assert info.returncode == 0
     assert "hidden size:     64" in info.stdout and "threads:         1" in info.stdout
