@@ -4,8 +4,9 @@
  *
  * Both loops are written in asm because the compiler rewrites C versions: twelve FMA chains
  * that start equal and run the same operations were merged by GCC into one chain, whose
- * latency-bound rate then read as 1.5x the true peak (the 145 GFLOP/s once quoted for the
- * EPYC). Time is the thread's CPU time, so a busy host's preemption does not count. */
+ * latency-bound rate then read as 1.5x the true peak (the 145-146 GFLOP/s once quoted for the
+ * EPYC). Time is the thread's CPU time, so a busy host's preemption does not count (a VM's
+ * steal time may; the FMAs a cycle, against the clock measured alike, are unaffected). */
 #include <immintrin.h>
 #include <stdio.h>
 #include <time.h>

@@ -214,8 +214,6 @@ PEER_RUNNERS = {"transformers": TransformersRunner, "openvino": OpenVINORunner} 
 PEERS = {"transformers": ("transformers", "float32"), "transformers-bf16": ("transformers", "bfloat16"),
          "openvino": ("openvino", "default"), "openvino-f32": ("openvino", "f32")}
 WARMUP_STEPS = 8
-
-
 LATENCY_POSITIONS = (100, 2000)
 LATENCY_STEPS = 16
 
@@ -321,15 +319,13 @@ def warm_page_cache(folder: Path) -> None:
                 pass
 
 
-def weights_bytes_per_token(c: GPTNeoConfig, dtype: str = "bfloat16") -> float:
+def weights_bytes_per_token(config: GPTNeoConfig, dtype: str = "bfloat16") -> float:
     """Bytes a decode step reads: every matrix once (the tied lm_head included); int8 is one
     byte a weight plus a float32 scale per block."""
     from . import _core
-    h, f = c.hidden_size, c.intermediate_size
+    h, f = config.hidden_size, config.intermediate_size
     per_weight = {"bfloat16": 2, "float32": 4, "int8": 1 + 4 / _core.I8_BLOCK}[dtype]
-    return per_weight * (c.vocab_size * h + c.num_layers * (4 * h * h + 2 * h * f))
-
-
+    return per_weight * (config.vocab_size * h + config.num_layers * (4 * h * h + 2 * h * f))
 
 
 def check_lengths(args: argparse.Namespace, positions: int) -> None:
@@ -338,7 +334,7 @@ def check_lengths(args: argparse.Namespace, positions: int) -> None:
     if not args.load_only and longest > positions:
         raise NeocoreError(f"--prompt-tokens {args.prompt_tokens} and --new-tokens {args.new_tokens} (at least "
                            f"{WARMUP_STEPS} warm-up steps) need {longest} positions; the model has {positions}")
-    if args.latency and LATENCY_POSITIONS[-1] + LATENCY_STEPS > positions:
+    if args.latency and not args.load_only and LATENCY_POSITIONS[-1] + LATENCY_STEPS > positions:
         raise NeocoreError(f"--latency times steps up to position {LATENCY_POSITIONS[-1] + LATENCY_STEPS}; "
                            f"the model has {positions}")
 

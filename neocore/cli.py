@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence, TextIO
 
 from .errors import NeocoreError
 from .sampling import SamplingParams
@@ -34,7 +34,7 @@ class OneLineParser(argparse.ArgumentParser):
 class Progress:
     """A bar on stderr when it is a terminal; silent otherwise."""
 
-    def __init__(self, label: str, stream=None):
+    def __init__(self, label: str, stream: TextIO | None = None):
         self.label = label
         self.stream = stream or sys.stderr  # the stderr of now, not of when this module was imported
         self.enabled = self.stream.isatty()
@@ -162,6 +162,11 @@ TEXT_LIMIT = 64 << 20  # characters read from a file or standard input at most (
 def _stdin():
     if sys.stdin is None:
         raise NeocoreError("standard input is closed")
+    # A byte that is not UTF-8 reaches the tokenizer, whose error names it, as under the C.UTF-8
+    # locale; a strict decoder (en_US.UTF-8) would raise inside readline. Possible only before
+    # the first read: later calls (or a stream already read by a caller) leave it as it is.
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdin.reconfigure(errors="surrogateescape")
     return sys.stdin
 
 
@@ -194,7 +199,7 @@ def _piped_line() -> str:
         raise EOFError
     if len(line) > TEXT_LIMIT:
         raise NeocoreError(f"standard input: a line longer than {TEXT_LIMIT >> 20} Mi characters")
-    return line.rstrip("\n")
+    return line.rstrip("\n").removeprefix("\ufeff")  # a byte-order mark, as _read_text drops it
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -406,11 +411,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if sys.stdout is None:  # started with standard output closed: nowhere for a result to go
         print("neocore: error: standard output is closed", file=sys.stderr)
         return 1
-    # a byte of standard input that is not UTF-8 reaches the tokenizer, whose error names it, as
-    # under the C.UTF-8 locale; a strict decoder (en_US.UTF-8) would raise inside readline. Only
-    # before the first read: a stream already read (main called twice in one process) stays as is.
-    with contextlib.suppress(AttributeError, ValueError):
-        sys.stdin.reconfigure(errors="surrogateescape")
     with cli_warnings():
         try:
             if args.command == "bench":

@@ -82,7 +82,7 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
         entries.append((name + SCALES_SUFFIX, "F32", (spec.shape[0], i8_blocks(spec.shape[1])),
                         matrix.scales))
 
-    for name in ("config.json", *TOKENIZER_FILES):  # found before the slow part, not after it
+    for name in (written, "config.json", *TOKENIZER_FILES):  # found before the slow part, not after it
         if (dst / name).is_dir():
             raise NeocoreError(f"{dst / name}: is a folder, where the converted model's file goes")
     created = [folder for folder in (dst, *dst.parents) if not folder.exists()]  # deepest first
@@ -103,7 +103,9 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
                 break
             folder.rmdir()
         if isinstance(exc, OSError):
-            raise NeocoreError(f"{exc.filename or dst}: cannot write the converted folder "
+            path = Path(exc.filename) if exc.filename else dst
+            wrote = path.resolve().is_relative_to(dst.resolve())  # else a source file could not be read
+            raise NeocoreError(f"{path}: cannot {'write the converted folder' if wrote else 'read it'} "
                                f"({exc.strerror or exc})") from None
         raise
     return dst
@@ -144,12 +146,13 @@ class HeldMatrix:
 
 
 def copy_tokenizer(src: Path, dst: Path, required: bool) -> None:
-    """The tokenizer files as Hugging Face names them (the Java port's are rewritten). dst's
-    old ones go first: left beside the new, an old vocab.json would be read before a new
-    tokenizer.json."""
-    for name in TOKENIZER_FILES:
-        fresh(dst / name)
+    """The tokenizer files as Hugging Face names them (the Java port's are rewritten). Where new
+    ones are written, dst's old ones go first: left beside the new, an old vocab.json would be
+    read before a new tokenizer.json."""
     present = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    if present or Tokenizer.files_present(src):
+        for name in TOKENIZER_FILES:
+            fresh(dst / name)
     for name in present:
         shutil.copyfile(src / name, fresh(dst / name))  # not the mode: a read-only source stays rewritable
     if present:

@@ -74,7 +74,8 @@ def _pieces(path: Path) -> tuple[Path, ...]:
     if not numbers:
         raise CheckpointError(f"{path}: missing (neither the file nor {path.name}.part1, ... exist)")
     if numbers != list(range(1, len(numbers) + 1)):
-        gap = next(i for i in range(1, len(numbers) + 2) if i not in numbers)
+        found = set(numbers)
+        gap = next(i for i in range(1, len(numbers) + 2) if i not in found)
         raise CheckpointError(f"{path}.part{gap}: missing (found parts {numbers[:8]}"
                               f"{' ...' if len(numbers) > 8 else ''})")
     parts = tuple(path.with_name(f"{path.name}.part{i}") for i in numbers)
@@ -94,23 +95,6 @@ def _describe(pieces: tuple[Path, ...]) -> str:
 
 def _config_from(folder: Path, props: dict[str, str]) -> dict[str, Any]:
     """A config.json-style dict: model.properties where it speaks, file sizes otherwise."""
-    decoders = {int(m.group(1)) for d in folder.iterdir()
-                if d.is_dir() and (m := re.fullmatch(r"decoder([1-9]\d*)", d.name))}
-    layers = len(decoders)
-    # the first gap, found in len(decoders) steps: a folder named decoder100000000 is one folder
-    gap = next(i for i in range(1, layers + 2) if i not in decoders)
-    if gap <= max(decoders):
-        raise CheckpointError(f"{folder / f'decoder{gap}'}: decoder folder is missing "
-                              f"(found {layers} of decoder1..decoder{max(decoders)})")
-    if "decoder.count" in props and props["decoder.count"] != str(layers):
-        raise CheckpointError(f"{folder / 'model.properties'}: decoder.count = {props['decoder.count']}, "
-                              f"but the folder holds decoder1..decoder{layers}")
-    hidden = _floats(folder / "decoder1" / "att.norm.w.dat")
-    if not hidden:
-        raise CheckpointError(f"{folder / 'decoder1' / 'att.norm.w.dat'}: empty")
-    ffn = _floats(folder / "decoder1" / "mlp.layer1.b.dat")
-    vocab = _floats(folder / "input" / "wte.dat") // hidden
-    positions = _floats(folder / "input" / "wpe.dat") // hidden
 
     def prop(key: str, default: Any, kind=int) -> Any:
         if key not in props:
@@ -119,6 +103,24 @@ def _config_from(folder: Path, props: dict[str, str]) -> dict[str, Any]:
             return kind(props[key].rstrip("fF"))
         except ValueError:
             raise CheckpointError(f"{folder / 'model.properties'}: {key} = {props[key]!r} is not valid") from None
+
+    decoders = {int(m.group(1)) for d in folder.iterdir()
+                if d.is_dir() and (m := re.fullmatch(r"decoder([1-9]\d*)", d.name))}
+    layers = len(decoders)
+    # the first gap, found in len(decoders) steps: a folder named decoder100000000 is one folder
+    gap = next(i for i in range(1, layers + 2) if i not in decoders)
+    if gap <= max(decoders):
+        raise CheckpointError(f"{folder / f'decoder{gap}'}: decoder folder is missing "
+                              f"(found {layers} of decoder1..decoder{max(decoders)})")
+    if prop("decoder.count", layers) != layers:
+        raise CheckpointError(f"{folder / 'model.properties'}: decoder.count = {props['decoder.count']}, "
+                              f"but the folder holds decoder1..decoder{layers}")
+    hidden = _floats(folder / "decoder1" / "att.norm.w.dat")
+    if not hidden:
+        raise CheckpointError(f"{folder / 'decoder1' / 'att.norm.w.dat'}: empty")
+    ffn = _floats(folder / "decoder1" / "mlp.layer1.b.dat")
+    vocab = _floats(folder / "input" / "wte.dat") // hidden
+    positions = _floats(folder / "input" / "wpe.dat") // hidden
 
     kinds = [props.get(f"attention.type.{i}", "global" if i % 2 else "local") for i in range(1, layers + 1)]
     config = {

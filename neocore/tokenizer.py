@@ -239,13 +239,14 @@ class Tokenizer:
         round or parse to one."""
         index = token_id if type(token_id) is int else _as_id(token_id)  # an int: at once (decode's loop)
         if not 0 <= index < self.vocab_size or self.id_to_bytes[index] is None:
-            raise TokenizerError(f"token id {token_id!r} is outside the vocabulary (0..{self.vocab_size - 1})")
+            raise TokenizerError(f"token id {index} is outside the vocabulary (0..{self.vocab_size - 1})")
         return self.id_to_bytes[index]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ids (a sequence or 1-D array of them); byte sequences that are not valid
         UTF-8 become U+FFFD, as in Hugging Face."""
-        if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, Iterable):
+        if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, Iterable) \
+                or getattr(ids, "ndim", 1) != 1:  # a 0-d array is Iterable but cannot be iterated
             raise TokenizerError(f"decode takes a sequence of token ids, got {type(ids).__name__}")
         return b"".join(map(self.token_bytes, ids)).decode("utf-8", errors="replace")
 

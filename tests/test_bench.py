@@ -2,6 +2,7 @@
 command runs end to end (its numbers are recorded in BENCHMARKS.md, not asserted here)."""
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -56,6 +57,16 @@ def test_bench_runs_a_model_with_a_small_vocabulary(reference_models):
     assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0
 
 
+def test_bench_runs_an_int8_folder_in_int8_unless_told(reference_models, tmp_path):
+    from neocore.convert import convert
+    folder = convert(reference_models("odd").folder, tmp_path / "int8", dtype="int8")
+    proc = subprocess.run([sys.executable, "-m", "neocore", "bench", "-m", str(folder), "--prompt-tokens", "8",
+                           "--new-tokens", "4", "--threads", "1", "--repeats", "1", "--json"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert [row["dtype"] for row in json.loads(proc.stdout)] == ["int8"]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--prompt-tokens", "60", "--new-tokens", "4"],
      "--prompt-tokens 60 and --new-tokens 4 .at least 8 warm-up steps. need 68 positions; the model has 64"),
@@ -72,7 +83,7 @@ def test_bench_refuses_what_cannot_run_before_measuring(reference_models, monkey
 
     monkeypatch.setattr(bench, "memory_bandwidth", measured)
     monkeypatch.setattr(bench, "_spawn", measured)
-    parser = bench.argparse.ArgumentParser()
+    parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     args = parser.parse_args(["-m", str(odd.folder), "--prompt-tokens", "8", "--new-tokens", "4", *flags])
     with pytest.raises(neocore.NeocoreError, match=message):

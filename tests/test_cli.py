@@ -117,6 +117,11 @@ def test_chat_skips_a_line_that_is_not_utf8_and_goes_on(tiny, stdin_encoding):
     assert proc.stdout == clean.stdout and clean.stdout.strip()
 
 
+def test_chat_reads_a_byte_order_mark_as_no_text(tiny):
+    args = ["chat", "-m", str(tiny), "--max-tokens", "10", "--seed", "1"]
+    assert run_cli(*args, stdin="\ufeffok\n").stdout == run_cli(*args, stdin="ok\n").stdout
+
+
 def test_chat_after_ctrl_c_within_a_step_answers_as_a_fresh_model(tiny, monkeypatch, capsys):
     """SIGINT can land after the C step inside model.append has cached a token and before the
     chat recorded it: the next answer must still be the one a fresh model gives the transcript."""

@@ -174,9 +174,10 @@ def test_java_port_hostile_folders_are_refused_without_reading_them(tiny, gpt2_t
     refused(r"wte\.dat\.part3: missing \(found parts \[1, 2, 4\]\)")
     (folder / "input" / "wte.dat.part4").rename(third)
     second = folder / "input" / "wte.dat.part2"
-    second.write_bytes(second.read_bytes()[:-4])
-    refused(rf"input/wte\.dat \(3 parts of {len(first)}, {len(first) - 4}, \d+ bytes\): holds")
-    second.write_bytes(first[:len(first)])  # the parts were cut equal
+    second_bytes = second.read_bytes()
+    second.write_bytes(second_bytes[:-4])
+    refused(rf"input/wte\.dat \(3 parts of {len(first)}, {len(second_bytes) - 4}, \d+ bytes\): holds")
+    second.write_bytes(second_bytes)
     (folder / "decoder100000000").mkdir()  # one folder, not a hundred million layers
     refused("decoder5: decoder folder is missing .found 5 of decoder1..decoder100000000")
     (folder / "decoder100000000").rmdir()
@@ -294,12 +295,15 @@ def test_convert_replaces_the_destinations_old_tokenizer(tiny, gpt2_tokenizer_di
     convert(src, dst)
     text = "an old tokenizer must not outlive its model"
     assert Tokenizer.from_dir(dst).encode(text) == hf.encode(text)
+    (src / "tokenizer.json").unlink()  # a source with none: the destination's stays, not replaced by nothing
+    convert(src, dst)
+    assert Tokenizer.from_dir(dst).encode(text) == hf.encode(text)
 
 
 def test_convert_finds_an_unwritable_small_file_before_the_weights(tiny, tmp_path):
     ref, _ = tiny
     from neocore.convert import convert
-    for name in ("config.json", "vocab.json"):
+    for name in ("model.safetensors", "config.json", "vocab.json"):
         dst = tmp_path / name.replace(".", "-")
         (dst / name).mkdir(parents=True)
         with pytest.raises(neocore.NeocoreError, match=f"{name}: is a folder, where the converted model's file goes"):

@@ -115,14 +115,11 @@ def test_long_words_are_not_kept_after_encoding(hf):
 
 def test_merges_share_the_vocabulary_s_strings():
     """Each merge's two symbols are the vocabulary's own string objects, not copies from
-    splitting merges.txt: the loaded tokenizer holds 13.6 MiB (Python 3.11), 18.8 with copies."""
-    tracemalloc.start()
-    try:
-        tokenizer = Tokenizer.gpt2()
-        held = tracemalloc.get_traced_memory()[0]
-    finally:
-        tracemalloc.stop()
-    assert held < 16 * 2**20, f"{held / 2**20:.1f} MiB"
+    splitting merges.txt (the copies were a quarter of the tokenizer's memory)."""
+    tokenizer = Tokenizer.gpt2()
+    own = {symbol: symbol for symbol in tokenizer.encoder}
+    shared = [a is own[a] and b is own[b] for a, b in tokenizer.ranks if a in own and b in own]
+    assert len(shared) > 49_000 and all(shared)
     assert tokenizer.encode("Hello world") == [15496, 995]
 
 
@@ -188,9 +185,10 @@ def test_decode_takes_integer_ids_only(ours, hf):
             ours.decode([31373, bad])
         with pytest.raises(TokenizerError, match=re.escape(f"token id {bad!r} is not an integer")):
             ours.stream_decoder().add(bad)
-    with pytest.raises(TokenizerError, match="token id array"):
-        ours.decode(np.array([ids[:2]]))  # 2-D: its rows are not ids
-    for bad, kind in ((5, "int"), ("hello", "str"), (b"hi", "bytes"), (None, "NoneType")):
+    with pytest.raises(TokenizerError, match=r"token id 70000 is outside the vocabulary \(0\.\.50256\)"):
+        ours.decode(np.array([70000]))
+    for bad, kind in ((5, "int"), ("hello", "str"), (b"hi", "bytes"), (None, "NoneType"),
+                      (np.array([ids[:2]]), "ndarray"), (np.array(5), "ndarray")):  # 2-D, 0-d
         with pytest.raises(TokenizerError, match=f"decode takes a sequence of token ids, got {kind}"):
             ours.decode(bad)
 
