@@ -46,7 +46,8 @@ class Request:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # one stop string, not its characters
             self.stop = [self.stop]
-        elif isinstance(self.stop, Iterable):  # a deque, a tuple, dict keys: read once, here
+        elif isinstance(self.stop, Iterable) and not isinstance(self.stop, (bytes, bytearray)):
+            # a deque, a tuple, dict keys: read once, here (bytes would read as a list of ints)
             self.stop = list(self.stop)
 
 
@@ -226,10 +227,10 @@ class Engine:
     def __init__(self, model: Any, max_batch: int = 16, max_queue: int | None = None):
         from .model import DIRECT_SLOT, SEQUENCE_SLOTS
         largest = min(SEQUENCE_SLOTS - 1, model._core.max_rows - PREFILL_CHUNK)  # room for a prefill chunk
-        if not 1 <= max_batch <= largest:
-            raise NeocoreError(f"max_batch must be between 1 and {largest}, got {max_batch}")
-        if max_queue is not None and max_queue < 0:
-            raise NeocoreError(f"max_queue must be >= 0, got {max_queue}")
+        if not is_integer(max_batch) or not 1 <= max_batch <= largest:
+            raise NeocoreError(f"max_batch must be an integer between 1 and {largest}, got {max_batch!r}")
+        if max_queue is not None and (not is_integer(max_queue) or max_queue < 0):
+            raise NeocoreError(f"max_queue must be an integer >= 0 or None, got {max_queue!r}")
         if model._engine is not None:  # two engines would share the model's sequence slots
             raise NeocoreError("this model already has an engine (model.engine)")
         model._engine = self
@@ -279,19 +280,26 @@ class Engine:
             raise NeocoreError(f"stop must be a string or a list of strings, got {request.stop!r}")
         return tokens.tolist()
 
-    def submit(self, request: Request) -> Stream:
-        """Queues a request; its Stream is read with `for`, or with `async for` when submit is
-        called from a running event loop. Raises QueueFullError when max_queue are waiting."""
-        return self.submit_all([request])[0]
+    def submit(self, request: Request, asynchronous: bool | None = None) -> Stream:
+        """Queues a request; its Stream is read with `async for` when asynchronous (the default:
+        when submit is called from a running event loop), else with `for`. Raises
+        QueueFullError when max_queue are waiting."""
+        return self.submit_all([request], asynchronous)[0]
 
-    def submit_all(self, requests: Sequence[Request]) -> list[Stream]:
+    def submit_all(self, requests: Sequence[Request], asynchronous: bool | None = None) -> list[Stream]:
         """Queues every request or none (a server request's n completions of each prompt):
-        QueueFullError when they do not fit the queue now, NeocoreError when they never could."""
+        QueueFullError when they do not fit the queue now, NeocoreError when they never could.
+        asynchronous as for submit."""
+        if isinstance(requests, Request) or not all(isinstance(r, Request) for r in requests):
+            raise NeocoreError("submit takes neocore.engine.Request objects")
         checked = [replace(request, prompt=self.check(request)) for request in requests]
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
+        loop = None
+        if asynchronous is not False:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                if asynchronous:
+                    raise NeocoreError("asynchronous streams need a running event loop") from None
         streams = [Stream(request, loop) for request in checked]
         with self._work:
             if self._closed:
@@ -316,7 +324,7 @@ class Engine:
     def results(self, requests: Sequence[Request]) -> list[Completion]:
         """Queues every request or none (submit_all) and waits for all their completions; if
         the wait is cut short (Ctrl-C, an error), the requests still running are cancelled."""
-        streams = self.submit_all(requests)
+        streams = self.submit_all(requests, asynchronous=False)  # waited on here, in this thread
         try:
             completions = [stream.result() for stream in streams]
             if any(c.finish_reason == "cancelled" for c in completions):  # only close() cancels them
@@ -336,30 +344,37 @@ class Engine:
 
     def close(self, timeout: float | None = None) -> None:
         """Stops taking requests, lets queued and running ones finish (for at most timeout
-        seconds, then cancels them) and ends the loop."""
+        seconds, then cancels them) and ends the loop. Interrupted (Ctrl-C), it cancels them at
+        once: the model is never left holding a closed engine."""
+        if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)):
+            raise NeocoreError(f"timeout must be a number of seconds or None, got {timeout!r}")
         with self._work:
             self._closed = True
             self._work.notify()
             thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
-        if thread is not None and thread.is_alive():
-            with self._work:
-                for seq in list(self._running):  # a snapshot: the loop's thread removes from it
-                    seq.stream.cancel()
-                for stream, _ in self._waiting:
-                    stream.cancel()
-            thread.join()
-        if self.model._engine is self:  # the loop is over: the model's next use makes a fresh engine
-            self.model._engine = None
+        try:
+            if thread is not None:
+                thread.join(timeout)
+        finally:
+            if thread is not None and thread.is_alive():
+                with self._work:
+                    for seq in list(self._running):  # a snapshot: the loop's thread removes from it
+                        seq.stream.cancel()
+                    for stream, _ in self._waiting:
+                        stream.cancel()
+                thread.join()
+            if self.model._engine is self:  # the loop is over: the model's next use makes a fresh engine
+                self.model._engine = None
 
     # ---- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
+        """Runs while there is work, then ends (submit_all starts another): a thread waiting
+        for work would hold the engine and its model, and a model a program drops would never
+        be freed, its weights and maps with it."""
         while True:
             with self._work:
-                while not self._waiting and not self._running and not self._closed:
-                    self._work.wait()
-                if self._closed and not self._waiting and not self._running:
+                if not self._waiting and not self._running:
+                    self._thread = None
                     return
             try:
                 self.step()

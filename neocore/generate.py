@@ -187,7 +187,7 @@ def stream(model, prompt: str, max_new_tokens: int = 128, temperature: float = 0
         return iter(())
     stats = stats or GenerationStats()
     stats.prompt_tokens = len(ids)
-    handle = model.engine.submit(Request(ids, params, max_new_tokens, seed, 0, stop))
+    handle = model.engine.submit(Request(ids, params, max_new_tokens, seed, 0, stop), asynchronous=False)
     return _chunks_text(handle, stats)
 
 

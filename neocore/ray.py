@@ -144,7 +144,7 @@ class Generate:
             try:
                 ids = self.model.tokenizer.encode(_text_of(prompt, "prompt"))
                 request = Request(ids, self.params, self.max_new_tokens, _seed_of(seed, self.seed), 0, self.stop)
-                running.append((i, self.engine.submit(request)))  # all queued first: decoded together
+                running.append((i, self.engine.submit(request, asynchronous=False)))  # all queued first: decoded together
             except NeocoreError as exc:
                 new["error"][i] = str(exc)
         for i, stream in running:
@@ -187,7 +187,7 @@ class Score:
                 continue
             if len(ids) < model.context_length:  # the engine needs room for one new token
                 request = Request(ids, GREEDY, 0, text=False, stop_at_eos=False, prompt_logprobs=True)
-                running.append((i, self.engine.submit(request)))
+                running.append((i, self.engine.submit(request, asynchronous=False)))
             else:
                 long.append(i)
         for i, stream in running:

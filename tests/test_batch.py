@@ -483,3 +483,78 @@ def test_asyncio_streams(tiny):
         return [(await s.aresult()).text for s in streams]
 
     assert asyncio.run(main()) == tiny.generate(PROMPTS[:4], max_new_tokens=15, temperature=0)
+
+
+def test_the_blocking_calls_work_inside_a_running_event_loop(tiny):
+    """generate, generate_ids and stream wait in the calling thread, whatever loop runs it (a
+    notebook's cell, an async web handler)."""
+    import asyncio
+    ids = tiny.tokenizer.encode(PROMPTS[0])
+    expected = (tiny.generate(PROMPTS[0], max_new_tokens=6, temperature=0),
+                tiny.generate(PROMPTS[:2], max_new_tokens=6, temperature=0),
+                tiny.generate_ids(ids, max_new_tokens=6))
+
+    async def inside() -> tuple:
+        return (tiny.generate(PROMPTS[0], max_new_tokens=6, temperature=0),
+                tiny.generate(PROMPTS[:2], max_new_tokens=6, temperature=0),
+                tiny.generate_ids(ids, max_new_tokens=6),
+                "".join(tiny.stream(PROMPTS[0], max_new_tokens=6, temperature=0)))
+
+    *results, streamed = asyncio.run(inside())
+    assert tuple(results) == expected and streamed == expected[0]
+    with pytest.raises(neocore.NeocoreError, match="need a running event loop"):
+        tiny.engine.submit(Request(ids, GREEDY, 3), asynchronous=True)
+
+
+def test_a_model_that_has_generated_is_freed_when_dropped(reference_models):
+    """The engine's thread ends when its work does: waiting, it would hold the model (weights,
+    maps, files) for ever."""
+    import gc
+    import time
+    import weakref
+    model = neocore.load(reference_models("tiny").folder)
+    model.generate(PROMPTS[0], max_new_tokens=3, temperature=0)
+    dropped = weakref.ref(model)
+    del model
+    deadline = time.monotonic() + 10  # the loop's last pass may still be returning
+    while dropped() is not None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.01)
+    assert dropped() is None
+
+
+def test_an_interrupted_close_leaves_the_model_usable(reference_models):
+    model = neocore.load(reference_models("tiny").folder)
+    engine = model.engine
+    stream = engine.submit(Request([1, 2, 3], GREEDY, 100, text=False, stop_at_eos=False))
+    thread, join = engine._thread, engine._thread.join
+    calls = []
+
+    def interrupted_join(timeout=None):
+        calls.append(timeout)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # Ctrl-C while close waits for the running request
+        join(timeout)
+
+    thread.join = interrupted_join
+    with pytest.raises(KeyboardInterrupt):
+        engine.close()
+    assert stream.result().finish_reason == "cancelled"
+    assert model.engine is not engine
+    assert model.generate(PROMPTS[0], max_new_tokens=3, temperature=0)
+    with pytest.raises(neocore.NeocoreError, match="timeout must be a number of seconds"):
+        model.engine.close("x")
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda m: Engine(m, max_batch=1.5), "max_batch must be an integer"),
+    (lambda m: Engine(m, max_batch=True), "max_batch must be an integer"),
+    (lambda m: Engine(m, max_queue="3"), "max_queue must be an integer"),
+    (lambda m: m.engine.submit([1, 2]), "submit takes neocore.engine.Request objects"),
+    (lambda m: m.engine.submit(None), "submit takes neocore.engine.Request objects"),
+    (lambda m: m.engine.submit(Request([1], GREEDY, 3, stop=b"a")), r"stop must be .* got b'a'"),
+])
+def test_engine_arguments_of_the_wrong_type_are_neocore_errors(reference_models, make, match):
+    model = neocore.load(reference_models("tiny").folder)
+    with pytest.raises(neocore.NeocoreError, match=match):
+        make(model)
