@@ -24,7 +24,7 @@ import numpy as np
 from .errors import ContextError, EngineClosedError, NeocoreError, QueueFullError
 from .generate import TextStream
 from .sampling import (NON_FINITE_LOGITS, SamplingParams, check_seed, choose_rows, is_integer, log_softmax_rows,
-                       sequence_rng, without_ids_from)
+                       sequence_rng, token_array, without_ids_from)
 
 PREFILL_CHUNK = 128  # prompt tokens a sequence brings to one step
 
@@ -232,7 +232,7 @@ class Engine:
         if max_queue is not None and (not is_integer(max_queue) or max_queue < 0):
             raise NeocoreError(f"max_queue must be an integer >= 0 or None, got {max_queue!r}")
         if model._engine is not None:  # two engines would share the model's sequence slots
-            raise NeocoreError("this model already has an engine (model.engine)")
+            raise NeocoreError("this model already has an engine (model.engine): close it first")
         model._engine = self
         self.model = model
         self.max_batch = max_batch
@@ -252,16 +252,9 @@ class Engine:
         """Raises a NeocoreError for a request that cannot run (before it is queued); returns
         its prompt, copied: what runs is what was checked, whatever the caller does with its list."""
         model = self.model
-        try:
-            tokens = np.asarray(request.prompt)
-        except (TypeError, ValueError):  # ragged nesting
-            tokens = np.empty((0, 0))
-        if tokens.ndim != 1:
-            raise NeocoreError("the prompt must be a flat sequence of token ids")
+        tokens = token_array(request.prompt, model.config.vocab_size)
         if not tokens.size:
             raise NeocoreError("the prompt is empty: give at least one token")
-        if tokens.dtype.kind not in "iu" or tokens.min() < 0 or tokens.max() >= model.config.vocab_size:
-            raise NeocoreError(f"token ids must be integers in [0, {model.config.vocab_size})")
         if len(request.prompt) >= model.context_length:
             raise ContextError(f"the prompt is {len(request.prompt)} tokens long; the context holds "
                                f"{model.context_length}, and room is needed for at least one new token")

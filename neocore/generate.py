@@ -235,9 +235,18 @@ def score(model, text: str, stride: int | None = None,
     if window < 2:  # a window must hold a token and the one it predicts
         raise ContextError(f"scoring needs a context of at least 2 positions, got {window}")
     stride = window // 2 if stride is None else stride
-    if not 1 <= stride <= window - 1:
-        raise NeocoreError(f"stride must be between 1 and {window - 1}, got {stride}")
+    if not is_integer(stride) or not 1 <= stride <= window - 1:
+        raise NeocoreError(f"stride must be an integer between 1 and {window - 1}, got {stride!r}")
     logprobs = np.empty(len(tokens), dtype=np.float64)
+    with model._direct:  # the model's own sequence, for the whole text
+        _score_windows(model, ids, logprobs, stride, progress)
+    return Score(tokens, logprobs, stride)
+
+
+def _score_windows(model, ids: list[int], logprobs: np.ndarray, stride: int,
+                   progress: Callable[[int, int], None] | None) -> None:
+    """score's windows: logprobs[k] = the log-probability of ids[k + 1] after ids[..k]."""
+    tokens, window = ids[1:], model.context_length
     scored = 0  # logprobs[k] is tokens[k] = ids[k + 1], predicted at input position k
     start = 0   # first position of the current window
     while scored < len(tokens):
@@ -259,4 +268,3 @@ def score(model, text: str, stride: int | None = None,
         if progress:
             progress(scored, len(tokens))
         start += stride
-    return Score(tokens, logprobs, stride)

@@ -15,7 +15,7 @@ from . import _core
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import GPTNeoConfig
 from .errors import ConfigError, ContextError, NeocoreError
-from .sampling import is_integer
+from .sampling import is_integer, token_array
 from .weights import WEIGHT_DTYPES, WeightLoader, holds_int8
 
 PREFILL_CHUNK = 256  # rows one step may carry (bounds scratch memory)
@@ -74,7 +74,8 @@ class Model:
     """A loaded GPT-Neo model. Its run state holds many sequences: generation goes through an
     engine (neocore.engine) that advances them together; append/logits/score work on one
     sequence of their own. Calls from several threads are serialised by a lock (never a
-    crash), but interleaved append calls would mix their contexts."""
+    crash); logits and score hold that sequence for their whole call, but interleaved append
+    calls would mix their contexts."""
 
     def __init__(self, path: Path, config: GPTNeoConfig, weights: dict[str, Any], dtype: str,
                  threads: int, context: int, isa: str, compute: str, tokenizer: Any,
@@ -95,7 +96,10 @@ class Model:
         self._core = _core.Core(shape, weights, SEQUENCE_SLOTS, context, PREFILL_CHUNK, threads, isa,
                                 compute)
         self._last_logits = np.empty((1, config.vocab_size), dtype=np.float32)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the run state, one call to the core at a time
+        # the sequence of append/logits/score, held for a whole call of theirs; apart from
+        # _lock so that the engine's steps go on meanwhile
+        self._direct = threading.RLock()
         self._engine: Any = None
 
     # ---- facts ------------------------------------------------------------------------------
@@ -123,12 +127,6 @@ class Model:
         return sum(a.nbytes for a in arrays)
 
     # ---- the engine -------------------------------------------------------------------------
-    def _tokens(self, ids: Sequence[int]) -> np.ndarray:
-        tokens = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
-            raise NeocoreError(f"token ids must lie in [0, {self.config.vocab_size})")
-        return tokens.astype(np.int32)
-
     def _check_room(self, needed: int) -> None:
         if self.position + needed > self.context_length:
             raise ContextError(f"{self.position + needed} tokens do not fit in the context of "
@@ -136,7 +134,7 @@ class Model:
 
     def reset(self) -> None:
         """Forgets the cached tokens."""
-        with self._lock:
+        with self._direct, self._lock:
             self._core.clear(DIRECT_SLOT)
 
     @property
@@ -148,12 +146,12 @@ class Model:
         """Feeds tokens after those already cached. Returns the logits after the last one (a
         buffer reused by the next call: copy it to keep it), or with all_logits a new
         [len(ids), vocab] array of the logits after each."""
-        tokens = self._tokens(ids)
+        tokens = token_array(ids, self.config.vocab_size)
         if tokens.size == 0:
             raise NeocoreError("no tokens to feed")
         out = np.empty((tokens.size, self.config.vocab_size), np.float32) if all_logits else self._last_logits
         chunk = self._core.max_rows
-        with self._lock:
+        with self._direct, self._lock:
             self._check_room(tokens.size)
             for start in range(0, tokens.size, chunk):
                 part = tokens[start:start + chunk]
@@ -177,10 +175,12 @@ class Model:
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """float32 [len(ids), vocab]: logits at every position, from a fresh state."""
-        self.reset()
-        if not len(ids):
-            return np.empty((0, self.config.vocab_size), np.float32)
-        return self.append(ids, all_logits=True)
+        tokens = token_array(ids, self.config.vocab_size)
+        with self._direct:  # no other call's tokens between the reset and the append
+            self.reset()
+            if not tokens.size:
+                return np.empty((0, self.config.vocab_size), np.float32)
+            return self.append(tokens, all_logits=True)
 
     @property
     def engine(self) -> Any:
@@ -193,8 +193,12 @@ class Model:
             return self._engine
 
     def start_engine(self, max_batch: int = 16, max_queue: int | None = None) -> Any:
-        """Makes this model's engine with these limits (a model has one engine)."""
+        """Makes this model's engine with these limits (a model has one engine). An engine with
+        no requests (made by an earlier generate) is closed and replaced; a busy one is not."""
         from .engine import Engine
+        current = self._engine
+        if current is not None and not current.queue_depth and not current.active:
+            current.close()
         with self._lock:
             return Engine(self, max_batch, max_queue)
 
@@ -209,11 +213,12 @@ class Model:
         try:
             many = len(ids) > 0 and not isinstance(ids[0], (int, np.integer))
             prompts = [list(p) for p in ids] if many else [list(ids)]
-        except TypeError:
+        except (TypeError, KeyError):  # not a sequence: None, a number, a dict
             raise NeocoreError("ids must be a list of token ids, or a list of such lists") from None
         for prompt in prompts:
             if not prompt:
                 raise NeocoreError("the prompt is empty: give at least one token")
+            token_array(prompt, self.config.vocab_size)  # checked here too when nothing is generated
             # (the engine then also asks for room for a new token: a prompt shorter than the context)
             needed = len(prompt) + max(max_new_tokens - 1, 0)  # the last token chosen is never fed
             if needed > self.context_length:
@@ -313,12 +318,13 @@ def load(path: str | os.PathLike, dtype: str | None = None, threads: int | None 
     if dtype is None:
         dtype = default_dtype(checkpoint)
     cfg = resolve_config(folder, checkpoint, config, overrides)
-    context = cfg.max_position_embeddings if context is None else int(context)
-    if not 1 <= context <= cfg.max_position_embeddings:
-        raise ConfigError(f"context must be between 1 and {cfg.max_position_embeddings}, got {context}")
-    threads = usable_cores() if threads is None else int(threads)
-    if not 1 <= threads <= MAX_THREADS:
-        raise NeocoreError(f"threads must be between 1 and {MAX_THREADS}, got {threads}")
+    context = cfg.max_position_embeddings if context is None else context
+    if not is_integer(context) or not 1 <= context <= cfg.max_position_embeddings:
+        raise ConfigError(f"context must be an integer between 1 and {cfg.max_position_embeddings}, got {context!r}")
+    threads = usable_cores() if threads is None else threads
+    if not is_integer(threads) or not 1 <= threads <= MAX_THREADS:
+        raise NeocoreError(f"threads must be an integer between 1 and {MAX_THREADS}, got {threads!r}")
+    context, threads = int(context), int(threads)  # numpy integers too
     if not _core.built_with_openmp():
         threads = 1
     chosen_isa = kernel_path(isa)

@@ -30,14 +30,14 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1 disables
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= SCALE_LIMIT):
+        if not (is_real(self.temperature) and 0 <= self.temperature <= SCALE_LIMIT):
             raise SamplingError(f"temperature must be a number from 0 (greedy) to {SCALE_LIMIT:g}, "
                                 f"got {self.temperature!r}")
         if not is_integer(self.top_k) or self.top_k < 0:
             raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+        if not (is_real(self.top_p) and 0 < self.top_p <= 1):
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not (isinstance(self.repetition_penalty, (int, float))
+        if not (is_real(self.repetition_penalty)
                 and 1 / SCALE_LIMIT <= self.repetition_penalty <= SCALE_LIMIT):
             raise SamplingError(f"repetition_penalty must be a number from {1 / SCALE_LIMIT:g} to "
                                 f"{SCALE_LIMIT:g} (1 = off), got {self.repetition_penalty!r}")
@@ -146,6 +146,25 @@ def sequence_rng(seed: int | None, index: int = 0) -> np.random.Generator:
 def is_integer(value: object) -> bool:
     """An int or a numpy integer, not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value: object) -> bool:
+    """An int, a float or a numpy number (np.float32 included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def token_array(ids: object, vocab_size: int) -> np.ndarray:
+    """ids as int32, or a NeocoreError: a flat sequence of integers in the vocabulary (a
+    float, a bool or a string is not rounded or parsed to some token)."""
+    try:
+        tokens = np.asarray(ids)
+    except (TypeError, ValueError):  # ragged nesting
+        tokens = np.empty((0, 0))
+    if tokens.ndim != 1:
+        raise NeocoreError("token ids must be a flat sequence of integers")
+    if tokens.size and (tokens.dtype.kind not in "iu" or tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise NeocoreError(f"token ids must be integers in [0, {vocab_size})")
+    return tokens.astype(np.int32)
 
 
 def check_seed(seed: object) -> None:

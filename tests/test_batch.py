@@ -378,9 +378,16 @@ def test_one_engine_per_model(reference_models):
     engine = model.engine
     with pytest.raises(neocore.NeocoreError, match="already has an engine"):
         Engine(model)
+    busy = engine.submit(Request([1, 2, 3], GREEDY, 100, text=False, stop_at_eos=False))
     with pytest.raises(neocore.NeocoreError, match="already has an engine"):
         model.start_engine()
     assert model.engine is engine
+    busy.result()
+    # an idle engine (as model.generate leaves one) is closed and replaced, never shared
+    replaced = model.start_engine(max_batch=4)
+    assert model.engine is replaced and replaced.max_batch == 4
+    with pytest.raises(neocore.EngineClosedError):
+        engine.submit(Request([1, 2, 3], GREEDY, 3))
 
 
 def test_cancelling_a_queued_request_ends_it_while_the_batch_is_full(reference_models):

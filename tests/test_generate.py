@@ -263,3 +263,71 @@ def test_a_padded_vocabulary_never_yields_ids_without_text(padded_vocab):
     done = model.engine.submit(Request(ids, SamplingParams(temperature=0), 3, logprobs=5, prompt_logprobs=True)).result()
     named = [t for entry in done.prompt_logprobs[1:] + done.logprobs for t, _ in entry.top]
     assert len(named) == 5 * (len(ids) - 1 + 3) and max(named) < 50257
+
+
+def test_logits_and_score_hold_the_models_sequence_for_the_whole_call(tiny, monkeypatch):
+    """Two threads' logits (or scores) once interleaved between one call's reset and its
+    append, giving the other call's logits; a slow reset makes that switch certain."""
+    import threading
+    import time
+    _, model = tiny
+    texts = ["The first text is about the sea.", "A second one, on mountains and snow."]
+    ids = [model.tokenizer.encode(t) for t in texts]
+    alone = [model.logits(i) for i in ids], [model.score(t).logprobs for t in texts]
+    reset = type(model).reset
+
+    def slow_reset(self):
+        reset(self)
+        time.sleep(0.005)  # another thread would feed its tokens here
+
+    monkeypatch.setattr(type(model), "reset", slow_reset)
+    together: dict = {}
+
+    def run(k):
+        together[k] = model.logits(ids[k]), model.score(texts[k]).logprobs
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for k in (0, 1):
+        assert np.array_equal(together[k][0], alone[0][k]) and np.array_equal(together[k][1], alone[1][k])
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: m.logits([1.9]), lambda m: m.logits([True]), lambda m: m.logits([[1, 2]]),
+    lambda m: m.logits("abc"), lambda m: m.logits(["a"]), lambda m: m.logits(5), lambda m: m.logits(None),
+    lambda m: m.append([2.0]), lambda m: m.generate_ids([-5], max_new_tokens=0),
+    lambda m: m.generate_ids(["x"], max_new_tokens=0),
+])
+def test_token_ids_must_be_integers_in_the_vocabulary(tiny, call):
+    """Not rounded (1.9 -> 1), parsed or flattened into some other token."""
+    with pytest.raises(neocore.NeocoreError, match="token ids must be"):
+        call(tiny[1])
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m.generate_ids({1: 2}), "ids must be a list of token ids"),
+    (lambda m: m.score("some text", stride="2"), "stride must be an integer"),
+    (lambda m: m.score("some text", stride=1.5), "stride must be an integer"),
+])
+def test_model_arguments_of_the_wrong_type_are_neocore_errors(tiny, call, message):
+    with pytest.raises(neocore.NeocoreError, match=message):
+        call(tiny[1])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(threads=1.5), "threads must be an integer"), (dict(threads=True), "threads must be an integer"),
+    (dict(threads="2"), "threads must be an integer"), (dict(context=2.5), "context must be an integer"),
+    (dict(context="64"), "context must be an integer"), (dict(context=True), "context must be an integer"),
+])
+def test_load_takes_whole_numbers_only(reference_models, kwargs, message):
+    with pytest.raises(neocore.NeocoreError, match=message):
+        neocore.load(reference_models("tiny").folder, **kwargs)
+
+
+def test_numpy_floats_are_sampling_parameters_like_floats(tiny):
+    _, model = tiny
+    as_numpy = model.generate("Hello", max_new_tokens=8, temperature=np.float32(0.5), top_p=np.float32(0.75), seed=2)
+    assert as_numpy == model.generate("Hello", max_new_tokens=8, temperature=0.5, top_p=0.75, seed=2)
