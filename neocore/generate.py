@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -188,7 +189,10 @@ def stream(model, prompt: str, max_new_tokens: int = 128, temperature: float = 0
     stats = stats or GenerationStats()
     stats.prompt_tokens = len(ids)
     handle = model.engine.submit(Request(ids, params, max_new_tokens, seed, 0, stop), asynchronous=False)
-    return _chunks_text(handle, stats)
+    chunks = _chunks_text(handle, stats)
+    # dropped before it was read, a generator runs no finally: the request would run to its end
+    weakref.finalize(chunks, handle.cancel)
+    return chunks
 
 
 def generate_many(model, prompts: Sequence[str], max_new_tokens: int = 128, temperature: float = 0.8,

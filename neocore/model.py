@@ -205,7 +205,9 @@ class Model:
     def generate_ids(self, ids: Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int = 32,
                      stop_at_eos: bool = True) -> list[int] | list[list[int]]:
         """Greedy continuation: the new tokens only (ending with EOS if the model chose it).
-        A list of id lists gives a list of continuations, decoded together."""
+        A list of id lists gives a list of continuations, decoded together. A prompt whose
+        max_new_tokens would not fit the context is a ContextError (generate, for text, stops
+        at a full context instead)."""
         from .engine import Request
         from .sampling import SamplingParams
         if not is_integer(max_new_tokens) or max_new_tokens < 0:
@@ -254,7 +256,8 @@ class Model:
                top_k: int = 40, top_p: float = 0.95, repetition_penalty: float = 1.0,
                seed: int | None = None, stop: Sequence[str] = ()) -> Iterator[str]:
         """Like generate, as an iterator of text chunks while they are produced (whole
-        characters only). Arguments are checked before the first chunk is asked for."""
+        characters only). Arguments are checked before the first chunk is asked for; the
+        request runs from this call, and is cancelled when the iterator is left or dropped."""
         from .generate import stream
         return stream(self, prompt, max_new_tokens, temperature, top_k, top_p,
                       repetition_penalty, seed, stop)

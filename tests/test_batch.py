@@ -565,3 +565,17 @@ def test_engine_arguments_of_the_wrong_type_are_neocore_errors(reference_models,
     model = neocore.load(reference_models("tiny").folder)
     with pytest.raises(neocore.NeocoreError, match=match):
         make(model)
+
+
+def test_a_stream_dropped_unread_is_cancelled(reference_models):
+    """model.stream submits at once; a program that drops the iterator without reading it
+    must not leave the engine generating every token it asked for."""
+    import gc
+    import time
+    model = neocore.load(reference_models("tiny").folder)
+    model.stream(PROMPTS[0], max_new_tokens=150, temperature=0)  # dropped at once
+    gc.collect()
+    deadline = time.monotonic() + 30
+    while model.engine.active + model.engine.queue_depth and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert model.engine.stats.tokens_generated < 150
