@@ -12,19 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import math
 import queue
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 import numpy as np
 
 from .errors import ContextError, EngineClosedError, NeocoreError, QueueFullError
 from .generate import TextStream
-from .sampling import (NON_FINITE_LOGITS, SamplingParams, check_seed, choose_rows, is_integer, log_softmax_rows,
-                       sequence_rng, token_array, without_ids_from)
+from .sampling import (NON_FINITE_LOGITS, SamplingParams, check_seed, choose_rows, is_integer, is_real,
+                       log_softmax_rows, sequence_rng, token_array, without_ids_from)
 
 PREFILL_CHUNK = 128  # prompt tokens a sequence brings to one step
 
@@ -102,6 +104,11 @@ class Stream:
 
     def cancel(self) -> None:
         self._cancelled.set()
+
+    @property
+    def canceller(self) -> Callable[[], None]:
+        """cancel, holding nothing of the stream but its flag (for a finalizer)."""
+        return self._cancelled.set
 
     @property
     def cancelled(self) -> bool:
@@ -221,7 +228,7 @@ class _Sequence:
 
 class Engine:
     """Owns a model's sequence slots (all but the one Model.append uses) and runs the loop on
-    a thread of its own, started on the first request. max_batch bounds the sequences decoded
+    a thread of its own while there is work (started again when work comes after a pause). max_batch bounds the sequences decoded
     together; max_queue, the requests that may wait once the batch is full (None: unbounded)."""
 
     def __init__(self, model: Any, max_batch: int = 16, max_queue: int | None = None):
@@ -283,7 +290,10 @@ class Engine:
         """Queues every request or none (a server request's n completions of each prompt):
         QueueFullError when they do not fit the queue now, NeocoreError when they never could.
         asynchronous as for submit."""
-        if isinstance(requests, Request) or not all(isinstance(r, Request) for r in requests):
+        if isinstance(requests, Request) or not isinstance(requests, Iterable):
+            raise NeocoreError("submit takes neocore.engine.Request objects")
+        requests = list(requests)  # a generator is read once, here
+        if not all(isinstance(r, Request) for r in requests):
             raise NeocoreError("submit takes neocore.engine.Request objects")
         checked = [replace(request, prompt=self.check(request)) for request in requests]
         loop = None
@@ -310,7 +320,14 @@ class Engine:
             self.stats.requests += len(streams)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="neocore-engine", daemon=True)
-                self._thread.start()
+                try:
+                    self._thread.start()
+                except RuntimeError as exc:  # "can't start new thread": nothing stays queued
+                    self._thread = None
+                    for _ in streams:
+                        self._waiting.pop()
+                    self.stats.requests -= len(streams)
+                    raise NeocoreError(f"cannot start the engine's thread ({exc})") from None
             self._work.notify()
         return streams
 
@@ -339,41 +356,69 @@ class Engine:
         """Stops taking requests, lets queued and running ones finish (for at most timeout
         seconds, then cancels them) and ends the loop. Interrupted (Ctrl-C), it cancels them at
         once: the model is never left holding a closed engine."""
-        if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)):
-            raise NeocoreError(f"timeout must be a number of seconds or None, got {timeout!r}")
+        if timeout is not None and not (is_real(timeout) and math.isfinite(timeout) and timeout >= 0):
+            raise NeocoreError(f"timeout must be a finite number of seconds >= 0, or None, got {timeout!r}")
+        # The loop says itself when it has ended (_thread None): an interrupted Thread.join
+        # marks a thread that still runs as stopped (CPython 3.9-3.12).
         with self._work:
             self._closed = True
-            self._work.notify()
-            thread = self._thread
+            self._work.notify_all()
         try:
-            if thread is not None:
-                thread.join(timeout)
+            with self._work:
+                self._work.wait_for(lambda: self._thread is None, timeout)
         finally:
-            if thread is not None and thread.is_alive():
-                with self._work:
-                    for seq in list(self._running):  # a snapshot: the loop's thread removes from it
+            with self._work:
+                if self._thread is not None:  # past the timeout, or interrupted: cancel and wait
+                    for seq in self._running:
                         seq.stream.cancel()
                     for stream, _ in self._waiting:
                         stream.cancel()
-                thread.join()
-            if self.model._engine is self:  # the loop is over: the model's next use makes a fresh engine
-                self.model._engine = None
+                    self._work.wait_for(lambda: self._thread is None)
+            self._detach()
+
+    def _detach(self) -> None:
+        """The loop is over: the model's next use makes a fresh engine."""
+        if self.model._engine is self:
+            self.model._engine = None
+
+    def close_if_idle(self) -> bool:
+        """Closes the engine if it has no requests and no loop running; says whether it did."""
+        with self._work:
+            if self._waiting or self._running or self._thread is not None:
+                return False
+            self._closed = True
+        self._detach()
+        return True
 
     # ---- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
         """Runs while there is work, then ends (submit_all starts another): a thread waiting
         for work would hold the engine and its model, and a model a program drops would never
         be freed, its weights and maps with it."""
-        while True:
+        try:
+            while True:
+                with self._work:
+                    if not self._waiting and not self._running:
+                        return
+                try:
+                    self.step()
+                except Exception as exc:  # a failed step must not strand the callers
+                    for seq in list(self._running):
+                        self._finish(seq, "error", error=str(exc) or type(exc).__name__)
+        finally:
             with self._work:
-                if not self._waiting and not self._running:
-                    self._thread = None
-                    return
-            try:
-                self.step()
-            except Exception as exc:  # a failed step must not strand the callers
-                for seq in list(self._running):
-                    self._finish(seq, "error", error=str(exc) or type(exc).__name__)
+                if self._waiting or self._running:  # the loop itself failed: nobody may wait for ever
+                    self._closed = True
+                    for seq in self._running:
+                        with contextlib.suppress(Exception):  # a fresh engine must find the slot empty
+                            self.model.clear_sequence(seq.slot)
+                        seq.stream._put(Chunk([], finish_reason="error", error="the engine's loop failed"))
+                    for stream, _ in self._waiting:
+                        self._end_waiting(stream, "error", "the engine's loop failed")
+                self._thread = None
+                self._work.notify_all()  # close() waits for this
+            if self._closed:  # also when close() itself was interrupted
+                self._detach()
 
     def _admit(self) -> None:
         with self._work:

@@ -191,7 +191,7 @@ def stream(model, prompt: str, max_new_tokens: int = 128, temperature: float = 0
     handle = model.engine.submit(Request(ids, params, max_new_tokens, seed, 0, stop), asynchronous=False)
     chunks = _chunks_text(handle, stats)
     # dropped before it was read, a generator runs no finally: the request would run to its end
-    weakref.finalize(chunks, handle.cancel)
+    weakref.finalize(chunks, handle.canceller)
     return chunks
 
 

@@ -197,8 +197,8 @@ class Model:
         no requests (made by an earlier generate) is closed and replaced; a busy one is not."""
         from .engine import Engine
         current = self._engine
-        if current is not None and not current.queue_depth and not current.active:
-            current.close()
+        if current is not None:
+            current.close_if_idle()  # if busy, it stays, and Engine refuses to make a second
         with self._lock:
             return Engine(self, max_batch, max_queue)
 
@@ -257,7 +257,7 @@ class Model:
                seed: int | None = None, stop: Sequence[str] = ()) -> Iterator[str]:
         """Like generate, as an iterator of text chunks while they are produced (whole
         characters only). Arguments are checked before the first chunk is asked for; the
-        request runs from this call, and is cancelled when the iterator is left or dropped."""
+        request runs from this call, and is cancelled when the iterator is closed or dropped."""
         from .generate import stream
         return stream(self, prompt, max_new_tokens, temperature, top_k, top_p,
                       repetition_penalty, seed, stop)

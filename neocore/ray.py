@@ -170,8 +170,9 @@ class Score:
     def __init__(self, model: str | os.PathLike, threads: int | None = None, dtype: str | None = None,
                  max_batch: int = 64, stride: int | None = None, compute: str | None = None):
         self.model, self.engine = _load(model, threads, dtype, max_batch, compute)
-        if stride is not None and not 1 <= stride < self.model.context_length:
-            raise NeocoreError(f"stride must be between 1 and {self.model.context_length - 1}, got {stride}")
+        if stride is not None and not (is_integer(stride) and 1 <= stride < self.model.context_length):
+            raise NeocoreError(f"stride must be an integer between 1 and {self.model.context_length - 1}, "
+                               f"got {stride!r}")
         self.stride = stride
 
     def _logprobs(self, texts: list[Any]) -> list[np.ndarray | str]:

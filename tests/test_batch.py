@@ -378,7 +378,7 @@ def test_one_engine_per_model(reference_models):
     engine = model.engine
     with pytest.raises(neocore.NeocoreError, match="already has an engine"):
         Engine(model)
-    busy = engine.submit(Request([1, 2, 3], GREEDY, 100, text=False, stop_at_eos=False))
+    busy = engine.submit(Request([1, 2, 3], GREEDY, 150, text=False, stop_at_eos=False))
     with pytest.raises(neocore.NeocoreError, match="already has an engine"):
         model.start_engine()
     assert model.engine is engine
@@ -531,26 +531,33 @@ def test_a_model_that_has_generated_is_freed_when_dropped(reference_models):
 
 
 def test_an_interrupted_close_leaves_the_model_usable(reference_models):
+    """A real Ctrl-C while close() waits: the running request is cancelled and the loop ends
+    before the model makes a new engine, which must not share a slot with the old loop (an
+    interrupted Thread.join marks a running thread stopped on CPython 3.9-3.12)."""
+    import signal
     model = neocore.load(reference_models("tiny").folder)
+    ids = model.tokenizer.encode(PROMPTS[0])
+    alone = model.generate_ids(ids, max_new_tokens=8)
     engine = model.engine
-    stream = engine.submit(Request([1, 2, 3], GREEDY, 100, text=False, stop_at_eos=False))
-    thread, join = engine._thread, engine._thread.join
-    calls = []
+    stream = engine.submit(Request([1, 2, 3], GREEDY, 150, text=False, stop_at_eos=False))
 
-    def interrupted_join(timeout=None):
-        calls.append(timeout)
-        if len(calls) == 1:
-            raise KeyboardInterrupt  # Ctrl-C while close waits for the running request
-        join(timeout)
+    def interrupt(*_):
+        raise KeyboardInterrupt
 
-    thread.join = interrupted_join
-    with pytest.raises(KeyboardInterrupt):
-        engine.close()
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.02)  # 20 ms into close, the request still running
+        with pytest.raises(KeyboardInterrupt):
+            engine.close()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
     assert stream.result().finish_reason == "cancelled"
-    assert model.engine is not engine
-    assert model.generate(PROMPTS[0], max_new_tokens=3, temperature=0)
-    with pytest.raises(neocore.NeocoreError, match="timeout must be a number of seconds"):
-        model.engine.close("x")
+    assert engine._thread is None and model.engine is not engine
+    assert model.generate_ids(ids, max_new_tokens=8) == alone
+    for timeout in ("x", float("inf"), float("nan"), -1):
+        with pytest.raises(neocore.NeocoreError, match="timeout must be a finite number of seconds"):
+            model.engine.close(timeout)
 
 
 @pytest.mark.parametrize("make, match", [
@@ -560,6 +567,7 @@ def test_an_interrupted_close_leaves_the_model_usable(reference_models):
     (lambda m: m.engine.submit([1, 2]), "submit takes neocore.engine.Request objects"),
     (lambda m: m.engine.submit(None), "submit takes neocore.engine.Request objects"),
     (lambda m: m.engine.submit(Request([1], GREEDY, 3, stop=b"a")), r"stop must be .* got b'a'"),
+    (lambda m: m.engine.submit_all(5), "submit takes neocore.engine.Request objects"),
 ])
 def test_engine_arguments_of_the_wrong_type_are_neocore_errors(reference_models, make, match):
     model = neocore.load(reference_models("tiny").folder)
@@ -576,6 +584,28 @@ def test_a_stream_dropped_unread_is_cancelled(reference_models):
     model.stream(PROMPTS[0], max_new_tokens=150, temperature=0)  # dropped at once
     gc.collect()
     deadline = time.monotonic() + 30
-    while model.engine.active + model.engine.queue_depth and time.monotonic() < deadline:
+    while model.engine._thread is not None and time.monotonic() < deadline:  # the loop ends with the work
         time.sleep(0.01)
     assert model.engine.stats.tokens_generated < 150
+
+
+def test_submit_all_takes_any_iterable_of_requests(tiny):
+    made = (Request(tiny.tokenizer.encode(p), GREEDY, 4) for p in PROMPTS[:3])  # read once
+    assert [c.text for c in tiny.engine.results(made)] == tiny.generate(PROMPTS[:3], max_new_tokens=4, temperature=0)
+
+
+def test_an_engine_whose_thread_cannot_start_queues_nothing(reference_models, monkeypatch):
+    import threading
+    model = neocore.load(reference_models("tiny").folder)
+    engine = model.engine
+    start = threading.Thread.start
+
+    def refused(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    with pytest.raises(neocore.NeocoreError, match="cannot start the engine's thread"):
+        engine.submit(Request([1, 2, 3], GREEDY, 3))
+    assert engine.queue_depth == 0 and engine._thread is None
+    monkeypatch.setattr(threading.Thread, "start", start)
+    assert engine.submit(Request([1, 2, 3], GREEDY, 3)).result().finish_reason == "length"
