@@ -228,8 +228,9 @@ class _Sequence:
 
 class Engine:
     """Owns a model's sequence slots (all but the one Model.append uses) and runs the loop on
-    a thread of its own while there is work (started again when work comes after a pause). max_batch bounds the sequences decoded
-    together; max_queue, the requests that may wait once the batch is full (None: unbounded)."""
+    a thread of its own while there is work (started again when work comes after a pause).
+    max_batch bounds the sequences decoded together; max_queue, the requests that may wait
+    once the batch is full (None: unbounded)."""
 
     def __init__(self, model: Any, max_batch: int = 16, max_queue: int | None = None):
         from .model import DIRECT_SLOT, SEQUENCE_SLOTS
@@ -290,10 +291,9 @@ class Engine:
         """Queues every request or none (a server request's n completions of each prompt):
         QueueFullError when they do not fit the queue now, NeocoreError when they never could.
         asynchronous as for submit."""
-        if isinstance(requests, Request) or not isinstance(requests, Iterable):
-            raise NeocoreError("submit takes neocore.engine.Request objects")
-        requests = list(requests)  # a generator is read once, here
-        if not all(isinstance(r, Request) for r in requests):
+        # a generator is read once, here
+        requests = list(requests) if isinstance(requests, Iterable) and not isinstance(requests, Request) else None
+        if requests is None or not all(isinstance(r, Request) for r in requests):
             raise NeocoreError("submit takes neocore.engine.Request objects")
         checked = [replace(request, prompt=self.check(request)) for request in requests]
         loop = None
@@ -395,19 +395,24 @@ class Engine:
         """Runs while there is work, then ends (submit_all starts another): a thread waiting
         for work would hold the engine and its model, and a model a program drops would never
         be freed, its weights and maps with it."""
+        ended = False
         try:
-            while True:
+            while not ended:
                 with self._work:
+                    # decided and announced under one hold of the lock: a request submitted
+                    # once it is released finds no loop, and starts one
                     if not self._waiting and not self._running:
-                        return
+                        self._thread, ended = None, True
+                        self._work.notify_all()  # close() waits for this
+                        continue
                 try:
                     self.step()
                 except Exception as exc:  # a failed step must not strand the callers
                     for seq in list(self._running):
                         self._finish(seq, "error", error=str(exc) or type(exc).__name__)
         finally:
-            with self._work:
-                if self._waiting or self._running:  # the loop itself failed: nobody may wait for ever
+            if not ended:  # the loop itself failed: nobody may wait for ever
+                with self._work:
                     self._closed = True
                     for seq in self._running:
                         with contextlib.suppress(Exception):  # a fresh engine must find the slot empty
@@ -415,8 +420,8 @@ class Engine:
                         seq.stream._put(Chunk([], finish_reason="error", error="the engine's loop failed"))
                     for stream, _ in self._waiting:
                         self._end_waiting(stream, "error", "the engine's loop failed")
-                self._thread = None
-                self._work.notify_all()  # close() waits for this
+                    self._thread = None
+                    self._work.notify_all()
             if self._closed:  # also when close() itself was interrupted
                 self._detach()
 

@@ -609,3 +609,29 @@ def test_an_engine_whose_thread_cannot_start_queues_nothing(reference_models, mo
     assert engine.queue_depth == 0 and engine._thread is None
     monkeypatch.setattr(threading.Thread, "start", start)
     assert engine.submit(Request([1, 2, 3], GREEDY, 3)).result().finish_reason == "length"
+
+
+def test_a_request_submitted_as_the_loop_ends_starts_a_new_loop(reference_models):
+    """The loop decides to end and says so under one hold of its lock: a request that comes
+    just after finds no loop and starts one, rather than being left to the ending one."""
+    import time
+
+    model = neocore.load(reference_models("tiny").folder)
+    engine = model.engine
+    in_window = threading.Event()
+
+    class PauseAfterTheLastCheck(threading.Condition):
+        def __exit__(self, *exc):
+            released = super().__exit__(*exc)
+            ending = threading.current_thread().name == "neocore-engine" and not engine._waiting \
+                and not engine._running and not in_window.is_set()
+            if ending:  # the loop has just found nothing to do: hold it here a while
+                in_window.set()
+                time.sleep(0.05)
+            return released
+
+    engine._work = PauseAfterTheLastCheck()
+    assert engine.submit(Request([1, 2, 3], GREEDY, 3, text=False)).result().finish_reason == "length"
+    assert in_window.wait(10)
+    late = engine.submit(Request([1, 2, 3], GREEDY, 3, text=False))
+    assert late.result().finish_reason == "length"
