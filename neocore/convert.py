@@ -150,18 +150,17 @@ def copy_tokenizer(src: Path, dst: Path, required: bool) -> None:
     ones are written, dst's old ones go first: left beside the new, an old vocab.json would be
     read before a new tokenizer.json."""
     present = [name for name in TOKENIZER_FILES if (src / name).is_file()]
-    if present or Tokenizer.files_present(src):
-        for name in TOKENIZER_FILES:
-            fresh(dst / name)
-    for name in present:
-        shutil.copyfile(src / name, fresh(dst / name))  # not the mode: a read-only source stays rewritable
-    if present:
+    if not present and not Tokenizer.files_present(src):
+        if required:
+            raise TokenizerError(f"{src}: no tokenizer files to copy")
         return
-    if Tokenizer.files_present(src):
+    for name in TOKENIZER_FILES:
+        fresh(dst / name)
+    for name in present:
+        shutil.copyfile(src / name, dst / name)  # not the mode: a read-only source stays rewritable
+    if not present:  # the Java port's tokenizer/: written in Hugging Face's files
         tok = Tokenizer.from_dir(src)
-        fresh(dst / "vocab.json").write_text(json.dumps(tok.encoder, ensure_ascii=False), encoding="utf-8")
+        (dst / "vocab.json").write_text(json.dumps(tok.encoder, ensure_ascii=False), encoding="utf-8")
         merges = sorted(tok.ranks, key=tok.ranks.get)
-        fresh(dst / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+        (dst / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
                                         encoding="utf-8")
-    elif required:
-        raise TokenizerError(f"{src}: no tokenizer files to copy")

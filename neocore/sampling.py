@@ -164,7 +164,7 @@ def token_array(ids: object, vocab_size: int) -> np.ndarray:
         raise NeocoreError("token ids must be a flat sequence of integers")
     if tokens.size and (tokens.dtype.kind not in "iu" or tokens.min() < 0 or tokens.max() >= vocab_size):
         raise NeocoreError(f"token ids must be integers in [0, {vocab_size})")
-    return tokens.astype(np.int32)
+    return tokens.astype(np.int32, copy=False)  # an int32 array (checked before) is used as it is
 
 
 def check_seed(seed: object) -> None:
