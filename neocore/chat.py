@@ -33,13 +33,30 @@ def encode(tokenizer: Tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, allow_special=False)
 
 
+class Answer:
+    """An answer's text as turn() keeps it (without whitespace at either end), given chunk by
+    chunk as it comes: whitespace waits until text follows it. The text it gives in all is
+    the whole answer's .strip()."""
+
+    def __init__(self) -> None:
+        self.held, self.began = "", False
+
+    def add(self, chunk: str) -> str:
+        """What of the answer can be shown once chunk has come ("" while only whitespace is
+        new)."""
+        self.held += chunk
+        text = self.held.rstrip()
+        if not text:
+            return ""
+        shown = text if self.began else text.lstrip()
+        self.held, self.began = self.held[len(text):], True
+        return shown
+
+
 def stripped(chunks: Iterable[str]) -> Iterator[str]:
-    """An answer's chunks as they come, its text as turn() keeps it (without whitespace at
-    either end): whitespace waits until text follows it."""
-    held, began = "", False
+    """An answer's chunks as Answer shows them, skipping those with nothing to show."""
+    answer = Answer()
     for chunk in chunks:
-        held += chunk
-        text = held.rstrip()
-        if text:
-            yield text if began else text.lstrip()
-            held, began = held[len(text):], True
+        shown = answer.add(chunk)
+        if shown:
+            yield shown

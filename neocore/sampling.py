@@ -145,7 +145,11 @@ def sequence_rng(seed: int | None, index: int = 0) -> np.random.Generator:
 
 def is_integer(value: object) -> bool:
     """An int or a numpy integer, not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    return is_integer_type(type(value))
+
+
+def is_integer_type(kind: type) -> bool:
+    return issubclass(kind, numbers.Integral) and not issubclass(kind, (bool, np.bool_))
 
 
 def is_real(value: object) -> bool:
@@ -154,17 +158,21 @@ def is_real(value: object) -> bool:
 
 
 def token_array(ids: object, vocab_size: int) -> np.ndarray:
-    """ids as int32, or a NeocoreError: a flat sequence of integers in the vocabulary (a
-    float, a bool or a string is not rounded or parsed to some token)."""
-    try:
-        tokens = np.asarray(ids)
-    except (TypeError, ValueError):  # ragged nesting
-        tokens = np.empty((0, 0))
-    if tokens.ndim != 1:
+    """ids as int32, or a NeocoreError: a 1-D integer array, or a sequence (not a string) of
+    integers (numpy's of any width included), in the vocabulary. A float, a bool or a string
+    is not rounded or parsed to some token: a sequence's element types are checked themselves,
+    since np.asarray makes [1, True] integers and [np.uint64(1), 2] floats."""
+    if isinstance(ids, Sequence) and not isinstance(ids, (str, bytes)) \
+            and all(is_integer_type(kind) for kind in set(map(type, ids))):
+        try:
+            ids = np.array(ids, dtype=np.int64)
+        except OverflowError:
+            raise NeocoreError(f"token ids must be integers in [0, {vocab_size})") from None
+    if not isinstance(ids, np.ndarray) or ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
         raise NeocoreError("token ids must be a flat sequence of integers")
-    if tokens.size and (tokens.dtype.kind not in "iu" or tokens.min() < 0 or tokens.max() >= vocab_size):
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         raise NeocoreError(f"token ids must be integers in [0, {vocab_size})")
-    return tokens.astype(np.int32, copy=False)  # an int32 array (checked before) is used as it is
+    return ids.astype(np.int32, copy=False)  # an int32 array (checked before) is used as it is
 
 
 def check_seed(seed: object) -> None:

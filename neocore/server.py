@@ -20,7 +20,7 @@ from . import chat
 from .engine import Chunk, Engine, Request, Stream, TokenLogprob
 from .errors import ContextError, EngineClosedError, NeocoreError, QueueFullError, TokenizerError
 from .generate import prompt_ids
-from .sampling import SCALE_LIMIT, SamplingParams
+from .sampling import SCALE_LIMIT, SamplingParams, token_array
 from .tokenizer import StreamDecoder, Tokenizer
 
 try:
@@ -149,10 +149,11 @@ def _prompts(served: Served, prompt: Any) -> list[list[int]]:
     def ids_of(item: Any) -> list[int]:
         if isinstance(item, str):
             return _encode(served, item, "prompt")
-        if isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
-            if not all(0 <= t < vocab for t in item):
-                raise ApiError(400, f"token ids must lie in [0, {vocab})", "prompt")
-            return item
+        if isinstance(item, list) and item:
+            try:
+                return token_array(item, vocab).tolist()
+            except NeocoreError as exc:
+                raise ApiError(400, f"'prompt': {exc}", "prompt") from None
         raise ApiError(400, "'prompt' must be a string, a list of strings, or token id lists", "prompt")
 
     if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt):
@@ -385,7 +386,7 @@ class _ChatCompletions:
             texts.append({"role": m["role"], "content": content})
         # the transcript's tokens as `neocore chat` feeds them (chat.encode): no special tokens
         self.prompt = _encode(served, chat.transcript(texts), "messages", allow_special=False)
-        self.began: set[int] = set()  # streamed choices whose text (past its leading whitespace) has begun
+        self.answers = [chat.Answer() for _ in range(self.n)]  # each streamed choice's, as it comes
 
     @property
     def prompt_tokens(self) -> int:
@@ -409,15 +410,13 @@ class _ChatCompletions:
 
     def choice(self, index: int, text: str, entries: list[TokenLogprob], prompt_entries: list[TokenLogprob],
                finish: str | None) -> dict:
-        message = {"role": "assistant", "content": text.lstrip()}
+        message = {"role": "assistant", "content": text.strip()}  # as chat.Answer streams it
         return {"index": index, "message": message, "logprobs": self._logprobs(entries), "finish_reason": finish}
 
     def stream_choice(self, index: int, chunk: Chunk, prompt_entries: list[TokenLogprob], first: bool) -> dict:
-        """A chunk's delta: its text loses leading whitespace, as choice()'s does, until a
-        chunk has had text left; the first delta names the role."""
-        text = chunk.text if index in self.began else chunk.text.lstrip()
-        if text:
-            self.began.add(index)
+        """A chunk's delta: its text as chat.Answer shows it (whitespace at either end of the
+        answer left out, as in choice()); the first delta names the role."""
+        text = self.answers[index].add(chunk.text)
         if first:
             delta = {"role": "assistant", "content": text}
         elif text or not chunk.finish_reason:

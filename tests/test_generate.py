@@ -299,12 +299,21 @@ def test_logits_and_score_hold_the_models_sequence_for_the_whole_call(tiny, monk
     lambda m: m.logits([1.9]), lambda m: m.logits([True]), lambda m: m.logits([[1, 2]]),
     lambda m: m.logits("abc"), lambda m: m.logits(["a"]), lambda m: m.logits(5), lambda m: m.logits(None),
     lambda m: m.append([2.0]), lambda m: m.generate_ids([-5], max_new_tokens=0),
-    lambda m: m.generate_ids(["x"], max_new_tokens=0),
+    lambda m: m.generate_ids(["x"], max_new_tokens=0), lambda m: m.logits([1, True]),
+    lambda m: m.logits([np.uint64(2 ** 64 - 1)]), lambda m: m.logits(iter([1, 2])),
 ])
 def test_token_ids_must_be_integers_in_the_vocabulary(tiny, call):
     """Not rounded (1.9 -> 1), parsed or flattened into some other token."""
     with pytest.raises(neocore.NeocoreError, match="token ids must be"):
         call(tiny[1])
+
+
+def test_token_ids_may_mix_python_and_numpy_integers_of_any_width(tiny):
+    """np.asarray would make these floats (uint64 beside int) and refuse them."""
+    model = tiny[1]
+    ids = [np.uint64(5), 7, np.int8(3), np.uint16(9)]
+    assert np.array_equal(model.logits(ids), model.logits(np.array([5, 7, 3, 9])))
+    assert np.array_equal(model.logits(range(2, 6)), model.logits([2, 3, 4, 5]))
 
 
 @pytest.mark.parametrize("call, message", [

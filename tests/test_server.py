@@ -189,7 +189,7 @@ def test_a_client_gone_while_sending_its_body_leaves_no_traceback(tiny):
 
 def test_chat_completion_uses_the_chat_transcript(client, model):
     messages = [{"role": "system", "content": "A conversation."}, {"role": "user", "content": "What is a lighthouse?"}]
-    expected = model.generate(chat.transcript(messages), max_new_tokens=24, temperature=0, stop=chat.STOPS).lstrip()
+    expected = model.generate(chat.transcript(messages), max_new_tokens=24, temperature=0, stop=chat.STOPS).strip()
     done = client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0)
     assert done.choices[0].message.role == "assistant"
     assert done.choices[0].message.content == expected
@@ -211,7 +211,7 @@ def test_chat_text_that_spells_a_special_token_stays_text(client, model):
     assert model.tokenizer.eos_id not in ids
     expected = model.engine.results([Request(ids, SamplingParams(0, 0, 1.0, 1.0), 24, stop=chat.STOPS)])[0].text
     done = client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0)
-    assert done.choices[0].message.content == expected.lstrip()
+    assert done.choices[0].message.content == expected.strip()
     assert done.usage.prompt_tokens == len(ids)
 
 
@@ -249,10 +249,34 @@ def test_streamed_chat_drops_all_the_leading_whitespace_the_answer_drops(client,
     request = dict(model="tiny", messages=messages, max_tokens=8, temperature=0,
                    extra_body={"repetition_penalty": penalty})
     expected = model.generate(chat.transcript(messages), max_new_tokens=8, temperature=0, repetition_penalty=penalty,
-                              stop=chat.STOPS).lstrip()
+                              stop=chat.STOPS).strip()
     assert client.chat.completions.create(**request).choices[0].message.content == expected
     streamed = client.chat.completions.create(**request, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected
+
+
+def test_chat_answers_end_without_the_trailing_whitespace_a_transcript_drops(client, model):
+    """An answer cut off just after a token of whitespace: both ways the answer is the text as
+    the transcript keeps it (chat.turn strips it), the same streamed as not."""
+    penalty = 1e-5
+    tokenizer = model.tokenizer
+    for word in ("a", "b", "x", "?", "Z", "ok", "%", "1"):
+        messages = [{"role": "user", "content": f"{word} \t {word} \r {word}"}]
+        ids = tokenizer.encode(chat.transcript(messages))
+        tokens = model.engine.results([Request(ids, SamplingParams(0, 0, 1.0, penalty), 12, stop=chat.STOPS)])[0].tokens
+        ends = [k for k in range(1, len(tokens)) if tokenizer.decode(tokens[:k + 1])[-1:].isspace()
+                and tokenizer.decode(tokens[:k]).strip()]
+        if ends:
+            break
+    else:
+        pytest.fail("no messages found whose answer has text and then a token ending in whitespace")
+    request = dict(model="tiny", messages=messages, max_tokens=ends[0] + 1, temperature=0,
+                   extra_body={"repetition_penalty": penalty})
+    raw = tokenizer.decode(tokens[:ends[0] + 1])
+    assert raw != raw.rstrip()
+    assert client.chat.completions.create(**request).choices[0].message.content == raw.strip()
+    streamed = client.chat.completions.create(**request, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == raw.strip()
 
 
 def test_streamed_chat_names_the_role_in_the_first_delta_even_without_text(client, model):
@@ -411,6 +435,9 @@ BAD_REQUESTS = [
     ("/v1/completions", {"max_tokens": 3}, "prompt"),
     ("/v1/completions", {"prompt": {"text": "hi"}}, "prompt"),
     ("/v1/completions", {"prompt": [1, 2, 99999999]}, "prompt"),
+    ("/v1/completions", {"prompt": [1, True]}, "prompt"),  # a bool is not token 1
+    ("/v1/completions", {"prompt": [[1, 2], [3, 2.5]]}, "prompt"),
+    ("/v1/completions", {"prompt": [[1, 2], [3, -1]]}, "prompt"),
     ("/v1/completions", {"prompt": "word " * 400}, "prompt"),
     ("/v1/completions", {"prompt": "hi", "stream": "yes"}, "stream"),
     ("/v1/completions", {"prompt": "hi", "seed": 2 ** 63}, "seed"),
