@@ -287,6 +287,12 @@ class Engine:
         QueueFullError when max_queue are waiting."""
         return self.submit_all([request], asynchronous)[0]
 
+    def check_count(self, count: int) -> None:
+        """A NeocoreError when count sequences could never be queued at once."""
+        if self.max_queue is not None and count > self.max_batch + self.max_queue:
+            raise NeocoreError(f"{count} sequences asked for at once; this engine runs "
+                               f"{self.max_batch} and queues {self.max_queue} at most")
+
     def submit_all(self, requests: Sequence[Request], asynchronous: bool | None = None) -> list[Stream]:
         """Queues every request or none (a server request's n completions of each prompt):
         QueueFullError when they do not fit the queue now, NeocoreError when they never could.
@@ -295,6 +301,7 @@ class Engine:
         requests = list(requests) if isinstance(requests, Iterable) and not isinstance(requests, Request) else None
         if requests is None or not all(isinstance(r, Request) for r in requests):
             raise NeocoreError("submit takes neocore.engine.Request objects")
+        self.check_count(len(requests))  # before the work of checking each
         checked = [replace(request, prompt=self.check(request)) for request in requests]
         loop = None
         if asynchronous is not False:
@@ -308,9 +315,6 @@ class Engine:
             if self._closed:
                 raise EngineClosedError("the engine is shutting down")
             if self.max_queue is not None:
-                if len(streams) > self.max_batch + self.max_queue:
-                    raise NeocoreError(f"{len(streams)} sequences asked for at once; this engine runs "
-                                       f"{self.max_batch} and queues {self.max_queue} at most")
                 free_places = self.max_batch - len(self._running)
                 waiting = sum(not stream.cancelled for stream, _ in self._waiting)
                 if waiting + len(streams) - free_places > self.max_queue:

@@ -142,8 +142,9 @@ def _encode(served: Served, text: str, param: str, allow_special: bool = True) -
         raise ApiError(400, str(exc), param) from None
 
 
-def _prompts(served: Served, prompt: Any) -> list[list[int]]:
-    """A string, a list of strings, a list of token ids, or a list of such lists."""
+def _prompts(served: Served, prompt: Any, n: int) -> list[list[int]]:
+    """A string, a list of strings, a list of token ids, or a list of such lists; refused
+    before any is encoded when the engine could never take n completions of each."""
     vocab = served.model.config.vocab_size
 
     def ids_of(item: Any) -> list[int]:
@@ -156,9 +157,12 @@ def _prompts(served: Served, prompt: Any) -> list[list[int]]:
                 raise ApiError(400, f"'prompt': {exc}", "prompt") from None
         raise ApiError(400, "'prompt' must be a string, a list of strings, or token id lists", "prompt")
 
-    if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt):
-        return [ids_of(p) for p in prompt]
-    return [ids_of(prompt)]
+    items = prompt if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt) else [prompt]
+    try:
+        served.engine.check_count(len(items) * n)
+    except NeocoreError as exc:
+        raise ApiError(400, str(exc), "n" if n > 1 else "prompt") from None
+    return [ids_of(p) for p in items]
 
 
 async def _read_body(request: HttpRequest, limit: int) -> bytes:
@@ -191,6 +195,9 @@ async def _body(request: HttpRequest, served: Served) -> dict:
         raise ApiError(400, "the request body is JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    # any model name is taken (clients written for other servers send theirs), but only a name
+    if not isinstance(body.get("model", ""), str):
+        raise ApiError(400, "'model' must be a string", "model")
     return body
 
 
@@ -291,7 +298,7 @@ class _Completions:
             raise ApiError(400, "'prompt' is required", "prompt")
         if body.get("suffix"):
             raise ApiError(400, "'suffix' is not supported", "suffix")
-        self.prompts = _prompts(served, body["prompt"])
+        self.prompts = _prompts(served, body["prompt"], self.n)
         text_vocab = served.model.tokenizer.vocab_size
         if self.echo and any(t >= text_vocab for ids in self.prompts for t in ids):  # a padded vocabulary's
             raise ApiError(400, f"'echo' needs token ids the tokenizer has, in [0, {text_vocab})", "prompt")
@@ -373,6 +380,8 @@ class _ChatCompletions:
         self.max_tokens = _field(body, limit, (int,), 128, lambda v: v >= 1, "an integer >= 1")
         want = _field(body, "logprobs", (bool,), False)
         top = _field(body, "top_logprobs", (int,), 0, lambda v: 0 <= v <= 20, "an integer between 0 and 20")
+        if top and not want:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
         self.logprobs = top if want else None
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:

@@ -436,6 +436,11 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": {"text": "hi"}}, "prompt"),
     ("/v1/completions", {"prompt": [1, 2, 99999999]}, "prompt"),
     ("/v1/completions", {"prompt": [1, True]}, "prompt"),  # a bool is not token 1
+    # more sequences than the engine runs and queues: refused before any prompt is read
+    ("/v1/completions", {"prompt": [[1]] * 200 + [[-1]], "n": 16}, "n"),
+    ("/v1/completions", {"prompt": [[1]] * 100_000}, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "model": 5}, "model"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, "top_logprobs"),
     ("/v1/completions", {"prompt": [[1, 2], [3, 2.5]]}, "prompt"),
     ("/v1/completions", {"prompt": [[1, 2], [3, -1]]}, "prompt"),
     ("/v1/completions", {"prompt": "word " * 400}, "prompt"),
