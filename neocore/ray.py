@@ -38,6 +38,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise NeocoreError('neocore.ray needs Ray: pip install "neocore[ray]"') from exc
 
 GREEDY = SamplingParams(temperature=0)
+SERVICE_REQUESTS = 8  # a replica's places beyond its engine's: /health, /metrics, /v1/models, 429s
 GENERATED = ("generated_text", "prompt_tokens", "generated_tokens", "finish_reason", "error")  # Generate's columns
 
 
@@ -63,9 +64,12 @@ def _load(model: str | os.PathLike, threads: int | None, dtype: str | None, max_
 
 
 def _missing(value: Any) -> bool:
-    """A null cell: None, or the NaN that NumPy and pandas put for one in a column of numbers
-    (or in a column of nothing but nulls)."""
-    return value is None or isinstance(value, (float, np.floating)) and math.isnan(value)
+    """A null cell: None, the NaN that NumPy and pandas put for one in a column of numbers (or
+    in a column of nothing but nulls), or pandas' NA (its nullable columns' null)."""
+    if value is None or isinstance(value, (float, np.floating)) and math.isnan(value):
+        return True
+    pandas = sys.modules.get("pandas")  # a pd.NA can only come from a pandas already imported
+    return pandas is not None and value is pandas.NA
 
 
 def _text_of(value: Any, what: str) -> str:
@@ -260,16 +264,21 @@ def app(model: str | os.PathLike, num_replicas: int = 2, threads_per_replica: in
     neocore.load's keywords (dtype, context, config, overrides). A replica taken down lets its
     running requests finish for at most shutdown_timeout seconds. Run it with
     serve.run(app(...))."""
-    for what, value in (("num_replicas", num_replicas), ("threads_per_replica", threads_per_replica)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise NeocoreError(f"{what} must be an integer >= 1, got {value!r}")
+    for what, value, least in (("num_replicas", num_replicas, 1), ("threads_per_replica", threads_per_replica, 1),
+                               ("max_batch", max_batch, 1), ("max_queue", 0 if max_queue is None else max_queue, 0)):
+        if not is_integer(value) or value < least:
+            raise NeocoreError(f"{what} must be an integer >= {least}, got {value!r}")
     spec = os.fspath(_local_path(model))
     load_options = {**load_options, "threads": threads_per_replica}
     if "config" in load_options:
         load_options["config"] = _local_path(load_options["config"])
+    # Serve would hold a replica to 5 requests at a time (its default) and queue the rest
+    # itself, unbounded: the replica's engine takes what it runs and queues, and answers 429
+    # past that; a few more places keep /health and /metrics answering beside them.
+    ongoing = max_batch + (max_queue if max_queue is not None else max_batch) + SERVICE_REQUESTS
     deployment = serve.deployment(Replica, name="neocore", num_replicas=num_replicas,
                                   ray_actor_options={"num_cpus": threads_per_replica},
-                                  graceful_shutdown_timeout_s=shutdown_timeout)
+                                  graceful_shutdown_timeout_s=shutdown_timeout, max_ongoing_requests=ongoing)
     return deployment.bind(spec, max_batch, max_queue, api_key, name or os.path.basename(spec.rstrip("/")),
                            load_options)
 

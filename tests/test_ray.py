@@ -11,9 +11,11 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -171,6 +173,12 @@ def test_the_callables_take_pandas_batches_outside_ray(folder, model):
     assert list(rows["generated_text"][[0, 2]]) == [model.generate(p, max_new_tokens=8, temperature=0)
                                                     for p in PROMPTS[:2]]
     assert rows["error"][1] == "the prompt is missing"
+    # pandas' nullable columns hold pd.NA for a null: a missing seed takes the default
+    seeded = pd.DataFrame({"prompt": pd.array([PROMPTS[0], None], dtype="string"),
+                           "seed": pd.array([pd.NA, 3], dtype="Int64")})
+    rows = neocore.ray.Generate(folder, threads=1, max_new_tokens=8, seed=11)(seeded)
+    assert rows["generated_text"][0] == model.generate(PROMPTS[0], max_new_tokens=8, seed=11)
+    assert rows["error"][1] == "the prompt is missing"
     scores = neocore.ray.Score(folder, threads=1)(pd.DataFrame({"text": [PROMPTS[2], 7]}))
     assert scores["tokens"][0] == len(model.tokenizer.encode(PROMPTS[2]))
     assert scores["error"][1] == "the text must be a string, got int"
@@ -229,6 +237,33 @@ def test_serve_replicas_answer_the_openai_client_and_share_the_load(local_ray, f
             client.completions.create(model="tiny", prompt="word " * 200, max_tokens=4)
 
 
+def test_a_replica_runs_as_many_streams_at_once_as_its_engine_takes(local_ray, folder):
+    """Serve's own limit (5 requests a replica by default) must not cap the engine's batch:
+    8 streams sent at once to one replica with max_batch 8 all begin before any ends."""
+    with served(neocore.ray.app(folder, num_replicas=1, threads_per_replica=1, max_batch=8, name="tiny")) as base:
+        body = {"prompt": "x", "max_tokens": 150, "temperature": 0, "stream": True}
+        start = threading.Barrier(8)
+        begun: list[float] = []
+        ended: list[float] = []
+
+        def ask() -> None:
+            start.wait(30)
+            with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as response:
+                lines = response.iter_lines()
+                next(line for line in lines if line.startswith("data: {"))
+                begun.append(time.monotonic())
+                assert [line for line in lines if line][-1] == "data: [DONE]"
+                ended.append(time.monotonic())
+
+        threads = [threading.Thread(target=ask) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(150)
+        assert len(ended) == 8, "a stream did not finish"
+        assert max(begun) < min(ended)
+
+
 def test_cli_ray_replicas_join_a_running_instance(local_ray, folder, model, tmp_path):
     """What `ray start --head` + RAY_ADDRESS gives a user, with this module's instance as the
     cluster; SIGTERM takes the application down and the command exits cleanly."""
@@ -263,6 +298,10 @@ def test_bad_arguments_are_refused_before_ray_starts(folder):
         neocore.ray.app(folder, num_replicas=0)
     with pytest.raises(neocore.NeocoreError, match="threads_per_replica"):
         neocore.ray.app(folder, threads_per_replica=0)
+    with pytest.raises(neocore.NeocoreError, match="max_batch"):
+        neocore.ray.app(folder, max_batch="16")
+    with pytest.raises(neocore.NeocoreError, match="max_queue"):
+        neocore.ray.app(folder, max_queue=-1)
     with pytest.raises(neocore.SamplingError, match="temperature"):
         neocore.ray.Generate(folder, temperature=-1)
     with pytest.raises(neocore.NeocoreError, match="max_new_tokens"):
