@@ -162,5 +162,5 @@ def copy_tokenizer(src: Path, dst: Path, required: bool) -> None:
         tok = Tokenizer.from_dir(src)
         (dst / "vocab.json").write_text(json.dumps(tok.encoder, ensure_ascii=False), encoding="utf-8")
         merges = sorted(tok.ranks, key=tok.ranks.get)
-        (dst / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+        (dst / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{merge}\n" for merge in merges),
                                         encoding="utf-8")

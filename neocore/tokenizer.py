@@ -11,7 +11,7 @@ import json
 import operator
 from collections.abc import Iterable, Sequence
 from functools import cached_property, lru_cache
-from itertools import filterfalse, repeat
+from itertools import filterfalse
 from pathlib import Path
 
 import regex
@@ -51,13 +51,15 @@ def bytes_to_unicode() -> dict[int, str]:
 class Tokenizer:
     """encode(text) -> ids and decode(ids) -> text, exactly as GPT2TokenizerFast does."""
 
-    def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]],
+    def __init__(self, vocab: dict[str, int], merges: Sequence[str],
                  special_tokens: Iterable[str] = (ENDOFTEXT,), added_tokens: Iterable[str] = ()):
         """special_tokens and added_tokens (not special) are matched whole in the text before
         it is split into pieces; allow_special=False leaves only the added ones, as Hugging Face
         does with split_special_tokens."""
         self.encoder = dict(vocab)
-        self.ranks = dict(zip(merges, range(len(merges))))  # a later duplicate's rank wins
+        # merge "a b" (symbols a and b, which never hold a space: the byte alphabet maps it to
+        # "Ġ") -> its rank; a later duplicate's rank wins
+        self.ranks = dict(zip(merges, range(len(merges))))
         self.special = {tok: self.encoder[tok] for tok in special_tokens if tok in self.encoder}
         added = [tok for tok in added_tokens if tok in self.encoder]
         self._splitters = {True: _splitter([*self.special, *added]), False: _splitter(added)}  # by allow_special
@@ -131,7 +133,7 @@ class Tokenizer:
                     text = "{" + text + "}"
                 vocab = _read_json(vocab_path, text)
                 vocab = _check_vocab(vocab, vocab_path)
-                return cls(vocab, _parse_merges(merges_path, _read_text(merges_path).splitlines(), vocab))
+                return cls(vocab, _parse_merges(merges_path, _read_text(merges_path).splitlines()))
         if (folder / "tokenizer.json").is_file():
             return cls.from_tokenizer_json(folder / "tokenizer.json")
         raise TokenizerError(f"{folder}: no tokenizer files (looked for vocab.json + merges.txt, "
@@ -155,7 +157,7 @@ class Tokenizer:
         except (KeyError, TypeError, AttributeError):
             raise TokenizerError(f"{path}: not a BPE tokenizer.json") from None
         vocab = _check_vocab(vocab, path)
-        tokenizer = cls(vocab, _parse_merges(path, lines, vocab), special or (ENDOFTEXT,), plain)
+        tokenizer = cls(vocab, _parse_merges(path, lines), special or (ENDOFTEXT,), plain)
         tokenizer.source = path
         return tokenizer
 
@@ -174,23 +176,23 @@ class Tokenizer:
         following = list(range(1, len(symbols) + 1))
         following[-1] = -1
         preceding = list(range(-1, len(symbols) - 1))
-        heap = [(rank, i) for i, pair in enumerate(zip(symbols, symbols[1:]))
-                if (rank := ranks.get(pair)) is not None]
+        heap = [(rank, i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))
+                if (rank := ranks.get(a + " " + b)) is not None]
         heapq.heapify(heap)
         while heap:
             rank, i = heapq.heappop(heap)
             j = following[i]
-            if symbols[i] is None or j < 0 or ranks.get((symbols[i], symbols[j])) != rank:
+            if symbols[i] is None or j < 0 or ranks.get(symbols[i] + " " + symbols[j]) != rank:
                 continue
             symbols[i] += symbols[j]
             symbols[j] = None
             k = following[i] = following[j]
             if k >= 0:
                 preceding[k] = i
-                if (rank := ranks.get((symbols[i], symbols[k]))) is not None:
+                if (rank := ranks.get(symbols[i] + " " + symbols[k])) is not None:
                     heapq.heappush(heap, (rank, i))
             h = preceding[i]
-            if h >= 0 and (rank := ranks.get((symbols[h], symbols[i]))) is not None:
+            if h >= 0 and (rank := ranks.get(symbols[h] + " " + symbols[i])) is not None:
                 heapq.heappush(heap, (rank, h))
         try:
             return [self.encoder[s] for s in symbols if s is not None]
@@ -329,14 +331,12 @@ def _check_vocab(vocab: dict, path: Path) -> dict[str, int]:
     return vocab
 
 
-def _parse_merges(path: Path, lines: Sequence[str], vocab: dict[str, int]) -> list[tuple[str, str]]:
-    """The merges, each symbol the vocabulary's own string where it has one: the 100,000 copies
-    split() makes would be a quarter of the tokenizer's memory."""
-    own = dict(zip(vocab, vocab))
-    kept = filterfalse(operator.methodcaller("startswith", "#version"), filter(None, lines))
-    try:  # 50,000 lines at every load: split by a C iterator, each pair's strings freed as it goes
-        return [(own.get(a, a), own.get(b, b)) for a, b in map(str.split, kept, repeat(" "))]
-    except ValueError:  # a line of one symbol, or of three
+def _parse_merges(path: Path, lines: Sequence[str]) -> list[str]:
+    """The merges as their lines, "a b" for the pair a, b: kept whole, since splitting 50,000
+    of them into pairs at every load was most of a load's time."""
+    merges = list(filterfalse(operator.methodcaller("startswith", "#version"), filter(None, lines)))
+    if set(map(operator.methodcaller("count", " "), merges)) - {1}:  # a line of one symbol, or of three
         number, line = next((n, line) for n, line in enumerate(lines, 1)
-                            if line and not line.startswith("#version") and len(line.split(" ")) != 2)
-        raise TokenizerError(f"{path}: line {number} is not a merge of two symbols: {line!r}") from None
+                            if line and not line.startswith("#version") and line.count(" ") != 1)
+        raise TokenizerError(f"{path}: line {number} is not a merge of two symbols: {line!r}")
+    return merges
