@@ -119,14 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs neocore[server])")
     _model_args(r)
     r.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    r.add_argument("--port", type=int, default=8000)
-    r.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
-    r.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
+    r.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    r.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default: %(default)s)")
+    r.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429 (default: %(default)s)")
     r.add_argument("--api-key", default=os.environ.get("NEOCORE_API_KEY") or None,  # set but empty: none
                    help="require 'Authorization: Bearer KEY' (default: $NEOCORE_API_KEY, else none)")
     r.add_argument("--name", default=None, help="the model name clients use (default: the folder's name)")
     r.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds running requests get to finish on SIGTERM")
+                   help="seconds running requests get to finish on SIGTERM (default: %(default)s)")
     r.add_argument("--ray-replicas", type=int, default=0, metavar="N",
                    help="serve from N Ray Serve replicas of --threads threads each (needs neocore[ray]; "
                         "joins the Ray cluster at $RAY_ADDRESS, else starts Ray here)")
@@ -334,7 +334,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .ray import run  # replicas load the model themselves: this process never does
         run(model_spec(args), args.ray_replicas, args.threads, args.host, args.port, max_batch=args.max_batch,
             max_queue=args.max_queue, api_key=args.api_key, name=args.name, shutdown_timeout=args.shutdown_timeout,
-            dtype=args.dtype, context=args.context, config=args.config, **_overrides(args))
+            dtype=args.dtype, context=args.context, config=args.config, compute=args.compute, **_overrides(args))
         return 0
     from .server import serve  # before the slow load: says at once when the extra is missing
     model = load_model(args)

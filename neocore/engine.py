@@ -234,11 +234,7 @@ class Engine:
 
     def __init__(self, model: Any, max_batch: int = 16, max_queue: int | None = None):
         from .model import DIRECT_SLOT, SEQUENCE_SLOTS
-        largest = min(SEQUENCE_SLOTS - 1, model._core.max_rows - PREFILL_CHUNK)  # room for a prefill chunk
-        if not is_integer(max_batch) or not 1 <= max_batch <= largest:
-            raise NeocoreError(f"max_batch must be an integer between 1 and {largest}, got {max_batch!r}")
-        if max_queue is not None and (not is_integer(max_queue) or max_queue < 0):
-            raise NeocoreError(f"max_queue must be an integer >= 0 or None, got {max_queue!r}")
+        Engine.check_limits(model, max_batch, max_queue)
         if model._engine is not None:  # two engines would share the model's sequence slots
             raise NeocoreError("this model already has an engine (model.engine): close it first")
         model._engine = self
@@ -254,6 +250,16 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._logits = np.empty((0, model.config.vocab_size), np.float32)
         self._text_vocab = model.tokenizer.vocab_size if model.tokenizer else model.config.vocab_size
+
+    @staticmethod
+    def check_limits(model: Any, max_batch: object, max_queue: object) -> None:
+        """A NeocoreError unless an engine of model can have these limits."""
+        from .model import SEQUENCE_SLOTS
+        largest = min(SEQUENCE_SLOTS - 1, model._core.max_rows - PREFILL_CHUNK)  # room for a prefill chunk
+        if not is_integer(max_batch) or not 1 <= max_batch <= largest:
+            raise NeocoreError(f"max_batch must be an integer between 1 and {largest}, got {max_batch!r}")
+        if max_queue is not None and (not is_integer(max_queue) or max_queue < 0):
+            raise NeocoreError(f"max_queue must be an integer >= 0 or None, got {max_queue!r}")
 
     # ---- callers' side ------------------------------------------------------------------------
     def check(self, request: Request) -> list[int]:

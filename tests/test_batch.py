@@ -383,6 +383,10 @@ def test_one_engine_per_model(reference_models):
         model.start_engine()
     assert model.engine is engine
     busy.result()
+    # limits that are refused leave the idle engine as it was
+    with pytest.raises(neocore.NeocoreError, match="max_batch"):
+        model.start_engine(max_batch=10 ** 6)
+    assert model.engine is engine and engine.submit(Request([1, 2, 3], GREEDY, 3)).result().finish_reason
     # an idle engine (as model.generate leaves one) is closed and replaced, never shared
     replaced = model.start_engine(max_batch=4)
     assert model.engine is replaced and replaced.max_batch == 4

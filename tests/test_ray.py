@@ -291,6 +291,17 @@ def test_cli_ray_replicas_join_a_running_instance(local_ray, folder, model, tmp_
         log.close()
 
 
+def test_cli_ray_replicas_get_every_load_option(folder, monkeypatch):
+    """The replicas load the model themselves: each option the command takes must reach them."""
+    from neocore.cli import main
+    given: dict = {}
+    monkeypatch.setattr(neocore.ray, "run", lambda *args, **options: given.update(options))
+    assert main(["serve", "-m", folder, "--ray-replicas", "2", "--compute", "bf16", "--dtype", "float32",
+                 "--context", "64", "--max-batch", "4", "--max-queue", "3"]) == 0
+    assert (given["compute"], given["dtype"], given["context"]) == ("bf16", "float32", 64)
+    assert (given["max_batch"], given["max_queue"]) == (4, 3)
+
+
 def test_bad_arguments_are_refused_before_ray_starts(folder):
     from neocore.cli import main
     assert main(["serve", "-m", folder, "--ray-replicas", "-1"]) == 1
