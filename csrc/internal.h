@@ -3,8 +3,16 @@
 #define NEOCORE_INTERNAL_H
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include "neocore.h"
+
+/* 64-byte aligned memory: aligned_alloc with the size rounded up to whole 64-byte lines, as C11
+ * requires (glibc takes any size; other C libraries may return NULL, and a sanitizer aborts). */
+static inline void *alloc_lines(size_t bytes)
+{
+    return aligned_alloc(64, (bytes + 63) / 64 * 64);
+}
 
 /* Bytes of one weight element (int8 scales aside); a constant where dtype is. */
 static inline __attribute__((always_inline)) size_t dtype_bytes(NeoDType dtype)
@@ -297,7 +305,9 @@ static inline float exp_portable(float x)
     const float round_shift = 12582912.0f;
     x = select_float(x < -87.0f, -87.0f, x);
     x = select_float(x > 88.0f, 88.0f, x);
-    const float n = (x * 1.44269504088896341f + round_shift) - round_shift;
+    /* NaN passes both clamps: its n is 0 (converting NaN to an int is undefined), and the NaN
+     * still reaches the result through r */
+    const float n = select_float(x == x, (x * 1.44269504088896341f + round_shift) - round_shift, 0.0f);
     float r = x - n * 0.693145751953125f;
     r = r - n * 1.428606765330187e-06f;
     float p = 1.0f / 5040;

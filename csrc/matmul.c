@@ -140,11 +140,11 @@ static void gemm_generic(float *out, const float *x, const NeoMatrix *w, const f
                          int T, int K, int N, int accumulate, int n_threads)
 {
     const int n_panels = (N + GEN_PANEL - 1) / GEN_PANEL;
-    f32x4 *xb = aligned_alloc(64, sizeof(f32x4) * GEN_BLOCK_ROWS * (size_t)K);
+    f32x4 *xb = alloc_lines(sizeof(f32x4) * GEN_BLOCK_ROWS * (size_t)K);
     if (!xb) return;  /* out of memory: leave the outputs rather than crash */
     #pragma omp parallel num_threads(n_threads)
     {
-        float *panel = aligned_alloc(64, sizeof(float) * GEN_PANEL * (size_t)K);
+        float *panel = alloc_lines(sizeof(float) * GEN_PANEL * (size_t)K);
         float *buf = malloc(sizeof(float) * (size_t)K);
         for (int t0 = 0; t0 < T; t0 += GEN_BLOCK_ROWS) {
             const int rows = T - t0 < GEN_BLOCK_ROWS ? T - t0 : GEN_BLOCK_ROWS;
@@ -611,7 +611,7 @@ void gemm_panels(GemmTile *tile, int width, int rows, float *out, const float *x
     const int n_panels = (N + width - 1) / width;
     #pragma omp parallel num_threads(n_threads)
     {
-        float *panel = aligned_alloc(64, sizeof(float) * width * (size_t)K);
+        float *panel = alloc_lines(sizeof(float) * width * (size_t)K);
         #pragma omp for schedule(static)
         for (int p = 0; p < n_panels; p++) {
             if (!panel) continue;  /* out of memory: leave the outputs rather than crash */
@@ -632,7 +632,7 @@ void gemm_panels(GemmTile *tile, int width, int rows, float *out, const float *x
 float *aligned_rows(const float *x, int T, int K, int *ld)
 {
     const int stride = (K + 15) / 16 * 16;
-    float *rows = aligned_alloc(64, sizeof(float) * (size_t)T * stride);
+    float *rows = alloc_lines(sizeof(float) * (size_t)T * stride);
     if (!rows) return NULL;
     for (int t = 0; t < T; t++) memcpy(rows + (size_t)t * stride, x + (size_t)t * K, sizeof(float) * K);
     *ld = stride;

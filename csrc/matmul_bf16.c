@@ -93,7 +93,7 @@ static int xpairs_pack(XPairs *xp, const float *x, int T, int K, int n_threads)
     xp->t_blocks = (T + TILE - 1) / TILE;
     xp->k_blocks = (K + KBLOCK - 1) / KBLOCK;
     const int n_blocks = xp->t_blocks * xp->k_blocks;
-    xp->data = aligned_alloc(64, sizeof(uint16_t) * TILE * KBLOCK * (size_t)n_blocks);
+    xp->data = alloc_lines(sizeof(uint16_t) * TILE * KBLOCK * (size_t)n_blocks);
     if (!xp->data) return 0;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int b = 0; b < n_blocks; b++)
@@ -122,7 +122,7 @@ static const uint16_t *weight_strip(const NeoMatrix *w, int n0, int rows, int K,
 /* The scratch weight_strip may need, allocated by each thread on first use. */
 static uint16_t *strip_scratch(uint16_t **scratch, int rows, int K)
 {
-    if (!*scratch) *scratch = aligned_alloc(64, sizeof(uint16_t) * rows * (size_t)round_up(K, KBLOCK));
+    if (!*scratch) *scratch = alloc_lines(sizeof(uint16_t) * rows * (size_t)round_up(K, KBLOCK));
     return *scratch;
 }
 

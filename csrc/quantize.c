@@ -37,8 +37,9 @@ int neo_quantize_i8(int8_t *values, float *scales, const float *src, size_t rows
                 float v = scale > 0.0f ? x[i] / scale : 0.0f;
                 /* round to nearest even: exact for |v| < 2^22 in the default rounding mode */
                 v = (v + ROUNDER) - ROUNDER;
-                /* |v| <= 127 unless the scale is subnormal and lost precision */
-                v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+                /* |v| <= 127 unless the scale is subnormal and lost precision; NaN (a block the
+                 * caller refuses) 0, since converting it to an int is undefined */
+                v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v == v ? v : 0.0f;
                 values[begin + i] = (int8_t)(int)v;
             }
         }

@@ -76,10 +76,11 @@ static void run_kernel(int kernel, NeoIsa isa, NeoBf16Gemm gemm, float *out, con
 }
 
 /* 1 when both kernels give each of T rows exactly what that row gives alone. K = 192 lets
- * the bf16 GEMMs read bf16 weights in place, K = 200 makes them copy (and leaves SIMD tails). */
+ * the bf16 GEMMs read bf16 weights in place, K = 200 makes them copy (and leaves SIMD tails),
+ * K = 201 gives rows and panels of no whole number of 64-byte lines. */
 static int rows_computed_alone(NeoIsa isa, NeoBf16Gemm gemm, int n_threads, int K)
 {
-    enum { T = 37, MAX_K = 200, N = 45 };
+    enum { T = 37, MAX_K = 201, N = 45 };
     static float x[T * MAX_K], bias[N], together[T * N], alone[N];
     const NeoMatrix w = bf16_matrix(N, K, 0.5f);
     for (int i = 0; i < T * K; i++) x[i] = random_value(1.0f);
@@ -148,5 +149,10 @@ int main(int argc, char **argv)
         tokens[0] = (step * 53 + 7) % VOCAB;  /* fixed, not greedy: builds may differ in the last bits */
     }
     neo_state_free(s);
+    /* last, so that the model above is drawn from the stream as before it was added */
+    if (!rows_computed_alone(isa, gemm, atoi(argv[2]), 201)) {
+        fprintf(stderr, "%s: a row's result depends on the other rows (K = 201)\n", argv[1]);
+        return 3;
+    }
     return 0;
 }
