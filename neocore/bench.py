@@ -408,7 +408,7 @@ def run(args: argparse.Namespace) -> int:
         # taken in a busy moment put the roofline below what the engine then reached
         bandwidth = max(before, memory_bandwidth(threads))
         for i, ((dtype, compute), row) in enumerate(zip(variants, runs)):
-            row.update(bandwidth_gb_s=bandwidth,
+            row.update(bandwidth_gb_s=bandwidth, compute_asked=compute,
                        roofline_tok_s=bandwidth * 1e9 / weights_bytes_per_token(config, dtype))
             if i == 0:
                 row.update(host)
@@ -455,7 +455,8 @@ def run(args: argparse.Namespace) -> int:
                   f"{ours['step_ms_at_2000']:.2f} ms ({ours['step_ms_at_2000'] / ours['step_ms_at_100']:.2f}x)")
         for r in rows:
             if r.get("variant_of_first") and r["threads"] == threads:
-                print(f"  neocore {r['dtype']} (ran {r['compute']}) against {ours['dtype']} {computes[0]}: prefill "
+                ran = "" if r["compute"] == r["compute_asked"] else f" (ran {r['compute']})"
+                print(f"  neocore {r['dtype']} {r['compute_asked']}{ran} against {ours['dtype']} {computes[0]}: prefill "
                       f"{r['prefill_tok_s'] / ours['prefill_tok_s']:.2f}x, decode {r['decode_tok_s'] / ours['decode_tok_s']:.2f}x "
                       f"({100 * r['decode_tok_s'] / r['roofline_tok_s']:.0f}% of its roofline, "
                       f"{r['roofline_tok_s']:.1f} tok/s), peak RSS {r['peak_rss'] / ours['peak_rss']:.2f}x")
