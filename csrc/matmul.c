@@ -248,7 +248,7 @@ INLINE_AVX2 float hsum8(__m256 v)
 #define MV_X_L1 (24 << 10) /* bytes of x that stay in L1 beside the weight rows */
 #define MV_TILE_OUTS 2     /* weight rows a tile shares each x vector with (x past L1, or int8) */
 #define MV_TILE_ROWS 6     /* rows of x a tile shares each widened weight vector with */
-#define MV_SPAN 512        /* columns a tile runs over before the next tile: see below */
+#define MV_SPAN 768        /* columns a tile runs over before the next tile: see below */
 _Static_assert(NEO_I8_BLOCK % 32 == 0, "a 32-column step takes one int8 scale");
 _Static_assert(MV_BLOCK % MV_TILE_OUTS == 0, "a block is whole tiles");
 
@@ -331,7 +331,9 @@ INLINE_AVX2 void dot_row_pair_avx2(const NeoDType dtype, NeoDecodePrefetch how, 
  * of MV_TILE_OUTS weight rows by R rows, every x vector serving MV_TILE_OUTS FMAs and every
  * widened weight vector R. A tile runs as many lanes a pass as MV_ACC accumulators hold, two
  * or one, over a span of at most MV_SPAN columns of all the block's weight rows, then the next
- * span, so that x's span (R rows, at most 12 KiB) stays in L1 through every pass and weight row. */
+ * span, so that x's span (R rows, at most 18 KiB) stays in L1 through every pass and weight row.
+ * (Spans of 768 columns, against 512: 125M's K = 768 runs as one span, not two of 384; EPYC,
+ * steps of 12-32 rows, builds alternating, 4-7% faster, bf16 and int8, 125M and 1.3B.) */
 #define MV_ACC 12        /* accumulators a tile keeps in registers, beside its weight vectors and x */
 INLINE_AVX2 void dot_block_avx2(const NeoDType dtype, const int R, size_t prefetch_ahead,
                                 float *sums, const float *const *xr, const NeoMatrix *w,
