@@ -556,7 +556,8 @@ class _ReplicaHeader:
 
 def build_app() -> FastAPI:
     """The OpenAI-compatible app; set app.state.served (a Served) before it takes requests."""
-    app = FastAPI(title="neocore", docs_url=None, redoc_url=None, openapi_url=None)
+    # redirect_slashes off: a path with a trailing slash is an unknown route (404), not a redirect
+    app = FastAPI(title="neocore", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
 
     def served_of(request: HttpRequest) -> Served:
         served: Served = request.app.state.served
@@ -576,7 +577,8 @@ def build_app() -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: HttpRequest, exc: HTTPException) -> JSONResponse:
-        return ApiError(exc.status_code, str(exc.detail), code=str(exc.status_code)).response()
+        # as OpenAI names an unknown route: what was asked, in the message; no code
+        return ApiError(exc.status_code, f"{exc.detail} ({request.method} {request.url.path})").response()
 
     app.add_middleware(_ReplicaHeader)
 

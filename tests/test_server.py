@@ -517,8 +517,12 @@ def test_malformed_bodies_and_unknown_routes(server, client):
         response = httpx.post(server + "/v1/completions", content=content,
                               headers={"content-type": "application/json"})
         assert response.status_code == 400 and response.json()["error"]["message"]
-    response = httpx.get(server + "/v1/nothing")
-    assert response.status_code == 404 and "error" in response.json()
+    for method, path, status in (("GET", "/v1/nothing", 404), ("POST", "/v1/completions/", 404),
+                                 ("GET", "/v1/completions", 405)):
+        response = httpx.request(method, server + path)
+        error = response.json()["error"]
+        assert response.status_code == status and f"{method} {path}" in error["message"]
+        assert error["type"] == "invalid_request_error" and error["code"] is None
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt="hi", temperature=-1)
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices[0].text is not None
