@@ -268,6 +268,9 @@ def app(model: str | os.PathLike, num_replicas: int = 2, threads_per_replica: in
                                ("max_batch", max_batch, 1), ("max_queue", 0 if max_queue is None else max_queue, 0)):
         if not is_integer(value) or value < least:
             raise NeocoreError(f"{what} must be an integer >= {least}, got {value!r}")
+    # numpy's integers pass the check; Ray's own options take Python ints
+    num_replicas, threads_per_replica, max_batch = int(num_replicas), int(threads_per_replica), int(max_batch)
+    max_queue = None if max_queue is None else int(max_queue)
     spec = os.fspath(_local_path(model))
     load_options = {**load_options, "threads": threads_per_replica}
     if "config" in load_options:

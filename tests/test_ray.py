@@ -313,6 +313,9 @@ def test_bad_arguments_are_refused_before_ray_starts(folder):
         neocore.ray.app(folder, max_batch="16")
     with pytest.raises(neocore.NeocoreError, match="max_queue"):
         neocore.ray.app(folder, max_queue=-1)
+    # numpy's integers are integers; Ray's options take only Python's, so app converts them
+    assert neocore.ray.app(folder, num_replicas=np.int64(1), threads_per_replica=np.int32(1), max_batch=np.int64(4),
+                           max_queue=np.int64(2)) is not None
     with pytest.raises(neocore.SamplingError, match="temperature"):
         neocore.ray.Generate(folder, temperature=-1)
     with pytest.raises(neocore.NeocoreError, match="max_new_tokens"):
