@@ -269,8 +269,8 @@ class Engine:
         tokens = token_array(request.prompt, model.config.vocab_size)
         if not tokens.size:
             raise NeocoreError("the prompt is empty: give at least one token")
-        if len(request.prompt) >= model.context_length:
-            raise ContextError(f"the prompt is {len(request.prompt)} tokens long; the context holds "
+        if tokens.size >= model.context_length:
+            raise ContextError(f"the prompt is {tokens.size} tokens long; the context holds "
                                f"{model.context_length}, and room is needed for at least one new token")
         if not is_integer(request.max_new_tokens) or request.max_new_tokens < 0:
             raise NeocoreError(f"max_new_tokens must be an integer >= 0, got {request.max_new_tokens!r}")

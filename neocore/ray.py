@@ -277,7 +277,8 @@ def app(model: str | os.PathLike, num_replicas: int = 2, threads_per_replica: in
         load_options["config"] = _local_path(load_options["config"])
     # Serve would hold a replica to 5 requests at a time (its default) and queue the rest
     # itself, unbounded: the replica's engine takes what it runs and queues, and answers 429
-    # past that; a few more places keep /health and /metrics answering beside them.
+    # past that; a few more places keep /health and /metrics answering beside them. With no
+    # max_queue, a replica takes as many again as it runs, and Serve queues the rest.
     ongoing = max_batch + (max_queue if max_queue is not None else max_batch) + SERVICE_REQUESTS
     deployment = serve.deployment(Replica, name="neocore", num_replicas=num_replicas,
                                   ray_actor_options={"num_cpus": threads_per_replica},
