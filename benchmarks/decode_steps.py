@@ -2,12 +2,14 @@
 prefilled with 40 random tokens each, then `model.step` advances all of them by one token.
 Prints the median of 10 steps (after 2 warm-up steps) for each R.
 
-    python benchmarks/decode_steps.py MODEL [THREADS] [R,R,...] [OTHER_DIR]
+    python benchmarks/decode_steps.py MODEL [THREADS] [R,R,...] [OTHER_DIR | B_JSON]
 
 Runs this checkout's build (in place or editable). With OTHER_DIR, a folder holding another
 build copied as a package named `neocore_b` (as for two_builds.py), this build (A) and that one
 (B) take turns step by step, A first, so that a noisy host's swings hit both alike, and A/B is
-printed. The weight type is the folder's: time int8 on a converted int8 folder."""
+printed; with B_JSON instead (keyword arguments of neocore.load, e.g. '{"isa": "avx2"}'), B is
+this build loaded so. The weight type is the folder's: time int8 on a converted int8 folder."""
+import json
 import statistics
 import sys
 import time
@@ -15,12 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1])] + sys.argv[4:5]
+other = sys.argv[4] if len(sys.argv) > 4 else None
+sys.path[:0] = [str(Path(__file__).resolve().parents[1])] + ([other] if other and not other.startswith("{") else [])
 import neocore  # noqa: E402
 
 threads = int(sys.argv[2]) if len(sys.argv) > 2 else 2
 builds = {"A": neocore.load(sys.argv[1], threads=threads)}
-if len(sys.argv) > 4:
+if other and other.startswith("{"):
+    builds["B"] = neocore.load(sys.argv[1], threads=threads, **json.loads(other))
+elif other:
     import neocore_b
     builds["B"] = neocore_b.load(sys.argv[1], threads=threads)
 vocab = builds["A"].config.vocab_size

@@ -1,6 +1,6 @@
 /* cpu_features.c: which kernel paths may run here? CPUID says what the core has, XGETBV
  * whether the OS saves the wider registers across context switches; both must agree. The
- * vendor picks tuning choices that help on one CPU family and hurt on another. */
+ * kind of CPU picks tuning choices that help on one CPU family and hurt on another. */
 #include <string.h>
 #include "neocore.h"
 
@@ -80,23 +80,25 @@ int neo_cpu_has_amx_bf16(void)
     return cached;
 }
 
-NeoCpuVendor neo_cpu_vendor(void)
+NeoCpuKind neo_cpu_kind(void)
 {
     static int cached = -1; /* CPUID is slow under virtualisation: ask once */
     if (cached < 0) {
         unsigned a, vendor[3];
-        cached = NEO_VENDOR_OTHER;
-        if (__get_cpuid(0, &a, &vendor[0], &vendor[2], &vendor[1]))
-            cached = memcmp(vendor, "AuthenticAMD", 12) == 0   ? NEO_VENDOR_AMD
-                     : memcmp(vendor, "GenuineIntel", 12) == 0 ? NEO_VENDOR_INTEL
-                                                               : NEO_VENDOR_OTHER;
+        cached = NEO_CPU_OTHER;
+        if (__get_cpuid(0, &a, &vendor[0], &vendor[2], &vendor[1])) {
+            if (memcmp(vendor, "AuthenticAMD", 12) == 0)
+                cached = neo_cpu_has_avx512() ? NEO_CPU_AMD_ZEN4 : NEO_CPU_AMD_ZEN3;
+            else if (memcmp(vendor, "GenuineIntel", 12) == 0)
+                cached = NEO_CPU_INTEL;
+        }
     }
-    return (NeoCpuVendor)cached;
+    return (NeoCpuKind)cached;
 }
 #else
 int neo_cpu_has_avx2_fma(void) { return 0; }
 int neo_cpu_has_avx512(void) { return 0; }
 int neo_cpu_has_avx512_bf16(void) { return 0; }
 int neo_cpu_has_amx_bf16(void) { return 0; }
-NeoCpuVendor neo_cpu_vendor(void) { return NEO_VENDOR_OTHER; }
+NeoCpuKind neo_cpu_kind(void) { return NEO_CPU_OTHER; }
 #endif

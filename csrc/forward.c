@@ -261,7 +261,8 @@ static void linear(const NeoState *s, const NeoProjection *proj, int n_proj, con
                    int n_rows, int n_decode, int K, int accumulate)
 {
     if (n_decode > 0)
-        matvec_projections(proj, n_proj, x, n_decode, K, accumulate, s->n_threads, s->isa);
+        matvec_projections(proj, n_proj, x, n_decode, K, accumulate, s->n_threads,
+                           neo_decode_isa(s->isa, proj->w->dtype));
     if (n_rows == n_decode) return;
     x += (size_t)n_decode * K;
     for (const NeoProjection *p = proj; p < proj + n_proj; p++) {

@@ -120,16 +120,23 @@ static inline __m512 simde_cvtepi32_ps(__m512i a)
 #endif
 
 /* The decode kernels stream each weight row once a step. How they prefetch that stream
- * (neo_decode_prefetch) is chosen by CPU maker, because each way was measured on one maker's
- * CPUs and loses on the other's:
- * - AMD (EPYC, Zen 3): a non-temporal hint a few lines ahead, once a step, gave 4-20% more
+ * (neo_decode_prefetch) is chosen by CPU kind and weight type, because each way was measured on
+ * one kind of CPU and loses on another:
+ * - AMD Zen 3 (EPYC, AVX2): a non-temporal hint a few lines ahead, once a step, gave 4-20% more
  *   bandwidth (256 bytes ahead, against none); into L2 PREFETCH_FAR_BYTES ahead made 1.3B's
  *   matrices 1.07-1.22x slower. The distance was then measured by weight type (125M and 1.3B
  *   matrices, 1 and 2 threads, builds alternating): bf16 1024 bytes against 256 5-8% faster;
  *   512 no better; 2048 7% and 4096 9-12% slower on 1.3B. int8 rows measured best farther:
  *   4096 bytes against 1024 7-15% faster alone, whole 125M steps 10% faster at 1 and 2
  *   threads, 1.3B steps 1.2-1.3% (within noise); 8192 no better. fp32 rows take the bf16
- *   distance (not measured), and so does the AVX-512 loop on AMD (Zen 4, not measured).
+ *   distance (not measured).
+ * - AMD Zen 4 (EPYC, AVX-512), whole decode steps, builds alternating, 1 and 2 threads: for
+ *   one row of x the Zen 3 hint made bf16 weights slower (125M steps 1.33x slower on the
+ *   AVX-512 kernel, 1.04-1.2x on the AVX2 one; 1.3B 1.14-1.33x), and so did it 4096 bytes
+ *   ahead (1.3B 1.06-1.09x) and into L2 (125M 1.2x), so one row's bf16 and fp32 weights are
+ *   not prefetched. Several rows (the AVX2 kernel's groups and tiles, 125M, 2 threads) still
+ *   gain from it (4 rows 1.06x, 8 rows 1.28x, 16 1.1x, 32 1.05x), and so do int8 weights
+ *   4096 bytes ahead (1.06-1.17x, 125M and 1.3B, one row).
  * - Intel (Xeon, Sapphire Rapids class): the non-temporal hint halved decode; into L2,
  *   PREFETCH_FAR_BYTES ahead, every line, made the decode kernel 1.3-1.45x faster (125M and
  *   1.3B matrices, 1 and 2 threads, against no prefetch, builds alternating: kernel_ab.c).
@@ -174,7 +181,9 @@ float *aligned_rows(const float *x, int T, int K, int *ld);
  * one parallel region (each region costs a start and a barrier, which at 16 threads weighed on
  * a decode step), prefetching as isa does here. */
 #define MATVEC_DRIVER(block, block_rows, isa)                                                  \
-    const NeoDecodePrefetch how = neo_decode_prefetch(isa);                                    \
+    const NeoDecodePrefetch how_bf16 = neo_decode_prefetch(isa, NEO_BF16, T);                   \
+    const NeoDecodePrefetch how_i8 = neo_decode_prefetch(isa, NEO_I8, T);                       \
+    const NeoDecodePrefetch how_f32 = neo_decode_prefetch(isa, NEO_F32, T);                     \
     int first_block[NEO_MAX_PROJECTIONS + 1] = {0};                                            \
     for (int j = 0; j < n_proj; j++)                                                           \
         first_block[j + 1] = first_block[j] + (proj[j].N + (block_rows) - 1) / (block_rows);   \
@@ -189,11 +198,11 @@ float *aligned_rows(const float *x, int T, int K, int *ld);
         const int n_begin = (b - first_block[j]) * (block_rows);                               \
         const int n_end = n_begin + (block_rows) < p->N ? n_begin + (block_rows) : p->N;       \
         if (p->w->dtype == NEO_BF16)                                                           \
-            block(NEO_BF16, how, p->out, xa, ld, p->w, p->bias, T, n_begin, n_end, K, p->N, accumulate); \
+            block(NEO_BF16, how_bf16, p->out, xa, ld, p->w, p->bias, T, n_begin, n_end, K, p->N, accumulate); \
         else if (p->w->dtype == NEO_I8)                                                        \
-            block(NEO_I8, how, p->out, xa, ld, p->w, p->bias, T, n_begin, n_end, K, p->N, accumulate); \
+            block(NEO_I8, how_i8, p->out, xa, ld, p->w, p->bias, T, n_begin, n_end, K, p->N, accumulate); \
         else                                                                                   \
-            block(NEO_F32, how, p->out, xa, ld, p->w, p->bias, T, n_begin, n_end, K, p->N, accumulate); \
+            block(NEO_F32, how_f32, p->out, xa, ld, p->w, p->bias, T, n_begin, n_end, K, p->N, accumulate); \
     }                                                                                          \
     free(aligned);
 

@@ -122,16 +122,23 @@ int neo_cpu_has_avx512(void);
  * that is refused. */
 int neo_cpu_has_avx512_bf16(void);
 int neo_cpu_has_amx_bf16(void);
-/* The CPU's maker (CPUID vendor string): some kernel choices were measured on one maker's CPUs
- * and lose on the other's, so they are made by it at run time. */
-typedef enum { NEO_VENDOR_OTHER, NEO_VENDOR_AMD, NEO_VENDOR_INTEL } NeoCpuVendor;
-NeoCpuVendor neo_cpu_vendor(void);
+/* The kind of CPU some kernel choices were measured on (CPUID): a choice that won on one kind
+ * lost on another, so each is made by kind at run time. AMD CPUs without AVX-512 are measured
+ * as Zen 3, AMD ones with it (AMD's first was Zen 4) as Zen 4; Intel ones as the Sapphire
+ * Rapids class Xeon. */
+typedef enum { NEO_CPU_OTHER, NEO_CPU_AMD_ZEN3, NEO_CPU_AMD_ZEN4, NEO_CPU_INTEL } NeoCpuKind;
+NeoCpuKind neo_cpu_kind(void);
 /* 1 when compiled with OpenMP; without it every step runs on one thread. */
 int neo_built_with_openmp(void);
-/* How the decode kernel of path isa prefetches the weights it streams, on this CPU: not at all,
- * non-temporally a little ahead (AMD), or into L2 far ahead (Intel); see internal.h. */
+/* How the decode kernel of path isa prefetches weight rows of type dtype for rows rows of x,
+ * on this CPU: not at all, non-temporally a little ahead, or into L2 far ahead, by CPU kind;
+ * see internal.h. */
 typedef enum { NEO_PREFETCH_NONE, NEO_PREFETCH_NTA_NEAR, NEO_PREFETCH_L2_FAR } NeoDecodePrefetch;
-NeoDecodePrefetch neo_decode_prefetch(NeoIsa isa);
+NeoDecodePrefetch neo_decode_prefetch(NeoIsa isa, NeoDType dtype, int rows);
+/* The path whose decode kernel a model on path isa steps weights of type dtype with, on this
+ * CPU: isa itself, except on AMD Zen 4, where the AVX-512 path decodes bf16 and fp32 weights
+ * with the AVX2 kernel (see matmul.c). */
+NeoIsa neo_decode_isa(NeoIsa isa, NeoDType dtype);
 
 NeoState *neo_state_new(const NeoConfig *cfg, int n_seqs, int n_ctx, int max_rows,
                         int n_threads, NeoIsa isa, NeoBf16Gemm bf16_gemm);

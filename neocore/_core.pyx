@@ -22,6 +22,11 @@ cdef extern from "neocore.h":
         NEO_PREFETCH_NONE
         NEO_PREFETCH_NTA_NEAR
         NEO_PREFETCH_L2_FAR
+    ctypedef enum NeoCpuKind:
+        NEO_CPU_OTHER
+        NEO_CPU_AMD_ZEN3
+        NEO_CPU_AMD_ZEN4
+        NEO_CPU_INTEL
     ctypedef enum NeoBf16Gemm:
         NEO_BF16_OFF
         NEO_BF16_REFERENCE
@@ -74,7 +79,9 @@ cdef extern from "neocore.h":
     int neo_cpu_has_avx512_bf16()
     int neo_cpu_has_amx_bf16()
     int neo_built_with_openmp()
-    NeoDecodePrefetch neo_decode_prefetch(NeoIsa isa)
+    NeoDecodePrefetch neo_decode_prefetch(NeoIsa isa, NeoDType dtype, int rows)
+    NeoIsa neo_decode_isa(NeoIsa isa, NeoDType dtype)
+    NeoCpuKind neo_cpu_kind()
     NeoState *neo_state_new(const NeoConfig *cfg, int n_seqs, int n_ctx, int max_rows,
                             int n_threads, NeoIsa isa, NeoBf16Gemm bf16_gemm)
     void neo_state_free(NeoState *s)
@@ -149,11 +156,32 @@ def usable_isas() -> list:
     return [isa for isa in MODEL_ISAS if isa_runs_here(isa)] + ["scalar"]
 
 
-def decode_prefetch(str isa) -> str:
-    """How path isa's decode kernel prefetches its weights on this CPU, chosen by its maker:
-    "none", "nta-near" (non-temporally, a few lines ahead: AMD) or "l2-far" (into L2, a page
-    ahead: Intel)."""
-    cdef NeoDecodePrefetch how = neo_decode_prefetch(ISAS[isa])
+def cpu_kind() -> str:
+    """The kind of CPU that the kernels' tuning choices go by (csrc/neocore.h): "amd-zen3" (AMD
+    without AVX-512), "amd-zen4" (AMD with it), "intel" or "other"."""
+    return {NEO_CPU_AMD_ZEN3: "amd-zen3", NEO_CPU_AMD_ZEN4: "amd-zen4", NEO_CPU_INTEL: "intel"}.get(
+        neo_cpu_kind(), "other")
+
+
+def decode_kernel(str isa, str dtype) -> str:
+    """The decode kernel (generic, avx2, avx512, scalar) a model on path isa steps weights of type
+    dtype with on this CPU: isa's own, except on the AVX-512 paths on AMD Zen 4, which decode bf16
+    and fp32 weights with the AVX2 kernel (faster there, csrc/matmul.c)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    cdef NeoIsa decode = neo_decode_isa(ISAS[isa], DTYPES[dtype])
+    return next(name for name, value in ISAS.items() if value == decode)  # amx, avx512bf16: avx512
+
+
+def decode_prefetch(str isa, str dtype, int rows=1) -> str:
+    """How path isa's decode kernel prefetches weight rows of type dtype for rows rows of x on
+    this CPU, chosen by its kind: "none", "nta-near" (non-temporally, a few lines ahead: AMD)
+    or "l2-far" (into L2, a page ahead: Intel)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if rows < 1:
+        raise ValueError(f"rows must be at least 1, got {rows}")
+    cdef NeoDecodePrefetch how = neo_decode_prefetch(ISAS[isa], DTYPES[dtype], rows)
     if how == NEO_PREFETCH_NTA_NEAR:
         return "nta-near"
     return "l2-far" if how == NEO_PREFETCH_L2_FAR else "none"

@@ -308,7 +308,15 @@ def machine() -> dict:
     return {"cpu": _core.cpu_model(), "cpu_flags": _core.cpu_flags(), "cores": os.cpu_count(),
             "usable_paths": _core.usable_isas()[:-1], "path": isa,
             "path_chosen_by": "NEOCORE_ISA" if os.environ.get("NEOCORE_ISA") else "auto",
-            "decode_prefetch": _core.decode_prefetch(isa)}
+            "cpu_kind": _core.cpu_kind(),
+            "decode_kernel": {dtype: _core.decode_kernel(isa, dtype) for dtype in _core.DTYPES},
+            "decode_prefetch": {dtype: _core.decode_prefetch(isa, dtype) for dtype in _core.DTYPES}}
+
+
+def by_dtype(choices: dict[str, str]) -> str:
+    """'none' where every weight type has the same choice, else 'float32 none, ..., int8 nta-near'."""
+    ways = set(choices.values())
+    return ways.pop() if len(ways) == 1 else ", ".join(f"{dtype} {way}" for dtype, way in choices.items())
 
 
 def warm_page_cache(folder: Path) -> None:
@@ -427,7 +435,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"CPU: {host['cpu']} ({host['cores']} cores); SIMD flags: {' '.join(host['cpu_flags']) or 'none listed'}")
     print(f"kernel path: {host['path']} ({host['path_chosen_by']}; this CPU runs {', '.join(host['usable_paths'])}); "
-          f"decode prefetch: {host['decode_prefetch']} (by CPU maker)")
+          f"decode kernel: {by_dtype(host['decode_kernel'])}, prefetch {by_dtype(host['decode_prefetch'])} "
+          f"(one sequence; tuned for {host['cpu_kind']})")
     for r in rows:
         if r["engine"] == "neocore" and not r.get("variant_of_first"):
             print(f"read bandwidth, {r['threads']} thread(s): {r['bandwidth_gb_s']:.1f} GB/s")

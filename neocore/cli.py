@@ -377,7 +377,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("weight memory", f"{model.weight_bytes() / 2**20:.1f} MiB"),
         ("context", model.context_length),
         ("kernel path", f"{model.isa} (this CPU runs {', '.join(_core.usable_isas()[:-1])})"),
-        ("decode prefetch", f"{_core.decode_prefetch(model.isa)} (chosen by CPU maker)"),
+        ("decode kernel", f"{_core.decode_kernel(model.isa, model.dtype)} (tuned for {_core.cpu_kind()})"),
+        ("decode prefetch", f"{_core.decode_prefetch(model.isa, model.dtype)} (one sequence; tuned for {_core.cpu_kind()})"),
         ("compute", "exact (fp32 activations)" if model.compute == "exact" else
          f"bf16 (prompt matmuls in bf16 on {BF16_GEMM_NAMES[model.isa]}; decode exact)"),
         ("threads", model.threads if _core.built_with_openmp() else f"{model.threads} (built without OpenMP)"),

@@ -183,9 +183,10 @@ def test_score_and_info(tiny, tmp_path):
     info = run_cli("info", "-m", str(tiny), "--threads", "1")
     assert info.returncode == 0
     assert "hidden size:     64" in info.stdout and "threads:         1" in info.stdout
-    isa = neocore.load(tiny).isa
-    assert f"kernel path:     {isa} " in info.stdout
-    assert f"decode prefetch: {_core.decode_prefetch(isa)} " in info.stdout
+    model = neocore.load(tiny)
+    assert f"kernel path:     {model.isa} " in info.stdout
+    assert f"decode kernel:   {_core.decode_kernel(model.isa, model.dtype)} " in info.stdout
+    assert f"decode prefetch: {_core.decode_prefetch(model.isa, model.dtype)} " in info.stdout
 
 
 @pytest.mark.parametrize("args, stdin, message", [
