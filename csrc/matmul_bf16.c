@@ -126,6 +126,19 @@ static uint16_t *strip_scratch(uint16_t **scratch, int rows, int K)
     return *scratch;
 }
 
+/* A strip of n_rows rows of w (row i at rows + i * stride) laid out k block by k block:
+ * [kb][n_rows][KBLOCK], the strip's 64-byte pieces of one k block side by side. Both kernels
+ * then read a k block from a few consecutive lines, where rows a power-of-two number of KiB
+ * apart would all fall in one L1 set (an AMX A tile of 16 rows is 1 KiB in one piece). */
+TARGET_AVX512_BF16 static void retile_strip(uint16_t *tiles, const uint16_t *rows, size_t stride, int n_rows,
+                                            int k_blocks)
+{
+    for (int i = 0; i < n_rows; i++)
+        for (int kb = 0; kb < k_blocks; kb++)
+            _mm512_store_si512(tiles + ((size_t)kb * n_rows + i) * KBLOCK,
+                               _mm512_loadu_si512(rows + i * stride + (size_t)kb * KBLOCK));
+}
+
 /* A block of out^T, acc[n][t] for n_rows rows of w (a line of stride floats each) and up to
  * 16 rows of x, into out[t0 + t][n0 ..] within T and N: per t, one transposed column, the
  * bias added, then what out holds if accumulating (store_output's order). */
@@ -157,10 +170,11 @@ static int work_items(const XPairs *xp, int N, int strip_rows)
  * and BF16_ROWS broadcast pairs of w feed 2 BF16_ROWS VDPBF16PS (24 of the 32 zmm). */
 #define BF16_ROWS 12
 
-/* out for rows n0 .. n0 + BF16_ROWS - 1 of w (a: that strip) and the blocks tb, tb + 1 of x. */
-TARGET_AVX512_BF16 static void gemm_bf16_avx512_item(float *out, const XPairs *xp, const uint16_t *a,
-                                                     size_t stride, const float *bias, int tb, int n0,
-                                                     int T, int N, int accumulate)
+/* out for rows n0 .. n0 + BF16_ROWS - 1 of w (tiles: that strip, retile_strip'd) and the blocks
+ * tb, tb + 1 of x. */
+TARGET_AVX512_BF16 static void gemm_bf16_avx512_item(float *out, const XPairs *xp, const uint16_t *tiles,
+                                                     const float *bias, int tb, int n0, int T, int N,
+                                                     int accumulate)
 {
     const int pair = tb + 1 < xp->t_blocks;
     __m512 acc[BF16_ROWS][2];
@@ -168,12 +182,13 @@ TARGET_AVX512_BF16 static void gemm_bf16_avx512_item(float *out, const XPairs *x
     for (int kb = 0; kb < xp->k_blocks; kb++) {
         const uint16_t *x0 = xpairs_block(xp, tb, kb);
         const uint16_t *x1 = pair ? xpairs_block(xp, tb + 1, kb) : x0;
+        const uint16_t *a = tiles + (size_t)kb * BF16_ROWS * KBLOCK;
         for (int r = 0; r < KBLOCK / 2; r++) {
             const __m512i xv0 = _mm512_load_si512(x0 + r * 2 * TILE);
             const __m512i xv1 = _mm512_load_si512(x1 + r * 2 * TILE);
             for (int i = 0; i < BF16_ROWS; i++) {
                 int32_t w_pair;
-                memcpy(&w_pair, a + i * stride + kb * KBLOCK + 2 * r, sizeof w_pair);
+                memcpy(&w_pair, a + i * KBLOCK + 2 * r, sizeof w_pair);
                 const __m512i wv = _mm512_set1_epi32(w_pair);
                 acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)wv, (__m512bh)xv0);
                 acc[i][1] = _mm512_dpbf16_ps(acc[i][1], (__m512bh)wv, (__m512bh)xv1);
@@ -197,19 +212,20 @@ static void gemm_bf16_avx512(float *out, const XPairs *xp, const NeoMatrix *w, c
     const int t_pairs = (xp->t_blocks + 1) / 2;
     #pragma omp parallel num_threads(n_threads)
     {
-        uint16_t *scratch = NULL;
+        uint16_t *scratch = NULL;  /* a converted strip, then the strip's tiles */
         int strip = -1;
-        const uint16_t *a = NULL;
-        size_t stride = 0;
         #pragma omp for schedule(static)
         for (int item = 0; item < work_items(xp, N, BF16_ROWS); item++) {
             const int s = item / t_pairs, n0 = s * BF16_ROWS;
+            if (!strip_scratch(&scratch, 2 * BF16_ROWS, K)) continue;  /* out of memory: leave out */
+            uint16_t *tiles = scratch + (size_t)BF16_ROWS * xp->k_blocks * KBLOCK;
             if (s != strip) {
-                if (!strip_scratch(&scratch, BF16_ROWS, K)) continue;  /* out of memory: leave out */
-                a = weight_strip(w, n0, BF16_ROWS, K, N, scratch, &stride);
+                size_t stride;
+                const uint16_t *rows = weight_strip(w, n0, BF16_ROWS, K, N, scratch, &stride);
+                retile_strip(tiles, rows, stride, BF16_ROWS, xp->k_blocks);
                 strip = s;
             }
-            gemm_bf16_avx512_item(out, xp, a, stride, bias, item % t_pairs * 2, n0, T, N, accumulate);
+            gemm_bf16_avx512_item(out, xp, tiles, bias, item % t_pairs * 2, n0, T, N, accumulate);
         }
         free(scratch);
     }
@@ -241,18 +257,7 @@ TARGET_AMX static void amx_configure(void)
 
 TARGET_AMX static void amx_release(void) { _tile_release(); }
 
-/* A strip of rows of w (row i at rows + i * stride) as the A tiles of each k block in turn:
- * [kb][AMX_ROWS][KBLOCK], each tile 1 KiB in one piece. Tile loads then stream from L1, where
- * 16 rows a power-of-two number of KiB apart would all fall in one cache set. */
-TARGET_AMX static void amx_retile(uint16_t *tiles, const uint16_t *rows, size_t stride, int k_blocks)
-{
-    for (int i = 0; i < AMX_ROWS; i++)
-        for (int kb = 0; kb < k_blocks; kb++)
-            _mm512_store_si512(tiles + ((size_t)kb * AMX_ROWS + i) * KBLOCK,
-                               _mm512_loadu_si512(rows + i * stride + (size_t)kb * KBLOCK));
-}
-
-/* out for rows n0 .. n0 + AMX_ROWS - 1 of w (tiles: that strip, amx_retile'd) and the blocks
+/* out for rows n0 .. n0 + AMX_ROWS - 1 of w (tiles: that strip, retile_strip'd) and the blocks
  * tb, tb + 1 of x. */
 TARGET_AMX static void gemm_bf16_amx_item(float *out, const XPairs *xp, const uint16_t *tiles,
                                           const float *bias, int tb, int n0, int T, int N,
@@ -302,7 +307,7 @@ static void gemm_bf16_amx(float *out, const XPairs *xp, const NeoMatrix *w, cons
             if (s != strip) {
                 size_t stride;
                 const uint16_t *rows = weight_strip(w, n0, AMX_ROWS, K, N, scratch, &stride);
-                amx_retile(tiles, rows, stride, xp->k_blocks);
+                retile_strip(tiles, rows, stride, AMX_ROWS, xp->k_blocks);
                 strip = s;
             }
             gemm_bf16_amx_item(out, xp, tiles, bias, item % t_pairs * 2, n0, T, N, accumulate);
