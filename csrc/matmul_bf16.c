@@ -101,21 +101,46 @@ static int xpairs_pack(XPairs *xp, const float *x, int T, int K, int n_threads)
     return 1;
 }
 
+/* 16 weights of row n from column k on, as fp32 (lanes past K zero): int8 ones value * scale
+ * of their block, as matrix_element gives them (the 16 lie in one block). */
+_Static_assert(NEO_I8_BLOCK % 16 == 0, "16 int8 columns share one scale");
+INLINE_AVX512_BF16 __m512 strip_lanes(const NeoMatrix *w, int n, int k, int K)
+{
+    const __mmask16 lanes = first_lanes(K - k);
+    const size_t at = (size_t)n * K + k;
+    if (w->dtype == NEO_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, (const uint16_t *)w->data + at)), 16));
+    if (w->dtype == NEO_I8) {
+        const size_t blocks = (K + NEO_I8_BLOCK - 1) / NEO_I8_BLOCK;
+        const __m512i q = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(lanes, (const int8_t *)w->data + at));
+        return _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(w->scales[n * blocks + k / NEO_I8_BLOCK]));
+    }
+    return _mm512_maskz_loadu_ps(lanes, (const float *)w->data + at);
+}
+
 /* Rows n0 .. n0 + rows - 1 of w in bf16, row i at strip + i * stride, columns K .. stride
  * reading zero: w itself where it is bf16, K a multiple of KBLOCK and the strip inside N;
- * else a copy in scratch ([rows][round_up(K, KBLOCK)], rows past N zero). */
-static const uint16_t *weight_strip(const NeoMatrix *w, int n0, int rows, int K, int N,
-                                    uint16_t *scratch, size_t *stride)
+ * else a copy in scratch ([rows][round_up(K, KBLOCK)], rows past N zero), each weight
+ * rounded to bf16 as f32_to_bf16_bits does (VCVTNE2PS2BF16 flushes denormals, which
+ * VDPBF16PS and TDPBF16PS read as zero anyway). */
+TARGET_AVX512_BF16 static const uint16_t *weight_strip(const NeoMatrix *w, int n0, int rows, int K, int N,
+                                                       uint16_t *scratch, size_t *stride)
 {
     if (w->dtype == NEO_BF16 && K % KBLOCK == 0 && n0 + rows <= N) {
         *stride = (size_t)K;
         return (const uint16_t *)w->data + (size_t)n0 * K;
     }
     *stride = (size_t)round_up(K, KBLOCK);
-    for (int i = 0; i < rows; i++)
-        for (size_t k = 0; k < *stride; k++)
-            scratch[i * *stride + k] = n0 + i < N && k < (size_t)K
-                                           ? f32_to_bf16_bits(matrix_element(w, n0 + i, k, K)) : 0;
+    for (int i = 0; i < rows; i++) {
+        uint16_t *line = scratch + i * *stride;
+        for (int k = 0; k < (int)*stride; k += KBLOCK) {
+            const __m512bh pairs = n0 + i < N ? _mm512_cvtne2ps_pbh(strip_lanes(w, n0 + i, k + TILE, K),
+                                                                    strip_lanes(w, n0 + i, k, K))
+                                              : (__m512bh)_mm512_setzero_si512();
+            _mm512_store_si512(line + k, (__m512i)pairs);
+        }
+    }
     return scratch;
 }
 

@@ -12,7 +12,7 @@ import torch
 import neocore
 import neocore.model
 from neocore import _core
-from neocore.weights import f32_to_bf16
+from neocore.weights import f32_to_bf16, quantize_i8
 
 from neocore.model import ISA_NEEDS
 
@@ -29,10 +29,18 @@ def bf16_round(a: np.ndarray) -> np.ndarray:
 
 
 def problem(T, K, N, wtype, seed):
+    """x, w as the kernel takes it, w's values in fp32 (an int8 one's value * its block's scale,
+    computed here), and a bias."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((T, K)).astype(np.float32)
     w32 = rng.standard_normal((N, K)).astype(np.float32)
-    w = f32_to_bf16(w32)[0] if wtype == "bfloat16" else w32
+    if wtype == "bfloat16":
+        w = f32_to_bf16(w32)[0]
+    elif wtype == "int8":
+        w = quantize_i8(w32)
+        w32 = w.values.astype(np.float32) * np.repeat(w.scales, _core.I8_BLOCK, axis=1)[:, :K]
+    else:
+        w = w32
     return x, w, w32, rng.standard_normal(N).astype(np.float32)
 
 
@@ -45,12 +53,12 @@ def run(x, w, bias, isa, threads=2, out=None, accumulate=False):
 @pytest.mark.parametrize("isa", BF16_PATHS)
 @pytest.mark.parametrize("T, K, N", [(1, 32, 1), (2, 36, 5), (17, 64, 33), (33, 100, 50), (40, 768, 70),
                                      (128, 96, 17)])
-@pytest.mark.parametrize("wtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("wtype", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_bf16_gemm_is_the_product_of_the_rounded_operands(isa, T, K, N, wtype, accumulate):
     x, w, w32, bias = problem(T, K, N, wtype, T * 1000 + K + N)
     out = np.random.default_rng(1).standard_normal((T, N)).astype(np.float32)
-    # fp32 weights are rounded to bf16 too; bf16 ones are unchanged by it
+    # fp32 and int8 weights are rounded to bf16 too; bf16 ones are unchanged by it
     expected = bf16_round(x) @ bf16_round(w32).T + bias + (out if accumulate else 0)
     run(x, w, bias, isa, out=out, accumulate=accumulate)
     # fp32 sums in another order than float64's: the only difference allowed
