@@ -184,19 +184,15 @@ float *aligned_rows(const float *x, int T, int K, int *ld);
     const NeoDecodePrefetch how_bf16 = neo_decode_prefetch(isa, NEO_BF16, T);                   \
     const NeoDecodePrefetch how_i8 = neo_decode_prefetch(isa, NEO_I8, T);                       \
     const NeoDecodePrefetch how_f32 = neo_decode_prefetch(isa, NEO_F32, T);                     \
-    int first_block[NEO_MAX_PROJECTIONS + 1] = {0};                                            \
-    for (int j = 0; j < n_proj; j++)                                                           \
-        first_block[j + 1] = first_block[j] + (proj[j].N + (block_rows) - 1) / (block_rows);   \
+    int first_block[NEO_MAX_PROJECTIONS + 1];                                                  \
+    const int blocks = projection_blocks(proj, n_proj, block_rows, first_block);               \
     int ld = K;                                                                                \
     float *aligned = aligned_rows(x, T, K, &ld);                                               \
     const float *xa = aligned ? aligned : x;                                                   \
     _Pragma("omp parallel for num_threads(n_threads) schedule(static)")                        \
-    for (int b = 0; b < first_block[n_proj]; b++) {                                            \
-        int j = 0;                                                                             \
-        while (b >= first_block[j + 1]) j++;                                                   \
-        const NeoProjection *p = &proj[j];                                                     \
-        const int n_begin = (b - first_block[j]) * (block_rows);                               \
-        const int n_end = n_begin + (block_rows) < p->N ? n_begin + (block_rows) : p->N;       \
+    for (int b = 0; b < blocks; b++) {                                                         \
+        int n_begin, n_end;                                                                    \
+        const NeoProjection *p = projection_block(proj, first_block, b, block_rows, &n_begin, &n_end); \
         if (p->w->dtype == NEO_BF16)                                                           \
             block(NEO_BF16, how_bf16, p->out, xa, ld, p->w, p->bias, T, n_begin, n_end, K, p->N, accumulate); \
         else if (p->w->dtype == NEO_I8)                                                        \
@@ -205,6 +201,27 @@ float *aligned_rows(const float *x, int T, int K, int *ld);
             block(NEO_F32, how_f32, p->out, xa, ld, p->w, p->bias, T, n_begin, n_end, K, p->N, accumulate); \
     }                                                                                          \
     free(aligned);
+
+/* The decode drivers split the rows of up to NEO_MAX_PROJECTIONS matrices over the threads
+ * together, in blocks of block_rows rows: first[j] is matrix j's first block; returns the
+ * number of blocks. */
+static inline int projection_blocks(const NeoProjection *proj, int n_proj, int block_rows, int *first)
+{
+    first[0] = 0;
+    for (int j = 0; j < n_proj; j++) first[j + 1] = first[j] + (proj[j].N + block_rows - 1) / block_rows;
+    return first[n_proj];
+}
+
+/* Block b of projection_blocks: its matrix, and its rows [n_begin, n_end). */
+static inline const NeoProjection *projection_block(const NeoProjection *proj, const int *first, int b,
+                                                    int block_rows, int *n_begin, int *n_end)
+{
+    int j = 0;
+    while (b >= first[j + 1]) j++;
+    *n_begin = (b - first[j]) * block_rows;
+    *n_end = *n_begin + block_rows < proj[j].N ? *n_begin + block_rows : proj[j].N;
+    return &proj[j];
+}
 
 /* matmul_avx512.c */
 #define PANEL512 32

@@ -187,6 +187,10 @@ void matvec_projections(const NeoProjection *proj, int n_proj, const float *x, i
  * dtype are rounded to bf16 too: bf16 ones are unchanged), on the given multiplier. */
 void matmul_bf16_forward(float *out, const float *x, const NeoMatrix *w, const float *bias,
                          int T, int K, int N, int accumulate, int n_threads, NeoBf16Gemm gemm);
+/* The decode rows of the bf16 compute mode: matvec_projections with x rounded to bf16 and the
+ * products summed in fp32, each row as it would be alone (see matmul_bf16.c). */
+void matvec_bf16_projections(const NeoProjection *proj, int n_proj, const float *x, int T, int K,
+                             int accumulate, int n_threads, NeoBf16Gemm gemm);
 void gelu_new_forward(float *x, size_t n, int n_threads, NeoIsa isa);
 
 #endif

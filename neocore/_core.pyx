@@ -100,6 +100,8 @@ cdef extern from "neocore.h":
     void c_matvec_projections "matvec_projections"(const NeoProjection *proj, int n_proj,
                                                    const float *x, int T, int K, int accumulate,
                                                    int n_threads, NeoIsa isa) nogil
+    void matvec_bf16_projections(const NeoProjection *proj, int n_proj, const float *x, int T, int K,
+                                 int accumulate, int n_threads, NeoBf16Gemm gemm) nogil
     void matmul_bf16_forward(float *out, const float *x, const NeoMatrix *w, const float *bias,
                              int T, int K, int N, int accumulate, int n_threads,
                              NeoBf16Gemm gemm) nogil
@@ -416,7 +418,8 @@ cdef class Core:
 def matmul(float[:, ::1] out, const float[:, ::1] x, w, const float[::1] bias, bint accumulate,
            int threads, str isa, str kernel="gemm") -> None:
     """out (+)= bias + x @ w.T with the chosen kernel path; kernel is "gemm" (prefill),
-    "matvec" (decode) or "bf16" (the bf16 compute mode's prefill GEMM); w as Core takes it."""
+    "matvec" (decode), "bf16" (the bf16 compute mode's prefill GEMM) or "bf16-matvec" (its
+    decode kernel); w as Core takes it."""
     cdef int T = x.shape[0], K = x.shape[1]
     cdef int N = (w.values if hasattr(w, "scales") else w).shape[0]
     cdef NeoMatrix m
@@ -426,13 +429,16 @@ def matmul(float[:, ::1] out, const float[:, ::1] x, w, const float[::1] bias, b
     if bias is not None and bias.shape[0] != N:
         raise ValueError("bias must be [N]")
     cdef NeoIsa path = _check_isa(isa)
-    if kernel not in ("gemm", "matvec", "bf16"):
+    if kernel not in ("gemm", "matvec", "bf16", "bf16-matvec"):
         raise ValueError(f"unknown kernel {kernel!r}")
-    cdef NeoBf16Gemm gemm = _check_compute("bf16" if kernel == "bf16" else "exact", isa)
+    cdef NeoBf16Gemm gemm = _check_compute("bf16" if kernel.startswith("bf16") else "exact", isa)
     cdef const float *bp = &bias[0] if bias is not None else NULL
-    cdef bint decode = kernel == "matvec"
+    cdef bint decode = kernel.endswith("matvec")
+    cdef NeoProjection projection = NeoProjection(&out[0, 0], &m, bp, N)
     with nogil:
-        if decode:
+        if decode and gemm != NEO_BF16_OFF:
+            matvec_bf16_projections(&projection, 1, &x[0, 0], T, K, accumulate, threads, gemm)
+        elif decode:
             matvec_forward(&out[0, 0], &x[0, 0], &m, bp, T, K, N, accumulate, threads, path)
         elif gemm != NEO_BF16_OFF:
             matmul_bf16_forward(&out[0, 0], &x[0, 0], &m, bp, T, K, N, accumulate, threads, gemm)
