@@ -44,37 +44,30 @@ def problem(T, K, N, wtype, seed):
     return x, w, w32, rng.standard_normal(N).astype(np.float32)
 
 
-def run(x, w, bias, isa, threads=2, out=None, accumulate=False):
+def run(x, w, bias, isa, threads=2, out=None, accumulate=False, kernel="bf16"):
     out = np.zeros((x.shape[0], w.shape[0]), np.float32) if out is None else out
-    _core.matmul(out, x, w, bias, accumulate, threads, isa, "bf16")
+    _core.matmul(out, x, w, bias, accumulate, threads, isa, kernel)
     return out
 
 
+# the prompt GEMM ("bf16") and the decode kernel ("bf16-matvec", rows of x up to a server's step)
+KERNEL_SHAPES = [("bf16", T, K, N) for T, K, N in [(1, 32, 1), (2, 36, 5), (17, 64, 33), (33, 100, 50),
+                                                   (40, 768, 70), (128, 96, 17)]] + \
+                [("bf16-matvec", T, K, N) for T, K, N in [(1, 32, 1), (1, 100, 37), (3, 36, 5), (4, 256, 33),
+                                                          (9, 768, 70), (16, 3072, 9)]]
+
+
 @pytest.mark.parametrize("isa", BF16_PATHS)
-@pytest.mark.parametrize("T, K, N", [(1, 32, 1), (2, 36, 5), (17, 64, 33), (33, 100, 50), (40, 768, 70),
-                                     (128, 96, 17)])
+@pytest.mark.parametrize("kernel, T, K, N", KERNEL_SHAPES)
 @pytest.mark.parametrize("wtype", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_bf16_gemm_is_the_product_of_the_rounded_operands(isa, T, K, N, wtype, accumulate):
+def test_bf16_kernels_are_the_product_of_the_rounded_operands(isa, kernel, T, K, N, wtype, accumulate):
     x, w, w32, bias = problem(T, K, N, wtype, T * 1000 + K + N)
     out = np.random.default_rng(1).standard_normal((T, N)).astype(np.float32)
     # fp32 and int8 weights are rounded to bf16 too; bf16 ones are unchanged by it
     expected = bf16_round(x) @ bf16_round(w32).T + bias + (out if accumulate else 0)
-    run(x, w, bias, isa, out=out, accumulate=accumulate)
+    run(x, w, bias, isa, out=out, accumulate=accumulate, kernel=kernel)
     # fp32 sums in another order than float64's: the only difference allowed
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.sqrt(K))
-
-
-@pytest.mark.parametrize("isa", BF16_PATHS)
-@pytest.mark.parametrize("T, K, N", [(1, 32, 1), (1, 100, 37), (3, 36, 5), (4, 256, 33), (9, 768, 70),
-                                     (16, 3072, 9)])
-@pytest.mark.parametrize("wtype", ["float32", "bfloat16", "int8"])
-@pytest.mark.parametrize("accumulate", [False, True])
-def test_bf16_decode_kernel_is_the_product_of_the_rounded_operands(isa, T, K, N, wtype, accumulate):
-    x, w, w32, bias = problem(T, K, N, wtype, T * 1000 + K + N + 1)
-    out = np.random.default_rng(2).standard_normal((T, N)).astype(np.float32)
-    expected = bf16_round(x) @ bf16_round(w32).T + bias + (out if accumulate else 0)
-    _core.matmul(out, x, w, bias, accumulate, 2, isa, "bf16-matvec")
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.sqrt(K))
 
 
@@ -84,13 +77,10 @@ def test_bf16_decode_rows_are_computed_as_if_alone_at_any_thread_count(isa, T, K
     """A server's step holds the decode rows of whoever is running: each row's result must be
     what it is alone (both loop orders of matvec_bf16_block, by the size of x), bit for bit."""
     x, w, _, bias = problem(T, K, 45, "bfloat16", 11)
-    def decode(rows, threads):
-        out = np.zeros((rows.shape[0], 45), np.float32)
-        _core.matmul(out, np.ascontiguousarray(rows), w, bias, False, threads, isa, "bf16-matvec")
-        return out
-    together = decode(x, 2)
-    assert np.array_equal(together, np.concatenate([decode(x[t:t + 1], 1) for t in range(T)]))
-    assert np.array_equal(together, decode(x, 3))
+    together = run(x, w, bias, isa, kernel="bf16-matvec")
+    alone = [run(x[t:t + 1], w, bias, isa, threads=1, kernel="bf16-matvec") for t in range(T)]
+    assert np.array_equal(together, np.concatenate(alone))
+    assert np.array_equal(together, run(x, w, bias, isa, threads=3, kernel="bf16-matvec"))
 
 
 def test_bf16_gemm_rounds_activations_unlike_the_exact_gemm():
