@@ -17,6 +17,8 @@ import time
 import numpy as np
 
 from .bench import counts as client_counts
+from .errors import NeocoreError
+from .model import COMPUTE_MODES
 
 WORDS = ("the river city market winter light station engine garden paper music window harbor "
          "signal forest letter morning bridge voice number story").split()
@@ -105,8 +107,9 @@ async def _round(base: str, prompts: list[str], new_tokens: int) -> dict:
             "engine_forward_ms_per_step": 1e3 * forward / max(steps, 1)}
 
 
-def _worker(kind: str, folder: str, threads: int, prompts: list[str], new_tokens: int) -> dict:
-    """Runs in its own process: transformers' padded batch, or neocore's prefill ceiling."""
+def _worker(kind: str, folder: str, threads: int, prompts: list[str], new_tokens: int, compute: str) -> dict:
+    """Runs in its own process: transformers' padded batch, or neocore's prefill ceiling (in the
+    server's compute mode)."""
     if kind == "transformers":
         import torch
         from transformers import AutoTokenizer, GPTNeoForCausalLM
@@ -125,7 +128,7 @@ def _worker(kind: str, folder: str, threads: int, prompts: list[str], new_tokens
             wall = time.perf_counter() - start
         return {"tok_s": len(prompts) * new_tokens / wall, "seconds": wall}
     from .model import load
-    model = load(folder, threads=threads)
+    model = load(folder, threads=threads, compute=compute)
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, 128).tolist()
     times = []
     for _ in range(4):
@@ -135,8 +138,9 @@ def _worker(kind: str, folder: str, threads: int, prompts: list[str], new_tokens
     return {"tok_s": 128 / float(np.median(times[1:]))}
 
 
-def _spawn(kind: str, folder: str, threads: int, prompts: list[str], new_tokens: int) -> dict:
-    payload = json.dumps([kind, folder, threads, prompts, new_tokens])
+def _spawn(kind: str, folder: str, threads: int, prompts: list[str], new_tokens: int,
+           compute: str = "exact") -> dict:
+    payload = json.dumps([kind, folder, threads, prompts, new_tokens, compute])
     done = subprocess.run([sys.executable, "-m", "neocore.bench_serve", "--worker", payload],
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -145,10 +149,13 @@ def _spawn(kind: str, folder: str, threads: int, prompts: list[str], new_tokens:
 def run(args: argparse.Namespace) -> int:
     """Called by `neocore bench --serve`."""
     folder, threads = str(args.model), int(str(args.threads).split(",")[0])
+    compute = str(args.compute).split(",")[0]  # one mode per run, as one thread count
+    if compute not in COMPUTE_MODES:
+        raise NeocoreError(f"--compute must be one of {', '.join(COMPUTE_MODES)}, got {compute!r}")
     counts = client_counts(args.clients, "--clients", minimum=1)
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "neocore", "serve", "-m", folder, "--port", str(port),
-                               "--threads", str(threads), "--max-batch", str(max(counts)),
+                               "--threads", str(threads), "--compute", compute, "--max-batch", str(max(counts)),
                                "--max-queue", str(max(counts))], stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     rows, peers = [], []
@@ -166,14 +173,16 @@ def run(args: argparse.Namespace) -> int:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
-    prefill = _spawn("prefill", folder, threads, [], 0)["tok_s"]
-    result = {"model": folder, "threads": threads, "new_tokens": args.new_tokens, "prefill_tok_s": prefill,
+    prefill = _spawn("prefill", folder, threads, [], 0, compute)["tok_s"]
+    result = {"model": folder, "threads": threads, "compute": compute, "new_tokens": args.new_tokens,
+              "prefill_tok_s": prefill,
               "neocore": rows, "transformers_padded_batch": peers}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     from ._core import cpu_model
-    print(f"model {folder}: {threads} threads, {args.new_tokens} new tokens per client (greedy), CPU {cpu_model()}")
+    print(f"model {folder}: {threads} threads, compute {compute}, {args.new_tokens} new tokens per client "
+          f"(greedy), CPU {cpu_model()}")
     print(f"neocore prefill (one 128-token prompt): {prefill:.0f} tok/s")
     print("clients  tok/s  x1-stream  %prefill  TTFT p50/p95 s  ITL p50/p95 ms  step C/Python ms  "
           "server RSS MiB  transformers tok/s  ratio")
