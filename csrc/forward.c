@@ -260,7 +260,7 @@ static void cache_store(float *cache, int slots, const float *rows, int pos0, in
 static void linear(const NeoState *s, const NeoProjection *proj, int n_proj, const float *x,
                    int n_rows, int n_decode, int K, int accumulate)
 {
-    if (n_decode > 0 && s->bf16_gemm != NEO_BF16_OFF)
+    if (n_decode > 0 && neo_bf16_decodes(s->bf16_gemm))
         matvec_bf16_projections(proj, n_proj, x, n_decode, K, accumulate, s->n_threads, s->bf16_gemm);
     else if (n_decode > 0)
         matvec_projections(proj, n_proj, x, n_decode, K, accumulate, s->n_threads,

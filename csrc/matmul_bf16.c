@@ -468,6 +468,17 @@ static void gemm_bf16_amx(float *out, const XPairs *xp, const NeoMatrix *w, cons
 }
 #endif
 
+/* VDPBF16PS does twice the multiplies of a 512-bit FMA but issues half as often on the Xeon
+ * (Sapphire Rapids class), where the exact AVX-512 decode kernel, prefetching into L2, won:
+ * bf16 decode steps of 125M, 2 threads, 1 row 0.72x, 4 rows 0.67x, 8 rows 0.76x, 16 rows 0.93x,
+ * 32 rows 1.17x the exact ones' speed (1.3B: 1 row 0.78x, 8 rows 0.94x). On AMD Zen 4, where a
+ * 512-bit FMA takes both 256-bit units, it won: 8-32 rows 1.3-1.5x, 1 row level. The scalar
+ * reference (the oracle) decodes in bf16 everywhere. */
+int neo_bf16_decodes(NeoBf16Gemm gemm)
+{
+    return gemm == NEO_BF16_REFERENCE || (gemm != NEO_BF16_OFF && neo_cpu_kind() == NEO_CPU_AMD_ZEN4);
+}
+
 void matvec_bf16_projections(const NeoProjection *proj, int n_proj, const float *x, int T, int K,
                              int accumulate, int n_threads, NeoBf16Gemm gemm)
 {

@@ -188,7 +188,9 @@ void matvec_projections(const NeoProjection *proj, int n_proj, const float *x, i
 void matmul_bf16_forward(float *out, const float *x, const NeoMatrix *w, const float *bias,
                          int T, int K, int N, int accumulate, int n_threads, NeoBf16Gemm gemm);
 /* The decode rows of the bf16 compute mode: matvec_projections with x rounded to bf16 and the
- * products summed in fp32, each row as it would be alone (see matmul_bf16.c). */
+ * products summed in fp32, each row as it would be alone (see matmul_bf16.c). A state in that
+ * mode decodes so where neo_bf16_decodes(gemm) says; elsewhere its decode stays exact. */
+int neo_bf16_decodes(NeoBf16Gemm gemm);
 void matvec_bf16_projections(const NeoProjection *proj, int n_proj, const float *x, int T, int K,
                              int accumulate, int n_threads, NeoBf16Gemm gemm);
 void gelu_new_forward(float *x, size_t n, int n_threads, NeoIsa isa);

@@ -100,6 +100,7 @@ cdef extern from "neocore.h":
     void c_matvec_projections "matvec_projections"(const NeoProjection *proj, int n_proj,
                                                    const float *x, int T, int K, int accumulate,
                                                    int n_threads, NeoIsa isa) nogil
+    int neo_bf16_decodes(NeoBf16Gemm gemm)
     void matvec_bf16_projections(const NeoProjection *proj, int n_proj, const float *x, int T, int K,
                                  int accumulate, int n_threads, NeoBf16Gemm gemm) nogil
     void matmul_bf16_forward(float *out, const float *x, const NeoMatrix *w, const float *bias,
@@ -163,6 +164,12 @@ def cpu_kind() -> str:
     without AVX-512), "amd-zen4" (AMD with it), "intel" or "other"."""
     return {NEO_CPU_AMD_ZEN3: "amd-zen3", NEO_CPU_AMD_ZEN4: "amd-zen4", NEO_CPU_INTEL: "intel"}.get(
         neo_cpu_kind(), "other")
+
+
+def bf16_decodes(str isa) -> bool:
+    """Whether a model on path isa in the bf16 compute mode decodes in bf16 on this CPU (where
+    that measured faster, csrc/matmul_bf16.c); elsewhere its decode stays exact."""
+    return isa in BF16_GEMMS and neo_bf16_decodes(BF16_GEMMS[isa]) != 0
 
 
 def decode_kernel(str isa, str dtype) -> str:

@@ -309,9 +309,10 @@ def load(path: str | os.PathLike, dtype: str | None = None, threads: int | None 
     'avx2' or 'generic' (default: $NEOCORE_ISA, else the fastest this CPU runs). config: a
     config.json to use instead of the folder's. progress(done, total) is called while weights
     load. compute: 'exact' (default; fp32 activations, logits as transformers fp32 gives them)
-    or 'bf16' (the matmuls take their activations rounded to bf16, on AMX or AVX512-BF16;
-    LayerNorm, softmax, gelu, residuals and the cache stay fp32; on CPUs with neither it
-    computes exactly and says so once). Other keywords override config fields
+    or 'bf16' (prompt matmuls take their activations rounded to bf16, on AMX or AVX512-BF16,
+    and so do decoded tokens' where that is faster (AMD Zen 4); LayerNorm, softmax, gelu,
+    residuals and the cache stay fp32; on CPUs with neither it computes exactly and says so
+    once). Other keywords override config fields
     (e.g. window_size=24)."""
     start = time.perf_counter()
     from .resolve import resolve_model

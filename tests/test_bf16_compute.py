@@ -149,10 +149,12 @@ def test_whole_model_on_bf16_hardware_matches_the_reference_path(isa, reference_
 
 @pytest.mark.parametrize("isa", BF16_PATHS)
 def test_decode_in_bf16_tracks_transformers_fp32(isa, reference_models):
-    """Decoded tokens go through the bf16 decode kernel: one token at a time past the local
-    window, the logits keep the issue's bounds against transformers fp32 and differ from the
-    exact mode's. On the scalar path, the oracle, a token decoded alone gets the very logits it
-    gets inside a prompt (both sum every product of rounded operands in index order)."""
+    """Decoded tokens go through the bf16 decode kernel where it is the faster (bf16_decodes:
+    AMD Zen 4, and the scalar oracle everywhere), else through the exact one: one token at a
+    time past the local window, the logits keep the issue's bounds against transformers fp32,
+    and differ from the exact mode's exactly when decode is in bf16. On the scalar path a token
+    decoded alone gets the very logits it gets inside a prompt (both sum every product of
+    rounded operands in index order)."""
     ref = reference_models("default-init")
     ids = np.random.default_rng(9).integers(0, ref.config["vocab_size"], 270).tolist()
     model = neocore.load(ref.folder, isa=isa, compute="bf16", threads=2)
@@ -163,7 +165,7 @@ def test_decode_in_bf16_tracks_transformers_fp32(isa, reference_models):
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.99
     exact = neocore.load(ref.folder, isa=isa, threads=2)
     exact.reset()
-    assert not np.array_equal(ours, np.stack([exact.append([t]).copy() for t in ids]))
+    assert np.array_equal(ours, np.stack([exact.append([t]).copy() for t in ids])) != _core.bf16_decodes(isa)
     if isa == "scalar":
         assert np.array_equal(ours, model.logits(ids))
 
@@ -190,4 +192,4 @@ def test_cli_info_shows_the_compute_mode(reference_models, capsys):
     from neocore.cli import main
     assert main(["info", "-m", str(reference_models("tiny").folder), "--compute", "bf16"]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("compute:"))
-    assert ("bf16 (matmuls in bf16" in line) == HAS_BF16_HARDWARE
+    assert ("bf16 (" in line) == HAS_BF16_HARDWARE

@@ -148,8 +148,9 @@ def cpu_kind_from_cpuinfo() -> str:
 def test_decode_prefetch_and_kernel_are_chosen_by_the_cpu_kind():
     """Each choice was measured on its kind of CPU and loses on another (csrc/internal.h,
     csrc/matmul.c): AMD Zen 3 prefetches non-temporally; Zen 4 so too, except one row of x over
-    bf16 or fp32 weights, and decodes them on the AVX-512 path with the AVX2 kernel; Intel prefetches
-    into L2. The portable paths leave prefetching to the hardware."""
+    bf16 or fp32 weights, decodes them on the AVX-512 path with the AVX2 kernel, and decodes in
+    bf16 in the bf16 compute mode; Intel prefetches into L2. The portable paths leave
+    prefetching to the hardware."""
     kind = cpu_kind_from_cpuinfo()
     assert _core.cpu_kind() == kind
     simd_paths = ("avx2", "avx512", "avx512bf16", "amx")
@@ -167,6 +168,8 @@ def test_decode_prefetch_and_kernel_are_chosen_by_the_cpu_kind():
             avx2_instead = on_avx512 and kind == "amd-zen4" and dtype != "int8"
             own = "avx512" if on_avx512 else isa
             assert _core.decode_kernel(isa, dtype) == ("avx2" if avx2_instead else own), (isa, dtype)
+        bf16_hardware = isa in ("avx512bf16", "amx")
+        assert _core.bf16_decodes(isa) == (isa == "scalar" or bf16_hardware and kind == "amd-zen4"), isa
     with pytest.raises(ValueError, match="dtype must be one of"):
         _core.decode_prefetch("avx2", "float16")
 
