@@ -281,16 +281,21 @@ INLINE_AVX512_BF16 __m512bh weight_pairs(const NeoDType dtype, const int inside,
                                strip_lanes(dtype, w, n, k, K, inside ? 0xFFFF : first_lanes(K - k)));
 }
 
-/* sums[r] = row n of w . row r of xb (rows ld bf16 apart, zero from K to ld), r < R. */
-INLINE_AVX512_BF16 void dot_rows_bf16(const NeoDType dtype, const int R, float *sums, const uint16_t *xb,
-                                      size_t ld, const NeoMatrix *w, int n, int K)
+/* sums[r] = row n of w . row r of xb (rows ld bf16 apart, zero from K to ld), r < R; with ahead
+ * set, each line of the row is prefetched non-temporally ahead bytes ahead. */
+INLINE_AVX512_BF16 void dot_rows_bf16(const NeoDType dtype, const int R, size_t ahead, float *sums,
+                                      const uint16_t *xb, size_t ld, const NeoMatrix *w, int n, int K)
 {
+    const size_t elem = dtype_bytes(dtype);
+    const char *row = (const char *)w->data + (size_t)n * K * elem;
     __m512 acc[MVB_ROWS][4];
     for (int r = 0; r < R; r++)
         for (int a = 0; a < 4; a++) acc[r][a] = _mm512_setzero_ps();
     int k = 0;
     for (; k + 8 * TILE <= K; k += 8 * TILE)
         for (int a = 0; a < 4; a++) {
+            if (ahead && (k + 2 * TILE * a) * elem % 64 == 0)
+                _mm_prefetch(row + (k + 2 * TILE * a) * elem + ahead, _MM_HINT_NTA);
             const __m512bh wv = weight_pairs(dtype, 1, w, n, k + 2 * TILE * a, K);
             for (int r = 0; r < R; r++)
                 acc[r][a] = _mm512_dpbf16_ps(acc[r][a], wv, (__m512bh)_mm512_load_si512(xb + r * ld + k + 2 * TILE * a));
@@ -312,11 +317,15 @@ INLINE_AVX512_BF16 void matvec_bf16_group(const NeoDType dtype, const NeoProject
     float sums[MVB_ROWS];
     const int R = T - t < MVB_ROWS ? T - t : MVB_ROWS;
     const uint16_t *xt = xb + (size_t)t * ld;
+    /* the first group streams the row from memory, prefetching as the CPU kind does (its only
+     * user, Zen 4, prefetches non-temporally or not at all: neo_decode_prefetch) */
+    const NeoDecodePrefetch how = t == 0 ? neo_decode_prefetch(NEO_ISA_AVX512, dtype, T) : NEO_PREFETCH_NONE;
+    const size_t ahead = how == NEO_PREFETCH_NTA_NEAR ? prefetch_distance(how, dtype) : 0;
     switch (R) {  /* constant R: each compiles to its own loop with acc in registers */
-    case 4: dot_rows_bf16(dtype, 4, sums, xt, ld, p->w, n, K); break;
-    case 3: dot_rows_bf16(dtype, 3, sums, xt, ld, p->w, n, K); break;
-    case 2: dot_rows_bf16(dtype, 2, sums, xt, ld, p->w, n, K); break;
-    default: dot_rows_bf16(dtype, 1, sums, xt, ld, p->w, n, K);
+    case 4: dot_rows_bf16(dtype, 4, ahead, sums, xt, ld, p->w, n, K); break;
+    case 3: dot_rows_bf16(dtype, 3, ahead, sums, xt, ld, p->w, n, K); break;
+    case 2: dot_rows_bf16(dtype, 2, ahead, sums, xt, ld, p->w, n, K); break;
+    default: dot_rows_bf16(dtype, 1, ahead, sums, xt, ld, p->w, n, K);
     }
     for (int r = 0; r < R; r++)
         store_output(&p->out[(size_t)(t + r) * p->N + n], sums[r], p->bias, n, accumulate);
