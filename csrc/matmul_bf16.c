@@ -282,7 +282,7 @@ INLINE_AVX512_BF16 __m512bh weight_pairs(const NeoDType dtype, const int inside,
 }
 
 /* sums[r] = row n of w . row r of xb (rows ld bf16 apart, zero from K to ld), r < R; with ahead
- * set, each line of the row is prefetched non-temporally ahead bytes ahead. */
+ * set, each 64-byte line of the row is prefetched non-temporally ahead bytes ahead. */
 INLINE_AVX512_BF16 void dot_rows_bf16(const NeoDType dtype, const int R, size_t ahead, float *sums,
                                       const uint16_t *xb, size_t ld, const NeoMatrix *w, int n, int K)
 {
@@ -294,8 +294,9 @@ INLINE_AVX512_BF16 void dot_rows_bf16(const NeoDType dtype, const int R, size_t 
     int k = 0;
     for (; k + 8 * TILE <= K; k += 8 * TILE)
         for (int a = 0; a < 4; a++) {
-            if (ahead && (k + 2 * TILE * a) * elem % 64 == 0)
-                _mm_prefetch(row + (k + 2 * TILE * a) * elem + ahead, _MM_HINT_NTA);
+            const size_t at = (size_t)(k + 2 * TILE * a) * elem;  /* 32, 64 or 128 bytes from here */
+            for (size_t line = (at + 63) / 64 * 64; ahead && line < at + 2 * TILE * elem; line += 64)
+                _mm_prefetch(row + line + ahead, _MM_HINT_NTA);
             const __m512bh wv = weight_pairs(dtype, 1, w, n, k + 2 * TILE * a, K);
             for (int r = 0; r < R; r++)
                 acc[r][a] = _mm512_dpbf16_ps(acc[r][a], wv, (__m512bh)_mm512_load_si512(xb + r * ld + k + 2 * TILE * a));
@@ -311,16 +312,14 @@ INLINE_AVX512_BF16 void dot_rows_bf16(const NeoDType dtype, const int R, size_t 
 }
 
 /* Rows t .. t + MVB_ROWS - 1 of x (those below T) against row n of w, into the outputs. */
+/* ahead: the first group's prefetch distance (0: none); the groups after it read from cache. */
 INLINE_AVX512_BF16 void matvec_bf16_group(const NeoDType dtype, const NeoProjection *p, const uint16_t *xb,
-                                          size_t ld, int T, int t, int n, int K, int accumulate)
+                                          size_t ld, int T, int t, int n, int K, int accumulate, size_t ahead)
 {
     float sums[MVB_ROWS];
     const int R = T - t < MVB_ROWS ? T - t : MVB_ROWS;
     const uint16_t *xt = xb + (size_t)t * ld;
-    /* the first group streams the row from memory, prefetching as the CPU kind does (its only
-     * user, Zen 4, prefetches non-temporally or not at all: neo_decode_prefetch) */
-    const NeoDecodePrefetch how = t == 0 ? neo_decode_prefetch(NEO_ISA_AVX512, dtype, T) : NEO_PREFETCH_NONE;
-    const size_t ahead = how == NEO_PREFETCH_NTA_NEAR ? prefetch_distance(how, dtype) : 0;
+    ahead = t == 0 ? ahead : 0;
     switch (R) {  /* constant R: each compiles to its own loop with acc in registers */
     case 4: dot_rows_bf16(dtype, 4, ahead, sums, xt, ld, p->w, n, K); break;
     case 3: dot_rows_bf16(dtype, 3, ahead, sums, xt, ld, p->w, n, K); break;
@@ -337,27 +336,32 @@ INLINE_AVX512_BF16 void matvec_bf16_group(const NeoDType dtype, const NeoProject
  * alternating: 125M 8 rows (12 KiB of x) 1.09-1.11x faster the first way, 16 rows 1.1-1.13x
  * and 32 rows 1.29x the second; 1.3B (K = 2048) 8 rows 1.15x the second. */
 INLINE_AVX512_BF16 void matvec_bf16_block(const NeoDType dtype, const NeoProjection *p, const uint16_t *xb,
-                                          size_t ld, int T, int n_begin, int n_end, int K, int accumulate)
+                                          size_t ld, int T, int n_begin, int n_end, int K, int accumulate,
+                                          size_t ahead)
 {
     if ((size_t)T * ld * sizeof(uint16_t) <= MVB_X_L1) {
         for (int n = n_begin; n < n_end; n++)
-            for (int t = 0; t < T; t += MVB_ROWS) matvec_bf16_group(dtype, p, xb, ld, T, t, n, K, accumulate);
+            for (int t = 0; t < T; t += MVB_ROWS)
+                matvec_bf16_group(dtype, p, xb, ld, T, t, n, K, accumulate, ahead);
     } else {
         for (int t = 0; t < T; t += MVB_ROWS)
-            for (int n = n_begin; n < n_end; n++) matvec_bf16_group(dtype, p, xb, ld, T, t, n, K, accumulate);
+            for (int n = n_begin; n < n_end; n++)
+                matvec_bf16_group(dtype, p, xb, ld, T, t, n, K, accumulate, ahead);
     }
 }
 
-/* matvec_bf16_block compiled for each weight type. */
+/* matvec_bf16_block compiled for each weight type; ahead[dtype]: its prefetch distance. */
 TARGET_AVX512_BF16 static void matvec_bf16_blocks(const NeoProjection *p, const uint16_t *xb, size_t ld, int T,
-                                                  int n_begin, int n_end, int K, int accumulate)
+                                                  int n_begin, int n_end, int K, int accumulate,
+                                                  const size_t ahead[3])
 {
-    if (p->w->dtype == NEO_BF16)
-        matvec_bf16_block(NEO_BF16, p, xb, ld, T, n_begin, n_end, K, accumulate);
-    else if (p->w->dtype == NEO_I8)
-        matvec_bf16_block(NEO_I8, p, xb, ld, T, n_begin, n_end, K, accumulate);
+    const NeoDType dtype = p->w->dtype;
+    if (dtype == NEO_BF16)
+        matvec_bf16_block(NEO_BF16, p, xb, ld, T, n_begin, n_end, K, accumulate, ahead[dtype]);
+    else if (dtype == NEO_I8)
+        matvec_bf16_block(NEO_I8, p, xb, ld, T, n_begin, n_end, K, accumulate, ahead[dtype]);
     else
-        matvec_bf16_block(NEO_F32, p, xb, ld, T, n_begin, n_end, K, accumulate);
+        matvec_bf16_block(NEO_F32, p, xb, ld, T, n_begin, n_end, K, accumulate, ahead[dtype]);
 }
 
 /* Rows of x to bf16, each padded with zeros to ld = round_up(K, KBLOCK) columns. */
@@ -372,22 +376,31 @@ TARGET_AVX512_BF16 static void round_rows(uint16_t *xb, size_t ld, const float *
         }
 }
 
-static void matvec_bf16_avx512(const NeoProjection *proj, int n_proj, const float *x, int T, int K,
-                               int accumulate, int n_threads)
+/* At most NEO_MAX_PROJECTIONS matrices (see matvec_bf16_projections); 0 when out of memory. */
+static int matvec_bf16_avx512(const NeoProjection *proj, int n_proj, const float *x, int T, int K,
+                              int accumulate, int n_threads)
 {
     const size_t ld = (size_t)round_up(K, KBLOCK);
     uint16_t *xb = alloc_lines(sizeof(uint16_t) * ld * T);
-    if (!xb) return;  /* out of memory: leave the outputs */
+    if (!xb) return 0;
     round_rows(xb, ld, x, T, K);
+    /* the first group of rows streams each weight row from memory, prefetching as the CPU kind
+     * does (this kernel's user, Zen 4, prefetches non-temporally or not at all) */
+    size_t ahead[3];
+    for (NeoDType d = NEO_F32; d <= NEO_I8; d++) {
+        const NeoDecodePrefetch how = neo_decode_prefetch(NEO_ISA_AVX512, d, T);
+        ahead[d] = how == NEO_PREFETCH_NTA_NEAR ? prefetch_distance(how, d) : 0;
+    }
     int first_block[NEO_MAX_PROJECTIONS + 1];
     const int blocks = projection_blocks(proj, n_proj, MVB_BLOCK, first_block);
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int b = 0; b < blocks; b++) {
         int n_begin, n_end;
         const NeoProjection *p = projection_block(proj, first_block, b, MVB_BLOCK, &n_begin, &n_end);
-        matvec_bf16_blocks(p, xb, ld, T, n_begin, n_end, K, accumulate);
+        matvec_bf16_blocks(p, xb, ld, T, n_begin, n_end, K, accumulate, ahead);
     }
     free(xb);
+    return 1;
 }
 
 /* ---- AMX ---------------------------------------------------------------------------------
@@ -482,23 +495,26 @@ static void gemm_bf16_amx(float *out, const XPairs *xp, const NeoMatrix *w, cons
  * bf16 decode steps of 125M, 2 threads, 1 row 0.72x, 4 rows 0.67x, 8 rows 0.76x, 16 rows 0.93x,
  * 32 rows 1.17x the exact ones' speed (1.3B: 1 row 0.78x, 8 rows 0.94x). On AMD Zen 4, where a
  * 512-bit FMA takes both 256-bit units, it won: 8-32 rows 1.3-1.5x, 1 row level. The scalar
- * reference (the oracle) decodes in bf16 everywhere. */
+ * reference path follows the same rule, so that on every CPU it is the oracle of the others. */
 int neo_bf16_decodes(NeoBf16Gemm gemm)
 {
-    return gemm == NEO_BF16_REFERENCE || (gemm != NEO_BF16_OFF && neo_cpu_kind() == NEO_CPU_AMD_ZEN4);
+    return gemm != NEO_BF16_OFF && neo_cpu_kind() == NEO_CPU_AMD_ZEN4;
 }
 
 void matvec_bf16_projections(const NeoProjection *proj, int n_proj, const float *x, int T, int K,
                              int accumulate, int n_threads, NeoBf16Gemm gemm)
 {
+    for (int j = 0; j < n_proj; j += NEO_MAX_PROJECTIONS) {
+        const int n = n_proj - j < NEO_MAX_PROJECTIONS ? n_proj - j : NEO_MAX_PROJECTIONS;
 #if defined(__x86_64__)
-    if (gemm == NEO_BF16_AMX || gemm == NEO_BF16_AVX512) {
-        matvec_bf16_avx512(proj, n_proj, x, T, K, accumulate, n_threads);
-        return;
-    }
+        if ((gemm == NEO_BF16_AMX || gemm == NEO_BF16_AVX512)
+            && matvec_bf16_avx512(proj + j, n, x, T, K, accumulate, n_threads))
+            continue;
 #endif
-    for (const NeoProjection *p = proj; p < proj + n_proj; p++)
-        matmul_bf16_reference(p->out, x, p->w, p->bias, T, K, p->N, accumulate, n_threads);
+        /* the oracle, and where the kernel found no memory for its rounded x */
+        for (const NeoProjection *p = proj + j; p < proj + j + n; p++)
+            matmul_bf16_reference(p->out, x, p->w, p->bias, T, K, p->N, accumulate, n_threads);
+    }
 }
 
 void matmul_bf16_forward(float *out, const float *x, const NeoMatrix *w, const float *bias, int T,

@@ -169,6 +169,7 @@ def cpu_kind() -> str:
 def bf16_decodes(str isa) -> bool:
     """Whether a model on path isa in the bf16 compute mode decodes in bf16 on this CPU (where
     that measured faster, csrc/matmul_bf16.c); elsewhere its decode stays exact."""
+    _check_known_isa(isa)
     return isa in BF16_GEMMS and neo_bf16_decodes(BF16_GEMMS[isa]) != 0
 
 
@@ -176,6 +177,7 @@ def decode_kernel(str isa, str dtype) -> str:
     """The decode kernel (generic, avx2, avx512, scalar) a model on path isa steps weights of type
     dtype with on this CPU: isa's own, except on the AVX-512 paths on AMD Zen 4, which decode bf16
     and fp32 weights with the AVX2 kernel (faster there, csrc/matmul.c)."""
+    _check_known_isa(isa)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     cdef NeoIsa decode = neo_decode_isa(ISAS[isa], DTYPES[dtype])
@@ -186,6 +188,7 @@ def decode_prefetch(str isa, str dtype, int rows=1) -> str:
     """How path isa's decode kernel prefetches weight rows of type dtype for rows rows of x on
     this CPU, chosen by its kind: "none", "nta-near" (non-temporally, a few lines ahead: AMD)
     or "l2-far" (into L2, a page ahead: Intel)."""
+    _check_known_isa(isa)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if rows < 1:
@@ -231,12 +234,21 @@ def cpu_flags() -> list:
     return [flag for flag in SIMD_FLAGS if flag in listed]
 
 
-def _check_isa(str isa) -> NeoIsa:
+def _check_known_isa(str isa) -> None:
     if isa not in ISAS:
         raise ValueError(f"unknown kernel path {isa!r}")
+
+
+def _check_isa(str isa) -> NeoIsa:
+    _check_known_isa(isa)
     if not isa_runs_here(isa):
         raise ValueError(f"this CPU cannot run the {isa} kernel path")
     return ISAS[isa]
+
+
+def _check_threads(int threads) -> None:
+    if threads < 1:  # OpenMP takes a team of -1 threads as a huge unsigned count and aborts
+        raise ValueError(f"threads must be at least 1, got {threads}")
 
 
 cdef NeoBf16Gemm _check_compute(str compute, str isa) except *:
@@ -313,6 +325,7 @@ cdef class Core:
         cdef int V = shape["vocab"], P = shape["max_positions"]
         cdef NeoIsa path = _check_isa(isa)
         cdef NeoBf16Gemm gemm = _check_compute(compute, isa)
+        _check_threads(threads)
         if not 1 <= n_ctx <= P:
             raise ValueError(f"n_ctx must be between 1 and {P}")
         f32 = np.float32
@@ -436,6 +449,7 @@ def matmul(float[:, ::1] out, const float[:, ::1] x, w, const float[::1] bias, b
     if bias is not None and bias.shape[0] != N:
         raise ValueError("bias must be [N]")
     cdef NeoIsa path = _check_isa(isa)
+    _check_threads(threads)
     if kernel not in ("gemm", "matvec", "bf16", "bf16-matvec"):
         raise ValueError(f"unknown kernel {kernel!r}")
     cdef NeoBf16Gemm gemm = _check_compute("bf16" if kernel.startswith("bf16") else "exact", isa)
@@ -461,6 +475,7 @@ def matvec_projections(list outs, const float[:, ::1] x, list ws, list biases, b
     if len(outs) != n or len(biases) != n:
         raise ValueError("outs, ws and biases need one entry per matrix")
     cdef NeoIsa path = _check_isa(isa)
+    _check_threads(threads)
     cdef NeoMatrix *m = <NeoMatrix *>calloc(max(n, 1), sizeof(NeoMatrix))
     cdef NeoProjection *p = <NeoProjection *>calloc(max(n, 1), sizeof(NeoProjection))
     cdef float[:, ::1] out
@@ -490,6 +505,7 @@ def matvec_projections(list outs, const float[:, ::1] x, list ws, list biases, b
 def gelu_new(float[::1] x, int threads, str isa) -> None:
     """x = gelu_new(x) in place with the chosen kernel path."""
     cdef NeoIsa path = _check_isa(isa)
+    _check_threads(threads)
     if x.shape[0]:
         with nogil:
             gelu_new_forward(&x[0], x.shape[0], threads, path)
@@ -497,6 +513,7 @@ def gelu_new(float[::1] x, int threads, str isa) -> None:
 
 def f32_to_bf16(unsigned short[::1] dst, const float[::1] src, int threads) -> bool:
     """dst = bfloat16 bits of src (round to nearest even); True if any value was rounded."""
+    _check_threads(threads)
     if dst.shape[0] != src.shape[0]:
         raise ValueError("dst and src differ in length")
     cdef int rounded = 0
@@ -510,6 +527,7 @@ def quantize_i8(signed char[:, ::1] values, float[:, ::1] scales, const float[:,
                 int threads) -> bool:
     """values, scales = src in int8 blocks of I8_BLOCK (see neo_quantize_i8); False if src
     holds a NaN or an infinity."""
+    _check_threads(threads)
     cdef Py_ssize_t rows = src.shape[0], cols = src.shape[1]
     if values.shape[0] != rows or values.shape[1] != cols \
             or scales.shape[0] != rows or scales.shape[1] != (cols + NEO_I8_BLOCK - 1) // NEO_I8_BLOCK:

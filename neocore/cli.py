@@ -59,7 +59,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
     p.add_argument("--compute", choices=["exact", "bf16"], default=None,
                    help="exact (default: fp32 activations) or bf16 (matmul activations in bf16 on AMX or "
-                        "AVX512-BF16: several times faster prefill, and many-sequence decode where faster)")
+                        "AVX512-BF16: several times faster prefill; decode too where measured faster)")
     p.add_argument("--context", type=int, default=None, help="positions to allocate (default: the model's)")
     _config_args(p)
 
@@ -377,10 +377,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("weight memory", f"{model.weight_bytes() / 2**20:.1f} MiB"),
         ("context", model.context_length),
         ("kernel path", f"{model.isa} (this CPU runs {', '.join(_core.usable_isas()[:-1])})"),
-        ("decode kernel", f"{_core.decode_kernel(model.isa, model.dtype)} (tuned for {_core.cpu_kind()})"),
+        ("decode kernel", "bf16 (the compute mode's)" if model.compute == "bf16" and _core.bf16_decodes(model.isa)
+         else f"{_core.decode_kernel(model.isa, model.dtype)} (tuned for {_core.cpu_kind()})"),
         ("decode prefetch", f"{_core.decode_prefetch(model.isa, model.dtype)} (one sequence; tuned for {_core.cpu_kind()})"),
         ("compute", "exact (fp32 activations)" if model.compute == "exact" else
-         f"bf16 (matmuls in bf16: prompts on {BF16_GEMM_NAMES[model.isa]}, decode on AVX512-BF16)"
+         f"bf16 (matmuls in bf16: prompts on {BF16_GEMM_NAMES[model.isa]}, decode on "
+         f"{'the scalar reference' if model.isa == 'scalar' else 'AVX512-BF16'})"
          if _core.bf16_decodes(model.isa) else
          f"bf16 (prompt matmuls in bf16 on {BF16_GEMM_NAMES[model.isa]}; decode exact, faster on this CPU)"),
         ("threads", model.threads if _core.built_with_openmp() else f"{model.threads} (built without OpenMP)"),

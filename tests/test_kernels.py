@@ -168,8 +168,11 @@ def test_decode_prefetch_and_kernel_are_chosen_by_the_cpu_kind():
             avx2_instead = on_avx512 and kind == "amd-zen4" and dtype != "int8"
             own = "avx512" if on_avx512 else isa
             assert _core.decode_kernel(isa, dtype) == ("avx2" if avx2_instead else own), (isa, dtype)
-        bf16_hardware = isa in ("avx512bf16", "amx")
-        assert _core.bf16_decodes(isa) == (isa == "scalar" or bf16_hardware and kind == "amd-zen4"), isa
+        assert _core.bf16_decodes(isa) == (isa in ("avx512bf16", "amx", "scalar") and kind == "amd-zen4"), isa
+    for probe in (lambda: _core.decode_kernel("avx1024", "bfloat16"), lambda: _core.bf16_decodes("avx1024"),
+                  lambda: _core.decode_prefetch("avx1024", "int8")):
+        with pytest.raises(ValueError, match="unknown kernel path"):
+            probe()
     with pytest.raises(ValueError, match="dtype must be one of"):
         _core.decode_prefetch("avx2", "float16")
 

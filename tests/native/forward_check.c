@@ -64,18 +64,22 @@ static NeoMatrix bf16_matrix(size_t rows, size_t cols, float scale)
 }
 
 /* The kernels of a path: the decode one, then the prefill one (exact or bf16). */
+/* kernel 0: the exact decode kernel, 1: the prefill GEMM (bf16 if gemm is set), 2: the bf16
+ * decode kernel (gemm set only) */
 static void run_kernel(int kernel, NeoIsa isa, NeoBf16Gemm gemm, float *out, const float *x,
                        const NeoMatrix *w, const float *bias, int T, int K, int N, int n_threads)
 {
     if (kernel == 0)
         matvec_forward(out, x, w, bias, T, K, N, 0, n_threads, isa);
+    else if (kernel == 2)
+        matvec_bf16_projections(&(NeoProjection){out, w, bias, N}, 1, x, T, K, 0, n_threads, gemm);
     else if (gemm == NEO_BF16_OFF)
         matmul_forward(out, x, w, bias, T, K, N, 0, n_threads, isa);
     else
         matmul_bf16_forward(out, x, w, bias, T, K, N, 0, n_threads, gemm);
 }
 
-/* 1 when both kernels give each of T rows exactly what that row gives alone. K = 192 lets
+/* 1 when each kernel gives each of T rows exactly what that row gives alone. K = 192 lets
  * the bf16 GEMMs read bf16 weights in place, K = 200 makes them copy (and leaves SIMD tails),
  * K = 201 gives rows and panels of no whole number of 64-byte lines. */
 static int rows_computed_alone(NeoIsa isa, NeoBf16Gemm gemm, int n_threads, int K)
@@ -85,7 +89,7 @@ static int rows_computed_alone(NeoIsa isa, NeoBf16Gemm gemm, int n_threads, int 
     const NeoMatrix w = bf16_matrix(N, K, 0.5f);
     for (int i = 0; i < T * K; i++) x[i] = random_value(1.0f);
     for (int i = 0; i < N; i++) bias[i] = random_value(0.5f);
-    for (int kernel = 0; kernel < 2; kernel++) {
+    for (int kernel = 0; kernel < (gemm == NEO_BF16_OFF ? 2 : 3); kernel++) {
         run_kernel(kernel, isa, gemm, together, x, &w, bias, T, K, N, n_threads);
         for (int t = 0; t < T; t++) {
             run_kernel(kernel, isa, gemm, alone, x + t * K, &w, bias, 1, K, N, n_threads);
