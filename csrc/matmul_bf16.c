@@ -281,6 +281,16 @@ INLINE_AVX512_BF16 __m512bh weight_pairs(const NeoDType dtype, const int inside,
                                strip_lanes(dtype, w, n, k, K, inside ? 0xFFFF : first_lanes(K - k)));
 }
 
+/* Each 64-byte line of the 32 weights at byte at of row (elem bytes each, a constant where
+ * inlined: no loop, so that the caller's accumulators stay in registers) prefetched
+ * non-temporally ahead bytes ahead; nothing when ahead is 0. */
+INLINE_AVX512_BF16 void prefetch_pairs(const size_t elem, size_t ahead, const char *row, size_t at)
+{
+    if (!ahead) return;
+    if (at % 64 == 0) _mm_prefetch(row + at + ahead, _MM_HINT_NTA);  /* int8: every other call */
+    if (elem == 4) _mm_prefetch(row + at + 64 + ahead, _MM_HINT_NTA);  /* fp32: 128 bytes */
+}
+
 /* sums[r] = row n of w . row r of xb (rows ld bf16 apart, zero from K to ld), r < R; with ahead
  * set, each 64-byte line of the row is prefetched non-temporally ahead bytes ahead. */
 INLINE_AVX512_BF16 void dot_rows_bf16(const NeoDType dtype, const int R, size_t ahead, float *sums,
@@ -294,9 +304,7 @@ INLINE_AVX512_BF16 void dot_rows_bf16(const NeoDType dtype, const int R, size_t 
     int k = 0;
     for (; k + 8 * TILE <= K; k += 8 * TILE)
         for (int a = 0; a < 4; a++) {
-            const size_t at = (size_t)(k + 2 * TILE * a) * elem;  /* 32, 64 or 128 bytes from here */
-            for (size_t line = (at + 63) / 64 * 64; ahead && line < at + 2 * TILE * elem; line += 64)
-                _mm_prefetch(row + line + ahead, _MM_HINT_NTA);
+            prefetch_pairs(elem, ahead, row, (size_t)(k + 2 * TILE * a) * elem);
             const __m512bh wv = weight_pairs(dtype, 1, w, n, k + 2 * TILE * a, K);
             for (int r = 0; r < R; r++)
                 acc[r][a] = _mm512_dpbf16_ps(acc[r][a], wv, (__m512bh)_mm512_load_si512(xb + r * ld + k + 2 * TILE * a));
