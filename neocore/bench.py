@@ -60,6 +60,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker", help=argparse.SUPPRESS)
 
 
+def compute_modes(text: str) -> list[str]:
+    """The compute modes --compute names, e.g. exact,bf16."""
+    modes = text.split(",")
+    for mode in modes:
+        if mode not in ("exact", "bf16"):
+            raise NeocoreError(f"unknown compute mode {mode!r} (exact, bf16)")
+    return modes
+
+
 def counts(text: str, flag: str, minimum: int) -> list[int]:
     """A comma-separated list of whole numbers >= minimum, e.g. --threads 1,2,16."""
     try:
@@ -386,11 +395,8 @@ def run(args: argparse.Namespace) -> int:
     for peer in peers:
         if peer not in PEERS:
             raise NeocoreError(f"unknown peer {peer!r} ({', '.join(PEERS)})")
-    computes = args.compute.split(",")
+    computes = compute_modes(args.compute)
     dtypes = args.dtype.split(",") if args.dtype is not None else []
-    for compute in computes:
-        if compute not in ("exact", "bf16"):
-            raise NeocoreError(f"unknown compute mode {compute!r} (exact, bf16)")
     for dtype in dtypes:
         if dtype not in ("bfloat16", "float32", "int8"):
             raise NeocoreError(f"unknown dtype {dtype!r} (bfloat16, float32, int8)")

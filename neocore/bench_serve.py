@@ -16,9 +16,7 @@ import time
 
 import numpy as np
 
-from .bench import counts as client_counts
-from .errors import NeocoreError
-from .model import COMPUTE_MODES
+from .bench import compute_modes, counts as client_counts
 
 WORDS = ("the river city market winter light station engine garden paper music window harbor "
          "signal forest letter morning bridge voice number story").split()
@@ -149,9 +147,7 @@ def _spawn(kind: str, folder: str, threads: int, prompts: list[str], new_tokens:
 def run(args: argparse.Namespace) -> int:
     """Called by `neocore bench --serve`."""
     folder, threads = str(args.model), int(str(args.threads).split(",")[0])
-    compute = str(args.compute).split(",")[0]  # one mode per run, as one thread count
-    if compute not in COMPUTE_MODES:
-        raise NeocoreError(f"--compute must be one of {', '.join(COMPUTE_MODES)}, got {compute!r}")
+    compute = compute_modes(args.compute)[0]  # one mode per run, as one thread count
     counts = client_counts(args.clients, "--clients", minimum=1)
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "neocore", "serve", "-m", folder, "--port", str(port),

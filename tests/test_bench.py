@@ -40,11 +40,16 @@ def test_random_125m_model_is_a_valid_checkpoint(tmp_path, caplog):
     assert int8["roofline_tok_s"] / bf16["roofline_tok_s"] == pytest.approx(2 / 1.125, rel=1e-3)
 
 
-def test_bench_refuses_an_unknown_weight_format(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "neocore", "bench", "-m", str(tmp_path), "--dtype", "bfloat16,int4"],
-                          capture_output=True, text=True)
+@pytest.mark.parametrize("flags, message", [
+    (["--dtype", "bfloat16,int4"], "unknown dtype 'int4' (bfloat16, float32, int8)"),
+    (["--compute", "exact,fp8"], "unknown compute mode 'fp8' (exact, bf16)"),
+    (["--serve", "--compute", "fp8"], "unknown compute mode 'fp8' (exact, bf16)"),  # before a server starts
+])
+def test_bench_refuses_an_unknown_weight_format_or_compute_mode(tmp_path, flags, message):
+    proc = subprocess.run([sys.executable, "-m", "neocore", "bench", "-m", str(tmp_path), *flags],
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
-    assert proc.stderr.strip() == "neocore: error: unknown dtype 'int4' (bfloat16, float32, int8)"
+    assert proc.stderr.strip() == f"neocore: error: {message}"
 
 
 def test_bench_runs_a_model_with_a_small_vocabulary(reference_models):
