@@ -552,7 +552,8 @@ INLINE_AVX2 void pack_panel_as(const NeoDType dtype, int prefetch, float *panel,
  * packs with it too. */
 TARGET_AVX2 void pack_panel(float *panel, const NeoMatrix *w, int n0, int K, int N, int width)
 {
-    const int prefetch = neo_cpu_kind() == NEO_CPU_AMD_ZEN3 || neo_cpu_kind() == NEO_CPU_AMD_ZEN4;
+    const NeoCpuKind kind = neo_cpu_kind();
+    const int prefetch = kind == NEO_CPU_AMD_ZEN3 || kind == NEO_CPU_AMD_ZEN4;
     if (w->dtype == NEO_BF16)
         pack_panel_as(NEO_BF16, prefetch, panel, w, n0, K, N, width);
     else if (w->dtype == NEO_I8)

@@ -62,15 +62,21 @@ static const uint16_t *xpairs_block(const XPairs *xp, int tb, int kb)
     return xp->data + ((size_t)tb * xp->k_blocks + kb) * TILE * KBLOCK;
 }
 
-/* Block (tb, kb): each row's 32 columns rounded to 16 pairs by VCVTNE2PS2BF16 (to nearest
- * even; it reads denormals as zero, as TDPBF16PS and VDPBF16PS do), then the 16 x 16 pairs
+/* The fp32 values row[0 .. 31], those from left on read as zero, rounded to 16 bf16 pairs by
+ * VCVTNE2PS2BF16 (to nearest even; it reads denormals as zero, as TDPBF16PS and VDPBF16PS do). */
+INLINE_AVX512_BF16 __m512i rounded_pairs(const float *row, int left)
+{
+    return (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(first_lanes(left - TILE), row + TILE),
+                                        _mm512_maskz_loadu_ps(first_lanes(left), row));
+}
+
+/* Block (tb, kb): each row's 32 columns rounded to 16 pairs, then the 16 x 16 pairs
  * transposed. (The kernels' OpenMP bodies call such functions: clang does not give an
  * outlined parallel region its function's target.) */
 TARGET_AVX512_BF16 static void xpairs_pack_block(const XPairs *xp, const float *x, int T, int K,
                                                  int tb, int kb)
 {
     const int k0 = kb * KBLOCK;
-    const __mmask16 low = first_lanes(K - k0), high = first_lanes(K - k0 - TILE);
     uint32_t rows[TILE][TILE] __attribute__((aligned(64)));
     for (int i = 0; i < TILE; i++) {
         const int t = tb * TILE + i;
@@ -78,10 +84,7 @@ TARGET_AVX512_BF16 static void xpairs_pack_block(const XPairs *xp, const float *
             _mm512_store_si512(rows[i], _mm512_setzero_si512());
             continue;
         }
-        const float *row = x + (size_t)t * K + k0;
-        const __m512bh pairs = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(high, row + TILE),
-                                                   _mm512_maskz_loadu_ps(low, row));
-        _mm512_store_si512(rows[i], (__m512i)pairs);
+        _mm512_store_si512(rows[i], rounded_pairs(x + (size_t)t * K + k0, K - k0));
     }
     uint16_t *lines = (uint16_t *)xpairs_block(xp, tb, kb);
     for (int r = 0; r < KBLOCK / 2; r++)
@@ -319,8 +322,8 @@ INLINE_AVX512_BF16 void dot_rows_bf16(const NeoDType dtype, const int R, size_t 
                                                      _mm512_add_ps(acc[r][2], acc[r][3])));
 }
 
-/* Rows t .. t + MVB_ROWS - 1 of x (those below T) against row n of w, into the outputs. */
-/* ahead: the first group's prefetch distance (0: none); the groups after it read from cache. */
+/* Rows t .. t + MVB_ROWS - 1 of x (those below T) against row n of w, into the outputs. ahead:
+ * the first group's prefetch distance (0: none); the groups after it read the row from cache. */
 INLINE_AVX512_BF16 void matvec_bf16_group(const NeoDType dtype, const NeoProjection *p, const uint16_t *xb,
                                           size_t ld, int T, int t, int n, int K, int accumulate, size_t ahead)
 {
@@ -376,12 +379,8 @@ TARGET_AVX512_BF16 static void matvec_bf16_blocks(const NeoProjection *p, const 
 TARGET_AVX512_BF16 static void round_rows(uint16_t *xb, size_t ld, const float *x, int T, int K)
 {
     for (int t = 0; t < T; t++)
-        for (int k = 0; k < (int)ld; k += KBLOCK) {
-            const float *row = x + (size_t)t * K + k;
-            _mm512_store_si512(xb + t * ld + k, (__m512i)_mm512_cvtne2ps_pbh(
-                _mm512_maskz_loadu_ps(first_lanes(K - k - TILE), row + TILE),
-                _mm512_maskz_loadu_ps(first_lanes(K - k), row)));
-        }
+        for (int k = 0; k < (int)ld; k += KBLOCK)
+            _mm512_store_si512(xb + t * ld + k, rounded_pairs(x + (size_t)t * K + k, K - k));
 }
 
 /* At most NEO_MAX_PROJECTIONS matrices (see matvec_bf16_projections); 0 when out of memory. */

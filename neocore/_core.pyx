@@ -178,8 +178,7 @@ def decode_kernel(str isa, str dtype) -> str:
     dtype with on this CPU: isa's own, except on the AVX-512 paths on AMD Zen 4, which decode bf16
     and fp32 weights with the AVX2 kernel (faster there, csrc/matmul.c)."""
     _check_known_isa(isa)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    _check_dtype(dtype)
     cdef NeoIsa decode = neo_decode_isa(ISAS[isa], DTYPES[dtype])
     return next(name for name, value in ISAS.items() if value == decode)  # amx, avx512bf16: avx512
 
@@ -189,8 +188,7 @@ def decode_prefetch(str isa, str dtype, int rows=1) -> str:
     this CPU, chosen by its kind: "none", "nta-near" (non-temporally, a few lines ahead: AMD)
     or "l2-far" (into L2, a page ahead: Intel)."""
     _check_known_isa(isa)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    _check_dtype(dtype)
     if rows < 1:
         raise ValueError(f"rows must be at least 1, got {rows}")
     cdef NeoDecodePrefetch how = neo_decode_prefetch(ISAS[isa], DTYPES[dtype], rows)
@@ -244,6 +242,11 @@ def _check_isa(str isa) -> NeoIsa:
     if not isa_runs_here(isa):
         raise ValueError(f"this CPU cannot run the {isa} kernel path")
     return ISAS[isa]
+
+
+def _check_dtype(str dtype) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
 def _check_threads(int threads) -> None:
