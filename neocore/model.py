@@ -312,8 +312,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, threads: int | None 
     or 'bf16' (prompt matmuls take their activations rounded to bf16, on AMX or AVX512-BF16,
     and so do decoded tokens' where that is faster (AMD Zen 4); LayerNorm, softmax, gelu,
     residuals and the cache stay fp32; on CPUs with neither it computes exactly and says so
-    once). Other keywords override config fields
-    (e.g. window_size=24)."""
+    once). Other keywords override config fields (e.g. window_size=24)."""
     start = time.perf_counter()
     from .resolve import resolve_model
     folder = resolve_model(path)
