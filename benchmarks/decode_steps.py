@@ -2,13 +2,14 @@
 prefilled with 40 random tokens each, then `model.step` advances all of them by one token.
 Prints the median of 10 steps (after 2 warm-up steps) for each R.
 
-    python benchmarks/decode_steps.py MODEL [THREADS] [R,R,...] [OTHER_DIR | B_JSON]
+    python benchmarks/decode_steps.py MODEL [THREADS] [R,R,...] [OTHER_DIR | B_JSON] [LOAD_JSON]
 
 Runs this checkout's build (in place or editable). With OTHER_DIR, a folder holding another
 build copied as a package named `neocore_b` (as for two_builds.py), this build (A) and that one
 (B) take turns step by step, A first, so that a noisy host's swings hit both alike, and A/B is
 printed; with B_JSON instead (keyword arguments of neocore.load, e.g. '{"isa": "avx2"}'), B is
-this build loaded so. The weight type is the folder's: time int8 on a converted int8 folder."""
+this build loaded so. LOAD_JSON: keyword arguments for every load (e.g. '{"compute": "bf16"}' to time
+the bf16 mode of two builds). The weight type is the folder's: time int8 on a converted int8 folder."""
 import json
 import statistics
 import sys
@@ -22,12 +23,13 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1])] + ([other] if other an
 import neocore  # noqa: E402
 
 threads = int(sys.argv[2]) if len(sys.argv) > 2 else 2
-builds = {"A": neocore.load(sys.argv[1], threads=threads)}
+common = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
+builds = {"A": neocore.load(sys.argv[1], threads=threads, **common)}
 if other and other.startswith("{"):
-    builds["B"] = neocore.load(sys.argv[1], threads=threads, **json.loads(other))
+    builds["B"] = neocore.load(sys.argv[1], threads=threads, **{**common, **json.loads(other)})
 elif other:
     import neocore_b
-    builds["B"] = neocore_b.load(sys.argv[1], threads=threads)
+    builds["B"] = neocore_b.load(sys.argv[1], threads=threads, **common)
 vocab = builds["A"].config.vocab_size
 rng = np.random.default_rng(0)
 for rows in [int(r) for r in (sys.argv[3] if len(sys.argv) > 3 else "1,8,32").split(",")]:

@@ -264,13 +264,18 @@ static void gemm_bf16_avx512(float *out, const XPairs *xp, const NeoMatrix *w, c
 /* ---- Decode rows (AVX512-BF16, on both hardware paths) -----------------------------------
  * The rows of a step's single-row sequences: each row of x rounded to bf16 once (zero past K),
  * then each weight row's 32-column pieces (bf16 as they lie, other types rounded as in
- * weight_strip) feed one VDPBF16PS per row of x. A row of x is summed in the same order whatever
- * T is (four accumulators over 128-column steps, the 32-column steps into the first, then a fixed
- * reduction), so its result does not depend on the other rows. Against the exact decode kernel:
- * half the multiply instructions per weight and no widening, which is what a step of many rows,
- * bound by arithmetic, needs. */
-#define MVB_ROWS 4    /* rows of x sharing each weight vector: 4 x 4 accumulators */
-#define MVB_BLOCK 16  /* rows of w a thread takes at a time (static schedule) */
+ * weight_strip) feed one VDPBF16PS per row of x. Each output is summed in one order whatever T
+ * is, so a row's result does not depend on the other rows: bf16 weights into one accumulator,
+ * in tiles of several rows of w (matvec_bf16_tile); the others, whose pieces take longer to
+ * make, a row of w at a time into four accumulators (dot_rows_bf16), since one made their
+ * one-row steps latency bound (125M int8 weights 1.18x slower) and tiles of them lost in cache.
+ * Against the exact decode kernel: half the multiply instructions per weight and no widening,
+ * which is what a step of many rows, bound by arithmetic, needs. */
+#define MVB_ROWS 6        /* rows of x in a tile of bf16 weights */
+#define MVB_ROWS_4ACC 4   /* rows of x sharing a row of other weights: 4 x 4 accumulators */
+#define MVB_WROWS 4       /* rows of bf16 w in a tile once T >= MVB_TILES_FROM (else one) */
+#define MVB_TILES_FROM 4
+#define MVB_BLOCK 16      /* rows of w a thread takes at a time (static schedule) */
 #define MVB_X_L1 (12 << 10)  /* bytes of bf16 x read once per row of w (see matvec_bf16_block) */
 
 /* Columns k .. k + 31 of row n of w (of type dtype) in bf16 pairs, zero past K; inside is a
@@ -301,7 +306,7 @@ INLINE_AVX512_BF16 void dot_rows_bf16(const NeoDType dtype, const int R, size_t 
 {
     const size_t elem = dtype_bytes(dtype);
     const char *row = (const char *)w->data + (size_t)n * K * elem;
-    __m512 acc[MVB_ROWS][4];
+    __m512 acc[MVB_ROWS_4ACC][4];
     for (int r = 0; r < R; r++)
         for (int a = 0; a < 4; a++) acc[r][a] = _mm512_setzero_ps();
     int k = 0;
@@ -322,13 +327,13 @@ INLINE_AVX512_BF16 void dot_rows_bf16(const NeoDType dtype, const int R, size_t 
                                                      _mm512_add_ps(acc[r][2], acc[r][3])));
 }
 
-/* Rows t .. t + MVB_ROWS - 1 of x (those below T) against row n of w, into the outputs. ahead:
+/* Rows t .. t + MVB_ROWS_4ACC - 1 of x (those below T) against row n of w, into the outputs. ahead:
  * the first group's prefetch distance (0: none); the groups after it read the row from cache. */
 INLINE_AVX512_BF16 void matvec_bf16_group(const NeoDType dtype, const NeoProjection *p, const uint16_t *xb,
                                           size_t ld, int T, int t, int n, int K, int accumulate, size_t ahead)
 {
-    float sums[MVB_ROWS];
-    const int R = T - t < MVB_ROWS ? T - t : MVB_ROWS;
+    float sums[MVB_ROWS_4ACC];
+    const int R = T - t < MVB_ROWS_4ACC ? T - t : MVB_ROWS_4ACC;
     const uint16_t *xt = xb + (size_t)t * ld;
     ahead = t == 0 ? ahead : 0;
     switch (R) {  /* constant R: each compiles to its own loop with acc in registers */
@@ -341,24 +346,111 @@ INLINE_AVX512_BF16 void matvec_bf16_group(const NeoDType dtype, const NeoProject
         store_output(&p->out[(size_t)(t + r) * p->N + n], sums[r], p->bias, n, accumulate);
 }
 
-/* Where all rows of x are few bytes, each row of w is read once for all of them (the groups
- * after the first from L1); else a group of rows stays in L1 while the block's rows of w stream
- * past it, from memory for the first group and from L2 for the others. Zen 4, bf16 mode, builds
- * alternating: 125M 8 rows (12 KiB of x) 1.09-1.11x faster the first way, 16 rows 1.1-1.13x
- * and 32 rows 1.29x the second; 1.3B (K = 2048) 8 rows 1.15x the second. */
+/* Rows n .. n + WR - 1 of bf16 w against rows t .. t + R - 1 of xb (rows ld bf16 apart, zero
+ * from K to ld), into the outputs: WR x R outputs share each load, each one accumulator over the
+ * 32-column steps in order. A single row of w (WR = 1) is prefetched non-temporally ahead bytes
+ * ahead if ahead is set; a tile fetches the next tile (next, if set) into L2, an equal share of
+ * its lines in address order each step. On Zen 4 (24 matrices of 3072 x 768 from memory, the
+ * kernel alone, 1 thread) 4 rows of w read side by side ran at half the speed of one row read
+ * through (9.0 GFLOP/s against 17.1); with the next tile in L2 tiles beat the rows one at a
+ * time: 4 rows of x 1.15x, 8 rows 1.4x, 16 1.39x, 32 1.34x (fetched into L1 or
+ * non-temporally: 1.0-1.2x). */
+INLINE_AVX512_BF16 void matvec_bf16_tile(const int WR, const int R, size_t ahead, const char *next,
+                                         const NeoProjection *p, const uint16_t *xb, size_t ld, int t, int n,
+                                         int K, int accumulate)
+{
+    const size_t elem = sizeof(uint16_t);
+    const char *row = (const char *)p->w->data + (size_t)n * K * elem;
+    const uint16_t *xt = xb + (size_t)t * ld;
+    __m512 acc[MVB_WROWS][MVB_ROWS];
+    for (int i = 0; i < WR; i++)
+        for (int r = 0; r < R; r++) acc[i][r] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 2 * TILE <= K; k += 2 * TILE) {
+        if (WR == 1)
+            prefetch_pairs(elem, ahead, row, (size_t)k * elem);
+        else if (next)
+            for (int line = 0; line < WR; line++)  /* a step's 32 columns of WR rows: WR lines */
+                _mm_prefetch(next + ((size_t)k / (2 * TILE) * WR + line) * 64, _MM_HINT_T1);
+        __m512bh wv[MVB_WROWS];
+        for (int i = 0; i < WR; i++) wv[i] = weight_pairs(NEO_BF16, 1, p->w, n + i, k, K);
+        for (int r = 0; r < R; r++) {
+            const __m512bh xv = (__m512bh)_mm512_load_si512(xt + r * ld + k);
+            for (int i = 0; i < WR; i++) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], wv[i], xv);
+        }
+    }
+    if (k < K)  /* the last columns, masked */
+        for (int i = 0; i < WR; i++) {
+            const __m512bh wv = weight_pairs(NEO_BF16, 0, p->w, n + i, k, K);
+            for (int r = 0; r < R; r++)
+                acc[i][r] = _mm512_dpbf16_ps(acc[i][r], wv, (__m512bh)_mm512_load_si512(xt + r * ld + k));
+        }
+    for (int i = 0; i < WR; i++)
+        for (int r = 0; r < R; r++)
+            store_output(&p->out[(size_t)(t + r) * p->N + n + i], _mm512_reduce_add_ps(acc[i][r]), p->bias,
+                         n + i, accumulate);
+}
+
+/* The tile of rows n .. n + WR - 1 of w and rows t .. min(t + MVB_ROWS, t1) - 1 of x, with R
+ * and WR constants, so that each compiles to its own loop with the accumulators in registers. */
+INLINE_AVX512_BF16 void matvec_bf16_tiles(const int WR, size_t ahead, const char *next, const NeoProjection *p,
+                                          const uint16_t *xb, size_t ld, int t, int t1, int n, int K,
+                                          int accumulate)
+{
+    switch (t1 - t < MVB_ROWS ? t1 - t : MVB_ROWS) {
+    case 6: matvec_bf16_tile(WR, 6, ahead, next, p, xb, ld, t, n, K, accumulate); break;
+    case 5: matvec_bf16_tile(WR, 5, ahead, next, p, xb, ld, t, n, K, accumulate); break;
+    case 4: matvec_bf16_tile(WR, 4, ahead, next, p, xb, ld, t, n, K, accumulate); break;
+    case 3: matvec_bf16_tile(WR, 3, ahead, next, p, xb, ld, t, n, K, accumulate); break;
+    case 2: matvec_bf16_tile(WR, 2, ahead, next, p, xb, ld, t, n, K, accumulate); break;
+    default: matvec_bf16_tile(WR, 1, ahead, next, p, xb, ld, t, n, K, accumulate);
+    }
+}
+
+/* Rows n_begin .. n_end - 1 of w against rows t0 .. t1 - 1 of x (of T): bf16 weights in tiles
+ * of MVB_WROWS rows of w once T >= MVB_TILES_FROM (single rows at a block's end), the others a
+ * row at a time. The group of x from row 0, which streams w from memory, prefetches it (ahead:
+ * a single row's distance); the others find w in cache. */
+INLINE_AVX512_BF16 void matvec_bf16_span(const NeoDType dtype, const NeoProjection *p, const uint16_t *xb,
+                                         size_t ld, int T, int t0, int t1, int n_begin, int n_end, int K,
+                                         int accumulate, size_t ahead)
+{
+    const int rows = dtype == NEO_BF16 ? MVB_ROWS : MVB_ROWS_4ACC;
+    for (int n = n_begin; n < n_end;) {
+        const int WR = dtype == NEO_BF16 && T >= MVB_TILES_FROM && n_end - n >= MVB_WROWS ? MVB_WROWS : 1;
+        for (int t = t0; t < t1; t += rows) {
+            if (dtype != NEO_BF16) {
+                matvec_bf16_group(dtype, p, xb, ld, t1, t, n, K, accumulate, ahead);
+            } else if (WR == 1) {
+                matvec_bf16_tiles(1, t == 0 ? ahead : 0, NULL, p, xb, ld, t, t1, n, K, accumulate);
+            } else {
+                const int fetch = t == 0 && n + 2 * WR <= p->N;
+                const uint16_t *next = (const uint16_t *)p->w->data + (size_t)(n + WR) * K;
+                matvec_bf16_tiles(MVB_WROWS, 0, fetch ? (const char *)next : NULL, p, xb, ld, t, t1, n, K,
+                                  accumulate);
+            }
+        }
+        n += WR;
+    }
+}
+
+/* Where all rows of x are few bytes, each row or tile of w is read once for all of them (the
+ * groups after the first from L1); else a group of rows stays in L1 while the block's rows of w
+ * stream past it, from memory for the first group and from L2 for the others. Zen 4, bf16 mode,
+ * builds alternating, before the tiles: 125M 8 rows (12 KiB of x) 1.09-1.11x faster the first
+ * way, 16 rows 1.1-1.13x and 32 rows 1.29x the second; 1.3B (K = 2048) 8 rows 1.15x the second.
+ * With the tiles, a bound of 48 KiB instead of 12 was within 0.94-1.03x. */
 INLINE_AVX512_BF16 void matvec_bf16_block(const NeoDType dtype, const NeoProjection *p, const uint16_t *xb,
                                           size_t ld, int T, int n_begin, int n_end, int K, int accumulate,
                                           size_t ahead)
 {
-    if ((size_t)T * ld * sizeof(uint16_t) <= MVB_X_L1) {
-        for (int n = n_begin; n < n_end; n++)
-            for (int t = 0; t < T; t += MVB_ROWS)
-                matvec_bf16_group(dtype, p, xb, ld, T, t, n, K, accumulate, ahead);
-    } else {
-        for (int t = 0; t < T; t += MVB_ROWS)
-            for (int n = n_begin; n < n_end; n++)
-                matvec_bf16_group(dtype, p, xb, ld, T, t, n, K, accumulate, ahead);
-    }
+    const int rows = dtype == NEO_BF16 ? MVB_ROWS : MVB_ROWS_4ACC;
+    if ((size_t)T * ld * sizeof(uint16_t) <= MVB_X_L1)
+        matvec_bf16_span(dtype, p, xb, ld, T, 0, T, n_begin, n_end, K, accumulate, ahead);
+    else
+        for (int t = 0; t < T; t += rows)
+            matvec_bf16_span(dtype, p, xb, ld, T, t, t + rows < T ? t + rows : T, n_begin, n_end, K, accumulate,
+                             ahead);
 }
 
 /* matvec_bf16_block compiled for each weight type; ahead[dtype]: its prefetch distance. */
@@ -391,8 +483,8 @@ static int matvec_bf16_avx512(const NeoProjection *proj, int n_proj, const float
     uint16_t *xb = alloc_lines(sizeof(uint16_t) * ld * T);
     if (!xb) return 0;
     round_rows(xb, ld, x, T, K);
-    /* the first group of rows streams each weight row from memory, prefetching as the CPU kind
-     * does (this kernel's user, Zen 4, prefetches non-temporally or not at all) */
+    /* rows of w taken one at a time stream from memory prefetched as the CPU kind does (this
+     * kernel's user, Zen 4, prefetches non-temporally or not at all); tiles fetch their own */
     size_t ahead[3];
     for (NeoDType d = NEO_F32; d <= NEO_I8; d++) {
         const NeoDecodePrefetch how = neo_decode_prefetch(NEO_ISA_AVX512, d, T);
