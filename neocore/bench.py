@@ -157,7 +157,7 @@ def memory_bandwidth(threads: int, nbytes: int = 1 << 30) -> float:
 
 
 class NeocoreRunner:
-    def __init__(self, folder: str, threads: int, dtype: str, compute: str = "exact"):
+    def __init__(self, folder: str, threads: int, dtype: str | None, compute: str = "exact"):
         import neocore
         self.model = neocore.load(folder, threads=threads, dtype=dtype, compute=compute)
 
