@@ -202,3 +202,51 @@ def test_projections_in_one_pass_equal_each_matrix_alone(isa, T):
             _core.matvec_projections(together, x, weights, biases, accumulate, threads, isa)
             for i, (a, b) in enumerate(zip(together, alone)):
                 assert np.array_equal(a, b), (i, threads, accumulate)
+
+
+def ending_at_a_guard_page(array: np.ndarray) -> np.ndarray:
+    """A copy of array whose last byte lies just before a page that may not be read, as the
+    end of a mapped checkpoint file can: a kernel that reads past a matrix then faults."""
+    import ctypes
+    import mmap
+    page = mmap.PAGESIZE
+    data_pages = -(-array.nbytes // page)
+    buffer = mmap.mmap(-1, (data_pages + 1) * page)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    PROT_NONE = 0  # <sys/mman.h>; Python's mmap module does not export it
+    assert libc.mprotect(base + data_pages * page, page, PROT_NONE) == 0, ctypes.get_errno()
+    guarded = np.frombuffer(buffer, array.dtype, array.size, data_pages * page - array.nbytes).reshape(array.shape)
+    guarded[...] = array
+    return guarded
+
+
+GUARDED_KERNELS = [(isa, kernel) for isa in PATHS for kernel in KERNELS] + \
+                  [(isa, kernel) for isa in ("amx", "avx512bf16", "scalar") if _core.isa_runs_here(isa)
+                   for kernel in ("bf16", "bf16-matvec")]
+
+
+@pytest.mark.parametrize("isa, kernel", GUARDED_KERNELS)
+@pytest.mark.parametrize("wtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("T, K, N", [(1, 770, 45), (5, 100, 45), (9, 768, 17), (37, 201, 45)])
+def test_kernels_read_nothing_past_the_last_weight_row(isa, kernel, wtype, T, K, N):
+    """Weights are mapped files: the last matrix's last row (and an int8 one's last scale) ends
+    at a page that may not be read here, and every path still gives numpy's product."""
+    from neocore.weights import Int8Matrix, quantize_i8
+    rng = np.random.default_rng(T + K + N)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    w32 = rng.standard_normal((N, K)).astype(np.float32)
+    if wtype == "int8":
+        q = quantize_i8(w32)
+        w = Int8Matrix(ending_at_a_guard_page(q.values), ending_at_a_guard_page(q.scales))
+        w32 = q.values.astype(np.float32) * np.repeat(q.scales, _core.I8_BLOCK, axis=1)[:, :K]
+    else:
+        w = ending_at_a_guard_page(f32_to_bf16(w32)[0] if wtype == "bfloat16" else w32)
+        w32 = bf16_to_f32(w) if wtype == "bfloat16" else w32
+    out = np.zeros((T, N), np.float32)
+    _core.matmul(out, x, w, None, False, 2, isa, kernel)
+    # bf16 kernels round x and w to bf16: checked exactly elsewhere; here the bound is theirs
+    tolerance = 2e-2 if kernel.startswith("bf16") else 1e-5
+    np.testing.assert_allclose(out, x.astype(np.float64) @ w32.T.astype(np.float64), rtol=tolerance,
+                               atol=tolerance * np.sqrt(K))
