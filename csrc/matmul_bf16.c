@@ -266,7 +266,8 @@ static void gemm_bf16_avx512(float *out, const XPairs *xp, const NeoMatrix *w, c
  * then each weight row's 32-column pieces (bf16 as they lie, other types rounded as in
  * weight_strip) feed one VDPBF16PS per row of x. Each output is summed in one order whatever T
  * is, so a row's result does not depend on the other rows: bf16 weights into one accumulator,
- * in tiles of several rows of w (matvec_bf16_tile); the others, whose pieces take longer to
+ * in tiles of several rows of w (matvec_bf16_tile; single rows below MVB_TILES_FROM rows of x
+ * and at a block's end, in the same order); the others, whose pieces take longer to
  * make, a row of w at a time into four accumulators (dot_rows_bf16), since one made their
  * one-row steps latency bound (125M int8 weights 1.18x slower) and tiles of them lost in cache.
  * Against the exact decode kernel: half the multiply instructions per weight and no widening,
@@ -274,9 +275,12 @@ static void gemm_bf16_avx512(float *out, const XPairs *xp, const NeoMatrix *w, c
 #define MVB_ROWS 6        /* rows of x in a tile of bf16 weights */
 #define MVB_ROWS_4ACC 4   /* rows of x sharing a row of other weights: 4 x 4 accumulators */
 #define MVB_WROWS 4       /* rows of bf16 w in a tile once T >= MVB_TILES_FROM (else one) */
-#define MVB_TILES_FROM 4
+#define MVB_TILES_FROM 4  /* rows of x from which bf16 w goes in tiles (tiles at 1 row: 0.84x, 2: 0.93x) */
 #define MVB_BLOCK 16      /* rows of w a thread takes at a time (static schedule) */
-#define MVB_X_L1 (12 << 10)  /* bytes of bf16 x read once per row of w (see matvec_bf16_block) */
+#define MVB_X_L1 (12 << 10)  /* bytes of bf16 x read once per row or tile of w (matvec_bf16_block) */
+
+/* Rows of x a group takes: a tile's for bf16 weights, four accumulators' for the others. */
+static inline int group_rows(NeoDType dtype) { return dtype == NEO_BF16 ? MVB_ROWS : MVB_ROWS_4ACC; }
 
 /* Columns k .. k + 31 of row n of w (of type dtype) in bf16 pairs, zero past K; inside is a
  * constant 1 where all 32 lie inside K (no masks then, and bf16 ones are loaded as they lie). */
@@ -352,9 +356,9 @@ INLINE_AVX512_BF16 void matvec_bf16_group(const NeoDType dtype, const NeoProject
  * ahead if ahead is set; a tile fetches the next tile (next, if set) into L2, an equal share of
  * its lines in address order each step. On Zen 4 (24 matrices of 3072 x 768 from memory, the
  * kernel alone, 1 thread) 4 rows of w read side by side ran at half the speed of one row read
- * through (9.0 GFLOP/s against 17.1); with the next tile in L2 tiles beat the rows one at a
- * time: 4 rows of x 1.15x, 8 rows 1.4x, 16 1.39x, 32 1.34x (fetched into L1 or
- * non-temporally: 1.0-1.2x). */
+ * through (9.0 GFLOP/s against 17.1); with the next tile in L2 tiles beat the kernel before them
+ * (a row of w at a time, four accumulators), two runs: 4 rows of x 1.15-1.23x, 8 rows 1.4-1.58x,
+ * 16 1.39-1.42x, 32 1.34x (the next tile fetched into L1 or non-temporally: 1.0-1.2x). */
 INLINE_AVX512_BF16 void matvec_bf16_tile(const int WR, const int R, size_t ahead, const char *next,
                                          const NeoProjection *p, const uint16_t *xb, size_t ld, int t, int n,
                                          int K, int accumulate)
@@ -415,7 +419,7 @@ INLINE_AVX512_BF16 void matvec_bf16_span(const NeoDType dtype, const NeoProjecti
                                          size_t ld, int T, int t0, int t1, int n_begin, int n_end, int K,
                                          int accumulate, size_t ahead)
 {
-    const int rows = dtype == NEO_BF16 ? MVB_ROWS : MVB_ROWS_4ACC;
+    const int rows = group_rows(dtype);
     for (int n = n_begin; n < n_end;) {
         const int WR = dtype == NEO_BF16 && T >= MVB_TILES_FROM && n_end - n >= MVB_WROWS ? MVB_WROWS : 1;
         for (int t = t0; t < t1; t += rows) {
@@ -444,7 +448,7 @@ INLINE_AVX512_BF16 void matvec_bf16_block(const NeoDType dtype, const NeoProject
                                           size_t ld, int T, int n_begin, int n_end, int K, int accumulate,
                                           size_t ahead)
 {
-    const int rows = dtype == NEO_BF16 ? MVB_ROWS : MVB_ROWS_4ACC;
+    const int rows = group_rows(dtype);
     if ((size_t)T * ld * sizeof(uint16_t) <= MVB_X_L1)
         matvec_bf16_span(dtype, p, xb, ld, T, 0, T, n_begin, n_end, K, accumulate, ahead);
     else
@@ -592,8 +596,9 @@ static void gemm_bf16_amx(float *out, const XPairs *xp, const NeoMatrix *w, cons
 /* VDPBF16PS does twice the multiplies of a 512-bit FMA but issues half as often on the Xeon
  * (Sapphire Rapids class), where the exact AVX-512 decode kernel, prefetching into L2, won:
  * bf16 decode steps of 125M, 2 threads, 1 row 0.72x, 4 rows 0.67x, 8 rows 0.76x, 16 rows 0.93x,
- * 32 rows 1.17x the exact ones' speed (1.3B: 1 row 0.78x, 8 rows 0.94x). On AMD Zen 4, where a
- * 512-bit FMA takes both 256-bit units, it won: 8-32 rows 1.3-1.5x, 1 row level. The scalar
+ * 32 rows 1.17x the exact ones' speed (1.3B: 1 row 0.78x, 8 rows 0.94x), measured before the
+ * tiles of bf16 weights and not since (no Xeon at hand). On AMD Zen 4, where a 512-bit FMA takes
+ * both 256-bit units, it won: with the tiles 8 rows 1.77x, 2 rows 1.12x, 1 row 0.97x. The scalar
  * reference path follows the same rule, so that on every CPU it is the oracle of the others. */
 int neo_bf16_decodes(NeoBf16Gemm gemm)
 {
