@@ -139,6 +139,9 @@ NeoDecodePrefetch neo_decode_prefetch(NeoIsa isa, NeoDType dtype, int rows);
  * CPU: isa itself, except on AMD Zen 4, where the AVX-512 path decodes bf16 and fp32 weights
  * with the AVX2 kernel (see matmul.c). */
 NeoIsa neo_decode_isa(NeoIsa isa, NeoDType dtype);
+/* 1 when attention fetches its key and value rows ahead on the AVX2 and AVX-512 paths, on this
+ * CPU (by kind; see attention.c). */
+int neo_attention_prefetches(void);
 
 NeoState *neo_state_new(const NeoConfig *cfg, int n_seqs, int n_ctx, int max_rows,
                         int n_threads, NeoIsa isa, NeoBf16Gemm bf16_gemm);

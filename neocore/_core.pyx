@@ -81,6 +81,7 @@ cdef extern from "neocore.h":
     int neo_built_with_openmp()
     NeoDecodePrefetch neo_decode_prefetch(NeoIsa isa, NeoDType dtype, int rows)
     NeoIsa neo_decode_isa(NeoIsa isa, NeoDType dtype)
+    int neo_attention_prefetches()
     NeoCpuKind neo_cpu_kind()
     NeoState *neo_state_new(const NeoConfig *cfg, int n_seqs, int n_ctx, int max_rows,
                             int n_threads, NeoIsa isa, NeoBf16Gemm bf16_gemm)
@@ -171,6 +172,13 @@ def bf16_decodes(str isa) -> bool:
     that measured faster, csrc/matmul_bf16.c); elsewhere its decode stays exact."""
     _check_known_isa(isa)
     return isa in BF16_GEMMS and neo_bf16_decodes(BF16_GEMMS[isa]) != 0
+
+
+def attention_prefetch(str isa) -> bool:
+    """Whether attention on path isa fetches its key and value rows ahead on this CPU: the AVX2
+    and AVX-512 paths do on the CPU kinds where that measured faster (csrc/attention.c)."""
+    _check_known_isa(isa)
+    return ISAS[isa] in (NEO_ISA_AVX2, NEO_ISA_AVX512) and neo_attention_prefetches() != 0
 
 
 def decode_kernel(str isa, str dtype) -> str:

@@ -149,8 +149,8 @@ def test_decode_prefetch_and_kernel_are_chosen_by_the_cpu_kind():
     """Each choice was measured on its kind of CPU and loses on another (csrc/internal.h,
     csrc/matmul.c): AMD Zen 3 prefetches non-temporally; Zen 4 so too, except one row of x over
     bf16 or fp32 weights, decodes them on the AVX-512 path with the AVX2 kernel, and decodes in
-    bf16 in the bf16 compute mode; Intel prefetches into L2. The portable paths leave
-    prefetching to the hardware."""
+    bf16 in the bf16 compute mode, and fetches attention's key and value rows ahead; Intel
+    prefetches into L2. The portable paths leave prefetching to the hardware."""
     kind = cpu_kind_from_cpuinfo()
     assert _core.cpu_kind() == kind
     simd_paths = ("avx2", "avx512", "avx512bf16", "amx")
@@ -169,8 +169,9 @@ def test_decode_prefetch_and_kernel_are_chosen_by_the_cpu_kind():
             own = "avx512" if on_avx512 else isa
             assert _core.decode_kernel(isa, dtype) == ("avx2" if avx2_instead else own), (isa, dtype)
         assert _core.bf16_decodes(isa) == (isa in ("avx512bf16", "amx", "scalar") and kind == "amd-zen4"), isa
+        assert _core.attention_prefetch(isa) == (isa in simd_paths and kind == "amd-zen4"), isa
     for probe in (lambda: _core.decode_kernel("avx1024", "bfloat16"), lambda: _core.bf16_decodes("avx1024"),
-                  lambda: _core.decode_prefetch("avx1024", "int8")):
+                  lambda: _core.decode_prefetch("avx1024", "int8"), lambda: _core.attention_prefetch("avx1024")):
         with pytest.raises(ValueError, match="unknown kernel path"):
             probe()
     with pytest.raises(ValueError, match="dtype must be one of"):
