@@ -142,6 +142,8 @@ NeoIsa neo_decode_isa(NeoIsa isa, NeoDType dtype);
 /* 1 when attention fetches its key and value rows ahead on the AVX2 and AVX-512 paths, on this
  * CPU (by kind; see attention.c). */
 int neo_attention_prefetches(void);
+/* The XOR of the bytes / 8 64-bit words at data, read by n_threads threads (bandwidth.c). */
+uint64_t neo_read_stream(const void *data, size_t bytes, int n_threads);
 
 NeoState *neo_state_new(const NeoConfig *cfg, int n_seqs, int n_ctx, int max_rows,
                         int n_threads, NeoIsa isa, NeoBf16Gemm bf16_gemm);

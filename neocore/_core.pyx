@@ -3,7 +3,7 @@
 
 Python owns every weight array; a Core holds pointers into them, plus a reference to
 each so they outlive it. step() is the single Python -> C call of a step."""
-from libc.stdint cimport int32_t, uint8_t, uint16_t, uintptr_t
+from libc.stdint cimport int32_t, uint8_t, uint16_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free
 
 import numpy as np
@@ -82,6 +82,7 @@ cdef extern from "neocore.h":
     NeoDecodePrefetch neo_decode_prefetch(NeoIsa isa, NeoDType dtype, int rows)
     NeoIsa neo_decode_isa(NeoIsa isa, NeoDType dtype)
     int neo_attention_prefetches()
+    uint64_t neo_read_stream(const void *data, size_t nbytes, int n_threads) nogil
     NeoCpuKind neo_cpu_kind()
     NeoState *neo_state_new(const NeoConfig *cfg, int n_seqs, int n_ctx, int max_rows,
                             int n_threads, NeoIsa isa, NeoBf16Gemm bf16_gemm)
@@ -147,6 +148,19 @@ def cpu_has_amx_bf16() -> bool:
 
 def built_with_openmp() -> bool:
     return bool(neo_built_with_openmp())
+
+
+def read_stream(const unsigned char[::1] data, int threads) -> int:
+    """Reads data once on threads threads (what a decode step does to the weights) and returns
+    the XOR of its 64-bit words: the probe of neocore bench's read bandwidth."""
+    _check_threads(threads)
+    if data.shape[0] == 0:
+        return 0
+    if <uintptr_t>&data[0] % 8:
+        raise ValueError("read_stream needs data aligned to 8 bytes (it reads 64-bit words)")
+    with nogil:
+        folded = neo_read_stream(&data[0], data.shape[0], threads)
+    return folded
 
 
 def isa_runs_here(isa: str) -> bool:

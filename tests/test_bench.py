@@ -93,3 +93,18 @@ def test_bench_refuses_what_cannot_run_before_measuring(reference_models, monkey
     args = parser.parse_args(["-m", str(odd.folder), "--prompt-tokens", "8", "--new-tokens", "4", *flags])
     with pytest.raises(neocore.NeocoreError, match=message):
         bench.run(args)
+
+
+@pytest.mark.parametrize("nbytes, threads", [(8, 1), (4096 + 5, 2), (1 << 20, 3)])
+def test_the_bandwidth_probe_reads_every_word(nbytes, threads):
+    """The roofline's probe folds every 64-bit word it reads (a trailing part word is left), so
+    its reading is of the whole array, at any thread count."""
+    from neocore import _core
+    data = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
+    expected = int(np.bitwise_xor.reduce(data[:nbytes // 8 * 8].view(np.uint64)))
+    assert _core.read_stream(data, threads) == expected
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        _core.read_stream(data, 0)
+    if nbytes > 8:
+        with pytest.raises(ValueError, match="aligned to 8 bytes"):
+            _core.read_stream(data[1:], threads)
