@@ -1,6 +1,7 @@
 """One engine step of R decode rows, one per sequence, without the server: R sequences are
-prefilled with 40 random tokens each, then `model.step` advances all of them by one token.
-Prints the median of 10 steps (after 2 warm-up steps) for each R.
+prefilled with 40 random tokens each (PROMPT=N in the environment: N, in chunks of 200), then
+`model.step` advances all of them by one token. Prints the median of 10 steps (after 2 warm-up
+steps) for each R.
 
     python benchmarks/decode_steps.py MODEL [THREADS] [R,R,...] [OTHER_DIR | B_JSON] [LOAD_JSON]
 
@@ -11,6 +12,7 @@ printed; with B_JSON instead (keyword arguments of neocore.load, e.g. '{"isa": "
 this build loaded so. LOAD_JSON: keyword arguments for every load (e.g. '{"compute": "bf16"}' to time
 the bf16 mode of two builds). The weight type is the folder's: time int8 on a converted int8 folder."""
 import json
+import os
 import statistics
 import sys
 import time
@@ -31,15 +33,18 @@ elif other:
     import neocore_b
     builds["B"] = neocore_b.load(sys.argv[1], threads=threads, **common)
 vocab = builds["A"].config.vocab_size
+prompt_tokens = int(os.environ.get("PROMPT", "40"))
 rng = np.random.default_rng(0)
 for rows in [int(r) for r in (sys.argv[3] if len(sys.argv) > 3 else "1,8,32").split(",")]:
-    prompts = rng.integers(0, vocab, (rows, 40)).astype(np.int32)
-    want = np.zeros(40, np.uint8)
-    want[-1] = 1
+    prompts = rng.integers(0, vocab, (rows, prompt_tokens)).astype(np.int32)
     for model in builds.values():
         for seq in range(rows):
             model.clear_sequence(seq)
-            model.step(prompts[seq], np.full(40, seq, np.int32), want, np.empty((1, vocab), np.float32))
+            for start in range(0, prompt_tokens, 200):  # a step takes at most 256 rows
+                chunk = prompts[seq, start:start + 200]
+                want = np.zeros(len(chunk), np.uint8)
+                want[-1] = 1
+                model.step(chunk, np.full(len(chunk), seq, np.int32), want, np.empty((1, vocab), np.float32))
     tokens = rng.integers(0, vocab, rows).astype(np.int32)
     seqs = np.arange(rows, dtype=np.int32)
     logits = np.empty((rows, vocab), np.float32)
