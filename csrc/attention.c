@@ -45,27 +45,12 @@ static int row_runs(RowRun runs[3], const float *fresh, const float *cache, int 
 }
 
 /* 1 when the AVX2 and AVX-512 paths fetch a decode row's key and value rows ahead of their use
- * (by CPU kind): each (row, head) streams a few tens of KiB of cache, too short for the hardware
- * prefetcher to get going (a prompt's rows re-read keys from cache: none for them). Zen 4, 125M, 2 threads, builds alternating: decode steps of 8 rows at position 250
- * 4-15% faster, 1 row at position 1000 5% (the AVX2 path 11-14%). Zen 3 and the Xeon not
+ * (by CPU kind): each (row, head) streams a few tens of KiB of cache, too short for the
+ * hardware prefetcher to get going (a prompt's rows re-read keys from cache: none for them).
+ * Zen 4, 125M, 2 threads, builds alternating: decode steps of 8 rows at position 250 2-15%
+ * faster, 1 row at position 1000 4-13% (the AVX2 path 11-14%). Zen 3 and the Xeon not
  * measured, so they keep the hardware's. */
 int neo_attention_prefetches(void) { return neo_cpu_kind() == NEO_CPU_AMD_ZEN4; }
-
-#define PREFETCH_ROWS_AHEAD 8  /* 4 or 16 rows ahead: 1.08-1.14x slower on Zen 4 */
-
-/* Row c + PREFETCH_ROWS_AHEAD of a run fetched ahead of its use (head_dim floats; nothing past
- * the run), when prefetch is set. */
-static inline __attribute__((always_inline)) void prefetch_row_ahead(int prefetch, const RowRun *run, int c,
-                                                                     int head_dim)
-{
-#if defined(__x86_64__)
-    if (!prefetch || c + PREFETCH_ROWS_AHEAD >= run->count) return;
-    const char *row = (const char *)(run->rows + (size_t)(c + PREFETCH_ROWS_AHEAD) * run->stride);
-    for (int b = 0; b < head_dim * (int)sizeof(float); b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
-#else
-    (void)prefetch, (void)run, (void)c, (void)head_dim;
-#endif
-}
 
 /* ---- the two inner loops: scalar reference, portable, AVX2, AVX-512 ---------------------------------- */
 
@@ -93,6 +78,18 @@ static void weighted_rows_generic(float *restrict out, const float *restrict wei
 }
 
 #if defined(__x86_64__)
+#define PREFETCH_ROWS_AHEAD 8  /* 4 or 16 rows ahead: 1.08-1.14x slower on Zen 4 */
+
+/* Row c + PREFETCH_ROWS_AHEAD of a run fetched ahead of its use (head_dim floats; nothing past
+ * the run), when prefetch is set. */
+static inline __attribute__((always_inline)) void prefetch_row_ahead(int prefetch, const RowRun *run, int c,
+                                                                     int head_dim)
+{
+    if (!prefetch || c + PREFETCH_ROWS_AHEAD >= run->count) return;
+    const char *row = (const char *)(run->rows + (size_t)(c + PREFETCH_ROWS_AHEAD) * run->stride);
+    for (int b = 0; b < head_dim * (int)sizeof(float); b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+}
+
 TARGET_AVX2 static inline float dot_avx2(const float *a, const float *b, int n)
 {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();

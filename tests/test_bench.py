@@ -95,7 +95,7 @@ def test_bench_refuses_what_cannot_run_before_measuring(reference_models, monkey
         bench.run(args)
 
 
-@pytest.mark.parametrize("nbytes, threads", [(8, 1), (4096 + 5, 2), (1 << 20, 3)])
+@pytest.mark.parametrize("nbytes, threads", [(0, 1), (5, 2), (8, 1), (4096 + 5, 2), (1 << 20, 3)])
 def test_the_bandwidth_probe_reads_every_word(nbytes, threads):
     """The roofline's probe folds every 64-bit word it reads (a trailing part word is left), so
     its reading is of the whole array, at any thread count."""

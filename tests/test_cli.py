@@ -187,8 +187,8 @@ def test_score_and_info(tiny, tmp_path):
     assert f"kernel path:     {model.isa} " in info.stdout
     assert f"decode kernel:   {_core.decode_kernel(model.isa, model.dtype)} " in info.stdout
     assert f"decode prefetch: {_core.decode_prefetch(model.isa, model.dtype)} " in info.stdout
-    fetched = "prefetched" if _core.attention_prefetch(model.isa) else "not prefetched"
-    assert f"attention rows:  {fetched} (tuned for {_core.cpu_kind()})" in info.stdout
+    fetched = "prefetched (decode rows; " if _core.attention_prefetch(model.isa) else "not prefetched ("
+    assert f"attention rows:  {fetched}tuned for {_core.cpu_kind()})" in info.stdout
 
 
 @pytest.mark.parametrize("args, stdin, message", [

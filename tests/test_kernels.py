@@ -149,8 +149,9 @@ def test_decode_prefetch_and_kernel_are_chosen_by_the_cpu_kind():
     """Each choice was measured on its kind of CPU and loses on another (csrc/internal.h,
     csrc/matmul.c): AMD Zen 3 prefetches non-temporally; Zen 4 so too, except one row of x over
     bf16 or fp32 weights, decodes them on the AVX-512 path with the AVX2 kernel, and decodes in
-    bf16 in the bf16 compute mode, and fetches attention's key and value rows ahead; Intel
-    prefetches into L2. The portable paths leave prefetching to the hardware."""
+    bf16 in the bf16 compute mode, and fetches a decode row's attention keys and values ahead
+    (csrc/attention.c); Intel prefetches into L2. The portable paths leave prefetching to the
+    hardware."""
     kind = cpu_kind_from_cpuinfo()
     assert _core.cpu_kind() == kind
     simd_paths = ("avx2", "avx512", "avx512bf16", "amx")
