@@ -123,6 +123,17 @@ INLINE_AVX512_BF16 __m512 strip_lanes(const NeoDType dtype, const NeoMatrix *w, 
     return _mm512_maskz_loadu_ps(lanes, (const float *)w->data + at);
 }
 
+/* Columns k .. k + 31 of row n of w (of type dtype) in bf16 pairs, zero past K; inside is a
+ * constant 1 where all 32 lie inside K (no masks then, and bf16 ones are loaded as they lie). */
+INLINE_AVX512_BF16 __m512bh weight_pairs(const NeoDType dtype, const int inside, const NeoMatrix *w, int n,
+                                         int k, int K)
+{
+    if (dtype == NEO_BF16 && inside)
+        return (__m512bh)_mm512_loadu_si512((const uint16_t *)w->data + (size_t)n * K + k);
+    return _mm512_cvtne2ps_pbh(strip_lanes(dtype, w, n, k + TILE, K, inside ? 0xFFFF : first_lanes(K - k - TILE)),
+                               strip_lanes(dtype, w, n, k, K, inside ? 0xFFFF : first_lanes(K - k)));
+}
+
 /* Rows n0 .. n0 + rows - 1 of w in bf16, row i at strip + i * stride, columns K .. stride
  * reading zero: w itself where it is bf16, K a multiple of KBLOCK and the strip inside N;
  * else a copy in scratch ([rows][round_up(K, KBLOCK)], rows past N zero), each weight
@@ -139,10 +150,8 @@ TARGET_AVX512_BF16 static const uint16_t *weight_strip(const NeoMatrix *w, int n
     for (int i = 0; i < rows; i++) {
         uint16_t *line = scratch + i * *stride;
         for (int k = 0; k < (int)*stride; k += KBLOCK) {
-            __m512i pairs = _mm512_setzero_si512();
-            if (n0 + i < N)
-                pairs = (__m512i)_mm512_cvtne2ps_pbh(strip_lanes(w->dtype, w, n0 + i, k + TILE, K, first_lanes(K - k - TILE)),
-                                                     strip_lanes(w->dtype, w, n0 + i, k, K, first_lanes(K - k)));
+            const __m512i pairs = n0 + i < N ? (__m512i)weight_pairs(w->dtype, 0, w, n0 + i, k, K)
+                                             : _mm512_setzero_si512();
             _mm512_store_si512(line + k, pairs);
         }
     }
@@ -281,17 +290,6 @@ static void gemm_bf16_avx512(float *out, const XPairs *xp, const NeoMatrix *w, c
 
 /* Rows of x a group takes: a tile's for bf16 weights, four accumulators' for the others. */
 static inline int group_rows(NeoDType dtype) { return dtype == NEO_BF16 ? MVB_ROWS : MVB_ROWS_4ACC; }
-
-/* Columns k .. k + 31 of row n of w (of type dtype) in bf16 pairs, zero past K; inside is a
- * constant 1 where all 32 lie inside K (no masks then, and bf16 ones are loaded as they lie). */
-INLINE_AVX512_BF16 __m512bh weight_pairs(const NeoDType dtype, const int inside, const NeoMatrix *w, int n,
-                                         int k, int K)
-{
-    if (dtype == NEO_BF16 && inside)
-        return (__m512bh)_mm512_loadu_si512((const uint16_t *)w->data + (size_t)n * K + k);
-    return _mm512_cvtne2ps_pbh(strip_lanes(dtype, w, n, k + TILE, K, inside ? 0xFFFF : first_lanes(K - k - TILE)),
-                               strip_lanes(dtype, w, n, k, K, inside ? 0xFFFF : first_lanes(K - k)));
-}
 
 /* Each 64-byte line of the 32 weights at byte at of row (elem bytes each, a constant where
  * inlined: no loop, so that the caller's accumulators stay in registers) prefetched

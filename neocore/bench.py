@@ -61,10 +61,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def compute_modes(text: str) -> list[str]:
     """The compute modes --compute names, e.g. exact,bf16."""
+    from ._core import COMPUTE_MODES
     modes = text.split(",")
     for mode in modes:
-        if mode not in ("exact", "bf16"):
-            raise NeocoreError(f"unknown compute mode {mode!r} (exact, bf16)")
+        if mode not in COMPUTE_MODES:
+            raise NeocoreError(f"unknown compute mode {mode!r} ({', '.join(COMPUTE_MODES)})")
     return modes
 
 

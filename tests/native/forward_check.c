@@ -63,9 +63,8 @@ static NeoMatrix bf16_matrix(size_t rows, size_t cols, float scale)
     return (NeoMatrix){NEO_BF16, p, NULL};
 }
 
-/* The kernels of a path: the decode one, then the prefill one (exact or bf16). */
-/* kernel 0: the exact decode kernel, 1: the prefill GEMM (bf16 if gemm is set), 2: the bf16
- * decode kernel (gemm set only) */
+/* The kernels of a path: 0 the exact decode kernel, 1 the prefill GEMM (bf16 if gemm is set),
+ * 2 the bf16 decode kernel (gemm set only). */
 static void run_kernel(int kernel, NeoIsa isa, NeoBf16Gemm gemm, float *out, const float *x,
                        const NeoMatrix *w, const float *bias, int T, int K, int N, int n_threads)
 {
