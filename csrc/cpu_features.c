@@ -47,28 +47,44 @@ static unsigned leaf7_ebx(void)
     return __get_cpuid_count(7, 0, &a, &b, &c, &d) ? b : 0;
 }
 
-int neo_cpu_has_avx2_fma(void)
+/* Each answer is asked for once per process and then remembered: under virtualisation every
+ * CPUID traps to the hypervisor (about 20 us each on the Zen 4 VM, 40 us for the checks before
+ * one kernel call), and the ISA checks run on every call into a kernel from Python. */
+static int avx2_fma(void)
 {
     unsigned a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 12))) return 0; /* FMA */
     return os_saves(XCR0_YMM) && (leaf7_ebx() & (1u << 5));             /* AVX2 */
 }
 
+int neo_cpu_has_avx2_fma(void)
+{
+    static int cached = -1;
+    if (cached < 0) cached = avx2_fma();
+    return cached;
+}
+
 int neo_cpu_has_avx512(void)
 {
+    static int cached = -1;
     const unsigned f = 1u << 16, bw = 1u << 30, vl = 1u << 31;
-    return neo_cpu_has_avx2_fma() && os_saves(XCR0_ZMM) && (leaf7_ebx() & (f | bw | vl)) == (f | bw | vl);
+    if (cached < 0)
+        cached = neo_cpu_has_avx2_fma() && os_saves(XCR0_ZMM) && (leaf7_ebx() & (f | bw | vl)) == (f | bw | vl);
+    return cached;
 }
 
 int neo_cpu_has_avx512_bf16(void)
 {
+    static int cached = -1;
     unsigned a, b, c, d;
-    return neo_cpu_has_avx512() && __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5));
+    if (cached < 0)
+        cached = neo_cpu_has_avx512() && __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5));
+    return cached;
 }
 
 int neo_cpu_has_amx_bf16(void)
 {
-    static int cached = -1; /* ask Linux once per process: the permission is process-wide */
+    static int cached = -1; /* and ask Linux once: the permission is process-wide */
     if (cached < 0) {
         unsigned a, b, c, d;
         const unsigned amx_bf16 = 1u << 22, amx_tile = 1u << 24;
@@ -82,7 +98,7 @@ int neo_cpu_has_amx_bf16(void)
 
 NeoCpuKind neo_cpu_kind(void)
 {
-    static int cached = -1; /* CPUID is slow under virtualisation: ask once */
+    static int cached = -1;
     if (cached < 0) {
         unsigned a, vendor[3];
         cached = NEO_CPU_OTHER;
