@@ -1,7 +1,7 @@
 """One engine step of R decode rows, one per sequence, without the server: R sequences are
 prefilled with 40 random tokens each (PROMPT=N in the environment: N, in chunks of 200), then
-`model.step` advances all of them by one token. Prints the median of 10 steps (after 2 warm-up
-steps) for each R.
+`model.step` advances all of them by one token. Prints the median and the mean of 10 steps (after
+2 warm-up steps) for each R.
 
     python benchmarks/decode_steps.py MODEL [THREADS] [R,R,...] [OTHER_DIR | B_JSON] [LOAD_JSON]
 
@@ -55,6 +55,8 @@ for rows in [int(r) for r in (sys.argv[3] if len(sys.argv) > 3 else "1,8,32").sp
             model.step(tokens, seqs, np.ones(rows, np.uint8), logits)
             times[name].append(time.perf_counter() - start)
     steps = {name: statistics.median(t[2:]) for name, t in times.items()}
-    line = " | ".join(f"{name} step {s * 1e3:7.2f} ms, {rows / s:7.1f} tok/s" for name, s in steps.items())
+    means = {name: statistics.mean(t[2:]) for name, t in times.items()}  # stalls show here, not in medians
+    line = " | ".join(f"{name} step {s * 1e3:7.2f} ms (mean {means[name] * 1e3:7.2f}), {rows / s:7.1f} tok/s"
+                      for name, s in steps.items())
     ratio = f" (A/B {steps['A'] / steps['B']:.3f})" if "B" in steps else ""
     print(f"{rows:3d} rows: {line}{ratio}", flush=True)
