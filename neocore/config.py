@@ -27,7 +27,12 @@ class GPTNeoConfig:
     layer_norm_epsilon: float
     activation_function: str = "gelu_new"
     bos_token_id: int | None = 50256
-    eos_token_id: int | None = 50256
+    eos_token_ids: tuple[int, ...] = (50256,)  # generation stops at any of them, as in transformers
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The end-of-text token: the first of eos_token_ids (config.json may list several)."""
+        return self.eos_token_ids[0] if self.eos_token_ids else None
 
     @property
     def head_dim(self) -> int:
@@ -58,7 +63,7 @@ class GPTNeoConfig:
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "activation_function": self.activation_function,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
+            "eos_token_id": self.eos_token_id if len(self.eos_token_ids) <= 1 else list(self.eos_token_ids),
             "tie_word_embeddings": True,
         }
 
@@ -67,7 +72,7 @@ class GPTNeoConfig:
                   overrides: Mapping[str, Any] | None = None) -> "GPTNeoConfig":
         """Validates a config.json mapping; overrides replace its fields (and win over it)."""
         raw = dict(raw)
-        known = {f.name for f in fields(cls)} | {"attention_types"}
+        known = {f.name for f in fields(cls)} - {"eos_token_ids"} | {"attention_types", "eos_token_id"}
         for key, value in (overrides or {}).items():
             if key not in known:
                 raise ConfigError(f"{source}: unknown config field {key!r} in overrides")
@@ -118,12 +123,12 @@ class GPTNeoConfig:
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
             raise ConfigError(f"{source}: layer_norm_epsilon must be a number in (0, 1), got {eps!r}")
         eos = raw.get("eos_token_id", 50256)
-        if isinstance(eos, list):  # transformers allows several; the first is the one we stop on
-            eos = eos[0] if eos else None
-        for key, token in (("bos_token_id", raw.get("bos_token_id", 50256)), ("eos_token_id", eos)):
+        eos_ids = eos if isinstance(eos, list) else [] if eos is None else [eos]  # transformers allows a list
+        for key, token in [("bos_token_id", raw.get("bos_token_id", 50256))] + [("eos_token_id", t) for t in eos_ids]:
             if token is not None and (isinstance(token, bool) or not isinstance(token, int)
                                       or not 0 <= token <= C_INT_MAX):
-                raise ConfigError(f"{source}: {key} must be a token id (an integer >= 0) or null, got {token!r}")
+                raise ConfigError(f"{source}: {key} must be a token id (an integer >= 0), a list of them "
+                                  f"or null, got {eos if key == 'eos_token_id' else token!r}")
         return cls(
             hidden_size=hidden,
             num_layers=layers,
@@ -136,7 +141,7 @@ class GPTNeoConfig:
             layer_norm_epsilon=float(eps),
             activation_function=activation,
             bos_token_id=raw.get("bos_token_id", 50256),
-            eos_token_id=eos,
+            eos_token_ids=tuple(eos_ids),
         )
 
     @classmethod

@@ -566,7 +566,7 @@ class Engine:
         seq.history.append(token)
         self.stats.add_token(now)
         chunk = Chunk([token], logprobs=[logprob] if logprob else [])
-        eos = request.stop_at_eos and token == self.model.config.eos_token_id
+        eos = request.stop_at_eos and token in self.model.config.eos_token_ids
         if seq.text is not None and not eos:
             chunk.text = seq.text.add(token)
         if eos or (seq.text is not None and seq.text.stopped):

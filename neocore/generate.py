@@ -110,7 +110,7 @@ def stream_text(model, tokens: Iterator[int], stop: Sequence[str] = ()) -> Itera
     """Text chunks of tokens, ending before EOS or the first stop string (see TextStream)."""
     text = TextStream(model.tokenizer, stop)
     for token in tokens:
-        if token == model.config.eos_token_id:
+        if token in model.config.eos_token_ids:
             break
         chunk = text.add(token)
         if chunk:

@@ -1,6 +1,9 @@
 """Text generation, sampling and scoring against transformers."""
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -125,6 +128,30 @@ def test_eos_ends_generation(tiny):
     assert steered.generate_ids(ids, max_new_tokens=3, stop_at_eos=False) == [eos] * 3
     assert steered.generate(PROMPT, max_new_tokens=10, temperature=0) == ""
     assert model.generate(PROMPT, max_new_tokens=10, temperature=0) != ""
+
+
+def test_any_of_several_eos_ids_ends_generation_as_in_transformers(tiny, tmp_path):
+    """config.json may list several EOS ids (transformers stops at any): make a token that
+    greedy decoding reaches the second, in a copy of the folder, and compare with transformers."""
+    ref, model = tiny
+    ids = model.tokenizer.encode(PROMPT)
+    free = model.generate_ids(ids, max_new_tokens=12, stop_at_eos=False)
+    second = free[4]
+    folder = shutil.copytree(ref.folder, tmp_path / "several")
+    config = json.loads((folder / "config.json").read_text())
+    config["eos_token_id"] = [model.config.eos_token_id, second]
+    (folder / "config.json").write_text(json.dumps(config))
+    several = neocore.load(folder)
+    assert several.config.eos_token_ids == (model.config.eos_token_id, second)
+    assert several.config.to_hf_dict()["eos_token_id"] == config["eos_token_id"]
+    ours = several.generate_ids(ids, max_new_tokens=12)
+    assert ours == free[:free.index(second) + 1]
+    with torch.no_grad():
+        out = ref.torch_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0,
+                                       eos_token_id=config["eos_token_id"])
+    assert out[0, len(ids):].tolist() == ours
+    cut = model.tokenizer.decode(free[:free.index(second)])
+    assert several.generate(PROMPT, max_new_tokens=12, temperature=0) == cut
 
 
 def test_a_temperature_too_small_for_float32_is_greedy(tiny):
