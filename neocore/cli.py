@@ -203,9 +203,11 @@ def _piped_line() -> str:
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
-    """The sampling flags, checked (before the slow load)."""
+    """The sampling flags and the seed, checked (before the slow load)."""
+    from .sampling import check_seed
     if args.max_tokens < 0:
         raise NeocoreError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    check_seed(args.seed)
     return SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
 
 
@@ -259,14 +261,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from . import chat
     from .errors import ContextError, TokenizerError
     from .generate import check_fits_as_text, stream_text, tokens_after
-    from .sampling import Sampler, check_seed
+    from .sampling import Sampler
     params = _sampling(args)
-    check_seed(args.seed)  # bad arguments fail before the model loads
     model = load_model(args)
     if model.tokenizer is None:
         raise NeocoreError(f"{model.path}: no tokenizer files")
     sampler = Sampler(params, args.seed, model.tokenizer.vocab_size)
-    budget = model.context_length - args.max_tokens - 1  # transcript tokens that leave room for an answer
+    # transcript tokens that leave room for an answer: all but its last token are fed
+    budget = model.context_length - max(args.max_tokens, 1) + 1
     if budget < 1:
         raise NeocoreError(f"--max-tokens {args.max_tokens} leaves no room for a message in the context of "
                            f"{model.context_length} positions")
@@ -320,23 +322,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise NeocoreError(f"--port must be between 0 and 65535, got {args.port}")
     if args.max_queue < 0:
         raise NeocoreError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.max_batch < 1:  # the upper bound needs the model's size limits
+        raise NeocoreError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.ray_replicas < 0:
         raise NeocoreError(f"--ray-replicas must be >= 0, got {args.ray_replicas}")
-    if args.api_key == "":  # would let any client through that sends 'Bearer' and no key
-        raise NeocoreError("--api-key is empty: give a key, or leave the option out for a server without one")
+    from .server import check_api_key, serve  # before the slow load: says at once when the extra is missing
+    check_api_key(args.api_key)
     if not 0 <= args.shutdown_timeout < float("inf"):
         raise NeocoreError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
-    try:  # before the load: uvicorn would only find out after printing that it is serving
-        socket.getaddrinfo(args.host, args.port)
+    try:  # before the load: uvicorn would only find out after it
+        family, kind, _, _, address = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0]
     except (OSError, UnicodeError) as exc:
         raise NeocoreError(f"--host {args.host!r} is not an address this machine can listen on ({exc})") from None
+    try:  # as uvicorn binds; another process may still take the port before it does
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        raise NeocoreError(f"cannot listen on {args.host} port {args.port} ({exc.strerror or exc})") from None
     if args.ray_replicas:
         from .ray import run  # replicas load the model themselves: this process never does
         run(model_spec(args), args.ray_replicas, args.threads, args.host, args.port, max_batch=args.max_batch,
             max_queue=args.max_queue, api_key=args.api_key, name=args.name, shutdown_timeout=args.shutdown_timeout,
             dtype=args.dtype, context=args.context, config=args.config, compute=args.compute, **_overrides(args))
         return 0
-    from .server import serve  # before the slow load: says at once when the extra is missing
     model = load_model(args)
     serve(model, args.host, args.port, args.max_batch, args.max_queue, args.api_key, args.name,
           args.shutdown_timeout)
@@ -347,6 +356,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     text = _read_text(args.file, "text file")
     if not text:  # before the load, and naming the file
         raise NeocoreError(f"{_input_name(args.file)}: the text is empty: nothing to score")
+    if args.stride is not None and args.stride < 1:  # the upper bound needs the model's context
+        raise NeocoreError(f"--stride must be >= 1, got {args.stride}")
     model = load_model(args)
     result = model.score(text, stride=args.stride, progress=Progress("scoring"))
     print(f"perplexity: {result.perplexity:.4f} ({len(result.tokens)} tokens, "

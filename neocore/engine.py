@@ -322,9 +322,10 @@ class Engine:
                 raise EngineClosedError("the engine is shutting down")
             if self.max_queue is not None:
                 free_places = self.max_batch - len(self._running)
-                waiting = sum(not stream.cancelled for stream, _ in self._waiting)
+                waiting = self.queue_depth
                 if waiting + len(streams) - free_places > self.max_queue:
-                    raise QueueFullError(f"{waiting} requests are already waiting")
+                    queued = max(0, waiting - free_places)  # those beyond the batch's free places
+                    raise QueueFullError(f"{queued} of at most {self.max_queue} requests are queued")
             now = time.monotonic()
             self._waiting.extend((stream, now) for stream in streams)
             self.stats.requests += len(streams)
@@ -356,7 +357,8 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        """Requests waiting to join the batch (cancelled ones leave at the next step)."""
+        return sum(not stream.cancelled for stream, _ in self._waiting)
 
     @property
     def active(self) -> int:

@@ -58,6 +58,17 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+def check_api_key(key: str | None) -> None:
+    """A key clients can send: HTTP header values are ASCII (Starlette reads them as Latin-1, so
+    a non-ASCII key could match no client's UTF-8 header), and an empty key would let in any
+    client that sends 'Bearer' alone."""
+    if key is None:
+        return
+    if not key or not key.isascii() or not key.isprintable() or key != key.strip():
+        raise NeocoreError("--api-key must be printable ASCII, not empty, without leading or trailing "
+                           "spaces (it travels in an HTTP header)")
+
+
 @dataclass
 class Served:
     """What the routes serve: a model, its engine, the name clients use, and who may ask."""
@@ -68,6 +79,9 @@ class Served:
     replica: str | None = None   # named in an x-neocore-replica header when set
     rejected: int = 0            # sequences refused because the queue was full (as the engine counts them)
     max_body_bytes: int = MAX_BODY_BYTES  # a larger request body is refused with a 413
+
+    def __post_init__(self) -> None:
+        check_api_key(self.api_key)
 
 
 # ---- reading a request ------------------------------------------------------------------------
@@ -131,11 +145,11 @@ def _streaming(body: dict) -> tuple[bool, bool]:
     return stream, bool(include_usage)
 
 
-def _encode(served: Served, text: str, param: str, allow_special: bool = True) -> list[int]:
+def _encode(served: Served, text: str, param: str, allow_special: bool = True, what: str = "") -> list[int]:
     """The token ids of text (prompt_ids: room left for a new token, text too long refused
-    before it is tokenized), its errors as the client's, naming param."""
+    before it is tokenized), its errors as the client's, naming param (and the text as what)."""
     try:
-        return prompt_ids(served.model, text, param, allow_special)
+        return prompt_ids(served.model, text, what or param, allow_special)
     except ContextError as exc:
         raise ApiError(400, str(exc), param, "context_length_exceeded") from None
     except TokenizerError as exc:
@@ -376,8 +390,9 @@ class _ChatCompletions:
         self.served = served
         self.params, self.n, self.seed, stops = _sampling(body)
         self.stops = chat.STOPS + stops
-        limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        self.max_tokens = _field(body, limit, (int,), 128, lambda v: v >= 1, "an integer >= 1")
+        # both are checked; the newer name wins where both are given
+        tokens = _field(body, "max_tokens", (int,), 128, lambda v: v >= 1, "an integer >= 1")
+        self.max_tokens = _field(body, "max_completion_tokens", (int,), tokens, lambda v: v >= 1, "an integer >= 1")
         want = _field(body, "logprobs", (bool,), False)
         top = _field(body, "top_logprobs", (int,), 0, lambda v: 0 <= v <= 20, "an integer between 0 and 20")
         if top and not want:
@@ -394,7 +409,7 @@ class _ChatCompletions:
                                     f"and content: a string or a list of text parts", f"messages[{i}]")
             texts.append({"role": m["role"], "content": content})
         # the transcript's tokens as `neocore chat` feeds them (chat.encode): no special tokens
-        self.prompt = _encode(served, chat.transcript(texts), "messages", allow_special=False)
+        self.prompt = _encode(served, chat.transcript(texts), "messages", allow_special=False, what="conversation")
         self.answers = [chat.Answer() for _ in range(self.n)]  # each streamed choice's, as it comes
 
     @property
@@ -578,11 +593,12 @@ def build_app() -> FastAPI:
     @app.exception_handler(HTTPException)
     async def http_error(request: HttpRequest, exc: HTTPException) -> JSONResponse:
         # as OpenAI names an unknown route: what was asked, in the message; no code
-        return ApiError(exc.status_code, f"{exc.detail} ({request.method} {request.url.path})").response()
+        return ApiError(exc.status_code, f"{exc.detail} ({request.method} {request.url.path})",
+                        headers=exc.headers).response()  # a 405's Allow header among them
 
     app.add_middleware(_ReplicaHeader)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what many health checkers send
     async def health(request: HttpRequest) -> dict:
         served: Served = request.app.state.served
         return {"status": "ok", "model": served.name, "active": served.engine.active,
@@ -629,9 +645,14 @@ class _Server(uvicorn.Server):
     the engine cancels what still runs, so each such request still ends with an error the
     client can read, before uvicorn's own, later deadline cancels the request's task."""
 
-    def __init__(self, config: uvicorn.Config, engine: Engine, shutdown_timeout: float):
+    def __init__(self, config: uvicorn.Config, engine: Engine, shutdown_timeout: float, banner: str):
         super().__init__(config)
-        self.engine, self.shutdown_timeout = engine, shutdown_timeout
+        self.engine, self.shutdown_timeout, self.banner = engine, shutdown_timeout, banner
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        if self.started:  # said once the port is bound: uvicorn exits itself when it cannot bind
+            print(self.banner, file=sys.stderr, flush=True)
 
     async def shutdown(self, sockets: Any = None) -> None:
         closing = asyncio.create_task(asyncio.to_thread(self.engine.close, self.shutdown_timeout))
@@ -650,11 +671,11 @@ def serve(model: Any, host: str = "127.0.0.1", port: int = 8000, max_batch: int 
     engine = model.start_engine(max_batch, max_queue)
     app = build_app()
     app.state.served = Served(model, engine, name or model.path.name, api_key)
-    print(f"neocore: serving {app.state.served.name} on http://{host}:{port}/v1 ({model.threads} threads, "
-          f"up to {max_batch} sequences at once)", file=sys.stderr, flush=True)
+    banner = (f"neocore: serving {app.state.served.name} on http://{host}:{port}/v1 ({model.threads} threads, "
+              f"up to {max_batch} sequences at once)")
     config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=shutdown_timeout + SHUTDOWN_GRACE_SECONDS)
-    server = _Server(config, engine, shutdown_timeout)
+    server = _Server(config, engine, shutdown_timeout, banner)
     # uvicorn hands a caught SIGTERM back to the previous handler once it has shut down: make
     # that one a no-op, so a requested stop ends the process with status 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -94,6 +95,19 @@ def test_chat_skips_a_message_too_long_for_the_context_and_goes_on(tiny):
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("not sent") == 1 and len(proc.stderr.splitlines()) == 1
     assert len([line for line in proc.stdout.splitlines() if line.strip()]) == 2
+
+
+def test_chat_sends_a_message_whose_answer_just_fits(tiny):
+    """A transcript of L tokens and an answer of n fit when L + n - 1 <= context: the answer's
+    last token is never fed."""
+    from neocore import chat
+    model = neocore.load(tiny)
+    message = "Hello there, how are you"
+    length = len(chat.encode(model.tokenizer, chat.transcript([{"role": "user", "content": message}])))
+    for max_tokens, sent in ((model.context_length - length + 1, True), (model.context_length - length + 2, False)):
+        proc = run_cli("chat", "-m", str(tiny), "--max-tokens", str(max_tokens), "--seed", "1", stdin=message + "\n")
+        assert proc.returncode == 0, proc.stderr
+        assert ("not sent" not in proc.stderr) == sent, (max_tokens, proc.stderr)
 
 
 def test_chat_trims_a_transcript_longer_than_the_context(tiny):
@@ -209,7 +223,13 @@ def test_score_and_info(tiny, tmp_path):
     (["score", "-"], "", "standard input: the text is empty"),
     (["score", "--context", "1", "-"], "some text", "scoring needs a context of at least 2"),
     (["serve", "--shutdown-timeout", "nan"], None, "--shutdown-timeout must be"),
-    (["serve", "--api-key", ""], None, "--api-key is empty"),
+    (["serve", "--api-key", ""], None, "--api-key must be printable ASCII, not empty"),
+    (["serve", "--api-key", "s\u00ebcret"], None, "--api-key must be printable ASCII"),
+    (["serve", "--api-key", " key"], None, "without leading or trailing spaces"),
+    # checked before the load (a missing model folder would be found there)
+    (["serve", "-m", "/nonexistent/model", "--max-batch", "0"], None, "--max-batch must be >= 1"),
+    (["score", "-m", "/nonexistent/model", "--stride", "0", "-"], "some text", "--stride must be >= 1"),
+    (["generate", "-m", "/nonexistent/model", "--seed", "-1", "hi"], None, "seed must be an integer"),
     (["chat", "--max-tokens", "500"], "hi\n", "--max-tokens 500 leaves no room"),
     (["bench", "--threads", "two"], None, "--threads takes comma-separated whole numbers"),
     (["bench", "--repeats", "0"], None, "--repeats must be >= 1"),
@@ -223,6 +243,16 @@ def test_bad_input_is_one_line_and_a_failure(tiny, args, stdin, message):
     if "-m" not in args:
         args = [args[0], "-m", str(tiny), *args[1:]]
     assert_one_line_error(run_cli(*args, stdin=stdin), message)
+
+
+def test_serve_on_a_taken_port_fails_before_the_load():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # the missing model folder would be found by the load: the port is checked first
+        proc = run_cli("serve", "-m", "/nonexistent/model", "--port", str(port))
+    assert_one_line_error(proc, f"cannot listen on 127.0.0.1 port {port} (Address already in use)")
 
 
 def test_chat_reading_dev_zero_stops_at_the_line_limit(tiny):

@@ -456,6 +456,8 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 50}, "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0},
      "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "x",
+                              "max_completion_tokens": 2}, "max_tokens"),  # checked though the other wins
     # integers past float's range
     ("/v1/completions", {"prompt": "hi", "temperature": 10 ** 400}, "temperature"),
     ("/v1/completions", {"prompt": "hi", "repetition_penalty": 10 ** 400}, "repetition_penalty"),
@@ -494,7 +496,7 @@ def test_chat_too_long_for_the_context_names_messages(server):
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == "messages" and error["code"] == "context_length_exceeded"
-    assert "prompt" not in error["message"]
+    assert "prompt" not in error["message"] and error["message"].startswith("the conversation is ")
 
 
 def test_a_body_over_the_size_limit_gets_413(server):
@@ -523,6 +525,9 @@ def test_malformed_bodies_and_unknown_routes(server, client):
         error = response.json()["error"]
         assert response.status_code == status and f"{method} {path}" in error["message"]
         assert error["type"] == "invalid_request_error" and error["code"] is None
+        if status == 405:
+            assert response.headers["allow"] == "POST"  # what a 405 must say (RFC 9110)
+    assert httpx.head(server + "/health").status_code == 200
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt="hi", temperature=-1)
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices[0].text is not None
@@ -621,6 +626,7 @@ def test_full_queue_gets_429_then_serving_resumes(tiny, model):
         assert len(refused) + len(served) == 8 and refused and served
         for r in refused:
             assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error"
+            assert "(0 of at most 0 requests are queued)" in r.json()["error"]["message"]
         assert all(r.json()["choices"][0]["text"] == expected for r in served)
         ok = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
         assert ok.status_code == 200 and metrics(base)["neocore_requests_rejected_total"] == len(refused)
@@ -700,7 +706,7 @@ def test_shutdown_timeout_ends_running_requests_with_an_error(tiny):
 
 
 @pytest.mark.parametrize("flags, message", [(["--port", "70000"], "--port"), (["--max-queue", "-1"], "--max-queue"),
-                                            (["--max-batch", "0"], "max_batch"),
+                                            (["--max-batch", "0"], "--max-batch must be >= 1"),
                                             (["--host", "999.999.999.999"], "--host '999.999.999.999' is not an address")])
 def test_bad_serve_flags_are_one_line_errors(tiny, flags, message):
     done = subprocess.run([sys.executable, "-m", "neocore", "serve", "-m", str(tiny), *flags],
