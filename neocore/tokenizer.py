@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from functools import cached_property, lru_cache
 from itertools import filterfalse
 from pathlib import Path
+from typing import Any
 
 import regex
 
@@ -52,11 +53,14 @@ class Tokenizer:
     """encode(text) -> ids and decode(ids) -> text, exactly as GPT2TokenizerFast does."""
 
     def __init__(self, vocab: dict[str, int], merges: Sequence[str],
-                 special_tokens: Iterable[str] = (ENDOFTEXT,), added_tokens: Iterable[str] = ()):
+                 special_tokens: Iterable[str] = (ENDOFTEXT,), added_tokens: Iterable[str] = (),
+                 add_prefix_space: bool = False):
         """special_tokens and added_tokens (not special) are matched whole in the text before
         it is split into pieces; allow_special=False leaves only the added ones, as Hugging Face
-        does with split_special_tokens."""
+        does with split_special_tokens. add_prefix_space: each run of text between them that
+        does not start with a space is encoded as if it did (a ByteLevel pre-tokenizer's option)."""
         self.encoder = dict(vocab)
+        self.add_prefix_space = add_prefix_space
         # merge "a b" (symbols a and b, which never hold a space: the byte alphabet maps it to
         # "Ġ") -> its rank; a later duplicate's rank wins
         self.ranks = dict(zip(merges, range(len(merges))))
@@ -154,10 +158,14 @@ class Tokenizer:
             plain = [t["content"] for t in added if not t.get("special")]
             for t in added:
                 vocab.setdefault(t["content"], t["id"])
+            add_prefix_space = _byte_level_prefix_space(path, data.get("pre_tokenizer"))
+            if data.get("normalizer") is not None:  # GPT-2's tokenizers have none; others would change ids silently
+                raise TokenizerError(f"{path}: has a normalizer ({data['normalizer'].get('type')!r}), "
+                                     "which neocore does not apply; GPT-2's byte-level BPE has none")
         except (KeyError, TypeError, AttributeError):
             raise TokenizerError(f"{path}: not a BPE tokenizer.json") from None
         vocab = _check_vocab(vocab, path)
-        tokenizer = cls(vocab, _parse_merges(path, lines), special or (ENDOFTEXT,), plain)
+        tokenizer = cls(vocab, _parse_merges(path, lines), special or (ENDOFTEXT,), plain, add_prefix_space)
         tokenizer.source = path
         return tokenizer
 
@@ -200,6 +208,8 @@ class Tokenizer:
             raise TokenizerError(f"symbol {exc.args[0]!r} is not in the vocabulary") from None
 
     def _encode_ordinary(self, text: str, ids: list[int]) -> None:
+        if self.add_prefix_space and not text.startswith(" "):
+            text = " " + text
         cache = self._cache
         if len(cache) > _CACHE_LIMIT:
             cache.clear()
@@ -316,6 +326,19 @@ def _read_json(path: Path, text: str | None = None) -> dict:
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object")
     return data
+
+
+def _byte_level_prefix_space(path: Path, pre_tokenizer: Any) -> bool:
+    """add_prefix_space of a tokenizer.json's pre-tokenizer, which must be GPT-2's ByteLevel
+    (alone or as the one step of a Sequence): another one would split text differently."""
+    steps = pre_tokenizer.get("pretokenizers") if isinstance(pre_tokenizer, dict) and \
+        pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
+    if pre_tokenizer is None or len(steps) != 1 or not isinstance(steps[0], dict) \
+            or steps[0].get("type") != "ByteLevel" or steps[0].get("use_regex", True) is not True:
+        kind = pre_tokenizer.get("type") if isinstance(pre_tokenizer, dict) else pre_tokenizer
+        raise TokenizerError(f"{path}: its pre-tokenizer ({kind!r}) is not GPT-2's ByteLevel, the only one neocore "
+                             "applies")
+    return steps[0].get("add_prefix_space", False) is True
 
 
 def _check_vocab(vocab: dict, path: Path) -> dict[str, int]:

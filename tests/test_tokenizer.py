@@ -245,6 +245,36 @@ def test_added_tokens_of_a_tokenizer_json_match_hugging_face(hf, tmp_path):
         assert ours.encode(text, allow_special=False) == reference.encode(text).ids, text
 
 
+def test_a_tokenizer_json_that_adds_a_prefix_space_matches_hugging_face(hf, tmp_path):
+    """ByteLevel's add_prefix_space: each run of text between special tokens that does not
+    start with a space is encoded as if it did; the truth is tokenizers reading the same file."""
+    data = json.loads(hf.backend_tokenizer.to_str())
+    data["pre_tokenizer"]["add_prefix_space"] = True
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    reference = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    ours = Tokenizer.from_dir(tmp_path)
+    texts = ["Hello", " Hello", "a<|endoftext|>b", "<|endoftext|>b", "a <|endoftext|> b", "", "\nx",
+             *CORPUS.values()]
+    for text in texts:
+        assert ours.encode(text) == reference.encode(text).ids, text
+    assert reference.encode("Hello").ids != hf.encode("Hello")  # the option changes ids: the test can fail
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(normalizer={"type": "NFC"}), "has a normalizer ('NFC')"),
+    (lambda d: d.update(pre_tokenizer={"type": "Whitespace"}), "pre-tokenizer ('Whitespace') is not GPT-2's ByteLevel"),
+    (lambda d: d.update(pre_tokenizer=None), "pre-tokenizer (None) is not GPT-2's ByteLevel"),
+    (lambda d: d["pre_tokenizer"].update(use_regex=False), "is not GPT-2's ByteLevel"),
+])
+def test_a_tokenizer_json_that_splits_text_otherwise_is_refused(hf, tmp_path, edit, message):
+    """Ids that would differ from Hugging Face's without a word: refused instead."""
+    data = json.loads(hf.backend_tokenizer.to_str())
+    edit(data)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(TokenizerError, match=re.escape(message)):
+        Tokenizer.from_dir(tmp_path)
+
+
 def test_broken_tokenizer_files(gpt2_tokenizer_dir, tmp_path):
     with pytest.raises(TokenizerError, match="no tokenizer files"):
         Tokenizer.from_dir(tmp_path)
