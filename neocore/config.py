@@ -107,7 +107,11 @@ class GPTNeoConfig:
         # transformers derives attention_layers from attention_types (and may save both):
         # the latter is the source of truth unless the caller overrides the per-layer list.
         if overrides and "attention_layers" in overrides:
-            attention = tuple(overrides["attention_layers"])
+            given = overrides["attention_layers"]
+            if isinstance(given, str) or not isinstance(given, (list, tuple)):
+                raise ConfigError(f"override: attention_layers must be a list of 'global'/'local', one per layer, "
+                                  f"got {given!r:.80}")
+            attention = tuple(given)
         else:
             attention = tuple(_expand_attention_types(raw.get("attention_types"), layers, source))
         if len(attention) != layers:

@@ -18,6 +18,8 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # the first one found
 
 
 def resolve_model(spec: str | os.PathLike) -> Path:
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ModelNotFoundError(f"a model is a folder path (str or os.PathLike) or a hub id, got {spec!r:.80}")
     try:
         path = Path(spec).expanduser()
     except RuntimeError:  # ~user for a user that does not exist

@@ -357,6 +357,9 @@ def test_closing_the_engine_under_generate_is_an_error_not_short_text(reference_
     (lambda m: m.generate_ids(None), "ids must be a list of token ids"),
     (lambda m: m.generate_ids([1] * 160, max_new_tokens=1), "room is needed for at least one new token"),
     (lambda m: m.generate_ids([1] * 150, max_new_tokens=12), "161 tokens do not fit in the context"),
+    (lambda m: neocore.load(None), "a model is a folder path"),
+    (lambda m: neocore.load(str(m.path).encode()), "a model is a folder path"),
+    (lambda m: neocore.load(m.path, attention_layers=5), "attention_layers must be a list"),
 ])
 def test_wrong_arguments_are_neocore_errors(tiny, call, match):
     with pytest.raises(neocore.NeocoreError, match=match):
