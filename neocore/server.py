@@ -398,6 +398,17 @@ class _ChatCompletions:
         if top and not want:
             raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
         self.logprobs = top if want else None
+        # what a client asks for that a plain text model cannot promise: refused, not ignored
+        for name in ("tools", "functions"):
+            if body.get(name):
+                raise ApiError(400, f"'{name}' is not supported: this model answers in plain text", name)
+        for name, plain in (("tool_choice", "none"), ("function_call", "none")):
+            if body.get(name) not in (None, plain):
+                raise ApiError(400, f"'{name}' other than '{plain}' is not supported", name)
+        response_format = body.get("response_format")
+        if response_format is not None and response_format != {"type": "text"}:
+            raise ApiError(400, "'response_format' other than {\"type\": \"text\"} is not supported",
+                           "response_format")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "'messages' must be a non-empty list", "messages")

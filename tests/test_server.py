@@ -200,6 +200,9 @@ def test_chat_completion_uses_the_chat_transcript(client, model):
              {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "a lighthouse?"}]}]
     done = client.chat.completions.create(model="tiny", messages=parts, max_tokens=24, temperature=0)
     assert done.choices[0].message.content == expected
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0,
+                                           response_format={"type": "text"}, tool_choice="none")
+    assert plain.choices[0].message.content == expected  # what plain text promises is accepted
 
 
 def test_chat_text_that_spells_a_special_token_stays_text(client, model):
@@ -458,6 +461,11 @@ BAD_REQUESTS = [
      "max_completion_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "x",
                               "max_completion_tokens": 2}, "max_tokens"),  # checked though the other wins
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "auto"}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_object"}}, "response_format"),
     # integers past float's range
     ("/v1/completions", {"prompt": "hi", "temperature": 10 ** 400}, "temperature"),
     ("/v1/completions", {"prompt": "hi", "repetition_penalty": 10 ** 400}, "repetition_penalty"),
