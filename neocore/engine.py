@@ -29,6 +29,11 @@ from .sampling import (NON_FINITE_LOGITS, SamplingParams, check_seed, choose_row
                        log_softmax_rows, sequence_rng, token_array, without_ids_from)
 
 PREFILL_CHUNK = 128  # prompt tokens a sequence brings to one step
+LOOP_END_SECONDS = 1.0  # how long close_if_idle lets a loop with no work left end
+
+
+class _Replaced(Exception):
+    """Work sent to an engine that start_engine has replaced (see Engine.submit_all)."""
 
 
 @dataclass
@@ -46,11 +51,18 @@ class Request:
     prompt_logprobs: bool = False  # also report each prompt token's log-probability (echo)
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):  # one stop string, not its characters
-            self.stop = [self.stop]
-        elif isinstance(self.stop, Iterable) and not isinstance(self.stop, (bytes, bytearray)):
-            # a deque, a tuple, dict keys: read once, here (bytes would read as a list of ints)
-            self.stop = list(self.stop)
+        self.stop = stop_list(self.stop)
+
+
+def stop_list(stop: Any) -> Any:
+    """Stop strings as a list, read once (an iterator shared by a batch's requests would reach
+    only the first): one string is one stop, not its characters; what is no iterable of them
+    is left for Engine.check to refuse (bytes would read as a list of ints)."""
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, Iterable) and not isinstance(stop, (bytes, bytearray)):
+        return list(stop)
+    return stop
 
 
 @dataclass
@@ -135,14 +147,23 @@ class Stream:
 
     def result(self) -> Completion:
         """Waits for the whole completion (threads only): every chunk, those already read
-        by iterating included."""
-        for _ in self:
-            pass
+        by iterating included. A wait cut short (Ctrl-C, an error) cancels the request."""
+        try:
+            for _ in self:
+                pass
+        except BaseException:
+            self.cancel()
+            raise
         return _collect(self, self._read)
 
     async def aresult(self) -> Completion:
-        async for _ in self:
-            pass
+        """result for asyncio; a wait cancelled (a timeout, the task cancelled) cancels the request."""
+        try:
+            async for _ in self:
+                pass
+        except BaseException:
+            self.cancel()
+            raise
         return _collect(self, self._read)
 
 
@@ -247,6 +268,7 @@ class Engine:
         self._running: list[_Sequence] = []
         self._work = threading.Condition()
         self._closed = False
+        self._replaced = False  # closed by close_if_idle: work still sent here goes to the model's new engine
         self._thread: threading.Thread | None = None
         self._logits = np.empty((0, model.config.vocab_size), np.float32)
         self._text_vocab = model.tokenizer.vocab_size if model.tokenizer else model.config.vocab_size
@@ -317,9 +339,16 @@ class Engine:
                 if asynchronous:
                     raise NeocoreError("asynchronous streams need a running event loop") from None
         streams = [Stream(request, loop) for request in checked]
+        try:
+            self._queue_streams(streams)
+        except _Replaced:  # start_engine replaced this idle engine after the caller took it
+            return self.model.engine.submit_all(requests, asynchronous)
+        return streams
+
+    def _queue_streams(self, streams: list[Stream]) -> None:
         with self._work:
             if self._closed:
-                raise EngineClosedError("the engine is shutting down")
+                raise _Replaced() if self._replaced else EngineClosedError("the engine is shutting down")
             if self.max_queue is not None:
                 free_places = self.max_batch - len(self._running)
                 waiting = self.queue_depth
@@ -340,7 +369,6 @@ class Engine:
                     self.stats.requests -= len(streams)
                     raise NeocoreError(f"cannot start the engine's thread ({exc})") from None
             self._work.notify()
-        return streams
 
     def results(self, requests: Sequence[Request]) -> list[Completion]:
         """Queues every request or none (submit_all) and waits for all their completions; if
@@ -358,7 +386,8 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         """Requests waiting to join the batch (cancelled ones leave at the next step)."""
-        return sum(not stream.cancelled for stream, _ in self._waiting)
+        waiting = list(self._waiting)  # one copy in C: other threads change the deque meanwhile
+        return sum(not stream.cancelled for stream, _ in waiting)
 
     @property
     def active(self) -> int:
@@ -394,11 +423,14 @@ class Engine:
             self.model._engine = None
 
     def close_if_idle(self) -> bool:
-        """Closes the engine if it has no requests and no loop running; says whether it did."""
+        """Closes the engine if it has no requests, for start_engine to replace; says whether it
+        did. A loop that has just delivered its last chunk is let end first: it has nothing
+        left to do, and a caller that generated a moment ago must find its engine idle."""
         with self._work:
+            self._work.wait_for(lambda: self._thread is None or self._waiting or self._running, LOOP_END_SECONDS)
             if self._waiting or self._running or self._thread is not None:
                 return False
-            self._closed = True
+            self._closed = self._replaced = True
         self._detach()
         return True
 

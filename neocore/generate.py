@@ -189,10 +189,28 @@ def stream(model, prompt: str, max_new_tokens: int = 128, temperature: float = 0
     stats = stats or GenerationStats()
     stats.prompt_tokens = len(ids)
     handle = model.engine.submit(Request(ids, params, max_new_tokens, seed, 0, stop), asynchronous=False)
-    chunks = _chunks_text(handle, stats)
-    # dropped before it was read, a generator runs no finally: the request would run to its end
-    weakref.finalize(chunks, handle.canceller)
-    return chunks
+    return TextChunks(handle, stats)
+
+
+class TextChunks:
+    """A request's text as it comes (Model.stream). Closing it or dropping it cancels the
+    request, read or not: a generator closed or dropped before its first chunk runs no
+    finally, and the request would run to its end."""
+
+    def __init__(self, handle, stats: GenerationStats):
+        self._handle = handle
+        self._chunks = _chunks_text(handle, stats)
+        weakref.finalize(self, handle.canceller)
+
+    def __iter__(self) -> "TextChunks":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()
+        self._handle.cancel()
 
 
 def generate_many(model, prompts: Sequence[str], max_new_tokens: int = 128, temperature: float = 0.8,
@@ -200,11 +218,12 @@ def generate_many(model, prompts: Sequence[str], max_new_tokens: int = 128, temp
                   seed: int | None = None, stop: Sequence[str] = ()) -> list[str]:
     """The continuation of each prompt, decoded together; prompt i samples with its own
     generator derived from (seed, i), so its text does not depend on the other prompts."""
-    from .engine import Request
+    from .engine import Request, stop_list
     params = _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     ids = [prompt_ids(model, p) for p in prompts]
     if max_new_tokens == 0:
         return ["" for _ in prompts]
+    stop = stop_list(stop)  # once for all prompts
     requests = [Request(p, params, max_new_tokens, seed, i, stop) for i, p in enumerate(ids)]
     return [completion.text for completion in model.engine.results(requests)]
 

@@ -197,10 +197,10 @@ class Model:
         no requests (made by an earlier generate) is closed and replaced; a busy one is not."""
         from .engine import Engine
         Engine.check_limits(self, max_batch, max_queue)  # limits refused leave the current engine as it is
-        current = self._engine
-        if current is not None:
-            current.close_if_idle()  # if busy, it stays, and Engine refuses to make a second
-        with self._lock:
+        with self._lock:  # one step: a generate meanwhile finds the old engine or the new one
+            current = self._engine
+            if current is not None:
+                current.close_if_idle()  # if busy, it stays, and Engine refuses to make a second
             return Engine(self, max_batch, max_queue)
 
     def generate_ids(self, ids: Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int = 32,

@@ -393,8 +393,80 @@ def test_one_engine_per_model(reference_models):
     # an idle engine (as model.generate leaves one) is closed and replaced, never shared
     replaced = model.start_engine(max_batch=4)
     assert model.engine is replaced and replaced.max_batch == 4
-    with pytest.raises(neocore.EngineClosedError):
-        engine.submit(Request([1, 2, 3], GREEDY, 3))
+    # work sent to the replaced engine (by a thread that took it a moment before) goes to the new one
+    forwarded = engine.submit(Request([1, 2, 3], GREEDY, 3, text=False))
+    assert forwarded.result().tokens and replaced.stats.requests == 1 and model.engine is replaced
+
+
+def test_start_engine_right_after_generate_replaces_the_idle_engine(reference_models):
+    """The loop thread outlives the last chunk it delivers by a moment: start_engine waits for
+    it to end instead of calling the engine busy (a tiny switch interval widens that moment)."""
+    import sys
+    model = neocore.load(reference_models("tiny").folder, threads=1)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for batch in range(2, 62):
+            model.generate_ids([1, 2], max_new_tokens=1)
+            assert model.start_engine(max_batch=batch).max_batch == batch
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def test_generate_while_another_thread_restarts_the_engine(reference_models):
+    """start_engine closes an idle engine that generate may have just taken: its request then
+    runs on the new engine instead of failing as if the engine had shut down."""
+    import time
+    model = neocore.load(reference_models("tiny").folder, threads=1)
+    expected = model.generate_ids([1, 2, 3], max_new_tokens=2)
+    failures: list[BaseException] = []
+    stop = time.monotonic() + 3
+
+    def restart() -> None:
+        while time.monotonic() < stop:
+            try:
+                model.start_engine(max_batch=4)
+            except neocore.NeocoreError as exc:  # busy: refused, as documented
+                assert "already has an engine" in str(exc)
+
+    thread = threading.Thread(target=restart)
+    thread.start()
+    try:
+        for _ in range(300):
+            if time.monotonic() >= stop:
+                break
+            try:
+                assert model.generate_ids([1, 2, 3], max_new_tokens=2) == expected
+            except neocore.EngineClosedError as exc:
+                failures.append(exc)
+    finally:
+        thread.join(30)
+    assert not failures
+
+
+def test_queue_depth_can_be_read_while_requests_come_and_go(reference_models):
+    """/health and /metrics read it from the server's thread while the engine's changes the queue."""
+    import time
+    model = neocore.load(reference_models("tiny").folder, threads=1)
+    engine = model.start_engine(max_batch=1)
+    stop = time.monotonic() + 2
+    errors: list[BaseException] = []
+
+    def submit() -> None:
+        while time.monotonic() < stop:
+            for s in [engine.submit(Request([1, 2], GREEDY, 1, text=False)) for _ in range(20)]:
+                s.result()
+
+    thread = threading.Thread(target=submit)
+    thread.start()
+    while time.monotonic() < stop:
+        try:
+            assert 0 <= engine.queue_depth <= 20
+        except RuntimeError as exc:  # "deque mutated during iteration"
+            errors.append(exc)
+            break
+    thread.join(30)
+    assert not errors
 
 
 def test_cancelling_a_queued_request_ends_it_while_the_batch_is_full(reference_models):
@@ -594,6 +666,45 @@ def test_a_stream_dropped_unread_is_cancelled(reference_models):
     while model.engine._thread is not None and time.monotonic() < deadline:  # the loop ends with the work
         time.sleep(0.01)
     assert model.engine.stats.tokens_generated < 150
+
+
+def test_a_stream_closed_unread_is_cancelled(reference_models):
+    """Closing model.stream's iterator cancels its request even before the first chunk is read."""
+    import time
+    model = neocore.load(reference_models("tiny").folder)
+    chunks = model.stream(PROMPTS[0], max_new_tokens=150, temperature=0)
+    chunks.close()
+    deadline = time.monotonic() + 30
+    while model.engine._thread is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert model.engine.stats.tokens_generated < 150
+    assert list(chunks) == []  # closed: nothing more comes
+
+
+def test_a_wait_cut_short_cancels_the_request(reference_models):
+    """A timeout around aresult(), or an error while waiting in result(), ends the request."""
+    import asyncio
+    import time
+    model = neocore.load(reference_models("tiny").folder)
+
+    async def main() -> None:
+        stream = model.engine.submit(Request([1, 2, 3], GREEDY, 150, text=False, stop_at_eos=False))
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(stream.aresult(), 0.001)
+        assert stream.cancelled
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 30
+    while model.engine._thread is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert model.engine.stats.tokens_generated < 150
+
+
+def test_an_iterator_of_stops_reaches_every_prompt(tiny):
+    text = tiny.generate(PROMPTS[0], max_new_tokens=20, temperature=0)
+    stop = text[3:6]
+    alone = tiny.generate(PROMPTS[0], max_new_tokens=20, temperature=0, stop=[stop])
+    assert tiny.generate([PROMPTS[0]] * 3, max_new_tokens=20, temperature=0, stop=iter([stop])) == [alone] * 3
 
 
 def test_submit_all_takes_any_iterable_of_requests(tiny):
