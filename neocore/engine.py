@@ -57,12 +57,20 @@ class Request:
 def stop_list(stop: Any) -> Any:
     """Stop strings as a list, read once (an iterator shared by a batch's requests would reach
     only the first): one string is one stop, not its characters; what is no iterable of them
-    is left for Engine.check to refuse (bytes would read as a list of ints)."""
+    is left as it is, for check_stops to refuse (bytes would read as a list of ints)."""
     if isinstance(stop, str):
         return [stop]
     if isinstance(stop, Iterable) and not isinstance(stop, (bytes, bytearray)):
         return list(stop)
     return stop
+
+
+def check_stops(stop: Any) -> list[str]:
+    """stop_list's list, or a NeocoreError unless it holds strings only."""
+    stops = stop_list(stop)
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise NeocoreError(f"stop must be a string or a list of strings, got {stop!r:.80}")
+    return stops
 
 
 @dataclass
@@ -305,8 +313,7 @@ class Engine:
             raise NeocoreError(f"seed_index must be an integer >= 0, got {request.seed_index!r}")
         if request.logprobs is not None and not (is_integer(request.logprobs) and 0 <= request.logprobs <= 20):
             raise NeocoreError(f"logprobs must be an integer from 0 to 20, got {request.logprobs!r}")
-        if not isinstance(request.stop, list) or not all(isinstance(s, str) for s in request.stop):
-            raise NeocoreError(f"stop must be a string or a list of strings, got {request.stop!r}")
+        check_stops(request.stop)
         return tokens.tolist()
 
     def submit(self, request: Request, asynchronous: bool | None = None) -> Stream:

@@ -17,6 +17,7 @@ so every actor or replica on a node shares one copy in the page cache; other for
 converted by each process into its own memory."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -26,10 +27,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .engine import Engine, Request
+from .engine import Engine, Request, check_stops
 from .errors import NeocoreError
 from .model import Model, load, usable_cores
-from .sampling import SamplingParams, is_integer
+from .sampling import SamplingParams, check_seed, is_integer
 
 try:
     import ray
@@ -84,14 +85,23 @@ def _text_of(value: Any, what: str) -> str:
     return value
 
 
+FLOAT_EXACT_INTEGERS = 2 ** 53  # past it a float64 column may have rounded a seed
+
+
 def _seed_of(value: Any, default: int | None) -> int | None:
-    """A row's seed: an integer >= 0 (a float column holds one as 3.0); a missing one takes the
-    default."""
+    """A row's seed: an integer in [0, 2**63) (a column with a null holds them as floats, 3.0,
+    exact below 2**53); a missing one takes the default."""
     if _missing(value):
         return default
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)) \
             or not float(value).is_integer() or value < 0:
-        raise NeocoreError(f"the seed must be an integer >= 0, got {value}")
+        shown = value if isinstance(value, (int, float, np.number)) else repr(value)  # a number as its value, '3' quoted
+        raise NeocoreError(f"the seed must be an integer >= 0, got {shown}")
+    if isinstance(value, (float, np.floating)) and value >= FLOAT_EXACT_INTEGERS:
+        raise NeocoreError(f"the seed {float(value)} is a float past 2**53, where it may have lost digits "
+                           "(a column of integers with a null turns into floats): give every row a seed, "
+                           "or keep seeds below 2**53")
+    check_seed(int(value))
     return int(value)
 
 
@@ -133,8 +143,9 @@ class Generate:
         if not is_integer(max_new_tokens) or max_new_tokens < 1:
             raise NeocoreError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         self.max_new_tokens = max_new_tokens
-        self.seed = _seed_of(seed, None)
-        self.stop = [stop] if isinstance(stop, str) else list(stop)
+        check_seed(seed)
+        self.seed = None if seed is None else int(seed)
+        self.stop = check_stops(stop)
         self.model, self.engine = _load(model, threads, dtype, max_batch, compute)
 
     def __call__(self, batch: Any) -> Any:
@@ -292,6 +303,8 @@ def run(model: str | os.PathLike, num_replicas: int, threads_per_replica: int | 
     """`neocore serve --ray-replicas N`: joins the cluster at $RAY_ADDRESS (else starts Ray on
     this machine), serves app(...) on host:port until SIGINT/SIGTERM, then takes it down.
     threads_per_replica defaults to this machine's cores shared among the replicas."""
+    if not is_integer(num_replicas) or num_replicas < 1:  # before dividing by it
+        raise NeocoreError(f"num_replicas must be an integer >= 1, got {num_replicas!r}")
     threads = threads_per_replica or max(1, usable_cores() // num_replicas)
     application = app(model, num_replicas, threads, **options)
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
@@ -299,12 +312,42 @@ def run(model: str | os.PathLike, num_replicas: int, threads_per_replica: int | 
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(application, name="neocore", route_prefix="/")
+        _check_listening_on(host, port)
+        try:
+            serve.run(application, name="neocore", route_prefix="/")
+        except RuntimeError:  # Serve says only that the deployment failed; its status says why
+            raise NeocoreError(f"the replicas failed to start: {_deploy_failure('neocore')}") from None
         print(f"neocore: serving on http://{host}:{port}/v1 from {num_replicas} Ray Serve replicas "
               f"({threads} threads each)", file=sys.stderr, flush=True)
-        try:
-            stop.wait()
-        finally:  # a cluster keeps a Serve application after its driver leaves
-            serve.delete("neocore")
+        stop.wait()
     finally:
+        with contextlib.suppress(Exception):  # a cluster keeps an application, failed ones too, after its driver leaves
+            serve.delete("neocore")
+            if not serve.status().applications:  # and Serve's proxy, listening for nothing: others' apps keep it
+                serve.shutdown()
         ray.shutdown()
+
+
+def _check_listening_on(host: str, port: int) -> None:
+    """Serve started earlier on a cluster keeps its HTTP address, and serve.start only warns
+    that a new one is ignored: refuse rather than announce an address nothing listens on."""
+    try:  # the address Serve's controller holds (an internal of Ray Serve 2.x: unchecked where it lacks it)
+        from ray.serve.context import _get_global_client
+        config = _get_global_client().http_config
+    except (ImportError, AttributeError):
+        return
+    if (config.host, config.port) != (host, port):
+        raise NeocoreError(f"Ray Serve on this cluster already listens on {config.host} port {config.port}, "
+                           f"started before with those options: serve there (--host {config.host} --port "
+                           f"{config.port}), or shut Serve down first (`serve shutdown`)")
+
+
+def _deploy_failure(name: str) -> str:
+    """The last line of what Serve's status says about a failed application (its exception)."""
+    try:
+        status = serve.status().applications[name]
+        messages = [status.message] + [d.message for d in status.deployments.values()]
+    except Exception:  # noqa: BLE001 - the status is a courtesy; the failure is reported anyway
+        return "Ray Serve gave no reason"
+    lines = [line.strip() for message in messages if message for line in message.splitlines() if line.strip()]
+    return lines[-1] if lines else "Ray Serve gave no reason"

@@ -182,6 +182,12 @@ def test_the_callables_take_pandas_batches_outside_ray(folder, model):
     scores = neocore.ray.Score(folder, threads=1)(pd.DataFrame({"text": [PROMPTS[2], 7]}))
     assert scores["tokens"][0] == len(model.tokenizer.encode(PROMPTS[2]))
     assert scores["error"][1] == "the text must be a string, got int"
+    # a column of integers with a null comes as floats: one past 2**53 may have lost digits
+    rows = neocore.ray.Generate(folder, threads=1, max_new_tokens=8, seed=11)(
+        {"prompt": np.array(PROMPTS[:3], object), "seed": np.array([2.0 ** 60, np.nan, 5.0])})
+    assert "is a float past 2**53" in rows["error"][0]
+    assert list(rows["generated_text"][1:]) == [model.generate(PROMPTS[1], max_new_tokens=8, seed=11),
+                                                model.generate(PROMPTS[2], max_new_tokens=8, seed=5)]
     with pytest.raises(neocore.NeocoreError, match="the batch has no 'prompt' column \\(its columns: text\\)"):
         neocore.ray.Generate(folder, threads=1)(pd.DataFrame({"text": ["a"]}))
     with pytest.raises(neocore.NeocoreError, match="the batch has no 'text' column \\(its columns: prompt, seed\\)"):
@@ -291,6 +297,35 @@ def test_cli_ray_replicas_join_a_running_instance(local_ray, folder, model, tmp_
         log.close()
 
 
+def test_cli_ray_replicas_that_fail_to_start_say_why_and_leave_nothing(local_ray, tmp_path):
+    """Serve reports only that a deployment failed: the command names the replicas' error (a
+    model folder they cannot find), and takes down the failed application and its proxy."""
+    env = {**os.environ, "RAY_ADDRESS": local_ray}
+    done = subprocess.run([sys.executable, "-m", "neocore", "serve", "--ray-replicas", "1", "-m", str(tmp_path / "nope"),
+                           "--threads", "1", "--port", str(free_port())], capture_output=True, text=True, env=env,
+                          cwd=SOURCE_ROOT, timeout=START_TIMEOUT)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (f"neocore: error: the replicas failed to start: "
+                                                    f"neocore.errors.ModelNotFoundError: {tmp_path / 'nope'}: "
+                                                    f"no such model folder")
+    assert serve.status().applications == {}
+
+
+def test_cli_ray_replicas_refuse_a_port_serve_does_not_listen_on(local_ray, folder):
+    """Serve already running on the cluster keeps its address; a new port would be ignored."""
+    port, other = free_port(), free_port()
+    env = {**os.environ, "RAY_ADDRESS": local_ray}
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        done = subprocess.run([sys.executable, "-m", "neocore", "serve", "--ray-replicas", "1", "-m", folder,
+                               "--threads", "1", "--port", str(other)], capture_output=True, text=True, env=env,
+                              cwd=SOURCE_ROOT, timeout=START_TIMEOUT)
+    finally:
+        serve.shutdown()
+    assert done.returncode == 1
+    assert f"Ray Serve on this cluster already listens on 127.0.0.1 port {port}" in done.stderr.strip().splitlines()[-1]
+
+
 def test_cli_ray_replicas_get_every_load_option(folder, monkeypatch):
     """The replicas load the model themselves: each option the command takes must reach them."""
     from neocore.cli import main
@@ -322,3 +357,11 @@ def test_bad_arguments_are_refused_before_ray_starts(folder):
         neocore.ray.Generate(folder, max_new_tokens=0)
     with pytest.raises(neocore.NeocoreError, match="stride"):
         neocore.ray.Score(folder, stride=0)
+    for seed in (2 ** 70, float("nan"), -1):
+        with pytest.raises(neocore.SamplingError, match="seed"):
+            neocore.ray.Generate(folder, seed=seed)
+    for stop in ([1], None, b"x"):
+        with pytest.raises(neocore.NeocoreError, match="stop must be a string or a list of strings"):
+            neocore.ray.Generate(folder, stop=stop)
+    with pytest.raises(neocore.NeocoreError, match="num_replicas"):
+        neocore.ray.run(folder, 0)  # refused before dividing the cores by it, and before Ray starts
