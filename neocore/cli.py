@@ -334,12 +334,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         family, kind, _, _, address = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0]
     except (OSError, UnicodeError) as exc:
         raise NeocoreError(f"--host {args.host!r} is not an address this machine can listen on ({exc})") from None
-    try:  # as uvicorn binds; another process may still take the port before it does
-        with socket.socket(family, kind) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(address)
-    except OSError as exc:
-        raise NeocoreError(f"cannot listen on {args.host} port {args.port} ({exc.strerror or exc})") from None
+    if not args.ray_replicas:  # Serve binds with Ray's own proxies, perhaps on another node
+        try:  # as uvicorn binds; another process may still take the port before it does
+            with socket.socket(family, kind) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+        except OSError as exc:
+            raise NeocoreError(f"cannot listen on {args.host} port {args.port} ({exc.strerror or exc})") from None
     if args.ray_replicas:
         from .ray import run  # replicas load the model themselves: this process never does
         run(model_spec(args), args.ray_replicas, args.threads, args.host, args.port, max_batch=args.max_batch,

@@ -108,7 +108,8 @@ class GPTNeoConfig:
         # the latter is the source of truth unless the caller overrides the per-layer list.
         if overrides and "attention_layers" in overrides:
             given = overrides["attention_layers"]
-            if isinstance(given, str) or not isinstance(given, (list, tuple)):
+            if isinstance(given, str) or not isinstance(given, (list, tuple)) \
+                    or not all(isinstance(kind, str) for kind in given):
                 raise ConfigError(f"override: attention_layers must be a list of 'global'/'local', one per layer, "
                                   f"got {given!r:.80}")
             attention = tuple(given)
@@ -126,13 +127,17 @@ class GPTNeoConfig:
         eps = raw.get("layer_norm_epsilon", 1e-5)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
             raise ConfigError(f"{source}: layer_norm_epsilon must be a number in (0, 1), got {eps!r}")
+        def token_id(token: Any) -> bool:
+            return not isinstance(token, bool) and isinstance(token, int) and 0 <= token <= C_INT_MAX
+
+        bos = raw.get("bos_token_id", 50256)
+        if bos is not None and not token_id(bos):
+            raise ConfigError(f"{source}: bos_token_id must be a token id (an integer >= 0) or null, got {bos!r}")
         eos = raw.get("eos_token_id", 50256)
         eos_ids = eos if isinstance(eos, list) else [] if eos is None else [eos]  # transformers allows a list
-        for key, token in [("bos_token_id", raw.get("bos_token_id", 50256))] + [("eos_token_id", t) for t in eos_ids]:
-            if token is not None and (isinstance(token, bool) or not isinstance(token, int)
-                                      or not 0 <= token <= C_INT_MAX):
-                raise ConfigError(f"{source}: {key} must be a token id (an integer >= 0), a list of them "
-                                  f"or null, got {eos if key == 'eos_token_id' else token!r}")
+        if not all(token_id(t) for t in eos_ids):
+            raise ConfigError(f"{source}: eos_token_id must be a token id (an integer >= 0), a list of them "
+                              f"or null, got {eos!r}")
         return cls(
             hidden_size=hidden,
             num_layers=layers,
@@ -144,7 +149,7 @@ class GPTNeoConfig:
             attention_layers=attention,
             layer_norm_epsilon=float(eps),
             activation_function=activation,
-            bos_token_id=raw.get("bos_token_id", 50256),
+            bos_token_id=bos,
             eos_token_ids=tuple(eos_ids),
         )
 

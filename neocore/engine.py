@@ -361,7 +361,9 @@ class Engine:
                 waiting = self.queue_depth
                 if waiting + len(streams) - free_places > self.max_queue:
                     queued = max(0, waiting - free_places)  # those beyond the batch's free places
-                    raise QueueFullError(f"{queued} of at most {self.max_queue} requests are queued")
+                    needed = len(streams) - max(0, free_places - waiting)
+                    raise QueueFullError(f"the queue holds {queued} of its {self.max_queue} places; "
+                                         f"this request needs {needed}")
             now = time.monotonic()
             self._waiting.extend((stream, now) for stream in streams)
             self.stats.requests += len(streams)
@@ -463,11 +465,14 @@ class Engine:
                         self._finish(seq, "error", error=str(exc) or type(exc).__name__)
         finally:
             if not ended:  # the loop itself failed: nobody may wait for ever
+                # a fresh engine must find the slots empty; cleared before taking _work, since
+                # the model's lock comes first wherever both are held (start_engine)
+                for seq in list(self._running):
+                    with contextlib.suppress(Exception):
+                        self.model.clear_sequence(seq.slot)
                 with self._work:
                     self._closed = True
                     for seq in self._running:
-                        with contextlib.suppress(Exception):  # a fresh engine must find the slot empty
-                            self.model.clear_sequence(seq.slot)
                         seq.stream._put(Chunk([], finish_reason="error", error="the engine's loop failed"))
                     for stream, _ in self._waiting:
                         self._end_waiting(stream, "error", "the engine's loop failed")

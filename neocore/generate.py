@@ -185,7 +185,7 @@ def stream(model, prompt: str, max_new_tokens: int = 128, temperature: float = 0
     params = _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     ids = prompt_ids(model, prompt)
     if max_new_tokens == 0:
-        return iter(())
+        return (chunk for chunk in ())  # closable, as TextChunks is
     stats = stats or GenerationStats()
     stats.prompt_tokens = len(ids)
     handle = model.engine.submit(Request(ids, params, max_new_tokens, seed, 0, stop), asynchronous=False)

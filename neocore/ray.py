@@ -93,8 +93,10 @@ def _seed_of(value: Any, default: int | None) -> int | None:
     exact below 2**53); a missing one takes the default."""
     if _missing(value):
         return default
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)) \
-            or not float(value).is_integer() or value < 0:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        check_seed(int(value))  # before any float(): an int past float's range would overflow it
+        return int(value)
+    if not isinstance(value, (float, np.floating)) or not float(value).is_integer() or value < 0:
         shown = value if isinstance(value, (int, float, np.number)) else repr(value)  # a number as its value, '3' quoted
         raise NeocoreError(f"the seed must be an integer >= 0, got {shown}")
     if isinstance(value, (float, np.floating)) and value >= FLOAT_EXACT_INTEGERS:
@@ -282,6 +284,8 @@ def app(model: str | os.PathLike, num_replicas: int = 2, threads_per_replica: in
     # numpy's integers pass the check; Ray's own options take Python ints
     num_replicas, threads_per_replica, max_batch = int(num_replicas), int(threads_per_replica), int(max_batch)
     max_queue = None if max_queue is None else int(max_queue)
+    from .server import check_api_key
+    check_api_key(api_key)  # here, not in each replica after its load
     spec = os.fspath(_local_path(model))
     load_options = {**load_options, "threads": threads_per_replica}
     if "config" in load_options:
@@ -310,9 +314,12 @@ def run(model: str | os.PathLike, num_replicas: int, threads_per_replica: int | 
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    serve_was_running = _serve_running()
+    deployed = False
     try:
         serve.start(http_options={"host": host, "port": port})
         _check_listening_on(host, port)
+        deployed = True  # from here the application is ours to take down, failed or not
         try:
             serve.run(application, name="neocore", route_prefix="/")
         except RuntimeError:  # Serve says only that the deployment failed; its status says why
@@ -321,11 +328,23 @@ def run(model: str | os.PathLike, num_replicas: int, threads_per_replica: int | 
               f"({threads} threads each)", file=sys.stderr, flush=True)
         stop.wait()
     finally:
-        with contextlib.suppress(Exception):  # a cluster keeps an application, failed ones too, after its driver leaves
-            serve.delete("neocore")
-            if not serve.status().applications:  # and Serve's proxy, listening for nothing: others' apps keep it
+        # a cluster keeps an application, failed ones too, after its driver leaves; and Serve
+        # itself, when this command started it and no other application uses it now
+        with contextlib.suppress(Exception):
+            if deployed:
+                serve.delete("neocore")
+            if not serve_was_running and not serve.status().applications:
                 serve.shutdown()
         ray.shutdown()
+
+
+def _serve_running() -> bool:
+    """Whether Serve runs on the cluster already (started by someone else)."""
+    try:  # an internal of Ray Serve 2.x; where it lacks it, Serve is taken as someone else's
+        from ray.serve.context import _get_global_client
+        return _get_global_client(raise_if_no_controller_running=False) is not None
+    except (ImportError, AttributeError, TypeError):
+        return True
 
 
 def _check_listening_on(host: str, port: int) -> None:

@@ -65,8 +65,8 @@ def check_api_key(key: str | None) -> None:
     if key is None:
         return
     if not key or not key.isascii() or not key.isprintable() or key != key.strip():
-        raise NeocoreError("--api-key must be printable ASCII, not empty, without leading or trailing "
-                           "spaces (it travels in an HTTP header)")
+        raise NeocoreError("the API key (--api-key, $NEOCORE_API_KEY) must be printable ASCII, not empty, "
+                           "without leading or trailing spaces: it travels in an HTTP header")
 
 
 @dataclass

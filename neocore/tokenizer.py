@@ -208,7 +208,7 @@ class Tokenizer:
             raise TokenizerError(f"symbol {exc.args[0]!r} is not in the vocabulary") from None
 
     def _encode_ordinary(self, text: str, ids: list[int]) -> None:
-        if self.add_prefix_space and not text.startswith(" "):
+        if self.add_prefix_space and text and not text.startswith(" "):  # no text, no space
             text = " " + text
         cache = self._cache
         if len(cache) > _CACHE_LIMIT:

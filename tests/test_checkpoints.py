@@ -204,6 +204,9 @@ def test_wrong_shape(odd, tmp_path):
     ({"num_layers": 10 ** 9}, "num_layers is 1000000000; neocore runs at most 4096"),
     ({"attention_types": [["global", 3]]}, "attention_types must look like"),
     ({"tie_word_embeddings": False}, "tie_word_embeddings is False; neocore runs GPT-Neo with its lm_head tied"),
+    ({"eos_token_id": [None]}, "eos_token_id must be a token id \\(an integer >= 0\\), a list of them or null"),
+    ({"eos_token_id": [3, "x"]}, "eos_token_id must be a token id"),
+    ({"bos_token_id": [1]}, "bos_token_id must be a token id \\(an integer >= 0\\) or null, got \\[1\\]"),
 ])
 def test_bad_config(odd, tmp_path, change, message):
     folder = tmp_path / "cfg"

@@ -223,8 +223,8 @@ def test_score_and_info(tiny, tmp_path):
     (["score", "-"], "", "standard input: the text is empty"),
     (["score", "--context", "1", "-"], "some text", "scoring needs a context of at least 2"),
     (["serve", "--shutdown-timeout", "nan"], None, "--shutdown-timeout must be"),
-    (["serve", "--api-key", ""], None, "--api-key must be printable ASCII, not empty"),
-    (["serve", "--api-key", "s\u00ebcret"], None, "--api-key must be printable ASCII"),
+    (["serve", "--api-key", ""], None, "must be printable ASCII, not empty"),
+    (["serve", "--api-key", "s\u00ebcret"], None, "the API key (--api-key, $NEOCORE_API_KEY) must be printable ASCII"),
     (["serve", "--api-key", " key"], None, "without leading or trailing spaces"),
     # checked before the load (a missing model folder would be found there)
     (["serve", "-m", "/nonexistent/model", "--max-batch", "0"], None, "--max-batch must be >= 1"),

@@ -48,6 +48,8 @@ def test_openmp_spins_briefly_unless_the_user_says_otherwise(user_env, spins):
     env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                           env={**env, **user_env})
+    if "omp_display_env" in proc.stderr and "AttributeError" in proc.stderr:
+        pytest.skip("this libgomp (before GCC 11) cannot report its settings: omp_display_env is missing")
     assert proc.returncode == 0, proc.stderr
     assert f"left in env: {user_env.get('GOMP_SPINCOUNT')}" in proc.stdout  # ours is not passed on
     shown = re.search(r"GOMP_SPINCOUNT = '(\d+)'", proc.stdout + proc.stderr)

@@ -320,6 +320,7 @@ def test_cli_ray_replicas_refuse_a_port_serve_does_not_listen_on(local_ray, fold
         done = subprocess.run([sys.executable, "-m", "neocore", "serve", "--ray-replicas", "1", "-m", folder,
                                "--threads", "1", "--port", str(other)], capture_output=True, text=True, env=env,
                               cwd=SOURCE_ROOT, timeout=START_TIMEOUT)
+        assert neocore.ray._serve_running()  # not the command's to take down
     finally:
         serve.shutdown()
     assert done.returncode == 1
@@ -365,3 +366,5 @@ def test_bad_arguments_are_refused_before_ray_starts(folder):
             neocore.ray.Generate(folder, stop=stop)
     with pytest.raises(neocore.NeocoreError, match="num_replicas"):
         neocore.ray.run(folder, 0)  # refused before dividing the cores by it, and before Ray starts
+    with pytest.raises(neocore.NeocoreError, match="API key"):
+        neocore.ray.app(folder, api_key="s\u00ebcret")  # before any replica loads the model

@@ -634,7 +634,7 @@ def test_full_queue_gets_429_then_serving_resumes(tiny, model):
         assert len(refused) + len(served) == 8 and refused and served
         for r in refused:
             assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error"
-            assert "(0 of at most 0 requests are queued)" in r.json()["error"]["message"]
+            assert "(the queue holds 0 of its 0 places; this request needs 1)" in r.json()["error"]["message"]
         assert all(r.json()["choices"][0]["text"] == expected for r in served)
         ok = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
         assert ok.status_code == 200 and metrics(base)["neocore_requests_rejected_total"] == len(refused)

@@ -257,6 +257,9 @@ def test_a_tokenizer_json_that_adds_a_prefix_space_matches_hugging_face(hf, tmp_
              *CORPUS.values()]
     for text in texts:
         assert ours.encode(text) == reference.encode(text).ids, text
+    reference.encode_special_tokens = True  # allow_special=False: text with no added tokens to split at
+    for text in texts:
+        assert ours.encode(text, allow_special=False) == reference.encode(text).ids, text
     assert reference.encode("Hello").ids != hf.encode("Hello")  # the option changes ids: the test can fail
 
 
