@@ -112,6 +112,9 @@ class Stream:
         self._queue: Any = asyncio.Queue() if loop else queue.SimpleQueue()
         self._cancelled = threading.Event()
         self._read: list[Chunk] = []  # the chunks taken from the queue so far, for result()
+        # one reader takes from the queue at a time: two waiting there at once, the one that
+        # did not get the last chunk would wait for ever
+        self._reading: Any = asyncio.Lock() if loop else threading.Lock()
 
     def _put(self, chunk: Chunk) -> None:
         if self._loop:
@@ -139,19 +142,27 @@ class Stream:
         return bool(self._read) and self._read[-1].finish_reason is not None
 
     def __iter__(self) -> Iterator[Chunk]:
-        """The chunks not yet read, as they come."""
+        """The chunks not yet read, as they come (readers at once share them out)."""
         if self._loop:
             raise TypeError("this stream was submitted from an event loop: use `async for`")
-        while not self._finished:
-            self._read.append(self._queue.get())
-            yield self._read[-1]
+        while True:
+            with self._reading:
+                if self._finished:
+                    return
+                chunk = self._queue.get()
+                self._read.append(chunk)
+            yield chunk
 
     async def __aiter__(self) -> AsyncIterator[Chunk]:
         if not self._loop:
             raise TypeError("this stream was submitted outside an event loop: use `for`")
-        while not self._finished:
-            self._read.append(await self._queue.get())
-            yield self._read[-1]
+        while True:
+            async with self._reading:
+                if self._finished:
+                    return
+                chunk = await self._queue.get()
+                self._read.append(chunk)
+            yield chunk
 
     def result(self) -> Completion:
         """Waits for the whole completion (threads only): every chunk, those already read

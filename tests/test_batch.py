@@ -708,6 +708,19 @@ def test_a_wait_cut_short_cancels_the_request(reference_models):
     assert model.engine.stats.tokens_generated < 150
 
 
+def test_a_stream_waited_on_by_two_threads_ends_for_both(tiny):
+    """result() as a future's: every waiter gets the whole completion."""
+    stream = tiny.engine.submit(Request([1, 2, 3], GREEDY, 40, text=False, stop_at_eos=False), asynchronous=False)
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(stream.result()), daemon=True) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert len(results) == 3 and all(r.tokens == results[0].tokens for r in results) and len(results[0].tokens) == 40
+
+
 def test_an_iterator_of_stops_reaches_every_prompt(tiny):
     text = tiny.generate(PROMPTS[0], max_new_tokens=20, temperature=0)
     stop = text[3:6]
