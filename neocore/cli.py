@@ -334,19 +334,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         family, kind, _, _, address = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0]
     except (OSError, UnicodeError) as exc:
         raise NeocoreError(f"--host {args.host!r} is not an address this machine can listen on ({exc})") from None
-    if not args.ray_replicas:  # Serve binds with Ray's own proxies, perhaps on another node
-        try:  # as uvicorn binds; another process may still take the port before it does
-            with socket.socket(family, kind) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind(address)
-        except OSError as exc:
-            raise NeocoreError(f"cannot listen on {args.host} port {args.port} ({exc.strerror or exc})") from None
-    if args.ray_replicas:
+    if args.ray_replicas:  # Serve binds the port, with Ray's proxies (perhaps on another node)
         from .ray import run  # replicas load the model themselves: this process never does
         run(model_spec(args), args.ray_replicas, args.threads, args.host, args.port, max_batch=args.max_batch,
             max_queue=args.max_queue, api_key=args.api_key, name=args.name, shutdown_timeout=args.shutdown_timeout,
             dtype=args.dtype, context=args.context, config=args.config, compute=args.compute, **_overrides(args))
         return 0
+    try:  # as uvicorn binds; another process may still take the port before it does
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        raise NeocoreError(f"cannot listen on {args.host} port {args.port} ({exc.strerror or exc})") from None
     model = load_model(args)
     serve(model, args.host, args.port, args.max_batch, args.max_queue, args.api_key, args.name,
           args.shutdown_timeout)
