@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence, TextIO
 
 from .errors import NeocoreError
-from .sampling import SamplingParams
+from .sampling import SamplingParams, check_seed
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -204,7 +204,6 @@ def _piped_line() -> str:
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
     """The sampling flags and the seed, checked (before the slow load)."""
-    from .sampling import check_seed
     if args.max_tokens < 0:
         raise NeocoreError(f"--max-tokens must be >= 0, got {args.max_tokens}")
     check_seed(args.seed)

@@ -94,17 +94,18 @@ def _seed_of(value: Any, default: int | None) -> int | None:
     if _missing(value):
         return default
     if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
-        check_seed(int(value))  # before any float(): an int past float's range would overflow it
-        return int(value)
-    if not isinstance(value, (float, np.floating)) or not float(value).is_integer() or value < 0:
+        seed = int(value)  # not through float(): an int past float's range would overflow it
+    elif isinstance(value, (float, np.floating)) and float(value).is_integer() and value >= 0:
+        if value >= FLOAT_EXACT_INTEGERS:
+            raise NeocoreError(f"the seed {float(value)} is a float past 2**53, where it may have lost digits "
+                               "(a column of integers with a null turns into floats): give every row a seed, "
+                               "or keep seeds below 2**53")
+        seed = int(value)
+    else:
         shown = value if isinstance(value, (int, float, np.number)) else repr(value)  # a number as its value, '3' quoted
         raise NeocoreError(f"the seed must be an integer >= 0, got {shown}")
-    if isinstance(value, (float, np.floating)) and value >= FLOAT_EXACT_INTEGERS:
-        raise NeocoreError(f"the seed {float(value)} is a float past 2**53, where it may have lost digits "
-                           "(a column of integers with a null turns into floats): give every row a seed, "
-                           "or keep seeds below 2**53")
-    check_seed(int(value))
-    return int(value)
+    check_seed(seed)
+    return seed
 
 
 def _column(batch: Any, name: str) -> Any:
