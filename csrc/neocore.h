@@ -144,7 +144,7 @@ NeoIsa neo_decode_isa(NeoIsa isa, NeoDType dtype);
 int neo_attention_prefetches(void);
 /* The XOR of the bytes / 8 64-bit words at data (8-byte aligned), read by n_threads threads
  * (bandwidth.c). */
-uint64_t neo_read_stream(const void *data, size_t bytes, int n_threads);
+uint64_t neo_read_stream(const void *data, size_t bytes, int n_threads, NeoDecodePrefetch how);
 
 NeoState *neo_state_new(const NeoConfig *cfg, int n_seqs, int n_ctx, int max_rows,
                         int n_threads, NeoIsa isa, NeoBf16Gemm bf16_gemm);

@@ -82,7 +82,7 @@ cdef extern from "neocore.h":
     NeoDecodePrefetch neo_decode_prefetch(NeoIsa isa, NeoDType dtype, int rows)
     NeoIsa neo_decode_isa(NeoIsa isa, NeoDType dtype)
     int neo_attention_prefetches()
-    uint64_t neo_read_stream(const void *data, size_t nbytes, int n_threads) nogil
+    uint64_t neo_read_stream(const void *data, size_t nbytes, int n_threads, NeoDecodePrefetch how) nogil
     NeoCpuKind neo_cpu_kind()
     NeoState *neo_state_new(const NeoConfig *cfg, int n_seqs, int n_ctx, int max_rows,
                             int n_threads, NeoIsa isa, NeoBf16Gemm bf16_gemm)
@@ -123,6 +123,9 @@ BF16_GEMMS = {"amx": NEO_BF16_AMX, "avx512bf16": NEO_BF16_AVX512, "scalar": NEO_
 MODEL_ISAS = ("amx", "avx512bf16", "avx512", "avx2", "generic")  # fastest first
 COMPUTE_MODES = ("exact", "bf16")
 DTYPES = {"float32": NEO_F32, "bfloat16": NEO_BF16, "int8": NEO_I8}
+# how a decode kernel prefetches its weight rows: not at all, non-temporally a few lines ahead
+# (AMD), or into L2 a page ahead (Intel)
+PREFETCHES = {"none": NEO_PREFETCH_NONE, "nta-near": NEO_PREFETCH_NTA_NEAR, "l2-far": NEO_PREFETCH_L2_FAR}
 MATRIX_NUMPY_DTYPE = {"float32": np.float32, "bfloat16": np.uint16, "int8": np.int8}  # bf16 travels as raw uint16
 I8_BLOCK = NEO_I8_BLOCK
 
@@ -150,16 +153,20 @@ def built_with_openmp() -> bool:
     return bool(neo_built_with_openmp())
 
 
-def read_stream(const unsigned char[::1] data, int threads) -> int:
-    """Reads data once on threads threads (what a decode step does to the weights) and returns
-    the XOR of its 64-bit words: the probe of neocore bench's read bandwidth."""
+def read_stream(const unsigned char[::1] data, int threads, str prefetch="none") -> int:
+    """Reads data once on threads threads (what a decode step does to the weights), prefetching
+    page by page in one of the decode kernels' ways (PREFETCHES), and returns the XOR of its
+    64-bit words: the probe of neocore bench's read bandwidth."""
     _check_threads(threads)
+    if prefetch not in PREFETCHES:
+        raise ValueError(f"prefetch must be one of {', '.join(PREFETCHES)}, got {prefetch!r}")
     if data.shape[0] == 0:
         return 0
     if <uintptr_t>&data[0] % 8:
         raise ValueError("read_stream needs data aligned to 8 bytes (it reads 64-bit words)")
+    cdef NeoDecodePrefetch how = PREFETCHES[prefetch]
     with nogil:
-        folded = neo_read_stream(&data[0], data.shape[0], threads)
+        folded = neo_read_stream(&data[0], data.shape[0], threads, how)
     return folded
 
 
@@ -207,16 +214,13 @@ def decode_kernel(str isa, str dtype) -> str:
 
 def decode_prefetch(str isa, str dtype, int rows=1) -> str:
     """How path isa's decode kernel prefetches weight rows of type dtype for rows rows of x on
-    this CPU, chosen by its kind: "none", "nta-near" (non-temporally, a few lines ahead: AMD)
-    or "l2-far" (into L2, a page ahead: Intel)."""
+    this CPU, chosen by its kind: a name in PREFETCHES."""
     _check_known_isa(isa)
     _check_dtype(dtype)
     if rows < 1:
         raise ValueError(f"rows must be at least 1, got {rows}")
-    cdef NeoDecodePrefetch how = neo_decode_prefetch(ISAS[isa], DTYPES[dtype], rows)
-    if how == NEO_PREFETCH_NTA_NEAR:
-        return "nta-near"
-    return "l2-far" if how == NEO_PREFETCH_L2_FAR else "none"
+    how = neo_decode_prefetch(ISAS[isa], DTYPES[dtype], rows)
+    return next(name for name, value in PREFETCHES.items() if value == how)
 
 
 # /proc/cpuinfo flags that decide which kernels can run or would help (x86 and Arm names)

@@ -140,15 +140,17 @@ def peak_rss() -> int:
 
 
 def memory_bandwidth(threads: int, nbytes: int = 1 << 30) -> float:
-    """Read bandwidth in GB/s, the best of 3: threads threads each read their share of a large
-    array once, in C (_core.read_stream), as decode reads the weights."""
+    """Read bandwidth in GB/s, the best of 3 rounds of each of the decode kernels' ways to
+    prefetch: threads threads each read their share of a large array once, in C
+    (_core.read_stream), as decode reads the weights."""
     from . import _core
     data = np.ones(nbytes, dtype=np.uint8)  # written once, so that its pages exist
     best = 0.0
     for _ in range(3):
-        start = time.perf_counter()
-        _core.read_stream(data, threads)
-        best = max(best, data.nbytes / (time.perf_counter() - start) / 1e9)
+        for prefetch in _core.PREFETCHES:
+            start = time.perf_counter()
+            _core.read_stream(data, threads, prefetch)
+            best = max(best, data.nbytes / (time.perf_counter() - start) / 1e9)
     return best
 
 

@@ -98,13 +98,17 @@ def test_bench_refuses_what_cannot_run_before_measuring(reference_models, monkey
 @pytest.mark.parametrize("nbytes, threads", [(0, 1), (5, 2), (8, 1), (4096 + 5, 2), (1 << 20, 3)])
 def test_the_bandwidth_probe_reads_every_word(nbytes, threads):
     """The roofline's probe folds every 64-bit word it reads (a trailing part word is left), so
-    its reading is of the whole array, at any thread count."""
+    its reading is of the whole array, at any thread count and in every way of prefetching."""
     from neocore import _core
     data = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
     expected = int(np.bitwise_xor.reduce(data[:nbytes // 8 * 8].view(np.uint64)))
-    assert _core.read_stream(data, threads) == expected
+    assert set(_core.PREFETCHES) == {"none", "nta-near", "l2-far"}
+    for prefetch in _core.PREFETCHES:
+        assert _core.read_stream(data, threads, prefetch) == expected
     with pytest.raises(ValueError, match="threads must be at least 1"):
         _core.read_stream(data, 0)
+    with pytest.raises(ValueError, match="prefetch must be one of none, nta-near, l2-far, got 'l1'"):
+        _core.read_stream(data, threads, "l1")
     if nbytes > 8:
         with pytest.raises(ValueError, match="aligned to 8 bytes"):
             _core.read_stream(data[1:], threads)
