@@ -156,6 +156,8 @@ class Stream:
     async def __aiter__(self) -> AsyncIterator[Chunk]:
         if not self._loop:
             raise TypeError("this stream was submitted outside an event loop: use `for`")
+        if asyncio.get_running_loop() is not self._loop:  # its chunks go to that loop alone
+            raise TypeError("this stream is read in the event loop that submitted it")
         while True:
             async with self._reading:
                 if self._finished:

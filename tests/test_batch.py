@@ -10,7 +10,7 @@ import pytest
 
 import neocore
 from neocore import _core
-from neocore.engine import Engine, Request
+from neocore.engine import Engine, Request, Stream
 from neocore.sampling import SamplingParams
 from neocore.weights import bf16_to_f32
 
@@ -577,6 +577,20 @@ def test_asyncio_streams(tiny):
         return [(await s.aresult()).text for s in streams]
 
     assert asyncio.run(main()) == tiny.generate(PROMPTS[:4], max_new_tokens=15, temperature=0)
+
+
+def test_a_stream_read_in_another_event_loop_is_refused(tiny):
+    """A stream's chunks are handed to the loop that submitted it: read from another loop it
+    would wait for ever, so it says so at once."""
+    import asyncio
+
+    async def submit() -> Stream:
+        return tiny.engine.submit(Request(tiny.tokenizer.encode(PROMPTS[0]), GREEDY, 5))
+
+    stream = asyncio.run(submit())
+    with pytest.raises(TypeError, match="read in the event loop that submitted it"):
+        asyncio.run(asyncio.wait_for(stream.aresult(), timeout=10))
+    assert stream.cancelled  # aresult cancels a request it gave up on
 
 
 def test_the_blocking_calls_work_inside_a_running_event_loop(tiny):
