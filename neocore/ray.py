@@ -269,6 +269,11 @@ def _local_path(path: Any) -> Any:
     return os.path.abspath(path) if path is not None and os.path.exists(path) else path
 
 
+def _check_count(what: str, value: Any, least: int) -> None:
+    if not is_integer(value) or value < least:
+        raise NeocoreError(f"{what} must be an integer >= {least}, got {value!r}")
+
+
 def app(model: str | os.PathLike, num_replicas: int = 2, threads_per_replica: int = 1,
         max_batch: int = 16, max_queue: int | None = 64, api_key: str | None = None,
         name: str | None = None, shutdown_timeout: float = 30.0, **load_options: Any) -> Any:
@@ -280,8 +285,7 @@ def app(model: str | os.PathLike, num_replicas: int = 2, threads_per_replica: in
     serve.run(app(...))."""
     for what, value, least in (("num_replicas", num_replicas, 1), ("threads_per_replica", threads_per_replica, 1),
                                ("max_batch", max_batch, 1), ("max_queue", 0 if max_queue is None else max_queue, 0)):
-        if not is_integer(value) or value < least:
-            raise NeocoreError(f"{what} must be an integer >= {least}, got {value!r}")
+        _check_count(what, value, least)
     # numpy's integers pass the check; Ray's own options take Python ints
     num_replicas, threads_per_replica, max_batch = int(num_replicas), int(threads_per_replica), int(max_batch)
     max_queue = None if max_queue is None else int(max_queue)
@@ -308,8 +312,7 @@ def run(model: str | os.PathLike, num_replicas: int, threads_per_replica: int | 
     """`neocore serve --ray-replicas N`: joins the cluster at $RAY_ADDRESS (else starts Ray on
     this machine), serves app(...) on host:port until SIGINT/SIGTERM, then takes it down.
     threads_per_replica defaults to this machine's cores shared among the replicas."""
-    if not is_integer(num_replicas) or num_replicas < 1:  # before dividing by it
-        raise NeocoreError(f"num_replicas must be an integer >= 1, got {num_replicas!r}")
+    _check_count("num_replicas", num_replicas, 1)  # before dividing by it
     threads = threads_per_replica or max(1, usable_cores() // num_replicas)
     application = app(model, num_replicas, threads, **options)
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
