@@ -594,9 +594,12 @@ static void gemm_bf16_amx(float *out, const XPairs *xp, const NeoMatrix *w, cons
 /* VDPBF16PS does twice the multiplies of a 512-bit FMA but issues half as often on the Xeon
  * (Sapphire Rapids class), where the exact AVX-512 decode kernel, prefetching into L2, won:
  * bf16 decode steps of 125M, 2 threads, 1 row 0.72x, 4 rows 0.67x, 8 rows 0.76x, 16 rows 0.93x,
- * 32 rows 1.17x the exact ones' speed (1.3B: 1 row 0.78x, 8 rows 0.94x), measured before the
- * tiles of bf16 weights and not since (no Xeon at hand). On AMD Zen 4, where a 512-bit FMA takes
- * both 256-bit units, it won: with the tiles 8 rows 1.77x, 2 rows 1.12x, 1 row 0.97x. The scalar
+ * 32 rows 1.17x the exact ones' speed (1.3B: 1 row 0.78x, 8 rows 0.94x). With the tiles of
+ * bf16 weights (same steps, builds alternating): 1 row 0.63x, 4 rows 1.03x, 8-16 rows 1.17-1.19x,
+ * 32 rows 1.44x; one row, the single user's case, keeps it off there (the choice cannot follow
+ * the row count: a sequence's tokens would then depend on its batch). On AMD Zen 4, where a
+ * 512-bit FMA takes both 256-bit units, it won: with the tiles 8 rows 1.77x, 2 rows 1.12x, 1 row
+ * 0.97x. The scalar
  * reference path follows the same rule, so that on every CPU it is the oracle of the others. */
 int neo_bf16_decodes(NeoBf16Gemm gemm)
 {
