@@ -70,8 +70,11 @@ def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
     if p >= 1.0:
         return logits
     candidates = np.flatnonzero(np.isfinite(logits))
-    order = candidates[np.argsort(logits[candidates])]  # ascending, as transformers sorts (ties unordered there too)
-    cumulative = np.cumsum(_softmax(logits[order]))
+    # ascending and stable, as transformers' torch.sort orders ties on the CPU
+    order = candidates[np.argsort(logits[candidates], kind="stable")]
+    # summed in float64 and rounded to float32 each, as torch's cumsum does on the CPU: a float32
+    # running sum over 50257 probabilities drifts past 1 and moved the cut by a token
+    cumulative = np.cumsum(_softmax(logits[order]), dtype=np.float64).astype(np.float32)
     remove = cumulative <= (1 - p)
     remove[-1] = False
     logits[order[remove]] = -np.inf
