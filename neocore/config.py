@@ -12,6 +12,7 @@ ATTENTION_KINDS = ("global", "local")
 C_INT_MAX = 2**31 - 1  # sizes reach the engine as C ints
 MAX_LAYERS = 4096      # GPT-Neo 2.7B has 32: far past any real model, short of a per-layer list bomb
 CONFIG_LIMIT = 16 << 20  # bytes: a real config.json is a few KB
+GENERATION_CONFIG = "generation_config.json"
 
 
 @dataclass(frozen=True)
@@ -127,17 +128,9 @@ class GPTNeoConfig:
         eps = raw.get("layer_norm_epsilon", 1e-5)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
             raise ConfigError(f"{source}: layer_norm_epsilon must be a number in (0, 1), got {eps!r}")
-        def token_id(token: Any) -> bool:
-            return not isinstance(token, bool) and isinstance(token, int) and 0 <= token <= C_INT_MAX
-
         bos = raw.get("bos_token_id", 50256)
-        if bos is not None and not token_id(bos):
+        if bos is not None and not _token_id(bos):
             raise ConfigError(f"{source}: bos_token_id must be a token id (an integer >= 0) or null, got {bos!r}")
-        eos = raw.get("eos_token_id", 50256)
-        eos_ids = eos if isinstance(eos, list) else [] if eos is None else [eos]  # transformers allows a list
-        if not all(token_id(t) for t in eos_ids):
-            raise ConfigError(f"{source}: eos_token_id must be a token id (an integer >= 0), a list of them "
-                              f"or null, got {eos!r}")
         return cls(
             hidden_size=hidden,
             num_layers=layers,
@@ -150,28 +143,57 @@ class GPTNeoConfig:
             layer_norm_epsilon=float(eps),
             activation_function=activation,
             bos_token_id=bos,
-            eos_token_ids=tuple(eos_ids),
+            eos_token_ids=eos_ids(raw.get("eos_token_id", 50256), source),
         )
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> "GPTNeoConfig":
         path = Path(path)
-        if path.exists() and not path.is_file():  # a FIFO would block, /dev/zero never end
-            raise ConfigError(f"{path}: not a regular file")
-        try:
-            size = path.stat().st_size
-            if size > CONFIG_LIMIT:
-                raise ConfigError(f"{path}: {size} bytes, too large for a config.json")
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except (OSError, ValueError) as exc:  # ValueError: bad JSON, bad UTF-8, an integer too long
-            raise ConfigError(f"{path}: not a readable JSON file ({exc})") from None
-        except RecursionError:
-            raise ConfigError(f"{path}: not a readable JSON file (nested too deeply)") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(raw, str(path), overrides)
+        return cls.from_dict(read_json_object(path), str(path), overrides)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A small JSON file's object (config.json, generation_config.json), or a ConfigError."""
+    if path.exists() and not path.is_file():  # a FIFO would block, /dev/zero never end
+        raise ConfigError(f"{path}: not a regular file")
+    try:
+        size = path.stat().st_size
+        if size > CONFIG_LIMIT:
+            raise ConfigError(f"{path}: {size} bytes, too large for a {path.name}")
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, bad UTF-8, an integer too long
+        raise ConfigError(f"{path}: not a readable JSON file ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not a readable JSON file (nested too deeply)") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return raw
+
+
+def _token_id(token: Any) -> bool:
+    return not isinstance(token, bool) and isinstance(token, int) and 0 <= token <= C_INT_MAX
+
+
+def eos_ids(eos: Any, source: str) -> tuple[int, ...]:
+    """An eos_token_id field (an id, a list of them, as transformers allows, or null) as ids."""
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if not all(_token_id(t) for t in ids):
+        raise ConfigError(f"{source}: eos_token_id must be a token id (an integer >= 0), a list of them "
+                          f"or null, got {eos!r}")
+    return tuple(ids)
+
+
+def generation_eos_ids(folder: Path) -> tuple[int, ...] | None:
+    """The eos_token_id of the folder's generation_config.json, which transformers' generate
+    stops at instead of config.json's; None where the file or the field is absent (transformers
+    would then not stop at an end-of-text token at all: config.json's is kept instead)."""
+    path = folder / GENERATION_CONFIG
+    if not path.exists() and not path.is_symlink():
+        return None
+    raw = read_json_object(path)
+    return eos_ids(raw["eos_token_id"], str(path)) if "eos_token_id" in raw else None
 
 
 def _expand_attention_types(types: Any, layers: int, source: str) -> list[str]:

@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import _core
+from .config import GENERATION_CONFIG
 from .checkpoint import (NEOCORE_INT8_FILE, SINGLE_FILE_READERS, SafetensorsEntry, open_checkpoint,
                          write_safetensors)
 from .errors import CheckpointError, NeocoreError, TokenizerError
 from .model import resolve_config, usable_cores
-from .resolve import resolve_model
+from .resolve import TOKENIZER_FILES, resolve_model
 from .tokenizer import Tokenizer
 from .weights import INT8_NOT_TRANSFORMERS, SCALES_SUFFIX, WeightLoader, holds_int8, i8_blocks, weight_table
 
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json")
 CONVERT_DTYPES = ("bfloat16", "int8")
 INT8_METADATA = {"format": "neocore-int8", "neocore.dtype": "int8",
                  "neocore.i8_block": str(_core.I8_BLOCK),
@@ -82,7 +82,7 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
         entries.append((name + SCALES_SUFFIX, "F32", (spec.shape[0], i8_blocks(spec.shape[1])),
                         matrix.scales))
 
-    for name in (written, "config.json", *TOKENIZER_FILES):  # found before the slow part, not after it
+    for name in (written, "config.json", GENERATION_CONFIG, *TOKENIZER_FILES):  # found before the slow part
         if (dst / name).is_dir():
             raise NeocoreError(f"{dst / name}: is a folder, where the converted model's file goes")
     created = [folder for folder in (dst, *dst.parents) if not folder.exists()]  # deepest first
@@ -96,6 +96,10 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
         write_safetensors(dst / written, entries, INT8_METADATA if dtype == "int8" else None)
         loader.report_rounding()
         fresh(dst / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+        if (folder / GENERATION_CONFIG).is_file():  # its end-of-text ids, read as the source's are
+            shutil.copyfile(folder / GENERATION_CONFIG, fresh(dst / GENERATION_CONFIG))
+        else:
+            fresh(dst / GENERATION_CONFIG)
         copy_tokenizer(tokenizer_src, dst, required=tokenizer is not None)
     except BaseException as exc:
         for folder in created:  # a failed convert leaves no empty folders behind

@@ -6,6 +6,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from . import _core
 from .checkpoint import Checkpoint, open_checkpoint
-from .config import GPTNeoConfig
+from .config import GPTNeoConfig, generation_eos_ids
 from .errors import ConfigError, ContextError, NeocoreError
 from .sampling import is_integer, token_array
 from .weights import WEIGHT_DTYPES, WeightLoader, holds_int8
@@ -281,10 +282,15 @@ def _find_tokenizer(folder: Path, vocab_size: int) -> Any:
 
 def resolve_config(folder: Path, checkpoint: Checkpoint, config: str | os.PathLike | None,
                    overrides: dict[str, Any]) -> GPTNeoConfig:
-    """config= if given, else the folder's config.json, else the shape the format implies."""
+    """config= if given, else the folder's config.json, else the shape the format implies; the
+    end-of-text ids of the folder's generation_config.json, as transformers' generate takes
+    them, unless overrides name eos_token_id."""
     if config is None and checkpoint.config is not None and not (folder / "config.json").is_file():
-        return GPTNeoConfig.from_dict(checkpoint.config, f"{folder} (shape inferred from its files)", overrides)
-    return GPTNeoConfig.from_file(Path(config) if config else folder / "config.json", overrides)
+        cfg = GPTNeoConfig.from_dict(checkpoint.config, f"{folder} (shape inferred from its files)", overrides)
+    else:
+        cfg = GPTNeoConfig.from_file(Path(config) if config else folder / "config.json", overrides)
+    eos = None if "eos_token_id" in overrides else generation_eos_ids(folder)
+    return cfg if eos is None else replace(cfg, eos_token_ids=eos)
 
 
 MAX_THREADS = 1024  # OpenMP threads one model may use (the C side takes an int)

@@ -1,5 +1,6 @@
 """Turns what the user typed after -m into a local model folder: a folder as it is, or a
-Hugging Face repo id fetched into the hub's cache (config, tokenizer, one weight file)."""
+Hugging Face repo id fetched into the hub's cache (config, generation config, tokenizer, one weight
+file)."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +10,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .config import GENERATION_CONFIG
 from .errors import ModelNotFoundError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -62,7 +64,7 @@ def fetch_from_hub(repo_id: str) -> Path:
                 "it is not in the local hub cache and the hub cannot be reached (offline)"
             raise ModelNotFoundError(f"{repo_id}: not a local folder, and {where}; download its files "
                                      f"into a folder and pass -m FOLDER")
-        for name in TOKENIZER_FILES:
+        for name in (*TOKENIZER_FILES, GENERATION_CONFIG):  # each there or not
             fetch(name)
         if not any(fetch(name) for name in WEIGHT_FILES):
             raise ModelNotFoundError(f"{repo_id}: found none of {', '.join(WEIGHT_FILES)} for it")

@@ -7,10 +7,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                          TopKLogitsWarper, TopPLogitsWarper)
+from transformers import (GPTNeoForCausalLM, LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
+                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 import neocore
+from neocore.convert import convert
 from neocore.engine import Request
 from neocore.sampling import SamplingParams, choose_rows, process_logits
 from neocore.weights import bf16_to_f32
@@ -159,28 +160,50 @@ def test_eos_ends_generation(tiny):
     assert model.generate(PROMPT, max_new_tokens=10, temperature=0) != ""
 
 
-def test_any_of_several_eos_ids_ends_generation_as_in_transformers(tiny, tmp_path):
-    """config.json may list several EOS ids (transformers stops at any): make a token that
-    greedy decoding reaches the second, in a copy of the folder, and compare with transformers."""
+@pytest.mark.parametrize("config_eos, generation_eos", [
+    ("both", None),      # config.json lists two ids, no generation_config.json
+    ("first", "both"),   # generation_config.json adds the second
+    ("both", "first"),   # generation_config.json's single id wins over config.json's two
+])
+def test_the_eos_ids_that_end_generation_are_those_transformers_stops_at(tiny, tmp_path, config_eos, generation_eos):
+    """config.json may list several EOS ids, and generation_config.json, where there is one,
+    names those transformers' generate stops at instead. Make a token that greedy decoding
+    reaches the second id, in copies of the folder, and compare with transformers loading the
+    same folder; converting the folder keeps what it stops at."""
     ref, model = tiny
     ids = model.tokenizer.encode(PROMPT)
     free = model.generate_ids(ids, max_new_tokens=12, stop_at_eos=False)
     second = free[4]
-    folder = shutil.copytree(ref.folder, tmp_path / "several")
+    choice = {"first": model.config.eos_token_id, "both": [model.config.eos_token_id, second]}
+    folder = shutil.copytree(ref.folder, tmp_path / "eos")
     config = json.loads((folder / "config.json").read_text())
-    config["eos_token_id"] = [model.config.eos_token_id, second]
+    config["eos_token_id"] = choice[config_eos]
     (folder / "config.json").write_text(json.dumps(config))
-    several = neocore.load(folder)
-    assert several.config.eos_token_ids == (model.config.eos_token_id, second)
-    assert several.config.to_hf_dict()["eos_token_id"] == config["eos_token_id"]
-    ours = several.generate_ids(ids, max_new_tokens=12)
-    assert ours == free[:free.index(second) + 1]
+    (folder / "generation_config.json").unlink(missing_ok=True)
+    if generation_eos:
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": choice[generation_eos]}))
+    expected = free[:free.index(second) + 1] if (generation_eos or config_eos) == "both" else free
+    loaded = neocore.load(folder)
+    assert loaded.generate_ids(ids, max_new_tokens=12) == expected
     with torch.no_grad():
-        out = ref.torch_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0,
-                                       eos_token_id=config["eos_token_id"])
-    assert out[0, len(ids):].tolist() == ours
-    cut = model.tokenizer.decode(free[:free.index(second)])
-    assert several.generate(PROMPT, max_new_tokens=12, temperature=0) == cut
+        out = GPTNeoForCausalLM.from_pretrained(folder).eval().generate(
+            torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert out[0, len(ids):].tolist() == expected
+    if expected != free:
+        assert loaded.generate(PROMPT, max_new_tokens=12, temperature=0) == model.tokenizer.decode(expected[:-1])
+    converted = convert(folder, tmp_path / "converted")
+    assert neocore.load(converted).generate_ids(ids, max_new_tokens=12) == expected
+
+
+def test_a_bad_generation_config_is_refused_in_one_line(tiny, tmp_path):
+    ref, _ = tiny
+    folder = shutil.copytree(ref.folder, tmp_path / "bad")
+    for text, message in (('{"eos_token_id": "</s>"}', "eos_token_id must be a token id"),
+                          ("{not json", "not a readable JSON file"), ("[1, 2]", "expected a JSON object")):
+        (folder / "generation_config.json").write_text(text)
+        with pytest.raises(neocore.ConfigError, match=f"generation_config.json: {message}"):
+            neocore.load(folder)
+    assert neocore.load(folder, eos_token_id=7).config.eos_token_ids == (7,)  # overrides win, unread
 
 
 def test_a_temperature_too_small_for_float32_is_greedy(tiny):
