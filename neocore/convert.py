@@ -10,6 +10,7 @@ weights (it ignores the metadata's format tag), so the file has another name tha
 model.safetensors and transformers finds no weights in the folder."""
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -57,11 +58,18 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
     tokenizer_src = Path(tokenizer) if tokenizer else folder
     if tokenizer is not None:  # checked before the slow part, not after it
         if not tokenizer_src.is_dir():
-            raise TokenizerError(f"{tokenizer_src}: no such folder (--tokenizer takes a folder)")
+            what = "is a file" if tokenizer_src.exists() else "no such folder"
+            raise TokenizerError(f"{tokenizer_src}: {what} (--tokenizer takes a folder)")
         if tokenizer_src.resolve() == dst.resolve():
             raise TokenizerError(f"{tokenizer_src}: the tokenizer folder is the destination")
         if not Tokenizer.files_present(tokenizer_src):
             raise TokenizerError(f"{tokenizer_src}: no tokenizer files to copy")
+    if not Tokenizer.files_present(tokenizer_src):
+        stale = [name for name in TOKENIZER_FILES if (dst / name).exists()]
+        if stale:  # they would be read as the new model's: not kept silently, not deleted unasked
+            raise TokenizerError(f"{dst}: holds {', '.join(stale)}, which neocore would read as the converted "
+                                 f"model's tokenizer, but {folder} has none: remove them, choose another "
+                                 f"folder, or name a tokenizer folder with --tokenizer")
     cfg = resolve_config(folder, checkpoint, config, overrides)
     loader = WeightLoader(checkpoint, cfg, dtype, usable_cores())
     table = weight_table(cfg)
@@ -82,19 +90,25 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
         entries.append((name + SCALES_SUFFIX, "F32", (spec.shape[0], i8_blocks(spec.shape[1])),
                         matrix.scales))
 
-    for name in (written, "config.json", GENERATION_CONFIG, *TOKENIZER_FILES):  # found before the slow part
+    outputs = (written, "config.json", GENERATION_CONFIG, *TOKENIZER_FILES)
+    for name in outputs:  # found before the slow part, not after it
         if (dst / name).is_dir():
             raise NeocoreError(f"{dst / name}: is a folder, where the converted model's file goes")
-    created = [folder for folder in (dst, *dst.parents) if not folder.exists()]  # deepest first
+    created = [made for made in (dst, *dst.parents) if not made.exists()]  # deepest first
     try:
         dst.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
+    except FileExistsError:
         raise NeocoreError(f"{dst}: exists and is not a folder") from None
+    except NotADirectoryError:
+        raise NeocoreError(f"{dst}: one of the folders above it is a file") from None
     except OSError as exc:
         raise NeocoreError(f"{dst}: cannot write the converted folder ({exc.strerror or exc})") from None
+    replaced = False  # whether dst's files are the new ones yet (before, a failure leaves them)
     try:
         write_safetensors(dst / written, entries, INT8_METADATA if dtype == "int8" else None)
-        loader.report_rounding()
+        replaced = True
+        loader.report_rounding(f"the converted folder holds them so (convert writes {dtype}): keep "
+                               f"the source for exact weights")
         fresh(dst / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
         if (folder / GENERATION_CONFIG).is_file():  # its end-of-text ids, read as the source's are
             shutil.copyfile(folder / GENERATION_CONFIG, fresh(dst / GENERATION_CONFIG))
@@ -102,17 +116,31 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
             fresh(dst / GENERATION_CONFIG)
         copy_tokenizer(tokenizer_src, dst, required=tokenizer is not None)
     except BaseException as exc:
-        for folder in created:  # a failed convert leaves no empty folders behind
-            if any(folder.iterdir()):
+        for name in outputs if replaced else ():  # no half-written folder that loads
+            (dst / name).unlink(missing_ok=True)
+        for made in created:  # nor empty folders
+            if any(made.iterdir()):
                 break
-            folder.rmdir()
+            made.rmdir()
         if isinstance(exc, OSError):
-            path = Path(exc.filename) if exc.filename else dst
-            wrote = path.resolve().is_relative_to(dst.resolve())  # else a source file could not be read
+            path, wrote = _failed_file(exc, dst)
             raise NeocoreError(f"{path}: cannot {'write the converted folder' if wrote else 'read it'} "
                                f"({exc.strerror or exc})") from None
         raise
     return dst
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+def _failed_file(exc: OSError, dst: Path) -> tuple[Path, bool]:
+    """The file an OSError is about, and whether writing it failed (else reading a source file):
+    copyfile names its source even when the destination is full."""
+    named = [Path(name) for name in (exc.filename, exc.filename2) if name]
+    in_dst = [path for path in named if path.resolve().is_relative_to(dst.resolve())]
+    if exc.errno in WRITE_ERRNOS or (in_dst and len(named) == 1):
+        return (in_dst[0] if in_dst else dst), True
+    return (named[0] if named else dst), False
 
 
 def fresh(path: Path) -> Path:

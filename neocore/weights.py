@@ -162,11 +162,10 @@ class WeightLoader:
         self.report_rounding()
         return weights
 
-    def report_rounding(self) -> None:
+    def report_rounding(self, advice: str = "load with dtype='float32' (--dtype float32) for exact weights") -> None:
         if self.rounded:
             log.warning("%d weight tensor(s) were not exactly representable in bfloat16 and were "
-                        "rounded to nearest (e.g. %s); load with dtype='float32' for exact weights",
-                        len(self.rounded), self.rounded[0])
+                        "rounded to nearest (e.g. %s); %s", len(self.rounded), self.rounded[0], advice)
 
 
 @dataclass(frozen=True)

@@ -260,7 +260,7 @@ def test_convert_into_a_file_or_an_unwritable_place_is_one_clear_error(tiny, tmp
     (tmp_path / "a-file").write_text("")
     with pytest.raises(neocore.NeocoreError, match="exists and is not a folder"):
         convert(ref.folder, tmp_path / "a-file")
-    with pytest.raises(neocore.NeocoreError, match="exists and is not a folder"):
+    with pytest.raises(neocore.NeocoreError, match="below: one of the folders above it is a file"):
         convert(ref.folder, tmp_path / "a-file" / "below")
     with pytest.raises(neocore.NeocoreError, match="cannot write the converted folder"):
         convert(ref.folder, "/proc/neocore-cannot-write-here")
@@ -295,9 +295,35 @@ def test_convert_replaces_the_destinations_old_tokenizer(tiny, gpt2_tokenizer_di
     convert(src, dst)
     text = "an old tokenizer must not outlive its model"
     assert Tokenizer.from_dir(dst).encode(text) == hf.encode(text)
-    (src / "tokenizer.json").unlink()  # a source with none: the destination's stays, not replaced by nothing
-    convert(src, dst)
-    assert Tokenizer.from_dir(dst).encode(text) == hf.encode(text)
+    (src / "tokenizer.json").unlink()  # a source with none: the destination's would be read as its own
+    with pytest.raises(neocore.TokenizerError, match=f"{dst}: holds tokenizer.json, which neocore would read "
+                                                     f"as the converted model's tokenizer, but {src} has none"):
+        convert(src, dst)
+    assert Tokenizer.from_dir(dst).encode(text) == hf.encode(text)  # refused before anything was written
+
+
+def test_a_convert_that_fails_after_its_weights_leaves_nothing_that_loads(tiny, tmp_path, monkeypatch):
+    """The disk filling up while the tokenizer is copied: the error names the destination's file
+    (shutil names its source then), and no new weights stay beside a cut vocab.json."""
+    ref, _ = tiny
+    import errno
+    from neocore import convert as module
+    copyfile = shutil.copyfile
+
+    def fills_up(src, dst, **options):
+        copied = copyfile(src, dst, **options)
+        if Path(dst).name == "vocab.json":
+            error = OSError(errno.ENOSPC, "No space left on device")
+            error.filename, error.filename2 = str(src), str(dst)
+            raise error
+        return copied
+
+    monkeypatch.setattr(module.shutil, "copyfile", fills_up)
+    dst = tmp_path / "new" / "dst"
+    with pytest.raises(neocore.NeocoreError, match=f"{dst / 'vocab.json'}: cannot write the converted folder "
+                                                   r"\(No space left on device\)"):
+        module.convert(ref.folder, dst)
+    assert not (tmp_path / "new").exists()
 
 
 def test_convert_finds_an_unwritable_small_file_before_the_weights(tiny, tmp_path):
@@ -318,8 +344,9 @@ def test_convert_finds_an_unwritable_small_file_before_the_weights(tiny, tmp_pat
 def test_convert_checks_the_tokenizer_folder_before_writing(tiny, tmp_path):
     ref, _ = tiny
     from neocore.convert import convert
+    (tmp_path / "a-file").write_text("")
     for tokenizer, message in [(tmp_path / "none", "no such folder"), (tmp_path, "no tokenizer files"),
-                               (tmp_path / "dst", "is the destination")]:
+                               (tmp_path / "dst", "is the destination"), (tmp_path / "a-file", "is a file")]:
         (tmp_path / "dst").mkdir(exist_ok=True)
         with pytest.raises(neocore.TokenizerError, match=message):
             convert(ref.folder, tmp_path / "dst", tokenizer=tokenizer)
