@@ -187,10 +187,11 @@ def eos_ids(eos: Any, source: str) -> tuple[int, ...]:
 
 def generation_eos_ids(folder: Path) -> tuple[int, ...] | None:
     """The eos_token_id of the folder's generation_config.json, which transformers' generate
-    stops at instead of config.json's; None where the file or the field is absent (transformers
-    would then not stop at an end-of-text token at all: config.json's is kept instead)."""
+    stops at instead of config.json's; None where the field is absent (transformers would then
+    not stop at an end-of-text token at all: config.json's is kept instead) or the file is not a
+    regular one (a folder, a dangling link: transformers passes over those too)."""
     path = folder / GENERATION_CONFIG
-    if not path.exists() and not path.is_symlink():
+    if not path.is_file():
         return None
     raw = read_json_object(path)
     return eos_ids(raw["eos_token_id"], str(path)) if "eos_token_id" in raw else None

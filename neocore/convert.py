@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import _core
-from .config import GENERATION_CONFIG
+from .config import GENERATION_CONFIG, read_json_object
 from .checkpoint import (NEOCORE_INT8_FILE, SINGLE_FILE_READERS, SafetensorsEntry, open_checkpoint,
                          write_safetensors)
 from .errors import CheckpointError, NeocoreError, TokenizerError
@@ -64,12 +64,12 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
             raise TokenizerError(f"{tokenizer_src}: the tokenizer folder is the destination")
         if not Tokenizer.files_present(tokenizer_src):
             raise TokenizerError(f"{tokenizer_src}: no tokenizer files to copy")
-    if not Tokenizer.files_present(tokenizer_src):
-        stale = [name for name in TOKENIZER_FILES if (dst / name).exists()]
-        if stale:  # they would be read as the new model's: not kept silently, not deleted unasked
-            raise TokenizerError(f"{dst}: holds {', '.join(stale)}, which neocore would read as the converted "
-                                 f"model's tokenizer, but {folder} has none: remove them, choose another "
-                                 f"folder, or name a tokenizer folder with --tokenizer")
+    stale = [] if Tokenizer.files_present(tokenizer_src) else Tokenizer.source_files(dst)
+    if stale:  # they would be read as the new model's: not kept silently, not deleted unasked
+        names = ", ".join(str(path.relative_to(dst)) for path in stale)
+        raise TokenizerError(f"{dst}: holds {names}, which neocore would read as the converted model's "
+                             f"tokenizer, but {folder} has none: remove them, choose another folder, "
+                             f"or name a tokenizer folder with --tokenizer")
     cfg = resolve_config(folder, checkpoint, config, overrides)
     loader = WeightLoader(checkpoint, cfg, dtype, usable_cores())
     table = weight_table(cfg)
@@ -109,11 +109,12 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
         replaced = True
         loader.report_rounding(f"the converted folder holds them so (convert writes {dtype}): keep "
                                f"the source for exact weights")
-        fresh(dst / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
-        if (folder / GENERATION_CONFIG).is_file():  # its end-of-text ids, read as the source's are
-            shutil.copyfile(folder / GENERATION_CONFIG, fresh(dst / GENERATION_CONFIG))
-        else:
-            fresh(dst / GENERATION_CONFIG)
+        hf_config = cfg.to_hf_dict()
+        fresh(dst / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        generation = fresh(dst / GENERATION_CONFIG)
+        if (folder / GENERATION_CONFIG).is_file():  # with the ids this load stops at (an override's)
+            fields = {**read_json_object(folder / GENERATION_CONFIG), "eos_token_id": hf_config["eos_token_id"]}
+            generation.write_text(json.dumps(fields, indent=2) + "\n")
         copy_tokenizer(tokenizer_src, dst, required=tokenizer is not None)
     except BaseException as exc:
         for name in outputs if replaced else ():  # no half-written folder that loads
@@ -123,7 +124,7 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
                 break
             made.rmdir()
         if isinstance(exc, OSError):
-            path, wrote = _failed_file(exc, dst)
+            path, wrote = _failed_file(exc, dst, outputs)
             raise NeocoreError(f"{path}: cannot {'write the converted folder' if wrote else 'read it'} "
                                f"({exc.strerror or exc})") from None
         raise
@@ -133,13 +134,16 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
-def _failed_file(exc: OSError, dst: Path) -> tuple[Path, bool]:
+def _failed_file(exc: OSError, dst: Path, outputs: tuple[str, ...]) -> tuple[Path, bool]:
     """The file an OSError is about, and whether writing it failed (else reading a source file):
-    copyfile names its source even when the destination is full."""
+    copyfile names its source first even when the destination is full."""
     named = [Path(name) for name in (exc.filename, exc.filename2) if name]
-    in_dst = [path for path in named if path.resolve().is_relative_to(dst.resolve())]
-    if exc.errno in WRITE_ERRNOS or (in_dst and len(named) == 1):
-        return (in_dst[0] if in_dst else dst), True
+    ours = [path for path in named  # the convert's own files (the weights' .partial too), not a source below dst
+            if path.parent.resolve() == dst.resolve() and path.name.startswith(outputs)]
+    if exc.errno in WRITE_ERRNOS:
+        return (ours[-1] if ours else dst), True
+    if len(named) == 1 and ours:
+        return ours[0], True
     return (named[0] if named else dst), False
 
 

@@ -109,9 +109,21 @@ class Tokenizer:
         return None
 
     @staticmethod
-    def files_present(folder: Path) -> bool:
+    def source_files(folder: Path) -> list[Path]:
+        """The files from_dir reads: vocab.json + merges.txt, else tokenizer.json, else the Java
+        port's tokenizer/tokens.map + merges.bpe (a pair first where vocab.json is there); []
+        where there are none."""
         folder = Path(folder)
-        return Tokenizer._vocab_and_merges(folder) is not None or (folder / "tokenizer.json").is_file()
+        tokenizer_json = folder / "tokenizer.json"
+        if (folder / "vocab.json").is_file() or not tokenizer_json.is_file():
+            pair = Tokenizer._vocab_and_merges(folder)
+            if pair is not None:
+                return list(pair)
+        return [tokenizer_json] if tokenizer_json.is_file() else []
+
+    @staticmethod
+    def files_present(folder: Path) -> bool:
+        return bool(Tokenizer.source_files(folder))
 
     @classmethod
     def gpt2(cls) -> "Tokenizer":
@@ -128,18 +140,17 @@ class Tokenizer:
 
     @classmethod
     def _read_dir(cls, folder: Path) -> "Tokenizer":
-        if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
-            pair = cls._vocab_and_merges(folder)
-            if pair is not None:
-                vocab_path, merges_path = pair
-                text = _read_text(vocab_path).strip()
-                if vocab_path.suffix == ".map":  # the vocab JSON without its outer braces
-                    text = "{" + text + "}"
-                vocab = _read_json(vocab_path, text)
-                vocab = _check_vocab(vocab, vocab_path)
-                return cls(vocab, _parse_merges(merges_path, _read_text(merges_path).splitlines()))
-        if (folder / "tokenizer.json").is_file():
-            return cls.from_tokenizer_json(folder / "tokenizer.json")
+        files = cls.source_files(folder)
+        if len(files) == 2:
+            vocab_path, merges_path = files
+            text = _read_text(vocab_path).strip()
+            if vocab_path.suffix == ".map":  # the vocab JSON without its outer braces
+                text = "{" + text + "}"
+            vocab = _read_json(vocab_path, text)
+            vocab = _check_vocab(vocab, vocab_path)
+            return cls(vocab, _parse_merges(merges_path, _read_text(merges_path).splitlines()))
+        if files:
+            return cls.from_tokenizer_json(files[0])
         raise TokenizerError(f"{folder}: no tokenizer files (looked for vocab.json + merges.txt, "
                              f"tokenizer.json, tokenizer/tokens.map + merges.bpe)")
 

@@ -302,6 +302,28 @@ def test_convert_replaces_the_destinations_old_tokenizer(tiny, gpt2_tokenizer_di
     assert Tokenizer.from_dir(dst).encode(text) == hf.encode(text)  # refused before anything was written
 
 
+def test_convert_refuses_a_java_port_tokenizer_a_tokenizerless_source_would_take(tiny, gpt2_tokenizer_dir, tmp_path):
+    """Any tokenizer neocore would read in the destination counts (the Java port's tokenizer/
+    too); a lone vocab.json, which it would not read, does not stop the convert."""
+    ref, _ = tiny
+    src = shutil.copytree(ref.folder, tmp_path / "src")
+    for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+        (src / name).unlink(missing_ok=True)
+    from neocore.convert import convert
+    java = tmp_path / "java" / "tokenizer"
+    java.mkdir(parents=True)
+    (java / "tokens.map").write_text("")
+    (java / "merges.bpe").write_text("")
+    with pytest.raises(neocore.TokenizerError, match="holds tokenizer/tokens.map, tokenizer/merges.bpe, which "
+                                                     "neocore would read"):
+        convert(src, tmp_path / "java")
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "vocab.json").write_text("{}")
+    convert(src, lone)
+    assert neocore.load(lone).tokenizer.bundled
+
+
 def test_a_convert_that_fails_after_its_weights_leaves_nothing_that_loads(tiny, tmp_path, monkeypatch):
     """The disk filling up while the tokenizer is copied: the error names the destination's file
     (shutil names its source then), and no new weights stay beside a cut vocab.json."""
@@ -318,12 +340,16 @@ def test_a_convert_that_fails_after_its_weights_leaves_nothing_that_loads(tiny, 
             raise error
         return copied
 
+    source = shutil.copytree(ref.folder, tmp_path / "parent" / "model")  # for the second case, below
     monkeypatch.setattr(module.shutil, "copyfile", fills_up)
     dst = tmp_path / "new" / "dst"
     with pytest.raises(neocore.NeocoreError, match=f"{dst / 'vocab.json'}: cannot write the converted folder "
                                                    r"\(No space left on device\)"):
         module.convert(ref.folder, dst)
     assert not (tmp_path / "new").exists()
+    with pytest.raises(neocore.NeocoreError, match=f"{tmp_path / 'parent' / 'vocab.json'}: cannot write"):
+        module.convert(source, tmp_path / "parent")  # into its own parent: the error names ours, not the source's
+    assert sorted(p.name for p in (tmp_path / "parent").iterdir()) == ["model"]
 
 
 def test_convert_finds_an_unwritable_small_file_before_the_weights(tiny, tmp_path):

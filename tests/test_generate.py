@@ -204,6 +204,21 @@ def test_a_bad_generation_config_is_refused_in_one_line(tiny, tmp_path):
         with pytest.raises(neocore.ConfigError, match=f"generation_config.json: {message}"):
             neocore.load(folder)
     assert neocore.load(folder, eos_token_id=7).config.eos_token_ids == (7,)  # overrides win, unread
+    (folder / "generation_config.json").unlink()
+    (folder / "generation_config.json").mkdir()  # passed over, as transformers does, and so is a dangling link
+    assert neocore.load(folder).config.eos_token_ids == (50256,)
+    (folder / "generation_config.json").rmdir()
+    (folder / "generation_config.json").symlink_to(tmp_path / "nowhere.json")
+    assert neocore.load(folder).config.eos_token_ids == (50256,)
+
+
+def test_convert_keeps_an_eos_override_over_the_generation_config(tiny, tmp_path):
+    ref, _ = tiny
+    folder = shutil.copytree(ref.folder, tmp_path / "src")
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 50256, "max_length": 20}))
+    converted = convert(folder, tmp_path / "dst", eos_token_id=[7, 8])
+    assert neocore.load(converted).config.eos_token_ids == (7, 8)
+    assert json.loads((converted / "generation_config.json").read_text()) == {"eos_token_id": [7, 8], "max_length": 20}
 
 
 def test_a_temperature_too_small_for_float32_is_greedy(tiny):
