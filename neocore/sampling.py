@@ -70,7 +70,8 @@ def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
     if p >= 1.0:
         return logits
     candidates = np.flatnonzero(np.isfinite(logits))
-    # ascending and stable, as transformers' torch.sort orders ties on the CPU
+    # ascending and stable, as torch.sort (transformers') orders ties on the CPU up to 16 values;
+    # past that its order of ties is its own, and a tie at the cut may keep another of the ids
     order = candidates[np.argsort(logits[candidates], kind="stable")]
     # summed in float64 and rounded to float32 each, as torch's cumsum does on the CPU: a float32
     # running sum over 50257 probabilities drifts past 1 and moved the cut by a token
