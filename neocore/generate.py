@@ -242,6 +242,13 @@ class Score:
         return math.exp(-float(np.mean(self.logprobs))) if self.logprobs.size else float("nan")
 
 
+def check_stride(stride: object, window: int) -> int:
+    """A scoring stride for windows of window positions: an integer from 1 to window - 1."""
+    if not is_integer(stride) or not 1 <= stride <= window - 1:
+        raise NeocoreError(f"stride must be an integer between 1 and {window - 1}, got {stride!r}")
+    return int(stride)
+
+
 def score(model, text: str, stride: int | None = None,
           progress: Callable[[int, int], None] | None = None) -> Score:
     """Log-probability of every token of text, each predicted from <|endoftext|> and the text
@@ -257,9 +264,7 @@ def score(model, text: str, stride: int | None = None,
     window = model.context_length
     if window < 2:  # a window must hold a token and the one it predicts
         raise ContextError(f"scoring needs a context of at least 2 positions, got {window}")
-    stride = window // 2 if stride is None else stride
-    if not is_integer(stride) or not 1 <= stride <= window - 1:
-        raise NeocoreError(f"stride must be an integer between 1 and {window - 1}, got {stride!r}")
+    stride = check_stride(window // 2 if stride is None else stride, window)
     logprobs = np.empty(len(tokens), dtype=np.float64)
     with model._direct:  # the model's own sequence, for the whole text
         _score_windows(model, ids, logprobs, stride, progress)

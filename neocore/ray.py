@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .engine import Engine, Request, check_stops
+from .generate import check_stride
 from .errors import NeocoreError
 from .model import Model, load, usable_cores
 from .sampling import SamplingParams, check_seed, is_integer
@@ -41,6 +42,11 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 GREEDY = SamplingParams(temperature=0)
 SERVICE_REQUESTS = 8  # a replica's places beyond its engine's: /health, /metrics, /v1/models, 429s
 GENERATED = ("generated_text", "prompt_tokens", "generated_tokens", "finish_reason", "error")  # Generate's columns
+
+
+def _check_count(what: str, value: Any, least: int) -> None:
+    if not is_integer(value) or value < least:
+        raise NeocoreError(f"{what} must be an integer >= {least}, got {value!r}")
 
 
 def _threads(threads: int | None) -> int:
@@ -143,8 +149,7 @@ class Generate:
                  stop: Sequence[str] | str = (), compute: str | None = None):
         # arguments are checked before the slow load
         self.params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-        if not is_integer(max_new_tokens) or max_new_tokens < 1:
-            raise NeocoreError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        _check_count("max_new_tokens", max_new_tokens, 1)
         self.max_new_tokens = max_new_tokens
         check_seed(seed)
         self.seed = None if seed is None else int(seed)
@@ -188,9 +193,8 @@ class Score:
     def __init__(self, model: str | os.PathLike, threads: int | None = None, dtype: str | None = None,
                  max_batch: int = 64, stride: int | None = None, compute: str | None = None):
         self.model, self.engine = _load(model, threads, dtype, max_batch, compute)
-        if stride is not None and not (is_integer(stride) and 1 <= stride < self.model.context_length):
-            raise NeocoreError(f"stride must be an integer between 1 and {self.model.context_length - 1}, "
-                               f"got {stride!r}")
+        if stride is not None:
+            check_stride(stride, self.model.context_length)
         self.stride = stride
 
     def _logprobs(self, texts: list[Any]) -> list[np.ndarray | str]:
@@ -267,11 +271,6 @@ def _local_path(path: Any) -> Any:
     """A local file or folder named absolutely (replicas do not run in this process's
     directory); anything else (a hub repo id, a path on the other nodes) as given."""
     return os.path.abspath(path) if path is not None and os.path.exists(path) else path
-
-
-def _check_count(what: str, value: Any, least: int) -> None:
-    if not is_integer(value) or value < least:
-        raise NeocoreError(f"{what} must be an integer >= {least}, got {value!r}")
 
 
 def app(model: str | os.PathLike, num_replicas: int = 2, threads_per_replica: int = 1,
