@@ -587,10 +587,18 @@ def test_a_stream_read_in_another_event_loop_is_refused(tiny):
     async def submit() -> Stream:
         return tiny.engine.submit(Request(tiny.tokenizer.encode(PROMPTS[0]), GREEDY, 5))
 
-    stream = asyncio.run(submit())
-    with pytest.raises(TypeError, match="read in the event loop that submitted it"):
-        asyncio.run(asyncio.wait_for(stream.aresult(), timeout=10))
-    assert stream.cancelled  # aresult cancels a request it gave up on
+    submitter = asyncio.new_event_loop()  # kept running, so that only the refusal can cancel
+    thread = threading.Thread(target=submitter.run_forever)
+    thread.start()
+    try:
+        stream = asyncio.run_coroutine_threadsafe(submit(), submitter).result(timeout=10)
+        with pytest.raises(TypeError, match="read in the event loop that submitted it"):
+            asyncio.run(asyncio.wait_for(stream.aresult(), timeout=10))
+        assert stream.cancelled  # aresult cancels a request it gave up on
+    finally:
+        submitter.call_soon_threadsafe(submitter.stop)
+        thread.join(timeout=10)
+        submitter.close()
 
 
 def test_the_blocking_calls_work_inside_a_running_event_loop(tiny):
