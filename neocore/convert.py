@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -71,6 +70,12 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
                              f"tokenizer, but {folder} has none: remove them, choose another folder, "
                              f"or name a tokenizer folder with --tokenizer")
     cfg = resolve_config(folder, checkpoint, config, overrides)
+    hf_config = cfg.to_hf_dict()
+    # the files beside the weights, read now: a source file linked into dst would be gone once
+    # dst's old files are, and a bad one is found before the slow part
+    beside = {"config.json": (json.dumps(hf_config, indent=2) + "\n").encode(),
+              **_generation_config(folder, hf_config["eos_token_id"], "eos_token_id" in overrides),
+              **_tokenizer_files(tokenizer_src, required=tokenizer is not None)}
     loader = WeightLoader(checkpoint, cfg, dtype, usable_cores())
     table = weight_table(cfg)
     entries: list[SafetensorsEntry] = []
@@ -109,13 +114,10 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
         replaced = True
         loader.report_rounding(f"the converted folder holds them so (convert writes {dtype}): keep "
                                f"the source for exact weights")
-        hf_config = cfg.to_hf_dict()
-        fresh(dst / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        generation = fresh(dst / GENERATION_CONFIG)
-        if (folder / GENERATION_CONFIG).is_file():  # with the ids this load stops at (an override's)
-            fields = {**read_json_object(folder / GENERATION_CONFIG), "eos_token_id": hf_config["eos_token_id"]}
-            generation.write_text(json.dumps(fields, indent=2) + "\n")
-        copy_tokenizer(tokenizer_src, dst, required=tokenizer is not None)
+        for name in outputs[1:]:  # dst's old ones go: an old vocab.json would be read before a new tokenizer.json
+            fresh(dst / name)
+        for name, data in beside.items():
+            _write(dst / name, data)
     except BaseException as exc:
         for name in outputs if replaced else ():  # no half-written folder that loads
             (dst / name).unlink(missing_ok=True)
@@ -181,22 +183,44 @@ class HeldMatrix:
         return scales
 
 
-def copy_tokenizer(src: Path, dst: Path, required: bool) -> None:
-    """The tokenizer files as Hugging Face names them (the Java port's are rewritten). Where new
-    ones are written, dst's old ones go first: left beside the new, an old vocab.json would be
-    read before a new tokenizer.json."""
-    present = [name for name in TOKENIZER_FILES if (src / name).is_file()]
-    if not present and not Tokenizer.files_present(src):
+def _write(path: Path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        exc.filename = exc.filename or str(path)  # a failed write names no file
+        raise
+
+
+def _read_source(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise NeocoreError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def _generation_config(folder: Path, eos: Any, eos_overridden: bool) -> dict[str, bytes]:
+    """The source's generation_config.json, its end-of-text ids those this load stops at (an
+    override's) where it names some or they were overridden: without the field, transformers
+    would not stop there, and the copy keeps it so."""
+    path = folder / GENERATION_CONFIG
+    if not path.is_file():
+        return {}
+    fields = read_json_object(path)
+    if "eos_token_id" in fields or eos_overridden:
+        fields["eos_token_id"] = eos
+    return {GENERATION_CONFIG: (json.dumps(fields, indent=2) + "\n").encode()}
+
+
+def _tokenizer_files(src: Path, required: bool) -> dict[str, bytes]:
+    """The tokenizer files under Hugging Face's names: src's own, or the Java port's rewritten."""
+    read = Tokenizer.source_files(src)
+    if not read:
         if required:
             raise TokenizerError(f"{src}: no tokenizer files to copy")
-        return
-    for name in TOKENIZER_FILES:
-        fresh(dst / name)
-    for name in present:
-        shutil.copyfile(src / name, dst / name)  # not the mode: a read-only source stays rewritable
-    if not present:  # the Java port's tokenizer/: written in Hugging Face's files
-        tok = Tokenizer.from_dir(src)
-        (dst / "vocab.json").write_text(json.dumps(tok.encoder, ensure_ascii=False), encoding="utf-8")
-        merges = sorted(tok.ranks, key=tok.ranks.get)
-        (dst / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{merge}\n" for merge in merges),
-                                        encoding="utf-8")
+        return {}
+    if read[0].parent == src:
+        return {name: _read_source(src / name) for name in TOKENIZER_FILES if (src / name).is_file()}
+    tok = Tokenizer.from_dir(src)  # the Java port's tokenizer/
+    merges = sorted(tok.ranks, key=tok.ranks.get)
+    return {"vocab.json": json.dumps(tok.encoder, ensure_ascii=False).encode("utf-8"),
+            "merges.txt": ("#version: 0.2\n" + "".join(f"{merge}\n" for merge in merges)).encode("utf-8")}

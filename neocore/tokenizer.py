@@ -100,26 +100,16 @@ class Tokenizer:
 
     # ---- loading ----------------------------------------------------------------------------
     @staticmethod
-    def _vocab_and_merges(folder: Path) -> tuple[Path, Path] | None:
-        """vocab.json + merges.txt, or the Java port's tokenizer/tokens.map + merges.bpe."""
-        for vocab, merges in ((folder / "vocab.json", folder / "merges.txt"),
-                              (folder / "tokenizer" / "tokens.map", folder / "tokenizer" / "merges.bpe")):
-            if vocab.is_file() and merges.is_file():
-                return vocab, merges
-        return None
-
-    @staticmethod
     def source_files(folder: Path) -> list[Path]:
-        """The files from_dir reads: vocab.json + merges.txt, else tokenizer.json, else the Java
-        port's tokenizer/tokens.map + merges.bpe (a pair first where vocab.json is there); []
-        where there are none."""
+        """The files from_dir reads: vocab.json + merges.txt, else tokenizer.json (as transformers
+        prefers it to a vocab.json without merges), else the Java port's tokenizer/tokens.map +
+        merges.bpe; [] where there are none."""
         folder = Path(folder)
-        tokenizer_json = folder / "tokenizer.json"
-        if (folder / "vocab.json").is_file() or not tokenizer_json.is_file():
-            pair = Tokenizer._vocab_and_merges(folder)
-            if pair is not None:
-                return list(pair)
-        return [tokenizer_json] if tokenizer_json.is_file() else []
+        for files in ([folder / "vocab.json", folder / "merges.txt"], [folder / "tokenizer.json"],
+                      [folder / "tokenizer" / "tokens.map", folder / "tokenizer" / "merges.bpe"]):
+            if all(path.is_file() for path in files):
+                return files
+        return []
 
     @staticmethod
     def files_present(folder: Path) -> bool:

@@ -325,31 +325,80 @@ def test_convert_refuses_a_java_port_tokenizer_a_tokenizerless_source_would_take
 
 
 def test_a_convert_that_fails_after_its_weights_leaves_nothing_that_loads(tiny, tmp_path, monkeypatch):
-    """The disk filling up while the tokenizer is copied: the error names the destination's file
-    (shutil names its source then), and no new weights stay beside a cut vocab.json."""
+    """The disk filling up while the tokenizer is written: the error names the destination's
+    file (also when the source lies below it), and no new weights stay beside a cut vocab.json."""
     ref, _ = tiny
     import errno
-    from neocore import convert as module
-    copyfile = shutil.copyfile
-
-    def fills_up(src, dst, **options):
-        copied = copyfile(src, dst, **options)
-        if Path(dst).name == "vocab.json":
-            error = OSError(errno.ENOSPC, "No space left on device")
-            error.filename, error.filename2 = str(src), str(dst)
-            raise error
-        return copied
-
+    from neocore.convert import convert
     source = shutil.copytree(ref.folder, tmp_path / "parent" / "model")  # for the second case, below
-    monkeypatch.setattr(module.shutil, "copyfile", fills_up)
+    write_bytes = Path.write_bytes
+
+    def fills_up(path, data):
+        if path.name != "vocab.json":
+            return write_bytes(path, data)
+        write_bytes(path, data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", fills_up)
     dst = tmp_path / "new" / "dst"
     with pytest.raises(neocore.NeocoreError, match=f"{dst / 'vocab.json'}: cannot write the converted folder "
                                                    r"\(No space left on device\)"):
-        module.convert(ref.folder, dst)
+        convert(ref.folder, dst)
     assert not (tmp_path / "new").exists()
     with pytest.raises(neocore.NeocoreError, match=f"{tmp_path / 'parent' / 'vocab.json'}: cannot write"):
-        module.convert(source, tmp_path / "parent")  # into its own parent: the error names ours, not the source's
+        convert(source, tmp_path / "parent")  # into its own parent: the error names ours, not the source's
     assert sorted(p.name for p in (tmp_path / "parent").iterdir()) == ["model"]
+
+
+def test_convert_from_a_folder_of_links_into_the_destination(tiny, tmp_path):
+    """A source made of links to the destination's files (cp -as): the small files are read
+    before the destination's old ones go, so the new folder keeps its tokenizer and settings."""
+    ref, _ = tiny
+    from neocore.convert import convert
+    dst = shutil.copytree(ref.folder, tmp_path / "dst")
+    (dst / "generation_config.json").write_text(json.dumps({"eos_token_id": [50256, 11], "top_k": 5}))
+    src = tmp_path / "src"
+    src.mkdir()
+    for path in dst.iterdir():
+        (src / path.name).symlink_to(path)
+    convert(src, dst)
+    again = neocore.load(dst)
+    assert again.config.eos_token_ids == (50256, 11)
+    assert json.loads((dst / "generation_config.json").read_text())["top_k"] == 5
+    text = "links into the destination"
+    assert again.tokenizer.encode(text) == Tokenizer.from_dir(ref.folder).encode(text)
+
+
+def test_a_bad_generation_config_is_refused_before_the_weights_are_written(tiny, tmp_path):
+    ref, _ = tiny
+    from neocore.convert import convert
+    src = shutil.copytree(ref.folder, tmp_path / "src")
+    (src / "generation_config.json").write_text("[1, 2]")
+    read = []
+    with pytest.raises(neocore.ConfigError, match="generation_config.json: expected a JSON object"):
+        # load would not read it, with eos_token_id given; convert copies it
+        convert(src, tmp_path / "dst", progress=lambda done, total: read.append(done), eos_token_id=7)
+    assert read == [] and not (tmp_path / "dst").exists()
+
+
+def test_a_tokenizer_json_beats_a_vocab_json_without_merges(tiny, gpt2_tokenizer_dir, tmp_path):
+    """vocab.json without merges.txt beside a tokenizer.json and the Java port's tokenizer/: the
+    tokenizer.json is read, as transformers reads it, in the folder and once converted."""
+    ref, _ = tiny
+    src = shutil.copytree(ref.folder, tmp_path / "src")
+    (src / "merges.txt").unlink()
+    hf = GPT2TokenizerFast(str(gpt2_tokenizer_dir / "vocab.json"), str(gpt2_tokenizer_dir / "merges.txt"))
+    hf.backend_tokenizer.save(str(src / "tokenizer.json"))
+    for folder in (src, tmp_path / "dst"):
+        (folder / "tokenizer").mkdir(parents=True)
+        (folder / "tokenizer" / "tokens.map").write_text('"a": 0')
+        (folder / "tokenizer" / "merges.bpe").write_text("")
+    from neocore.convert import convert
+    convert(src, tmp_path / "dst")
+    text = "the file transformers reads"
+    for folder in (src, tmp_path / "dst"):
+        assert Tokenizer.source_files(folder) == [folder / "tokenizer.json"]
+        assert Tokenizer.from_dir(folder).encode(text) == hf.encode(text)
 
 
 def test_convert_finds_an_unwritable_small_file_before_the_weights(tiny, tmp_path):

@@ -219,6 +219,11 @@ def test_convert_keeps_an_eos_override_over_the_generation_config(tiny, tmp_path
     converted = convert(folder, tmp_path / "dst", eos_token_id=[7, 8])
     assert neocore.load(converted).config.eos_token_ids == (7, 8)
     assert json.loads((converted / "generation_config.json").read_text()) == {"eos_token_id": [7, 8], "max_length": 20}
+    # without the field (where transformers would not stop) and no override, the copy lacks it too
+    (folder / "generation_config.json").write_text(json.dumps({"max_length": 20}))
+    plain = convert(folder, tmp_path / "plain")
+    assert json.loads((plain / "generation_config.json").read_text()) == {"max_length": 20}
+    assert neocore.load(plain).config.eos_token_ids == (50256,)
 
 
 def test_a_temperature_too_small_for_float32_is_greedy(tiny):
