@@ -154,9 +154,9 @@ def built_with_openmp() -> bool:
 
 
 def read_stream(const unsigned char[::1] data, int threads, str prefetch="none") -> int:
-    """Reads data once on threads threads (what a decode step does to the weights), prefetching
-    page by page in one of the decode kernels' ways (PREFETCHES), and returns the XOR of its
-    64-bit words: the probe of neocore bench's read bandwidth."""
+    """Reads data once on threads threads (what a decode step does to the weights), every line
+    prefetched in one of the decode kernels' ways (PREFETCHES), and returns the XOR of its 64-bit
+    words: the probe of neocore bench's read bandwidth."""
     _check_threads(threads)
     if prefetch not in PREFETCHES:
         raise ValueError(f"prefetch must be one of {', '.join(PREFETCHES)}, got {prefetch!r}")

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import _core
-from .config import GENERATION_CONFIG, read_json_object
 from .checkpoint import (NEOCORE_INT8_FILE, SINGLE_FILE_READERS, SafetensorsEntry, open_checkpoint,
                          write_safetensors)
+from .config import GENERATION_CONFIG, read_json_object
 from .errors import CheckpointError, NeocoreError, TokenizerError
 from .model import resolve_config, usable_cores
 from .resolve import TOKENIZER_FILES, resolve_model
@@ -138,14 +138,12 @@ WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 def _failed_file(exc: OSError, dst: Path, outputs: tuple[str, ...]) -> tuple[Path, bool]:
     """The file an OSError is about, and whether writing it failed (else reading a source file):
-    copyfile names its source first even when the destination is full."""
+    one that names only the convert's own files (a rename names two) or runs out of room."""
     named = [Path(name) for name in (exc.filename, exc.filename2) if name]
     ours = [path for path in named  # the convert's own files (the weights' .partial too), not a source below dst
             if path.parent.resolve() == dst.resolve() and path.name.startswith(outputs)]
-    if exc.errno in WRITE_ERRNOS:
-        return (ours[-1] if ours else dst), True
-    if len(named) == 1 and ours:
-        return ours[0], True
+    if exc.errno in WRITE_ERRNOS or (ours and len(ours) == len(named)):
+        return (ours[0] if ours else dst), True
     return (named[0] if named else dst), False
 
 
