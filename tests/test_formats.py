@@ -436,3 +436,24 @@ def test_convert_a_java_port_folder(tiny, gpt2_tokenizer_dir, tmp_path):
     assert np.array_equal(neocore.load(dst).logits(IDS), baseline["bfloat16"])
     assert Tokenizer.from_dir(dst).encode("a test") == Tokenizer.from_dir(gpt2_tokenizer_dir).encode("a test")
     assert json.loads((dst / "config.json").read_text())["num_heads"] == 4
+
+
+def test_a_convert_error_names_the_file_it_is_about(tmp_path):
+    """Read or write, by the files an OSError names: a rename names two of the convert's own, a
+    source file (even one below the destination) is read, a full disk is a write."""
+    import errno
+    from neocore.convert import _failed_file
+    dst, outputs = tmp_path / "dst", ("model.safetensors", "vocab.json")
+    dst.mkdir()
+
+    def error(code: int, *names: Path) -> OSError:
+        exc = OSError(code, os.strerror(code))
+        exc.filename, exc.filename2 = (*(str(name) for name in names), None, None)[:2]
+        return exc
+
+    partial, final, source = dst / "model.safetensors.partial", dst / "model.safetensors", dst / "src" / "vocab.json"
+    assert _failed_file(error(errno.EACCES, partial, final), dst, outputs) == (partial, True)
+    assert _failed_file(error(errno.EACCES, source), dst, outputs) == (source, False)
+    assert _failed_file(error(errno.EIO, source, dst / "vocab.json"), dst, outputs) == (source, False)
+    assert _failed_file(error(errno.ENOSPC, source, dst / "vocab.json"), dst, outputs) == (dst / "vocab.json", True)
+    assert _failed_file(error(errno.ENOSPC), dst, outputs) == (dst, True)
