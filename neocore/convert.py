@@ -61,9 +61,8 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
             raise TokenizerError(f"{tokenizer_src}: {what} (--tokenizer takes a folder)")
         if tokenizer_src.resolve() == dst.resolve():
             raise TokenizerError(f"{tokenizer_src}: the tokenizer folder is the destination")
-        if not Tokenizer.files_present(tokenizer_src):
-            raise TokenizerError(f"{tokenizer_src}: no tokenizer files to copy")
-    stale = [] if Tokenizer.files_present(tokenizer_src) else Tokenizer.source_files(dst)
+    tokenizer_files = _tokenizer_files(tokenizer_src, required=tokenizer is not None)  # read now: see beside
+    stale = [] if tokenizer_files else Tokenizer.source_files(dst)
     if stale:  # they would be read as the new model's: not kept silently, not deleted unasked
         names = ", ".join(str(path.relative_to(dst)) for path in stale)
         raise TokenizerError(f"{dst}: holds {names}, which neocore would read as the converted model's "
@@ -75,7 +74,7 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
     # dst's old files are, and a bad one is found before the slow part
     beside = {"config.json": (json.dumps(hf_config, indent=2) + "\n").encode(),
               **_generation_config(folder, hf_config["eos_token_id"], "eos_token_id" in overrides),
-              **_tokenizer_files(tokenizer_src, required=tokenizer is not None)}
+              **tokenizer_files}
     loader = WeightLoader(checkpoint, cfg, dtype, usable_cores())
     table = weight_table(cfg)
     entries: list[SafetensorsEntry] = []

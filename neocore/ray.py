@@ -28,8 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .engine import Engine, Request, check_stops
-from .generate import check_stride
 from .errors import NeocoreError
+from .generate import check_stride
 from .model import Model, load, usable_cores
 from .sampling import SamplingParams, check_seed, is_integer
 
