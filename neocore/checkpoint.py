@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import CheckpointError
+from .hugepages import huge_mapped_bytes, populate
 
 # numpy dtype used to view each stored dtype (bfloat16 is viewed as its raw 16 bits)
 NUMPY_DTYPES = {
@@ -74,6 +75,7 @@ class Checkpoint:
         self.description = description  # e.g. the file it came from, for error messages
         self.config = config  # a config.json-style dict, for formats that carry none
         self._maps: dict[Path, mmap.mmap] = {}
+        self.advise_huge_pages = False  # set before the first array(): files mapped MADV_HUGEPAGE
 
     def array(self, ref: TensorRef) -> np.ndarray:
         """The tensor as [out, in]: a read-only view straight from the mapped file, or, for a
@@ -95,10 +97,27 @@ class Checkpoint:
             try:
                 with open(path, "rb") as f:
                     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                if self.advise_huge_pages:
+                    mm.madvise(mmap.MADV_HUGEPAGE)
             except (OSError, ValueError) as exc:
                 raise CheckpointError(f"{path}: cannot map the file ({exc})") from None
             self._maps[path] = mm
         return mm
+
+    def in_huge_pages(self, refs: list[TensorRef]) -> bool:
+        """Whether these tensors (mappable ones) are mapped in 2 MiB pages, which they are where
+        the page cache holds the file in 2 MiB folios (as it does when a mapping advised
+        MADV_HUGEPAGE reads it from disk, not when a write or a read() put it there). Faults
+        them all in to find out: the first decode step would fault them anyway."""
+        maps = {}
+        for ref in refs:
+            mm = self._map(ref.path)
+            start = ref.offset - ref.offset % mmap.PAGESIZE
+            if not populate(mm, start, ref.offset + ref.nbytes - start):
+                return False
+            maps[ref.path] = np.frombuffer(mm, dtype=np.uint8)
+        huge = sum(huge_mapped_bytes(m.ctypes.data, m.ctypes.data + m.nbytes) for m in maps.values())
+        return huge >= 0.9 * sum(ref.nbytes for ref in refs)  # short of all: a file's ends lie in small pages
 
     def release(self, ref: TensorRef) -> None:
         """Drops the tensor's pages from this process once it has been converted, so that

@@ -50,6 +50,9 @@ class Progress:
         self.stream.flush()
 
 
+HUGE_PAGES = {"auto": None, "yes": True, "no": False}  # --huge-pages: neocore.load's huge_pages
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=None,
                    help=f"model folder or Hugging Face repo id (default: $NEOCORE_MODEL, else {DEFAULT_MODEL})")
@@ -61,6 +64,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="exact (default: fp32 activations) or bf16 (matmul activations in bf16 on AMX or "
                         "AVX512-BF16: faster prefill, 2-4x on AMX, 1.5x on Zen 4; decode too where measured faster)")
     p.add_argument("--context", type=int, default=None, help="positions to allocate (default: the model's)")
+    p.add_argument("--huge-pages", choices=list(HUGE_PAGES), default="auto",
+                   help="weights in 2 MiB pages, which decode streams faster: auto (default) asks the mapped file "
+                        "for them and copies the matrices into them when the file is cached in small pages and "
+                        "the matrices are at most 512 MiB; yes copies whatever the size; no uses the mapped file "
+                        "as it is (fastest load, one copy shared by processes)")
     _config_args(p)
 
 
@@ -153,7 +161,8 @@ def load_model(args: argparse.Namespace):
     overrides = _overrides(args)
     spec = model_spec(args)
     return load(spec, dtype=args.dtype, threads=args.threads, context=args.context,
-                config=args.config, progress=Progress("loading"), compute=args.compute, **overrides)
+                config=args.config, progress=Progress("loading"), compute=args.compute,
+                huge_pages=HUGE_PAGES[args.huge_pages], **overrides)
 
 
 TEXT_LIMIT = 64 << 20  # characters read from a file or standard input at most (/dev/zero ends)
@@ -337,7 +346,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .ray import run  # replicas load the model themselves: this process never does
         run(model_spec(args), args.ray_replicas, args.threads, args.host, args.port, max_batch=args.max_batch,
             max_queue=args.max_queue, api_key=args.api_key, name=args.name, shutdown_timeout=args.shutdown_timeout,
-            dtype=args.dtype, context=args.context, config=args.config, compute=args.compute, **_overrides(args))
+            dtype=args.dtype, context=args.context, config=args.config, compute=args.compute,
+            huge_pages=HUGE_PAGES[args.huge_pages], **_overrides(args))
         return 0
     try:  # as uvicorn binds; another process may still take the port before it does
         with socket.socket(family, kind) as probe:
@@ -386,6 +396,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("weight dtype", model.dtype),
         *([("weight file", INT8_NOT_TRANSFORMERS)] if int8_file else []),
         ("weight memory", f"{model.weight_bytes() / 2**20:.1f} MiB"),
+        ("weight pages", model.weight_pages),
         ("context", model.context_length),
         ("kernel path", f"{model.isa} (this CPU runs {', '.join(_core.usable_isas()[:-1])})"),
         ("decode kernel", "bf16 (the compute mode's)" if model.compute == "bf16" and _core.bf16_decodes(model.isa)

@@ -304,7 +304,7 @@ def default_dtype(checkpoint: Checkpoint) -> str:
 def load(path: str | os.PathLike, dtype: str | None = None, threads: int | None = None,
          context: int | None = None, isa: str | None = None, config: str | os.PathLike | None = None,
          progress: Callable[[int, int], None] | None = None, compute: str | None = None,
-         **overrides: Any) -> Model:
+         huge_pages: bool | None = None, **overrides: Any) -> Model:
     """Loads a GPT-Neo model folder (config.json plus weights).
 
     dtype: 'bfloat16' (lossless for the published checkpoints), 'float32', or 'int8' (one
@@ -318,7 +318,14 @@ def load(path: str | os.PathLike, dtype: str | None = None, threads: int | None 
     or 'bf16' (prompt matmuls take their activations rounded to bf16, on AMX or AVX512-BF16,
     and so do decoded tokens' where that is faster (AMD Zen 4); LayerNorm, softmax, gelu,
     residuals and the cache stay fp32; on CPUs with neither it computes exactly and says so
-    once). Other keywords override config fields (e.g. window_size=24)."""
+    once). huge_pages: where the kernel offers transparent huge pages (Linux), decode
+    streams weights in 2 MiB pages faster than in 4 KiB ones (125M on AMD Zen 4: up to 1.4x).
+    None (default) maps the file asking for them, and copies a converted folder's matrices
+    into them at load if the page cache holds the file in small pages and the matrices are
+    at most 512 MiB (125M; larger ones gain less and their copy costs seconds); True copies
+    whatever the size; False uses the mapped file as it is (the fastest load, one copy shared
+    by every process that maps it). Other keywords override config fields (e.g.
+    window_size=24)."""
     start = time.perf_counter()
     from .resolve import resolve_model
     folder = resolve_model(path)
@@ -339,10 +346,13 @@ def load(path: str | os.PathLike, dtype: str | None = None, threads: int | None 
         threads = 1
     chosen_isa = kernel_path(isa)
     chosen_compute = compute_mode(compute, chosen_isa)
-    loader = WeightLoader(checkpoint, cfg, dtype, threads)
+    if huge_pages is not None and not isinstance(huge_pages, (bool, np.bool_)):
+        raise NeocoreError(f"huge_pages must be None, True or False, got {huge_pages!r}")
+    loader = WeightLoader(checkpoint, cfg, dtype, threads, None if huge_pages is None else bool(huge_pages))
     weights = loader.load_all(progress)
     tokenizer = _find_tokenizer(folder, cfg.vocab_size)
     model = Model(folder, cfg, weights, dtype, threads, context, chosen_isa, chosen_compute,
                   tokenizer, time.perf_counter() - start)
     model.matrices_in_place = loader.in_place
+    model.weight_pages = loader.pages
     return model

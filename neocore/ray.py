@@ -63,8 +63,8 @@ def _threads(threads: int | None) -> int:
 
 
 def _load(model: str | os.PathLike, threads: int | None, dtype: str | None, max_batch: int,
-          compute: str | None) -> tuple[Model, Engine]:
-    loaded = load(model, dtype=dtype, threads=_threads(threads), compute=compute)
+          compute: str | None, huge_pages: bool | None) -> tuple[Model, Engine]:
+    loaded = load(model, dtype=dtype, threads=_threads(threads), compute=compute, huge_pages=huge_pages)
     if loaded.tokenizer is None:
         raise NeocoreError(f"{loaded.path}: no tokenizer files (vocab.json + merges.txt or tokenizer.json)")
     return loaded, loaded.start_engine(max_batch)
@@ -136,7 +136,8 @@ class Generate:
     finish_reason and error columns to a batch with a prompt column.
 
     model: a folder every node can read (or a hub repo id); threads: OpenMP threads (default:
-    the actor's num_cpus); max_batch: sequences one actor decodes at once. Sampling as in
+    the actor's num_cpus); max_batch: sequences one actor decodes at once; dtype, compute,
+    huge_pages: as neocore.load takes them. Sampling as in
     Model.generate. Every row samples with the generator of (its seed, 0): the batch's seed
     column where present, else seed, so a seeded row's text does not depend on the rows beside
     it, on how the data set was cut into batches, or on which actor ran it. A row that cannot
@@ -146,7 +147,7 @@ class Generate:
     def __init__(self, model: str | os.PathLike, threads: int | None = None, dtype: str | None = None,
                  max_batch: int = 64, max_new_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop: Sequence[str] | str = (), compute: str | None = None):
+                 stop: Sequence[str] | str = (), compute: str | None = None, huge_pages: bool | None = None):
         # arguments are checked before the slow load
         self.params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
         _check_count("max_new_tokens", max_new_tokens, 1)
@@ -154,7 +155,7 @@ class Generate:
         check_seed(seed)
         self.seed = None if seed is None else int(seed)
         self.stop = check_stops(stop)
-        self.model, self.engine = _load(model, threads, dtype, max_batch, compute)
+        self.model, self.engine = _load(model, threads, dtype, max_batch, compute, huge_pages)
 
     def __call__(self, batch: Any) -> Any:
         """batch: a dict of NumPy arrays or a pandas DataFrame (Ray Data's numpy and pandas
@@ -188,11 +189,13 @@ class Score:
 
     Texts that fit in the context are read together by the engine (their prompt
     log-probabilities); longer ones are scored alone, in Model.score's windows (stride: their
-    advance). A missing or empty text gets its reason in error and nulls elsewhere."""
+    advance). A missing or empty text gets its reason in error and nulls elsewhere. The other
+    arguments as Generate takes them."""
 
     def __init__(self, model: str | os.PathLike, threads: int | None = None, dtype: str | None = None,
-                 max_batch: int = 64, stride: int | None = None, compute: str | None = None):
-        self.model, self.engine = _load(model, threads, dtype, max_batch, compute)
+                 max_batch: int = 64, stride: int | None = None, compute: str | None = None,
+                 huge_pages: bool | None = None):
+        self.model, self.engine = _load(model, threads, dtype, max_batch, compute, huge_pages)
         if stride is not None:
             check_stride(stride, self.model.context_length)
         self.stride = stride

@@ -13,6 +13,9 @@ from . import _core
 from .checkpoint import Checkpoint, TensorRef
 from .config import GPTNeoConfig
 from .errors import CheckpointError
+from .hugepages import COPY_LIMIT, HugePageArena, huge_pages_offered, slot_bytes
+
+Empty = Callable[[tuple[int, ...], Any], np.ndarray]  # np.empty, or a HugePageArena's
 
 log = logging.getLogger("neocore")
 
@@ -22,11 +25,11 @@ SCALES_SUFFIX = ".scales"  # an int8 matrix "x.weight" keeps its scales in "x.we
 INT8_NOT_TRANSFORMERS = "neocore int8 weights, which transformers cannot load"
 
 
-def f32_to_bf16(values: np.ndarray, threads: int = 1) -> tuple[np.ndarray, bool]:
+def f32_to_bf16(values: np.ndarray, threads: int = 1, empty: Empty = np.empty) -> tuple[np.ndarray, bool]:
     """Rounds float32 to bfloat16 bits (round to nearest, ties to even; NaN stays NaN).
     Returns the uint16 bits and whether any value changed (False when every low half is 0)."""
     source = np.ascontiguousarray(values, dtype=np.float32)
-    out = np.empty(source.shape, dtype=np.uint16)
+    out = empty(source.shape, np.uint16)
     changed = _core.f32_to_bf16(out.reshape(-1), source.reshape(-1), threads)
     return out, changed
 
@@ -52,12 +55,12 @@ def i8_blocks(cols: int) -> int:
     return -(-cols // _core.I8_BLOCK)
 
 
-def quantize_i8(values: np.ndarray, threads: int = 1) -> Int8Matrix:
+def quantize_i8(values: np.ndarray, threads: int = 1, empty: Empty = np.empty) -> Int8Matrix:
     """Symmetric round-to-nearest int8, one scale (max |x| / 127) per block of a row; every
     element comes back within half a step. ValueError if values holds a NaN or an infinity."""
     source = np.ascontiguousarray(values, dtype=np.float32)
     rows, cols = source.shape
-    out = Int8Matrix(np.empty((rows, cols), np.int8), np.empty((rows, i8_blocks(cols)), np.float32))
+    out = Int8Matrix(empty((rows, cols), np.int8), empty((rows, i8_blocks(cols)), np.float32))
     if not _core.quantize_i8(out.values, out.scales, source, threads):
         raise ValueError("holds NaN or infinite values")
     return out
@@ -71,7 +74,13 @@ def holds_int8(checkpoint: Checkpoint) -> bool:
 class WeightLoader:
     """Reads one model's tensors by their Hugging Face names, checking presence and shape."""
 
-    def __init__(self, checkpoint: Checkpoint, config: GPTNeoConfig, dtype: str, threads: int = 1):
+    def __init__(self, checkpoint: Checkpoint, config: GPTNeoConfig, dtype: str, threads: int = 1,
+                 huge_pages: bool | None = False):
+        """huge_pages (neocore.hugepages): False leaves every page as it comes; otherwise, where
+        the kernel offers huge pages, the file is mapped asking for them, matrices converted at
+        load are put in a HugePageArena, and so are those that could be used in place, unless
+        the page cache already holds them in huge pages, or huge_pages is None (auto) and they
+        are more than COPY_LIMIT bytes."""
         if dtype not in WEIGHT_DTYPES:
             raise ValueError(f"dtype must be one of {WEIGHT_DTYPES}, got {dtype!r}")
         self.checkpoint = checkpoint
@@ -86,6 +95,40 @@ class WeightLoader:
         if dtype != "int8" and holds_int8(checkpoint):
             raise CheckpointError(f"{checkpoint.description}: holds {INT8_NOT_TRANSFORMERS}; "
                                   f"load it with dtype='int8' (--dtype int8)")
+        self.huge_pages = huge_pages
+        self.arena = HugePageArena(matrix_bytes(config, dtype)) if huge_pages is not False and huge_pages_offered() else None
+        self._empty: Empty = self.arena.empty if self.arena else np.empty
+        self.file_pages_checked = False  # whether the in-place matrices were found in huge pages
+        self.copy_in_place = False  # copy the matrices that could be used in place into the arena
+        if self.arena is not None:
+            checkpoint.advise_huge_pages = True
+            in_place = [ref for spec in weight_table(config) if spec.is_matrix
+                        for ref in [self._in_place_ref(spec.name)] if ref is not None]
+            if in_place and (huge_pages or sum(ref.nbytes for ref in in_place) <= COPY_LIMIT):
+                self.file_pages_checked = True
+                self.copy_in_place = not checkpoint.in_huge_pages(in_place)
+
+    @property
+    def pages(self) -> str:
+        """Which pages the matrices lie in, for neocore info."""
+        if self.arena is None:
+            return ("4 KiB (huge pages not asked for)" if self.huge_pages is False
+                    else "4 KiB (this kernel offers no transparent huge pages)")
+        if not self.in_place:
+            return "2 MiB where the kernel grants them (copied into memory at load)"
+        if self.file_pages_checked:
+            return "2 MiB (the mapped file's, used in place)"
+        return (f"the mapped file's, as the page cache holds it (asked for 2 MiB; not copied: "
+                f"more than {COPY_LIMIT >> 20} MiB of matrices)")
+
+    def _in_place_ref(self, name: str) -> TensorRef | None:
+        """The tensor of matrix name if it can be used straight from the mapped file (its
+        values, for an int8 one)."""
+        ref = self.checkpoint.tensors.get(self.prefix + name)
+        if ref is None or not ref.mappable:
+            return None
+        wanted = {"bfloat16": "BF16", "float32": "F32", "int8": "I8"}[self.dtype]
+        return ref if ref.dtype == wanted else None
 
     def _ref(self, name: str, shape: tuple[int, ...], dtypes: tuple[str, ...] = FLOAT_DTYPES,
              what: str = "from the config") -> TensorRef:
@@ -113,21 +156,30 @@ class WeightLoader:
         stored = self.checkpoint.array(ref)
         target = {"bfloat16": "BF16", "float32": "F32"}.get(self.dtype)
         if ref.dtype == target and ref.mappable:
-            self.in_place += 1
-            return stored
+            if not self.copy_in_place:
+                self.in_place += 1
+                return stored
+            result = self.arena.copy(stored)
+        else:
+            result = self._converted(ref, stored)
+        del stored
+        self.checkpoint.release(ref)
+        return result
+
+    def _converted(self, ref: TensorRef, stored: np.ndarray) -> np.ndarray | Int8Matrix:
         result = self._as_float32(ref, stored)  # a view, not a copy, for little-endian fp32
         if self.dtype == "bfloat16":
-            result, changed = f32_to_bf16(result, self.threads)
+            result, changed = f32_to_bf16(result, self.threads, self._empty)
             if changed:
                 self.rounded.append(ref.name)
         elif self.dtype == "int8":
             try:
-                result = quantize_i8(result, self.threads)
+                result = quantize_i8(result, self.threads, self._empty)
             except ValueError as exc:
                 raise CheckpointError(f"{self.checkpoint.description}: tensor {ref.name!r} {exc}: "
                                       f"cannot quantise it to int8") from None
-        del stored
-        self.checkpoint.release(ref)
+        elif self.arena is not None:
+            result = self.arena.copy(result)
         return result
 
     def _stored_int8(self, name: str, shape: tuple[int, ...]) -> Int8Matrix:
@@ -137,10 +189,15 @@ class WeightLoader:
         scales_ref = self._ref(name + SCALES_SUFFIX, blocks, ("F32",),
                                f"(one scale per {_core.I8_BLOCK} columns)")
         values = self.checkpoint.array(ref)
-        # the C core reads scales as floats: copy the (small) array if the file misaligns it
-        scales = np.require(self.checkpoint.array(scales_ref), requirements=["C", "A"])
+        scales = self.checkpoint.array(scales_ref)
+        if self.copy_in_place:
+            values, scales = self.arena.copy(values), self.arena.copy(scales)
+            self.checkpoint.release(ref)
+            self.checkpoint.release(scales_ref)
+            return Int8Matrix(values, scales)
         self.in_place += ref.mappable
-        return Int8Matrix(values, scales)
+        # the C core reads scales as floats: copy the (small) array if the file misaligns it
+        return Int8Matrix(values, np.require(scales, requirements=["C", "A"]))
 
     def vector(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """A bias or LayerNorm parameter, always float32 (small, copied)."""
@@ -193,6 +250,19 @@ LAYER_TENSORS = (  # (key, Hugging Face name within the block, matrix?, shape fr
     ("proj_b", "mlp.c_proj.bias", False, lambda H, F: (H,)),
 )
 LAST_LAYER_KEY = LAYER_TENSORS[-1][0]
+
+
+def matrix_bytes(c: GPTNeoConfig, dtype: str) -> int:
+    """The bytes a HugePageArena needs for every matrix of the model in dtype, slot by slot."""
+    total = 0
+    for spec in weight_table(c):
+        if spec.is_matrix:
+            rows, cols = spec.shape
+            if dtype == "int8":
+                total += slot_bytes(rows * cols) + slot_bytes(rows * i8_blocks(cols) * 4)
+            else:
+                total += slot_bytes(rows * cols * (4 if dtype == "float32" else 2))
+    return total
 
 
 def weight_table(c: GPTNeoConfig) -> list[WeightSpec]:

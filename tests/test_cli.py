@@ -199,6 +199,9 @@ def test_score_and_info(tiny, tmp_path):
     assert "hidden size:     64" in info.stdout and "threads:         1" in info.stdout
     model = neocore.load(tiny)
     assert f"kernel path:     {model.isa} " in info.stdout
+    assert f"weight pages:    {model.weight_pages}\n" in info.stdout
+    plain = run_cli("info", "-m", str(tiny), "--huge-pages", "no")
+    assert "weight pages:    4 KiB (huge pages not asked for)\n" in plain.stdout
     assert f"decode kernel:   {_core.decode_kernel(model.isa, model.dtype)} " in info.stdout
     assert f"decode prefetch: {_core.decode_prefetch(model.isa, model.dtype)} " in info.stdout
     fetched = "prefetched (decode rows; " if _core.attention_prefetch(model.isa) else "not prefetched ("

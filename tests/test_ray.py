@@ -176,10 +176,14 @@ def test_the_callables_take_pandas_batches_outside_ray(folder, model):
     # pandas' nullable columns hold pd.NA for a null: a missing seed takes the default
     seeded = pd.DataFrame({"prompt": pd.array([PROMPTS[0], None], dtype="string"),
                            "seed": pd.array([pd.NA, 3], dtype="Int64")})
-    rows = neocore.ray.Generate(folder, threads=1, max_new_tokens=8, seed=11)(seeded)
+    generator = neocore.ray.Generate(folder, threads=1, max_new_tokens=8, seed=11, huge_pages=False)
+    assert generator.model.weight_pages == "4 KiB (huge pages not asked for)"
+    rows = generator(seeded)
     assert rows["generated_text"][0] == model.generate(PROMPTS[0], max_new_tokens=8, seed=11)
     assert rows["error"][1] == "the prompt is missing"
-    scores = neocore.ray.Score(folder, threads=1)(pd.DataFrame({"text": [PROMPTS[2], 7]}))
+    scorer = neocore.ray.Score(folder, threads=1, huge_pages=False)  # load options reach the load
+    assert scorer.model.weight_pages == "4 KiB (huge pages not asked for)"
+    scores = scorer(pd.DataFrame({"text": [PROMPTS[2], 7]}))
     assert scores["tokens"][0] == len(model.tokenizer.encode(PROMPTS[2]))
     assert scores["error"][1] == "the text must be a string, got int"
     # a column of integers with a null comes as floats: one past 2**53 may have lost digits
