@@ -3,12 +3,13 @@ process, alternating, so that a noisy host's swings hit both alike:
 
     python benchmarks/weight_pages.py MODEL [THREADS] [ROUNDS] [LOAD_JSON]
 
-Loads MODEL with the default (B), then with huge_pages=False (A: the mapped file in place),
-prints each load's time and where its weights lie, checks that both give the same logits, then
-times ROUNDS rounds of 20 decode steps (after a 128-token prompt) for each. What B does depends
-on the page cache: a file just written (by convert, cp, a download) is cached in small pages,
-and B copies it; one read through B's mapping from disk is cached in 2 MiB pages, and B maps
-it in place (evict it first with `python benchmarks/weight_pages.py --evict FILE`)."""
+Loads MODEL with huge_pages=True (B: in huge pages, copied if the file is not in them), then
+with huge_pages=False (A: the mapped file in place), prints each load's time and where its
+weights lie, checks that both give the same logits, then times ROUNDS rounds of 20 decode
+steps (after a 128-token prompt) for each. What B does depends on the page cache: a file just
+written (by convert, cp, a download) is often cached in small pages, and B copies it; one read
+through B's mapping from disk may be cached in 2 MiB pages, and B maps it in place (evict it
+first with `python benchmarks/weight_pages.py --evict FILE`)."""
 import json
 import os
 import statistics

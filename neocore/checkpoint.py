@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import CheckpointError
-from .hugepages import huge_mapped_bytes, populate
+from .hugepages import advise_huge_pages, huge_mapped_bytes, populate
 
 # numpy dtype used to view each stored dtype (bfloat16 is viewed as its raw 16 bits)
 NUMPY_DTYPES = {
@@ -98,7 +98,7 @@ class Checkpoint:
                 with open(path, "rb") as f:
                     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                 if self.advise_huge_pages:
-                    mm.madvise(mmap.MADV_HUGEPAGE)
+                    advise_huge_pages(mm)
             except (OSError, ValueError) as exc:
                 raise CheckpointError(f"{path}: cannot map the file ({exc})") from None
             self._maps[path] = mm
@@ -106,9 +106,9 @@ class Checkpoint:
 
     def in_huge_pages(self, refs: list[TensorRef]) -> bool:
         """Whether these tensors (mappable ones) are mapped in 2 MiB pages, which they are where
-        the page cache holds the file in 2 MiB folios (as it does when a mapping advised
+        the page cache holds the file in 2 MiB folios (as it may when a mapping advised
         MADV_HUGEPAGE reads it from disk, not when a write or a read() put it there). Faults
-        them all in to find out: the first decode step would fault them anyway."""
+        them in to find out: the first decode step would fault them anyway."""
         maps = {}
         for ref in refs:
             mm = self._map(ref.path)

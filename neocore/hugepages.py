@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+# Linux 6.8 on: the 2 MiB size's own setting, "inherit" (the line above's) unless set
+THP_2M_SETTING = Path("/sys/kernel/mm/transparent_hugepage/hugepages-2048kB/enabled")
+SMAPS = Path("/proc/self/smaps")
 HUGE_PAGE = 2 << 20
 SLOT_ALIGN = 4096  # every matrix starts on a page of its own
 # Past this many bytes of matrices, a load that was not asked to (huge_pages=None) does not
@@ -30,11 +33,23 @@ MADV_POPULATE_READ = 22
 def huge_pages_offered() -> bool:
     """Whether this kernel backs an anonymous mapping with huge pages when asked (THP in
     "always" or "madvise" mode); where it does not, a copy would buy nothing."""
-    try:
-        setting = THP_SETTING.read_text()
-    except OSError:
-        return False
+    setting = ""
+    for path in (THP_2M_SETTING, THP_SETTING):
+        try:
+            setting = path.read_text()
+        except OSError:
+            continue
+        if "[inherit]" not in setting:
+            break
     return hasattr(mmap, "MADV_HUGEPAGE") and ("[always]" in setting or "[madvise]" in setting)
+
+
+def advise_huge_pages(mm: mmap.mmap, start: int = 0, length: int | None = None) -> None:
+    """Asks for huge pages: advice, which a kernel that refuses it leaves the mapping without."""
+    try:
+        mm.madvise(mmap.MADV_HUGEPAGE, start, len(mm) - start if length is None else length)
+    except (OSError, ValueError):
+        pass
 
 
 def populate(mm: mmap.mmap, start: int, length: int) -> bool:
@@ -42,7 +57,7 @@ def populate(mm: mmap.mmap, start: int, length: int) -> bool:
     mmap module does not name it); False where the kernel cannot."""
     try:
         mm.madvise(MADV_POPULATE_READ, start, length)
-    except OSError:
+    except (OSError, ValueError):
         return False
     return True
 
@@ -52,13 +67,13 @@ def huge_mapped_bytes(start: int, end: int) -> int:
     anonymous ones), from /proc/self/smaps."""
     total, overlaps = 0, False
     try:
-        with open("/proc/self/smaps") as f:
+        with open(SMAPS) as f:
             for line in f:
                 head = line.split(maxsplit=1)[0]
                 if "-" in head and not head.endswith(":"):  # a mapping's first line: its range
                     low, high = (int(a, 16) for a in head.split("-"))
                     overlaps = low < end and start < high
-                elif overlaps and head in ("FilePmdMapped:", "AnonHugePages:"):
+                elif overlaps and head in ("FilePmdMapped:", "AnonHugePages:", "ShmemPmdMapped:"):
                     total += int(line.split()[1]) * 1024
     except OSError:
         return 0
@@ -78,9 +93,18 @@ class HugePageArena:
         self._map = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         whole = np.frombuffer(self._map, dtype=np.uint8)
         skip = -whole.ctypes.data % HUGE_PAGE
-        self._map.madvise(mmap.MADV_HUGEPAGE, skip, nbytes)
+        advise_huge_pages(self._map, skip, nbytes)
         self._bytes = whole[skip:skip + nbytes]
         self._used = 0
+
+    @classmethod
+    def create(cls, nbytes: int) -> HugePageArena | None:
+        """An arena, or None where the address space cannot take it (an overcommit limit, a
+        ulimit -v): the caller then allocates as before."""
+        try:
+            return cls(nbytes)
+        except OSError:
+            return None
 
     @property
     def start(self) -> int:

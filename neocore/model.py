@@ -320,17 +320,19 @@ def load(path: str | os.PathLike, dtype: str | None = None, threads: int | None 
     residuals and the cache stay fp32; on CPUs with neither it computes exactly and says so
     once). huge_pages: where the kernel offers transparent huge pages (Linux), decode
     streams weights in 2 MiB pages faster than in 4 KiB ones (125M on AMD Zen 4: up to 1.4x).
-    None (default) maps the file asking for them, and copies a converted folder's matrices
-    into them at load if the page cache holds the file in small pages and the matrices are
-    at most 512 MiB (125M; larger ones gain less and their copy costs seconds); True copies
-    whatever the size; False uses the mapped file as it is (the fastest load, one copy shared
-    by every process that maps it). Other keywords override config fields (e.g.
+    None (default) maps the file asking for them, and copies the matrices that the file holds
+    in the load's dtype (a converted folder's) into them at load if the page cache holds the
+    file in small pages and those matrices are at most 512 MiB (125M; larger ones gain less
+    and their copy costs seconds); True copies whatever the size; False uses the mapped file
+    as it is (the fastest load, one copy shared by every process that maps it). Other keywords override config fields (e.g.
     window_size=24)."""
     start = time.perf_counter()
     from .resolve import resolve_model
     folder = resolve_model(path)
     if dtype is not None and dtype not in WEIGHT_DTYPES:
         raise NeocoreError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
+    if huge_pages is not None and not isinstance(huge_pages, (bool, np.bool_)):
+        raise NeocoreError(f"huge_pages must be None, True or False, got {huge_pages!r}")
     checkpoint = open_checkpoint(folder)
     if dtype is None:
         dtype = default_dtype(checkpoint)
@@ -346,8 +348,6 @@ def load(path: str | os.PathLike, dtype: str | None = None, threads: int | None 
         threads = 1
     chosen_isa = kernel_path(isa)
     chosen_compute = compute_mode(compute, chosen_isa)
-    if huge_pages is not None and not isinstance(huge_pages, (bool, np.bool_)):
-        raise NeocoreError(f"huge_pages must be None, True or False, got {huge_pages!r}")
     loader = WeightLoader(checkpoint, cfg, dtype, threads, None if huge_pages is None else bool(huge_pages))
     weights = loader.load_all(progress)
     tokenizer = _find_tokenizer(folder, cfg.vocab_size)

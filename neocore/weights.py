@@ -96,28 +96,37 @@ class WeightLoader:
             raise CheckpointError(f"{checkpoint.description}: holds {INT8_NOT_TRANSFORMERS}; "
                                   f"load it with dtype='int8' (--dtype int8)")
         self.huge_pages = huge_pages
-        self.arena = HugePageArena(matrix_bytes(config, dtype)) if huge_pages is not False and huge_pages_offered() else None
-        self._empty: Empty = self.arena.empty if self.arena else np.empty
-        self.file_pages_checked = False  # whether the in-place matrices were found in huge pages
+        self.advise = huge_pages is not False and huge_pages_offered()
+        self.file_in_huge_pages: bool | None = None  # what a look at the file's matrices found
         self.copy_in_place = False  # copy the matrices that could be used in place into the arena
-        if self.arena is not None:
+        matrices = [spec for spec in weight_table(config) if spec.is_matrix]
+        in_place = {spec.name: ref for spec in matrices for ref in [self._in_place_ref(spec.name)] if ref is not None}
+        if self.advise:
             checkpoint.advise_huge_pages = True
-            in_place = [ref for spec in weight_table(config) if spec.is_matrix
-                        for ref in [self._in_place_ref(spec.name)] if ref is not None]
-            if in_place and (huge_pages or sum(ref.nbytes for ref in in_place) <= COPY_LIMIT):
-                self.file_pages_checked = True
-                self.copy_in_place = not checkpoint.in_huge_pages(in_place)
+            if in_place and (huge_pages or sum(ref.nbytes for ref in in_place.values()) <= COPY_LIMIT):
+                # the largest stands for the file: one tensor faulted in, not all, before the copies
+                largest = max(in_place.values(), key=lambda ref: ref.nbytes)
+                self.file_in_huge_pages = checkpoint.in_huge_pages([largest])
+                self.copy_in_place = not self.file_in_huge_pages
+        needed = sum(matrix_slot_bytes(spec.shape, dtype) for spec in matrices
+                     if self.copy_in_place or spec.name not in in_place)
+        self.arena = HugePageArena.create(needed) if self.advise and needed else None
+        self.copy_in_place = self.copy_in_place and self.arena is not None
+        self._empty: Empty = self.arena.empty if self.arena else np.empty
 
     @property
     def pages(self) -> str:
         """Which pages the matrices lie in, for neocore info."""
-        if self.arena is None:
-            return ("4 KiB (huge pages not asked for)" if self.huge_pages is False
-                    else "4 KiB (this kernel offers no transparent huge pages)")
+        if not self.advise:
+            why = "huge pages not asked for" if self.huge_pages is False else "this kernel offers no transparent huge pages"
+            return f"the mapped file's, as the page cache holds it ({why})" if self.in_place else f"in memory ({why})"
         if not self.in_place:
-            return "2 MiB where the kernel grants them (copied into memory at load)"
-        if self.file_pages_checked:
-            return "2 MiB (the mapped file's, used in place)"
+            return ("2 MiB where the kernel grants them (copied into memory at load)" if self.arena
+                    else "in memory (no address space for a huge-page arena)")
+        if self.file_in_huge_pages:
+            return "2 MiB (the mapped file's, found in them)"
+        if self.file_in_huge_pages is False:
+            return "the mapped file's, as the page cache holds it (no address space for a huge-page arena)"
         return (f"the mapped file's, as the page cache holds it (asked for 2 MiB; not copied: "
                 f"more than {COPY_LIMIT >> 20} MiB of matrices)")
 
@@ -252,17 +261,13 @@ LAYER_TENSORS = (  # (key, Hugging Face name within the block, matrix?, shape fr
 LAST_LAYER_KEY = LAYER_TENSORS[-1][0]
 
 
-def matrix_bytes(c: GPTNeoConfig, dtype: str) -> int:
-    """The bytes a HugePageArena needs for every matrix of the model in dtype, slot by slot."""
-    total = 0
-    for spec in weight_table(c):
-        if spec.is_matrix:
-            rows, cols = spec.shape
-            if dtype == "int8":
-                total += slot_bytes(rows * cols) + slot_bytes(rows * i8_blocks(cols) * 4)
-            else:
-                total += slot_bytes(rows * cols * (4 if dtype == "float32" else 2))
-    return total
+def matrix_slot_bytes(shape: tuple[int, ...], dtype: str) -> int:
+    """The bytes a HugePageArena gives a matrix of this shape in dtype (an int8 one's scales
+    included)."""
+    rows, cols = shape
+    if dtype == "int8":
+        return slot_bytes(rows * cols) + slot_bytes(rows * i8_blocks(cols) * 4)
+    return slot_bytes(rows * cols * (4 if dtype == "float32" else 2))
 
 
 def weight_table(c: GPTNeoConfig) -> list[WeightSpec]:

@@ -177,12 +177,12 @@ def test_the_callables_take_pandas_batches_outside_ray(folder, model):
     seeded = pd.DataFrame({"prompt": pd.array([PROMPTS[0], None], dtype="string"),
                            "seed": pd.array([pd.NA, 3], dtype="Int64")})
     generator = neocore.ray.Generate(folder, threads=1, max_new_tokens=8, seed=11, huge_pages=False)
-    assert generator.model.weight_pages == "4 KiB (huge pages not asked for)"
+    assert generator.model.weight_pages == "in memory (huge pages not asked for)"
     rows = generator(seeded)
     assert rows["generated_text"][0] == model.generate(PROMPTS[0], max_new_tokens=8, seed=11)
     assert rows["error"][1] == "the prompt is missing"
     scorer = neocore.ray.Score(folder, threads=1, huge_pages=False)  # load options reach the load
-    assert scorer.model.weight_pages == "4 KiB (huge pages not asked for)"
+    assert scorer.model.weight_pages == "in memory (huge pages not asked for)"
     scores = scorer(pd.DataFrame({"text": [PROMPTS[2], 7]}))
     assert scores["tokens"][0] == len(model.tokenizer.encode(PROMPTS[2]))
     assert scores["error"][1] == "the text must be a string, got int"
