@@ -8,8 +8,10 @@ with huge_pages=False (A: the mapped file in place), prints each load's time and
 weights lie, checks that both give the same logits, then times ROUNDS rounds of 20 decode
 steps (after a 128-token prompt) for each. What B does depends on the page cache: a file just
 written (by convert, cp, a download) is often cached in small pages, and B copies it; one read
-through B's mapping from disk may be cached in 2 MiB pages, and B maps it in place (evict it
-first with `python benchmarks/weight_pages.py --evict FILE`)."""
+through B's mapping from disk may be cached in 2 MiB pages, and B maps it in place. To put a
+weight file in a known state first: `--evict FILE` drops it from the page cache; `--small-pages
+FILE` drops it and caches it again in 4 KiB pages (reads of one page, readahead off), as an
+aged page cache or an older kernel holds it."""
 import json
 import os
 import statistics
@@ -19,9 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-if sys.argv[1] == "--evict":  # drop a file's clean pages from the page cache
+if sys.argv[1] in ("--evict", "--small-pages"):
     fd = os.open(sys.argv[2], os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # drops the file's clean pages
+    if sys.argv[1] == "--small-pages":
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        for offset in range(0, os.fstat(fd).st_size, 4096):
+            os.pread(fd, 4096, offset)
     os.close(fd)
     sys.exit(0)
 
