@@ -20,7 +20,7 @@
  * int8 ones are value * scale of their block (the 16 lie in one: NEO_I8_BLOCK is a multiple
  * of 16), one rounding, as the other paths do. */
 _Static_assert(NEO_I8_BLOCK % 16 == 0, "16 int8 columns share one scale");
-INLINE_AVX512 __m512 widen16(const void *row, const float *scales, NeoDType dtype, int k, __mmask16 mask)
+INLINE_AVX512 __m512 widen16(const void *row, const float *scales, NeoDType dtype, size_t k, __mmask16 mask)
 {
     if (dtype == NEO_BF16) {
         __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)row + k);
@@ -44,16 +44,18 @@ INLINE_AVX512 void dot_rows_avx512(const NeoDType dtype, const int R, NeoDecodeP
     __m512 acc[MV512_ROWS][4];
     for (int r = 0; r < R; r++)
         for (int a = 0; a < 4; a++) acc[r][a] = _mm512_setzero_ps();
-    int k = 0;
-    for (; k + 64 <= K; k += 64) {
-        prefetch_stream(how, bytes + (size_t)k * elem, 64 * elem, prefetch_distance(how, dtype));
+    /* size_t: int indices (-fwrapv) cost a sign extension and a signed division by the block
+     * size for every 16 weights, which bound int8 rows (EPYC Zen 4, see BENCHMARKS.md) */
+    size_t k = 0;
+    for (; k + 64 <= (size_t)K; k += 64) {
+        prefetch_stream(how, bytes + k * elem, 64 * elem, prefetch_distance(how, dtype));
         for (int a = 0; a < 4; a++) {
             const __m512 wv = widen16(row, scales, dtype, k + 16 * a, 0xFFFF);
             for (int r = 0; r < R; r++)
                 acc[r][a] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + r * ld + k + 16 * a), acc[r][a]);
         }
     }
-    for (; k < K; k += 16) {
+    for (; k < (size_t)K; k += 16) {
         const __mmask16 mask = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
         const __m512 wv = widen16(row, scales, dtype, k, mask);
         for (int r = 0; r < R; r++)
