@@ -108,7 +108,7 @@ static int xpairs_pack(XPairs *xp, const float *x, int T, int K, int n_threads)
  * scale of their block, as matrix_element gives them (the 16 lie in one block). dtype is w's,
  * a constant where the kernels inline this, so that each weight type compiles to its own loop. */
 _Static_assert(NEO_I8_BLOCK % 16 == 0, "16 int8 columns share one scale");
-INLINE_AVX512_BF16 __m512 strip_lanes(const NeoDType dtype, const NeoMatrix *w, int n, int k, int K,
+INLINE_AVX512_BF16 __m512 strip_lanes(const NeoDType dtype, const NeoMatrix *w, int n, size_t k, int K,
                                       __mmask16 lanes)
 {
     const size_t at = (size_t)n * K + k;
@@ -126,12 +126,13 @@ INLINE_AVX512_BF16 __m512 strip_lanes(const NeoDType dtype, const NeoMatrix *w, 
 /* Columns k .. k + 31 of row n of w (of type dtype) in bf16 pairs, zero past K; inside is a
  * constant 1 where all 32 lie inside K (no masks then, and bf16 ones are loaded as they lie). */
 INLINE_AVX512_BF16 __m512bh weight_pairs(const NeoDType dtype, const int inside, const NeoMatrix *w, int n,
-                                         int k, int K)
+                                         size_t k, int K)
 {
     if (dtype == NEO_BF16 && inside)
         return (__m512bh)_mm512_loadu_si512((const uint16_t *)w->data + (size_t)n * K + k);
-    return _mm512_cvtne2ps_pbh(strip_lanes(dtype, w, n, k + TILE, K, inside ? 0xFFFF : first_lanes(K - k - TILE)),
-                               strip_lanes(dtype, w, n, k, K, inside ? 0xFFFF : first_lanes(K - k)));
+    const int left = K - (int)k;
+    return _mm512_cvtne2ps_pbh(strip_lanes(dtype, w, n, k + TILE, K, inside ? 0xFFFF : first_lanes(left - TILE)),
+                               strip_lanes(dtype, w, n, k, K, inside ? 0xFFFF : first_lanes(left)));
 }
 
 /* Rows n0 .. n0 + rows - 1 of w in bf16, row i at strip + i * stride, columns K .. stride
@@ -311,15 +312,15 @@ INLINE_AVX512_BF16 void dot_rows_bf16(const NeoDType dtype, const int R, size_t 
     __m512 acc[MVB_ROWS_4ACC][4];
     for (int r = 0; r < R; r++)
         for (int a = 0; a < 4; a++) acc[r][a] = _mm512_setzero_ps();
-    int k = 0;
-    for (; k + 8 * TILE <= K; k += 8 * TILE)
+    size_t k = 0;  /* size_t, as in dot_rows_avx512: no sign extensions nor signed divisions */
+    for (; k + 8 * TILE <= (size_t)K; k += 8 * TILE)
         for (int a = 0; a < 4; a++) {
-            prefetch_pairs(elem, ahead, row, (size_t)(k + 2 * TILE * a) * elem);
+            prefetch_pairs(elem, ahead, row, (k + 2 * TILE * a) * elem);
             const __m512bh wv = weight_pairs(dtype, 1, w, n, k + 2 * TILE * a, K);
             for (int r = 0; r < R; r++)
                 acc[r][a] = _mm512_dpbf16_ps(acc[r][a], wv, (__m512bh)_mm512_load_si512(xb + r * ld + k + 2 * TILE * a));
         }
-    for (; k < K; k += 2 * TILE) {
+    for (; k < (size_t)K; k += 2 * TILE) {
         const __m512bh wv = weight_pairs(dtype, 0, w, n, k, K);
         for (int r = 0; r < R; r++)
             acc[r][0] = _mm512_dpbf16_ps(acc[r][0], wv, (__m512bh)_mm512_load_si512(xb + r * ld + k));
