@@ -3,7 +3,7 @@
 Decode streams every weight once a token. In 4 KiB pages that stream takes a TLB miss every
 64 cache lines and a hardware prefetcher that stops at every page's end; in 2 MiB pages the
 same kernels stream faster (AMD EPYC Zen 4, 125M, bf16, whole decode steps, both layouts in
-one process, alternating: 1.42x at 1 thread, 1.11x at 2; see BENCHMARKS.md). A mapped
+one process, alternating: 1.36-1.42x at 1 thread, 1.11-1.16x at 2; see BENCHMARKS.md). A mapped
 checkpoint lies in whatever pages the page cache holds it in: 2 MiB ones where a mapping
 advised MADV_HUGEPAGE read it from disk (on kernels whose file system caches large folios),
 often 4 KiB ones where a write or a read() put it there. A HugePageArena is the other way: one

@@ -323,8 +323,9 @@ def load(path: str | os.PathLike, dtype: str | None = None, threads: int | None 
     None (default) maps the file asking for them, and copies the matrices that the file holds
     in the load's dtype (a converted folder's) into them at load if the page cache holds the
     file in small pages and those matrices are at most 512 MiB (125M; larger ones gain less
-    and their copy costs seconds); True copies whatever the size; False uses the mapped file
-    as it is (the fastest load, one copy shared by every process that maps it). Other keywords override config fields (e.g.
+    and their copy costs seconds); True copies whatever the size (unless the file is found in
+    huge pages already); False uses the mapped file as it is (the fastest load, one copy
+    shared by every process that maps it). Other keywords override config fields (e.g.
     window_size=24)."""
     start = time.perf_counter()
     from .resolve import resolve_model
