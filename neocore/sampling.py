@@ -63,13 +63,14 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
+def apply_top_p(logits: np.ndarray, p: float, candidates: np.ndarray | None = None) -> np.ndarray:
     """Drops the least likely tokens whose total probability is at most 1 - p (keeping one).
     Tokens already at -inf carry no probability, so only the others need sorting (after top-k,
-    a few dozen instead of the whole vocabulary)."""
+    a few dozen instead of the whole vocabulary); candidates: their ids, where known."""
     if p >= 1.0:
         return logits
-    candidates = np.flatnonzero(np.isfinite(logits))
+    if candidates is None:
+        candidates = np.flatnonzero(np.isfinite(logits))
     # ascending and stable, as torch.sort (transformers') orders ties on the CPU up to 16 values;
     # past that its order of ties is its own, and a tie at the cut may keep another of the ids
     order = candidates[np.argsort(logits[candidates], kind="stable")]
@@ -92,12 +93,20 @@ def process_rows(logits: np.ndarray, previous: Sequence[Sequence[int]],
     """process_logits for every row of logits [B, vocab] at once (a new array). Each row's
     result depends only on that row: whole-vocabulary work is done for rows sharing a setting
     together, the rest on each row's few survivors."""
+    return _filter_rows(logits, previous, params)[0]
+
+
+def _filter_rows(logits: np.ndarray, previous: Sequence[Sequence[int]],
+                 params: Sequence[SamplingParams]) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """process_rows, and for each row that top-k filtered, the ids of its finite survivors
+    (before top-p)."""
     scores = np.array(logits, dtype=np.float32)
+    kept: list[np.ndarray | None] = [None] * len(scores)
     for row, (p, seen) in enumerate(zip(params, previous)):
         apply_repetition_penalty(scores[row], seen, p.repetition_penalty)
     sampled = [row for row, p in enumerate(params) if not p.greedy]
     if not sampled:
-        return scores
+        return scores, kept
     # greedy rows are divided by 1, which leaves them exactly as they are
     scores /= np.array([1.0 if p.greedy else p.temperature for p in params], dtype=np.float32)[:, None]
     by_k: dict[int, list[int]] = {}
@@ -107,25 +116,54 @@ def process_rows(logits: np.ndarray, previous: Sequence[Sequence[int]],
         if 0 < k < scores.shape[1]:
             whole = len(rows) == len(scores)
             block = scores if whole else scores[rows]  # a view when every row shares k
-            kth = np.partition(block, -k, axis=1)[:, -k]
-            block[block < kth[:, None]] = -np.inf
+            cut = block < kth_largest(block, k)[:, None]  # a NaN is never cut, nor cuts
+            np.copyto(block, -np.inf, where=cut)
             if not whole:
                 scores[rows] = block
+            # what top-p weighs: the finite survivors (np.nonzero of a 2-D mask took 10x longer)
+            at, ids = np.divmod(np.flatnonzero(np.isfinite(block)), block.shape[1])
+            for row, row_ids in zip(rows, np.split(ids, np.cumsum(np.bincount(at, minlength=len(rows)))[:-1])):
+                kept[row] = row_ids
     for row in sampled:
-        apply_top_p(scores[row], params[row].top_p)
-    return scores
+        apply_top_p(scores[row], params[row].top_p, kept[row])
+    return scores, kept
+
+
+KTH_CHUNK = 256  # columns whose maximum kth_largest takes as one
+
+
+def kth_largest(block: np.ndarray, k: int) -> np.ndarray:
+    """The k-th largest value of each row of block [B, V], as np.partition(block, -k,
+    axis=1)[:, -k] gives it, without partitioning whole rows (0.38 ms for 50257 values): a
+    row's k-th largest chunk maximum is at most its k-th largest value, so only the values at
+    or above it (a few more than k) are partitioned. Rows holding NaN, which np.partition
+    orders past every number, are partitioned whole."""
+    rows, width = block.shape
+    chunks = width // KTH_CHUNK
+    if chunks < k:
+        return np.partition(block, -k, axis=1)[:, -k]
+    maxima = block[:, :chunks * KTH_CHUNK].reshape(rows, chunks, KTH_CHUNK).max(axis=2)
+    bound = np.partition(maxima, -k, axis=1)[:, -k]
+    with_nan = np.isnan(maxima).any(axis=1) | np.isnan(block[:, chunks * KTH_CHUNK:]).any(axis=1)
+    out = np.empty(rows, block.dtype)
+    for row in range(rows):
+        values = block[row] if with_nan[row] else block[row][block[row] >= bound[row]]
+        out[row] = np.partition(values, -k)[-k]
+    return out
 
 
 def choose_rows(logits: np.ndarray, previous: Sequence[Sequence[int]],
                 params: Sequence[SamplingParams], rngs: Sequence[np.random.Generator]) -> np.ndarray:
     """The next token of every row of logits [B, vocab]: greedy rows by argmax, the others
     drawn with their own generator from their filters' survivors."""
-    scores = process_rows(logits, previous, params)
+    scores, kept = _filter_rows(logits, previous, params)
     chosen = np.argmax(scores, axis=1)
     for row, (p, rng) in enumerate(zip(params, rngs)):
         if p.greedy:
             continue
-        candidates = np.flatnonzero(np.isfinite(scores[row]))  # the survivors, in token order
+        # the survivors, in token order
+        ids = kept[row]
+        candidates = np.flatnonzero(np.isfinite(scores[row])) if ids is None else ids[np.isfinite(scores[row, ids])]
         if not candidates.size:  # nothing finite to draw from (NaN logits): keep the argmax
             continue
         cumulative = np.cumsum(_softmax(scores[row, candidates]), dtype=np.float64)

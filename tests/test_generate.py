@@ -13,7 +13,7 @@ from transformers import (GPTNeoForCausalLM, LogitsProcessorList, RepetitionPena
 import neocore
 from neocore.convert import convert
 from neocore.engine import Request
-from neocore.sampling import SamplingParams, choose_rows, process_logits
+from neocore.sampling import SamplingParams, choose_rows, kth_largest, process_logits, process_rows
 from neocore.weights import bf16_to_f32
 
 PROMPT = "The old lighthouse keeper climbed the stairs"
@@ -91,6 +91,40 @@ def test_processors_match_transformers(params):
         kept = np.isfinite(ours)
         assert kept.sum() >= 1
         np.testing.assert_allclose(ours[kept], theirs[kept], rtol=1e-6)
+
+
+def test_a_batch_of_whole_vocabulary_rows_is_filtered_as_transformers_filters_each():
+    """GPT-2's 50257 ids, where top-k finds its threshold among the values past a bound rather
+    than by partitioning whole rows; the rows of a batch have their own settings, and ties at
+    the k-th value keep every tied id, as transformers' top-k keeps them (top-p then off: which
+    of several tied ids top-p keeps follows torch's sort, stable only up to 16 values)."""
+    rng = np.random.default_rng(11)
+    for trial in range(6):
+        logits = (rng.standard_normal((6, 50257)) * 3).astype(np.float32)
+        top_p = 1.0 if trial % 2 else 0.9
+        if trial % 2:
+            logits = np.round(logits)  # many ties, at the k-th value too
+        settings = [SamplingParams(0.8, 40, top_p), SamplingParams(1.0, 1, 1.0), SamplingParams(1.3, 200, top_p, 1.2),
+                    SamplingParams(0.0, 40, top_p), SamplingParams(1.0, 0, 1.0), SamplingParams(0.7, 40, 1.0)]
+        previous = [rng.integers(0, 50257, 20).tolist() for _ in settings]
+        ours = process_rows(logits, previous, settings)
+        for row, params in enumerate(settings):
+            if params.greedy:
+                continue
+            theirs = hf_processors(params)(torch.tensor([previous[row]]), torch.from_numpy(logits[row].copy())[None])[0]
+            assert np.array_equal(np.isfinite(ours[row]), np.isfinite(theirs.numpy())), (trial, row)
+
+
+def test_kth_largest_is_what_a_whole_partition_finds():
+    rng = np.random.default_rng(3)
+    for width in (50257, 10000, 700):
+        for k in (1, 5, 40, 400):
+            block = (rng.standard_normal((4, width)) * 2).astype(np.float32)
+            block[1] = np.round(block[1])                  # ties
+            block[2, rng.integers(0, width, 3)] = np.nan    # NaN, which partition orders last
+            block[3, :width // 2] = -np.inf
+            block[3, rng.integers(0, width, 2)] = np.inf
+            assert np.array_equal(kth_largest(block, k), np.partition(block, -k, axis=1)[:, -k], equal_nan=True)
 
 
 def test_top_p_cuts_where_transformers_does_over_the_whole_vocabulary():
