@@ -166,7 +166,9 @@ def choose_rows(logits: np.ndarray, previous: Sequence[Sequence[int]],
         candidates = np.flatnonzero(np.isfinite(scores[row])) if ids is None else ids[np.isfinite(scores[row, ids])]
         if not candidates.size:  # nothing finite to draw from (NaN logits): keep the argmax
             continue
-        cumulative = np.cumsum(_softmax(scores[row, candidates]), dtype=np.float64)
+        # every id a survivor (top-k and top-p off): the row itself, not a gathered copy
+        weights = scores[row] if candidates.size == scores.shape[1] else scores[row, candidates]
+        cumulative = np.cumsum(_softmax(weights), dtype=np.float64)
         pick = np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")
         chosen[row] = candidates[min(pick, candidates.size - 1)]
     return chosen
