@@ -239,8 +239,10 @@ def worker(engine: str, folder: str, threads: int, dtype: str, prompt_tokens: in
     runner = (NeocoreRunner(folder, threads, dtype, compute) if engine == "neocore"
               else PEER_RUNNERS[engine](folder, threads, dtype))
     load = time.perf_counter() - start
+    # where neocore's weights lie changes its decode speed (neocore.hugepages)
+    pages = {"weight_pages": runner.model.weight_pages} if engine == "neocore" else {}
     if prompt_tokens == 0:  # --load-only
-        return {"engine": engine, "dtype": dtype, "threads": threads, "load_s": load, "peak_rss": peak_rss()}
+        return {"engine": engine, "dtype": dtype, "threads": threads, "load_s": load, "peak_rss": peak_rss(), **pages}
     prompt = random_prompt(prompt_tokens, vocab_size, seed=0)
     # warm up on the shapes timed below: the whole prompt, then decode steps after it
     token = runner.prefill(prompt)
@@ -260,7 +262,7 @@ def worker(engine: str, folder: str, threads: int, dtype: str, prompt_tokens: in
               "prefill_tok_s": prompt_tokens / ttft, "ttft_s": ttft,
               "decode_tok_s": new_tokens / decode, "peak_rss": peak_rss(), "repeats": repeats,
               "prefill_spread": (max(prefills) - min(prefills)) / ttft,
-              "decode_spread": (max(decodes) - min(decodes)) / decode}
+              "decode_spread": (max(decodes) - min(decodes)) / decode, **pages}
     if engine == "neocore":
         result["isa"], result["compute"] = runner.model.isa, runner.model.compute
     if latency:
@@ -444,6 +446,8 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         if r["engine"] == "neocore" and not r.get("variant_of_first"):
             print(f"read bandwidth, {r['threads']} thread(s): {r['bandwidth_gb_s']:.1f} GB/s")
+    for dtype, pages in sorted({(r["dtype"], r["weight_pages"]) for r in rows if "weight_pages" in r}):
+        print(f"neocore {dtype} weight pages: {pages}")
     if args.load_only:
         print(f"model {args.model}: load only")
         print(f"{'engine':24} {'load s':>8} {'peak RSS MiB':>13}")

@@ -69,7 +69,9 @@ def test_bench_runs_an_int8_folder_in_int8_unless_told(reference_models, tmp_pat
                            "--new-tokens", "4", "--threads", "1", "--repeats", "1", "--json"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert [row["dtype"] for row in json.loads(proc.stdout)] == ["int8"]
+    (row,) = json.loads(proc.stdout)
+    assert row["dtype"] == "int8"
+    assert row["weight_pages"] == neocore.load(folder).weight_pages  # the run says where its weights lay
 
 
 @pytest.mark.parametrize("flags, message", [
