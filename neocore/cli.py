@@ -67,9 +67,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--huge-pages", choices=list(HUGE_PAGES), default="auto",
                    help="weights in 2 MiB pages, which decode streams faster: auto (default) asks the mapped file "
                         "for them and copies the matrices into them when the file is cached in small pages and "
-                        "the matrices are at most 512 MiB; yes copies whatever the size (unless the file is in huge pages "
-                        "already); no uses the mapped file "
-                        "as it is (fastest load, one copy shared by processes)")
+                        "the matrices are at most 512 MiB; yes copies whatever the size (unless the file is in "
+                        "huge pages already); no uses the mapped file as it is (fastest load, one copy shared by "
+                        "processes)")
     _config_args(p)
 
 

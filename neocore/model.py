@@ -328,12 +328,12 @@ def load(path: str | os.PathLike, dtype: str | None = None, threads: int | None 
     shared by every process that maps it). Other keywords override config fields (e.g.
     window_size=24)."""
     start = time.perf_counter()
+    if huge_pages is not None and not isinstance(huge_pages, (bool, np.bool_)):
+        raise NeocoreError(f"huge_pages must be None, True or False, got {huge_pages!r}")
     from .resolve import resolve_model
     folder = resolve_model(path)
     if dtype is not None and dtype not in WEIGHT_DTYPES:
         raise NeocoreError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
-    if huge_pages is not None and not isinstance(huge_pages, (bool, np.bool_)):
-        raise NeocoreError(f"huge_pages must be None, True or False, got {huge_pages!r}")
     checkpoint = open_checkpoint(folder)
     if dtype is None:
         dtype = default_dtype(checkpoint)

@@ -188,7 +188,7 @@ def test_without_room_for_an_arena_the_load_goes_on(monkeypatch, offered, folder
     assert np.array_equal(mapped.logits(IDS), converted.logits(IDS))
 
 
-def test_default_load_asks_for_huge_pages_where_the_kernel_offers_them(folders):
+def test_default_load_asks_for_huge_pages_where_the_kernel_offers_them(folders, tmp_path):
     model = neocore.load(folders["bfloat16"])
     if hugepages.huge_pages_offered():
         assert model.weight_pages in ("2 MiB where the kernel grants them (copied into memory at load)",
@@ -197,5 +197,6 @@ def test_default_load_asks_for_huge_pages_where_the_kernel_offers_them(folders):
         assert model.weight_pages == ("the mapped file's, as the page cache holds it "
                                       "(this kernel offers no transparent huge pages)")
     assert np.array_equal(model.logits(IDS), neocore.load(folders["bfloat16"], huge_pages=False).logits(IDS))
-    with pytest.raises(neocore.NeocoreError, match="huge_pages must be None, True or False"):
-        neocore.load(folders["bfloat16"], huge_pages="no")
+    for folder in (folders["bfloat16"], tmp_path / "missing"):  # checked before the folder is looked for
+        with pytest.raises(neocore.NeocoreError, match="huge_pages must be None, True or False"):
+            neocore.load(folder, huge_pages="no")
