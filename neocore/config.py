@@ -1,12 +1,12 @@
 """GPT-Neo's shape, read from a Hugging Face config.json and checked for what the engine needs."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .jsonfile import json_object
 
 ATTENTION_KINDS = ("global", "local")
 C_INT_MAX = 2**31 - 1  # sizes reach the engine as C ints
@@ -160,16 +160,12 @@ def read_json_object(path: Path) -> dict[str, Any]:
         size = path.stat().st_size
         if size > CONFIG_LIMIT:
             raise ConfigError(f"{path}: {size} bytes, too large for a {path.name}")
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
-    except (OSError, ValueError) as exc:  # ValueError: bad JSON, bad UTF-8, an integer too long
+    except (OSError, ValueError) as exc:  # ValueError: bad UTF-8
         raise ConfigError(f"{path}: not a readable JSON file ({exc})") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: not a readable JSON file (nested too deeply)") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return raw
+    return json_object(text, path, ConfigError, "not a readable JSON file")
 
 
 def _token_id(token: Any) -> bool:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import codecs
 import heapq
-import json
 import operator
 from collections.abc import Iterable, Sequence
 from functools import cached_property, lru_cache
@@ -18,6 +17,7 @@ from typing import Any
 import regex
 
 from .errors import TokenizerError
+from .jsonfile import json_object
 
 # GPT-2's pattern: contractions, letters, numbers, other symbols, and its whitespace rules
 # (a run of spaces leaves its last space to prefix the next word).
@@ -318,15 +318,7 @@ def _read_text(path: Path) -> str:
 
 
 def _read_json(path: Path, text: str | None = None) -> dict:
-    try:
-        data = json.loads(_read_text(path) if text is None else text)
-    except json.JSONDecodeError as exc:
-        raise TokenizerError(f"{path}: not valid JSON ({exc})") from None
-    except RecursionError:
-        raise TokenizerError(f"{path}: not valid JSON (nested too deeply)") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path}: expected a JSON object")
-    return data
+    return json_object(_read_text(path) if text is None else text, path, TokenizerError, "not valid JSON")
 
 
 def _byte_level_prefix_space(path: Path, pre_tokenizer: Any) -> bool:

@@ -285,6 +285,9 @@ def test_broken_tokenizer_files(gpt2_tokenizer_dir, tmp_path):
     (tmp_path / "vocab.json").write_text("[1, 2]")
     with pytest.raises(TokenizerError, match="vocab.json: expected a JSON object"):
         Tokenizer.from_dir(tmp_path)
+    (tmp_path / "vocab.json").write_text('{"a": 1' + "0" * 5000 + "}")  # past the digits Python converts
+    with pytest.raises(TokenizerError, match="vocab.json: not valid JSON .Exceeds the limit"):
+        Tokenizer.from_dir(tmp_path)
     (tmp_path / "vocab.json").write_text('{"a": 0, "b": 1}')
     (tmp_path / "merges.txt").write_text("#version: 0.2\na b c\n")
     with pytest.raises(TokenizerError, match="line 2 is not a merge"):
