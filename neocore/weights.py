@@ -20,6 +20,7 @@ Empty = Callable[[tuple[int, ...], Any], np.ndarray]  # np.empty, or a HugePageA
 log = logging.getLogger("neocore")
 
 WEIGHT_DTYPES = ("bfloat16", "float32", "int8")
+STORED_AS = {"bfloat16": "BF16", "float32": "F32", "int8": "I8"}  # a file's tensor type usable in place
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64", "F32BE")
 SCALES_SUFFIX = ".scales"  # an int8 matrix "x.weight" keeps its scales in "x.weight.scales"
 INT8_NOT_TRANSFORMERS = "neocore int8 weights, which transformers cannot load"
@@ -136,8 +137,7 @@ class WeightLoader:
         ref = self.checkpoint.tensors.get(self.prefix + name)
         if ref is None or not ref.mappable:
             return None
-        wanted = {"bfloat16": "BF16", "float32": "F32", "int8": "I8"}[self.dtype]
-        return ref if ref.dtype == wanted else None
+        return ref if ref.dtype == STORED_AS[self.dtype] else None
 
     def _ref(self, name: str, shape: tuple[int, ...], dtypes: tuple[str, ...] = FLOAT_DTYPES,
              what: str = "from the config") -> TensorRef:
@@ -163,8 +163,7 @@ class WeightLoader:
             return self._stored_int8(name, shape)
         ref = self._ref(name, shape)
         stored = self.checkpoint.array(ref)
-        target = {"bfloat16": "BF16", "float32": "F32"}.get(self.dtype)
-        if ref.dtype == target and ref.mappable:
+        if ref.dtype == STORED_AS[self.dtype] and ref.mappable:  # (a stored int8 one returned above)
             if not self.copy_in_place:
                 self.in_place += 1
                 return stored
