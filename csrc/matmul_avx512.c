@@ -45,7 +45,7 @@ INLINE_AVX512 void dot_rows_avx512(const NeoDType dtype, const int R, NeoDecodeP
     for (int r = 0; r < R; r++)
         for (int a = 0; a < 4; a++) acc[r][a] = _mm512_setzero_ps();
     /* size_t: int indices (-fwrapv) cost a sign extension and a signed division by the block
-     * size for every 16 weights, which bound int8 rows (EPYC Zen 4, see BENCHMARKS.md) */
+     * size for every 16 weights, which bound int8 rows (EPYC Zen 4 and the Xeon: BENCHMARKS.md) */
     size_t k = 0;
     for (; k + 64 <= (size_t)K; k += 64) {
         prefetch_stream(how, bytes + k * elem, 64 * elem, prefetch_distance(how, dtype));
