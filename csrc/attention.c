@@ -6,7 +6,10 @@
  * earlier position; a local one sees key j from query i iff 0 <= i - j <= window - 1.
  * Keys of the current step are read from k_new/v_new, older ones from the cache (slot
  * j % slots), so a local layer's ring buffer is only written after the step's attention.
- * The cache is head-major, so one head's keys stream from memory in order. */
+ * The cache is head-major, so one head's keys stream from memory in order. In the bf16
+ * compute mode it holds bf16 (half the bytes a many-sequence decode step reads), widened to
+ * fp32 a row at a time as the kernels read it; this step's keys and values come rounded to bf16
+ * already, so every key has one value whether it is read fresh or from the cache. */
 #include <math.h>
 #include "internal.h"
 #ifdef _OPENMP
@@ -15,32 +18,45 @@
 static int omp_get_thread_num(void) { return 0; } /* built without OpenMP: one thread */
 #endif
 
-/* count rows of head_dim floats, stride floats apart */
+/* count rows of head_dim values, stride values apart, of type dtype (NEO_F32 or NEO_BF16) */
 typedef struct {
-    const float *rows;
+    const void *rows;
     int count;
     int stride;
+    NeoDType dtype;
 } RowRun;
+
+/* n values of row c of a run from column d on, as fp32: in place, or widened into widened. */
+static inline __attribute__((always_inline)) const float *run_row(const RowRun *run, int c, int d, int n,
+                                                                  float *restrict widened)
+{
+    const size_t at = (size_t)c * run->stride + d;
+    if (run->dtype == NEO_F32) return (const float *)run->rows + at;
+    const uint16_t *restrict row = (const uint16_t *)run->rows + at;
+    for (int i = 0; i < n; i++) widened[i] = bf16_to_f32(row[i]);
+    return widened;
+}
 
 /* Head h's key (or value) rows first..last in order, as at most three runs: the cached ones
  * (head-major [n_heads][slots][head_dim], a ring buffer wrapping at most once) and then this
  * chunk's ([T][C], the head's slice of each row). */
-static int row_runs(RowRun runs[3], const float *fresh, const float *cache, int slots, int pos0,
-                    int first, int last, int C, int h, int head_dim)
+static int row_runs(RowRun runs[3], const float *fresh, const void *cache, NeoDType cache_dtype,
+                    int slots, int pos0, int first, int last, int C, int h, int head_dim)
 {
     int n = 0;
-    const float *head_cache = cache + (size_t)h * slots * head_dim;
+    const size_t elem = dtype_bytes(cache_dtype);
+    const char *head_cache = (const char *)cache + (size_t)h * slots * head_dim * elem;
     const int last_cached = pos0 - 1 < last ? pos0 - 1 : last;
     if (first <= last_cached) {
         const int count = last_cached - first + 1, slot = first % slots;
         const int before_wrap = count < slots - slot ? count : slots - slot;
-        runs[n++] = (RowRun){head_cache + (size_t)slot * head_dim, before_wrap, head_dim};
-        if (count > before_wrap) runs[n++] = (RowRun){head_cache, count - before_wrap, head_dim};
+        runs[n++] = (RowRun){head_cache + (size_t)slot * head_dim * elem, before_wrap, head_dim, cache_dtype};
+        if (count > before_wrap) runs[n++] = (RowRun){head_cache, count - before_wrap, head_dim, cache_dtype};
     }
     const int first_fresh = first > pos0 ? first : pos0;
     if (first_fresh <= last)
         runs[n++] = (RowRun){fresh + (size_t)(first_fresh - pos0) * C + (size_t)h * head_dim,
-                             last - first_fresh + 1, C};
+                             last - first_fresh + 1, C, NEO_F32};
     return n;
 }
 
@@ -68,14 +84,14 @@ static float dot_scalar(const float *a, const float *b, int n)
 
 /* out[d] = sum_j weights[j] * rows[j][offset + d] over the runs. Each out[d] is summed over j
  * in order; the loop over d is contiguous and vectorises without changing any sum, so this
- * one loop is both the scalar reference and the portable path. */
+ * one loop is both the scalar reference and the portable path. widened: n floats of scratch. */
 static void weighted_rows_generic(float *restrict out, const float *restrict weights,
-                                  const RowRun *runs, int n_runs, int offset, int n)
+                                  const RowRun *runs, int n_runs, int offset, int n, float *widened)
 {
     for (int d = 0; d < n; d++) out[d] = 0.0f;
     for (int r = 0, j = 0; r < n_runs; r++)
         for (int c = 0; c < runs[r].count; c++, j++) {
-            const float *restrict row = runs[r].rows + (size_t)c * runs[r].stride + offset;
+            const float *restrict row = run_row(&runs[r], c, offset, n, widened);
             const float wj = weights[j];
             #pragma omp simd
             for (int d = 0; d < n; d++) out[d] += wj * row[d];
@@ -83,16 +99,18 @@ static void weighted_rows_generic(float *restrict out, const float *restrict wei
 }
 
 #if defined(__x86_64__)
-#define PREFETCH_ROWS_AHEAD 8  /* 4 or 16 rows ahead: 1.08-1.14x slower on Zen 4 */
+/* 4 or 16 rows ahead: 1.08-1.14x slower on Zen 4; bf16 rows 16 ahead (the same bytes): level */
+#define PREFETCH_ROWS_AHEAD 8
 
-/* Row c + PREFETCH_ROWS_AHEAD of a run fetched ahead of its use (head_dim floats; nothing past
+/* Row c + PREFETCH_ROWS_AHEAD of a run fetched ahead of its use (head_dim values; nothing past
  * the run), when prefetch is set. */
 static inline __attribute__((always_inline)) void prefetch_row_ahead(int prefetch, const RowRun *run, int c,
                                                                      int head_dim)
 {
     if (!prefetch || c + PREFETCH_ROWS_AHEAD >= run->count) return;
-    const char *row = (const char *)(run->rows + (size_t)(c + PREFETCH_ROWS_AHEAD) * run->stride);
-    for (int b = 0; b < head_dim * (int)sizeof(float); b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+    const size_t elem = dtype_bytes(run->dtype);
+    const char *row = (const char *)run->rows + (size_t)(c + PREFETCH_ROWS_AHEAD) * run->stride * elem;
+    for (size_t b = 0; b < head_dim * elem; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
 }
 
 TARGET_AVX2 static inline float dot_avx2(const float *a, const float *b, int n)
@@ -117,19 +135,20 @@ TARGET_AVX2 static inline float dot_avx2(const float *a, const float *b, int n)
 TARGET_AVX2 static void weighted_rows_avx2(float *out, const float *weights, const RowRun *runs,
                                            int n_runs, int n, int prefetch)
 {
+    float widened[32];
     int d = 0;
     for (; d + 32 <= n; d += 32) {
         __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         for (int r = 0, j = 0; r < n_runs; r++)
             for (int c = 0; c < runs[r].count; c++, j++) {
-                const float *row = runs[r].rows + (size_t)c * runs[r].stride + d;
+                const float *row = run_row(&runs[r], c, d, 32, widened);
                 if (d == 0) prefetch_row_ahead(prefetch, &runs[r], c, n);
                 const __m256 w = _mm256_set1_ps(weights[j]);
                 for (int a = 0; a < 4; a++) acc[a] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 8 * a), acc[a]);
             }
         for (int a = 0; a < 4; a++) _mm256_storeu_ps(out + d + 8 * a, acc[a]);
     }
-    if (d < n) weighted_rows_generic(out + d, weights, runs, n_runs, d, n - d);
+    if (d < n) weighted_rows_generic(out + d, weights, runs, n_runs, d, n - d, widened);
 }
 
 /* The same two loops on 16-float vectors: the dot with two accumulators and a masked tail,
@@ -152,19 +171,20 @@ TARGET_AVX512 static inline float dot_avx512(const float *a, const float *b, int
 TARGET_AVX512 static void weighted_rows_avx512(float *out, const float *weights, const RowRun *runs,
                                                int n_runs, int n, int prefetch)
 {
+    float widened[64];
     int d = 0;
     for (; d + 64 <= n; d += 64) {
         __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
         for (int r = 0, j = 0; r < n_runs; r++)
             for (int c = 0; c < runs[r].count; c++, j++) {
-                const float *row = runs[r].rows + (size_t)c * runs[r].stride + d;
+                const float *row = run_row(&runs[r], c, d, 64, widened);
                 if (d == 0) prefetch_row_ahead(prefetch, &runs[r], c, n);
                 const __m512 w = _mm512_set1_ps(weights[j]);
                 for (int a = 0; a < 4; a++) acc[a] = _mm512_fmadd_ps(w, _mm512_loadu_ps(row + 16 * a), acc[a]);
             }
         for (int a = 0; a < 4; a++) _mm512_storeu_ps(out + d + 16 * a, acc[a]);
     }
-    if (d < n) weighted_rows_generic(out + d, weights, runs, n_runs, d, n - d);
+    if (d < n) weighted_rows_generic(out + d, weights, runs, n_runs, d, n - d, widened);
 }
 #endif
 
@@ -226,18 +246,18 @@ static inline __attribute__((always_inline)) float attention_dot(const NeoIsa is
 
 /* out = softmax(q . keys) . values over the keys position pos0 + t may see. isa is a constant
  * at each call site, so each instantiation keeps only its own inner loops; prefetch: see
- * neo_attention_prefetches. */
+ * neo_attention_prefetches. s: a row of scores; widened: 8 rows of head_dim floats. */
 static inline __attribute__((always_inline)) void
 attend(const NeoIsa isa, float *out, const float *q, const float *k_new, const float *v_new,
-       const float *k_cache, const float *v_cache, int slots, int pos0, int t, int h, int C,
-       int head_dim, int window, float *s, int prefetch)
+       const void *k_cache, const void *v_cache, NeoDType cache_dtype, int slots, int pos0, int t,
+       int h, int C, int head_dim, int window, float *s, float *widened, int prefetch)
 {
     const int p = pos0 + t;
     const int first = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
     const int offset = h * head_dim;
     const float *qh = q + (size_t)t * C + offset;
     RowRun runs[3];
-    int n_runs = row_runs(runs, k_new, k_cache, slots, pos0, first, p, C, h, head_dim);
+    int n_runs = row_runs(runs, k_new, k_cache, cache_dtype, slots, pos0, first, p, C, h, head_dim);
     int n_keys = 0;
     for (int r = 0; r < n_runs; r++) n_keys += runs[r].count;
     const int step = isa == NEO_ISA_AVX2 ? 8 : 16;  /* scores8's d step */
@@ -247,7 +267,7 @@ attend(const NeoIsa isa, float *out, const float *q, const float *k_new, const f
         float group[8];
         for (int r = 0, i = 0; r < n_runs; r++)
             for (int c = 0; c < runs[r].count; c++, i++) {
-                key[i % 8] = runs[r].rows + (size_t)c * runs[r].stride;
+                key[i % 8] = run_row(&runs[r], c, 0, head_dim, widened + i % 8 * head_dim);
                 prefetch_row_ahead(prefetch, &runs[r], c, head_dim);
                 if (i % 8 != 7 && i != n_keys - 1) continue;
                 const int filled = i % 8 + 1;
@@ -259,7 +279,7 @@ attend(const NeoIsa isa, float *out, const float *q, const float *k_new, const f
     } else {
         for (int r = 0, i = 0; r < n_runs; r++)
             for (int c = 0; c < runs[r].count; c++, i++)
-                s[i] = attention_dot(isa, qh, runs[r].rows + (size_t)c * runs[r].stride, head_dim);
+                s[i] = attention_dot(isa, qh, run_row(&runs[r], c, 0, head_dim, widened), head_dim);
     }
     float max_score = -INFINITY;
     for (int i = 0; i < n_keys; i++) max_score = s[i] > max_score ? s[i] : max_score;
@@ -272,7 +292,7 @@ attend(const NeoIsa isa, float *out, const float *q, const float *k_new, const f
     float total = 0.0f;
     for (int i = 0; i < n_keys; i++) total += s[i];
     for (int i = 0; i < n_keys; i++) s[i] /= total;
-    n_runs = row_runs(runs, v_new, v_cache, slots, pos0, first, p, C, h, head_dim);
+    n_runs = row_runs(runs, v_new, v_cache, cache_dtype, slots, pos0, first, p, C, h, head_dim);
     float *oh = out + (size_t)t * C + offset;
 #if defined(__x86_64__)
     if (isa == NEO_ISA_AVX2) {
@@ -284,14 +304,14 @@ attend(const NeoIsa isa, float *out, const float *q, const float *k_new, const f
         return;
     }
 #endif
-    weighted_rows_generic(oh, s, runs, n_runs, 0, head_dim);
+    weighted_rows_generic(oh, s, runs, n_runs, 0, head_dim, widened);
 }
 
 #define ATTENTION_PARAMS                                                                        \
     float *out, const float *q, const float *k_new, const float *v_new,                        \
-    const NeoSequence *sequences, int layer, int slots, const Segment *segments,   \
-    const int32_t *row_segment, int n_rows, int n_heads, int head_dim, int window,             \
-    float *scores, int scores_stride, int n_threads
+    const NeoSequence *sequences, NeoDType cache_dtype, int layer, int slots,                  \
+    const Segment *segments, const int32_t *row_segment, int n_rows, int n_heads,              \
+    int head_dim, int window, float *scores, int n_ctx, int n_threads
 
 /* Every (row, head) pair is independent: threads split them with a static schedule. A row
  * reads its own sequence's cache and the fresh rows of its own segment. */
@@ -303,10 +323,12 @@ attend(const NeoIsa isa, float *out, const float *q, const float *k_new, const f
         for (int h = 0; h < n_heads; h++) {                                                     \
             const Segment *sg = &segments[row_segment[r]];                                      \
             const size_t first_row = (size_t)sg->row0 * C;                                      \
-            float *scratch = scores + (size_t)omp_get_thread_num() * scores_stride;            \
+            float *scratch = scores + omp_get_thread_num() * attention_scratch_floats(n_ctx, head_dim); \
+            const NeoSequence *seq = &sequences[sg->seq];                                       \
             attend(isa, out + first_row, q + first_row, k_new + first_row, v_new + first_row,   \
-                   sequences[sg->seq].key_cache[layer], sequences[sg->seq].value_cache[layer], slots, sg->pos0, r - sg->row0,   \
-                   h, C, head_dim, window, scratch, prefetch && sg->n_rows == 1);               \
+                   seq->key_cache[layer], seq->value_cache[layer], cache_dtype, slots, sg->pos0, \
+                   r - sg->row0, h, C, head_dim, window, scratch, scratch + n_ctx,              \
+                   prefetch && sg->n_rows == 1);                                                \
         }
 
 static void attention_generic(ATTENTION_PARAMS) { ATTENTION_LOOP(NEO_ISA_GENERIC) }
@@ -322,12 +344,12 @@ void attention_forward(ATTENTION_PARAMS, NeoIsa isa)
 #if defined(__x86_64__)
     if (isa == NEO_ISA_AVX2 || isa == NEO_ISA_AVX512) {
         (isa == NEO_ISA_AVX2 ? attention_avx2 : attention_avx512)(
-            out, q, k_new, v_new, sequences, layer, slots, segments, row_segment, n_rows, n_heads,
-            head_dim, window, scores, scores_stride, n_threads);
+            out, q, k_new, v_new, sequences, cache_dtype, layer, slots, segments, row_segment,
+            n_rows, n_heads, head_dim, window, scores, n_ctx, n_threads);
         return;
     }
 #endif
     (isa == NEO_ISA_SCALAR ? attention_scalar : attention_generic)(
-        out, q, k_new, v_new, sequences, layer, slots, segments, row_segment, n_rows, n_heads,
-        head_dim, window, scores, scores_stride, n_threads);
+        out, q, k_new, v_new, sequences, cache_dtype, layer, slots, segments, row_segment, n_rows,
+        n_heads, head_dim, window, scores, n_ctx, n_threads);
 }

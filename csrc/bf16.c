@@ -1,5 +1,6 @@
 /* bf16.c: float32 -> bfloat16, round to nearest with ties to even, as torch's .to(bfloat16).
- * Used once per weight at load time; threads split the array. */
+ * Used once per weight at load time, and for the bf16 mode's keys and values; threads split
+ * large arrays. */
 #include "internal.h"
 
 int neo_f32_to_bf16(uint16_t *dst, const float *src, size_t n, int n_threads)
@@ -13,4 +14,12 @@ int neo_f32_to_bf16(uint16_t *dst, const float *src, size_t n, int n_threads)
         dst[i] = f32_to_bf16_bits(src[i]);
     }
     return rounded;
+}
+
+/* x[i] = its nearest bf16 value (as f32_to_bf16_bits rounds), in place: the bf16 compute
+ * mode's keys and values, before attention reads them and the cache keeps them. */
+void round_to_bf16(float *x, size_t n, int n_threads)
+{
+    #pragma omp parallel for num_threads(n_threads) schedule(static) if (n > 65536)
+    for (size_t i = 0; i < n; i++) x[i] = bf16_to_f32(f32_to_bf16_bits(x[i]));
 }

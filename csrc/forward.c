@@ -29,11 +29,17 @@ static int cache_slots(const NeoConfig *c, int layer, int n_ctx)
     return c->layer_is_local[layer] && c->window < n_ctx ? c->window : n_ctx;
 }
 
+/* One layer's keys or values */
+static size_t layer_cache_bytes(const NeoState *s, int layer)
+{
+    return (size_t)s->cache_slots[layer] * s->hidden * dtype_bytes(s->cache_dtype);
+}
+
 static size_t sequence_cache_bytes(const NeoState *s)
 {
-    size_t floats = 0;
-    for (int l = 0; l < s->n_layers; l++) floats += 2 * (size_t)s->cache_slots[l] * s->hidden;
-    return floats * sizeof(float);
+    size_t bytes = 0;
+    for (int l = 0; l < s->n_layers; l++) bytes += 2 * layer_cache_bytes(s, l);
+    return bytes;
 }
 
 /* One anonymous mapping per sequence: the kernel backs a page only once it is written, and
@@ -43,12 +49,12 @@ static int sequence_map(NeoState *s, NeoSequence *q)
     void *base = mmap(NULL, sequence_cache_bytes(s), PROT_READ | PROT_WRITE,
                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base == MAP_FAILED) return 0;
-    float *next = base;
+    char *next = base;
     for (int l = 0; l < s->n_layers; l++) {
         q->key_cache[l] = next;
-        next += (size_t)s->cache_slots[l] * s->hidden;
+        next += layer_cache_bytes(s, l);
         q->value_cache[l] = next;
-        next += (size_t)s->cache_slots[l] * s->hidden;
+        next += layer_cache_bytes(s, l);
     }
     return 1;
 }
@@ -59,8 +65,8 @@ void neo_seq_clear(NeoState *s, int seq)
     NeoSequence *q = &s->seq[seq];
     if (q->key_cache && q->key_cache[0]) {
         munmap(q->key_cache[0], sequence_cache_bytes(s));
-        memset(q->key_cache, 0, sizeof(float *) * s->n_layers);
-        memset(q->value_cache, 0, sizeof(float *) * s->n_layers);
+        memset(q->key_cache, 0, sizeof(void *) * s->n_layers);
+        memset(q->value_cache, 0, sizeof(void *) * s->n_layers);
     }
     q->len = 0;
 }
@@ -127,6 +133,7 @@ NeoState *neo_state_new(const NeoConfig *c, int n_seqs, int n_ctx, int max_rows,
     s->n_threads = n_threads;
     s->isa = isa;
     s->bf16_gemm = bf16_gemm;
+    s->cache_dtype = bf16_gemm != NEO_BF16_OFF ? NEO_BF16 : NEO_F32;
     s->n_layers = c->n_layers;
     s->hidden = c->hidden;
     size_t act = (size_t)max_rows * c->hidden;
@@ -137,7 +144,7 @@ NeoState *neo_state_new(const NeoConfig *c, int n_seqs, int n_ctx, int max_rows,
     s->v = calloc(act, sizeof(float));
     s->att = calloc(act, sizeof(float));
     s->h = calloc((size_t)max_rows * c->ffn, sizeof(float));
-    s->scores = calloc((size_t)n_threads * n_ctx, sizeof(float));
+    s->scores = calloc(n_threads * attention_scratch_floats(n_ctx, c->head_dim), sizeof(float));
     s->cache_slots = calloc(c->n_layers, sizeof(int));
     s->seq = calloc(n_seqs, sizeof(NeoSequence));
     s->plan = plan_new(max_rows, n_seqs, c->vocab);
@@ -145,8 +152,8 @@ NeoState *neo_state_new(const NeoConfig *c, int n_seqs, int n_ctx, int max_rows,
           && s->cache_slots && s->seq && s->plan;
     for (int l = 0; ok && l < c->n_layers; l++) s->cache_slots[l] = cache_slots(c, l, n_ctx);
     for (int i = 0; ok && i < n_seqs; i++) {
-        s->seq[i].key_cache = calloc(c->n_layers, sizeof(float *));
-        s->seq[i].value_cache = calloc(c->n_layers, sizeof(float *));
+        s->seq[i].key_cache = calloc(c->n_layers, sizeof(void *));
+        s->seq[i].value_cache = calloc(c->n_layers, sizeof(void *));
         ok = s->seq[i].key_cache && s->seq[i].value_cache;
     }
     if (!ok) {
@@ -240,15 +247,21 @@ static int plan_step(const NeoConfig *c, NeoState *s, const NeoBatch *b)
     return NEO_OK;
 }
 
-/* rows [T][n_heads * head_dim] into the head-major cache [n_heads][slots][head_dim] */
-static void cache_store(float *cache, int slots, const float *rows, int pos0, int T, int n_heads,
-                        int head_dim)
+/* rows [T][n_heads * head_dim] into the head-major cache [n_heads][slots][head_dim] of dtype
+ * (for NEO_BF16 the rows hold bf16 values already: the conversion only drops zero bits) */
+static void cache_store(void *cache, NeoDType dtype, int slots, const float *rows, int pos0, int T,
+                        int n_heads, int head_dim)
 {
     for (int t = 0; t < T; t++) {
         const int slot = (pos0 + t) % slots;
-        for (int h = 0; h < n_heads; h++)
-            memcpy(cache + ((size_t)h * slots + slot) * head_dim,
-                   rows + (size_t)t * n_heads * head_dim + (size_t)h * head_dim, sizeof(float) * head_dim);
+        for (int h = 0; h < n_heads; h++) {
+            const float *row = rows + (size_t)t * n_heads * head_dim + (size_t)h * head_dim;
+            const size_t at = ((size_t)h * slots + slot) * head_dim;
+            if (dtype == NEO_BF16)
+                for (int d = 0; d < head_dim; d++) ((uint16_t *)cache)[at + d] = f32_to_bf16_bits(row[d]);
+            else
+                memcpy((float *)cache + at, row, sizeof(float) * head_dim);
+        }
     }
 }
 
@@ -293,15 +306,21 @@ static void forward_rows(const NeoConfig *c, const NeoWeights *w, NeoState *s, c
         layernorm_forward(s->xn, s->x, L->ln1_w, L->ln1_b, T, C, c->ln_eps, nt);
         const NeoProjection qkv[] = {{s->q, &L->q, NULL, C}, {s->k, &L->k, NULL, C}, {s->v, &L->v, NULL, C}};
         linear(s, qkv, 3, s->xn, T, S, C, 0);
-        attention_forward(s->att, s->q, s->k, s->v, s->seq, l, slots, p->segments, p->row_segment,
-                          T, c->n_heads, c->head_dim, window, s->scores, s->n_ctx, nt, s->isa);
+        if (s->cache_dtype == NEO_BF16) {  /* as the cache will hold them (attention_forward) */
+            round_to_bf16(s->k, (size_t)T * C, nt);
+            round_to_bf16(s->v, (size_t)T * C, nt);
+        }
+        attention_forward(s->att, s->q, s->k, s->v, s->seq, s->cache_dtype, l, slots, p->segments,
+                          p->row_segment, T, c->n_heads, c->head_dim, window, s->scores, s->n_ctx,
+                          nt, s->isa);
         for (int i = 0; i < p->n_segments; i++) {
             const Segment *sg = &p->segments[i];
             const size_t first = (size_t)sg->row0 * C;
-            cache_store(s->seq[sg->seq].key_cache[l], slots, s->k + first, sg->pos0, sg->n_rows,
+            NeoSequence *seq = &s->seq[sg->seq];
+            cache_store(seq->key_cache[l], s->cache_dtype, slots, s->k + first, sg->pos0, sg->n_rows,
                         c->n_heads, c->head_dim);
-            cache_store(s->seq[sg->seq].value_cache[l], slots, s->v + first, sg->pos0, sg->n_rows,
-                        c->n_heads, c->head_dim);
+            cache_store(seq->value_cache[l], s->cache_dtype, slots, s->v + first, sg->pos0,
+                        sg->n_rows, c->n_heads, c->head_dim);
         }
         linear(s, &(NeoProjection){s->x, &L->out, L->out_b, C}, 1, s->att, T, S, C, 1);
 

@@ -269,6 +269,8 @@ static inline float bf16_to_f32(uint16_t b)
     return f;
 }
 
+void round_to_bf16(float *x, size_t n, int n_threads);
+
 /* Element i of an fp32 or bf16 array; dtype is a constant where it is inlined, so each use
  * compiles to one plain load (and for bf16 a shift that vectorises). */
 static inline __attribute__((always_inline)) float fp_element(const void *data, NeoDType dtype, size_t i)
@@ -378,11 +380,18 @@ void layernorm_forward(float *out, const float *x, const float *weight, const fl
 void embedding_forward(float *x, const int32_t *tokens, const int32_t *positions, int T,
                        const NeoMatrix *wte, const NeoMatrix *wpe, int C);
 /* One layer's attention for every row of a step: row r belongs to segments[row_segment[r]]
- * and reads that sequence's key/value cache of this layer. */
+ * and reads that sequence's key/value cache of this layer (of cache_dtype; with NEO_BF16,
+ * k_new and v_new must hold bf16 values already, so that a key reads the same fresh or
+ * cached). scores: attention_scratch_floats(n_ctx, head_dim) for each thread. */
 void attention_forward(float *out, const float *q, const float *k_new, const float *v_new,
-                       const NeoSequence *sequences, int layer, int slots,
+                       const NeoSequence *sequences, NeoDType cache_dtype, int layer, int slots,
                        const Segment *segments, const int32_t *row_segment, int n_rows,
-                       int n_heads, int head_dim, int window, float *scores, int scores_stride,
+                       int n_heads, int head_dim, int window, float *scores, int n_ctx,
                        int n_threads, NeoIsa isa);
+/* A thread's attention scratch: a row of scores, and 8 key rows widened from a bf16 cache. */
+static inline size_t attention_scratch_floats(int n_ctx, int head_dim)
+{
+    return (size_t)n_ctx + 8 * (size_t)head_dim;
+}
 
 #endif

@@ -33,8 +33,9 @@ typedef struct {
 typedef enum { NEO_ISA_GENERIC = 0, NEO_ISA_AVX2 = 1, NEO_ISA_AVX512 = 2, NEO_ISA_SCALAR = 3 } NeoIsa;
 
 /* The multiplier of the prefill GEMM in the bf16 compute mode: x rounded to bf16, products of
- * bf16 values (exact in fp32), sums in fp32; LayerNorm, softmax, gelu, residuals, the cache
- * and decode (the matvec) stay fp32. NEO_BF16_OFF is the exact mode. NEO_BF16_AMX runs AMX
+ * bf16 values (exact in fp32), sums in fp32. Keys and values are rounded to bf16 too, so that
+ * the cache holds half the bytes (what many sequences' decode steps read most); LayerNorm,
+ * softmax, gelu, residuals and queries stay fp32. NEO_BF16_OFF is the exact mode. NEO_BF16_AMX runs AMX
  * tiles (TDPBF16PS), NEO_BF16_AVX512 VDPBF16PS, NEO_BF16_REFERENCE the scalar oracle. */
 typedef enum { NEO_BF16_OFF = 0, NEO_BF16_REFERENCE = 1, NEO_BF16_AVX512 = 2, NEO_BF16_AMX = 3 } NeoBf16Gemm;
 
@@ -89,12 +90,13 @@ typedef struct {
 } NeoBatch;
 
 /* A sequence slot: its length and, once it holds a token, its key/value cache (per layer
- * [n_heads][slots][head_dim]; slots = window for local layers, n_ctx for global ones). The
+ * [n_heads][slots][head_dim] of the state's cache_dtype; slots = window for local layers,
+ * n_ctx for global ones). The
  * cache is mapped on first use and handed back when the sequence is cleared: pages are
  * backed only where positions were written, so idle slots cost nothing. */
 typedef struct {
     int len;
-    float **key_cache, **value_cache;
+    void **key_cache, **value_cache;
 } NeoSequence;
 
 typedef struct {
@@ -104,12 +106,13 @@ typedef struct {
     int n_threads;
     NeoIsa isa;
     NeoBf16Gemm bf16_gemm;
+    NeoDType cache_dtype;  /* NEO_F32, or NEO_BF16 in the bf16 compute mode */
     int n_layers, hidden;
     int *cache_slots;    /* per layer */
     NeoSequence *seq;    /* [n_seqs] */
     /* scratch for one step: [max_rows, hidden] each, h is [max_rows, ffn] */
     float *x, *xn, *q, *k, *v, *att, *h;
-    float *scores;       /* [n_threads, n_ctx]: one attention row per thread */
+    float *scores;       /* [n_threads, attention_scratch_floats]: one attention row per thread */
     void *plan;          /* the step's row order and segments (forward.c) */
 } NeoState;
 

@@ -399,6 +399,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("weight memory", f"{model.weight_bytes() / 2**20:.1f} MiB"),
         ("weight pages", model.weight_pages),
         ("context", model.context_length),
+        ("key/value cache", f"{model.cache_dtype}, {model.cache_bytes(1) / 1024:g} KiB a token, "
+                            f"{model.cache_bytes(model.context_length) / 2**20:.1f} MiB a full sequence "
+                            "(taken as positions are written)"),
         ("kernel path", f"{model.isa} (this CPU runs {', '.join(_core.usable_isas()[:-1])})"),
         ("decode kernel", "bf16 (the compute mode's)" if model.compute == "bf16" and _core.bf16_decodes(model.isa)
          else f"{_core.decode_kernel(model.isa, model.dtype)} (tuned for {_core.cpu_kind()})"),
@@ -408,7 +411,8 @@ def cmd_info(args: argparse.Namespace) -> int:
          f"bf16 (matmuls in bf16: prompts on {BF16_GEMM_NAMES[model.isa]}, decode on "
          f"{'the scalar reference' if model.isa == 'scalar' else 'AVX512-BF16'})"
          if _core.bf16_decodes(model.isa) else
-         f"bf16 (prompt matmuls in bf16 on {BF16_GEMM_NAMES[model.isa]}; decode exact, faster on this CPU)"),
+         f"bf16 (prompt matmuls in bf16 on {BF16_GEMM_NAMES[model.isa]}; decode's matmuls exact, "
+         "faster on this CPU; keys and values in bf16)"),
         ("threads", model.threads if _core.built_with_openmp() else f"{model.threads} (built without OpenMP)"),
         ("tokenizer", "none found" if model.tokenizer is None else
          "bundled GPT-2 (the model folder has none)" if model.tokenizer.bundled else model.tokenizer.source),

@@ -118,6 +118,19 @@ class Model:
         return self._core.compute
 
     @property
+    def cache_dtype(self) -> str:
+        """What the key/value cache holds: 'bfloat16' in the bf16 compute mode, else 'float32'."""
+        return "bfloat16" if self.compute == "bf16" else "float32"
+
+    def cache_bytes(self, positions: int) -> int:
+        """Bytes of keys and values that a sequence of this many positions holds (a local layer
+        keeps its window at most); a sequence's cache takes memory only as it is written."""
+        c = self.config
+        value_bytes = 2 if self.cache_dtype == "bfloat16" else 4
+        kept = [min(positions, c.window_size) if kind == "local" else positions for kind in c.attention_layers]
+        return 2 * sum(kept) * c.hidden_size * value_bytes
+
+    @property
     def context_length(self) -> int:
         return self._core.n_ctx
 
@@ -316,8 +329,9 @@ def load(path: str | os.PathLike, dtype: str | None = None, threads: int | None 
     config.json to use instead of the folder's. progress(done, total) is called while weights
     load. compute: 'exact' (default; fp32 activations, logits as transformers fp32 gives them)
     or 'bf16' (prompt matmuls take their activations rounded to bf16, on AMX or AVX512-BF16,
-    and so do decoded tokens' where that is faster (AMD Zen 4); LayerNorm, softmax, gelu,
-    residuals and the cache stay fp32; on CPUs with neither it computes exactly and says so
+    and so do decoded tokens' where that is faster (AMD Zen 4); keys and values are rounded
+    to bf16 too, and the cache holds them in half the memory; LayerNorm, softmax, gelu,
+    residuals and queries stay fp32; on CPUs with neither it computes exactly and says so
     once). huge_pages: where the kernel offers transparent huge pages (Linux), decode
     streams weights in 2 MiB pages faster than in 4 KiB ones (125M on AMD Zen 4: up to 1.4x).
     None (default) maps the file asking for them, and copies the matrices that the file holds

@@ -150,11 +150,12 @@ def test_whole_model_on_bf16_hardware_matches_the_reference_path(isa, reference_
 @pytest.mark.parametrize("isa", BF16_PATHS)
 def test_decode_in_bf16_tracks_transformers_fp32(isa, reference_models):
     """Decoded tokens go through the bf16 decode kernel where it is the faster (bf16_decodes:
-    AMD Zen 4, on every path there, the scalar oracle too), else through the exact one: one
+    AMD Zen 4, on every path there, the scalar oracle too), else through the exact one; either
+    way they attend over keys and values rounded to bf16, as the mode's cache holds them. One
     token at a time past the local window, the logits keep the issue's bounds against
-    transformers fp32, and differ from the exact mode's exactly when decode is in bf16. On the
-    scalar path decoding in bf16, a token decoded alone gets the very logits it gets inside a
-    prompt (both sum every product of rounded operands in index order)."""
+    transformers fp32 and differ from the exact mode's. On the scalar path decoding in bf16, a
+    token decoded alone gets the very logits it gets inside a prompt (both sum every product of
+    rounded operands in index order, over the same rounded keys and values)."""
     ref = reference_models("default-init")
     ids = np.random.default_rng(9).integers(0, ref.config["vocab_size"], 270).tolist()
     model = neocore.load(ref.folder, isa=isa, compute="bf16", threads=2)
@@ -165,9 +166,30 @@ def test_decode_in_bf16_tracks_transformers_fp32(isa, reference_models):
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.99
     exact = neocore.load(ref.folder, isa=isa, threads=2)
     exact.reset()
-    assert np.array_equal(ours, np.stack([exact.append([t]).copy() for t in ids])) != _core.bf16_decodes(isa)
+    assert not np.array_equal(ours, np.stack([exact.append([t]).copy() for t in ids]))
     if isa == "scalar" and _core.bf16_decodes(isa):
         assert np.array_equal(ours, model.logits(ids))
+
+
+@pytest.mark.parametrize("isa", BF16_PATHS)
+def test_a_bf16_key_reads_the_same_fresh_or_cached(isa, reference_models):
+    """The mode's cache holds keys and values in bf16, and a step rounds its own the same way
+    before its attention reads them: a prompt fed in other chunks of several rows (a chunk's
+    queries see the earlier chunks from the cache, its own rows fresh) gets the very same
+    logits, across the local window. (The last row of a step takes its logits from the
+    decode kernel, which sums in another order on the hardware paths: those rows are left out.)"""
+    ref = reference_models("default-init")
+    ids = np.random.default_rng(10).integers(0, ref.config["vocab_size"], 300).tolist()
+    model = neocore.load(ref.folder, isa=isa, compute="bf16", threads=2)
+
+    def fed_in(cuts: list[int]) -> np.ndarray:
+        model.reset()
+        return np.concatenate([model.append(ids[a:b], all_logits=True) for a, b in zip(cuts, cuts[1:])])
+
+    halves, pieces = [0, 150, 300], [0, 137, 139, 229, 300]
+    inside = np.ones(len(ids), bool)
+    inside[[cut - 1 for cut in halves[1:] + pieces[1:]]] = False
+    assert np.array_equal(fed_in(halves)[inside], fed_in(pieces)[inside])
 
 
 def test_bf16_without_bf16_hardware_computes_exactly_and_says_so_once(reference_models, monkeypatch, capfd):
@@ -188,13 +210,28 @@ def test_unknown_compute_mode_is_refused(reference_models):
         neocore.load(reference_models("tiny").folder, compute="fp8")
 
 
-def test_cli_info_shows_the_compute_mode(reference_models, capsys):
+def test_cli_info_shows_the_compute_mode_and_its_cache(reference_models, capsys):
+    """The mode, and what a token of key/value cache takes in it: keys and values of every
+    layer, hidden_size values each, 4 bytes (fp32) or 2 (bf16); a full sequence's local layers
+    keep their window only."""
     from neocore.cli import main
-    assert main(["info", "-m", str(reference_models("tiny").folder), "--compute", "bf16"]) == 0
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("compute:"))
-    if not HAS_BF16_HARDWARE:
-        assert line.split()[1] == "exact"
-    elif _core.bf16_decodes(neocore.model.kernel_path()):
-        assert "bf16 (matmuls in bf16: prompts on " in line and "decode on AVX512-BF16" in line
-    else:
-        assert "bf16 (prompt matmuls in bf16 on " in line and "decode exact" in line
+    ref = reference_models("window256")
+    cfg = ref.config
+    per_token = 2 * cfg["num_layers"] * cfg["hidden_size"]
+    full = 2 * cfg["hidden_size"] * (cfg["max_position_embeddings"] + cfg["window_size"])  # global, local
+    for compute in ("exact", "bf16"):
+        assert main(["info", "-m", str(ref.folder), "--compute", compute]) == 0
+        lines = dict(l.split(":", 1) for l in capsys.readouterr().out.splitlines())
+        line = lines["compute"].strip()
+        if compute == "exact" or not HAS_BF16_HARDWARE:
+            assert line.split()[0] == "exact"
+            value_bytes, dtype = 4, "float32"
+        else:
+            if _core.bf16_decodes(neocore.model.kernel_path()):
+                assert "bf16 (matmuls in bf16: prompts on " in line and "decode on AVX512-BF16" in line
+            else:
+                assert "bf16 (prompt matmuls in bf16 on " in line and "decode's matmuls exact" in line
+            value_bytes, dtype = 2, "bfloat16"
+        assert lines["key/value cache"].split(",")[:3] == [
+            f" {dtype}", f" {per_token * value_bytes / 1024:g} KiB a token",
+            f" {full * value_bytes / 2**20:.1f} MiB a full sequence (taken as positions are written)"]
