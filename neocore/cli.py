@@ -401,7 +401,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("context", model.context_length),
         ("key/value cache", f"{model.cache_dtype}, {model.cache_bytes(1) / 1024:g} KiB a token, "
                             f"{model.cache_bytes(model.context_length) / 2**20:.1f} MiB a full sequence "
-                            "(taken as positions are written)"),
+                            "(taken as positions are written, a page of each head at a time)"),
         ("kernel path", f"{model.isa} (this CPU runs {', '.join(_core.usable_isas()[:-1])})"),
         ("decode kernel", "bf16 (the compute mode's)" if model.compute == "bf16" and _core.bf16_decodes(model.isa)
          else f"{_core.decode_kernel(model.isa, model.dtype)} (tuned for {_core.cpu_kind()})"),

@@ -124,7 +124,8 @@ class Model:
 
     def cache_bytes(self, positions: int) -> int:
         """Bytes of keys and values that a sequence of this many positions holds (a local layer
-        keeps its window at most); a sequence's cache takes memory only as it is written."""
+        keeps its window at most). A sequence's cache takes memory only as it is written, a 4 KiB
+        page of each head's keys and values at a time (so a short one takes more than this)."""
         c = self.config
         value_bytes = 2 if self.cache_dtype == "bfloat16" else 4
         kept = [min(positions, c.window_size) if kind == "local" else positions for kind in c.attention_layers]

@@ -556,7 +556,8 @@ def test_cache_memory_follows_what_sequences_hold(reference_models, compute, val
     front; only written positions take memory (fp32 keys and values, bf16 in the bf16 mode),
     and clearing a sequence hands it back."""
     ref = reference_models("gpt-neo-125M")
-    model = neocore.load(ref.folder, threads=2, compute=compute)
+    model = neocore.load(ref.folder, threads=2, compute=compute, isa=BF16_HARDWARE if compute == "bf16" else None)
+    assert model.compute == compute
     cfg = model.config
     per_token = 2 * cfg.num_layers * cfg.hidden_size * value_bytes  # keys and values
     seqs, length = 16, 200
