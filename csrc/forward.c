@@ -29,7 +29,7 @@ static int cache_slots(const NeoConfig *c, int layer, int n_ctx)
     return c->layer_is_local[layer] && c->window < n_ctx ? c->window : n_ctx;
 }
 
-/* One layer's keys or values */
+/* Bytes of one layer's keys (or values) in a sequence's cache */
 static size_t layer_cache_bytes(const NeoState *s, int layer)
 {
     return (size_t)s->cache_slots[layer] * s->hidden * dtype_bytes(s->cache_dtype);

@@ -35,8 +35,9 @@ typedef enum { NEO_ISA_GENERIC = 0, NEO_ISA_AVX2 = 1, NEO_ISA_AVX512 = 2, NEO_IS
 /* The multiplier of the prefill GEMM in the bf16 compute mode: x rounded to bf16, products of
  * bf16 values (exact in fp32), sums in fp32. Keys and values are rounded to bf16 too, so that
  * the cache holds half the bytes (what many sequences' decode steps read most); LayerNorm,
- * softmax, gelu, residuals and queries stay fp32. NEO_BF16_OFF is the exact mode. NEO_BF16_AMX runs AMX
- * tiles (TDPBF16PS), NEO_BF16_AVX512 VDPBF16PS, NEO_BF16_REFERENCE the scalar oracle. */
+ * softmax, gelu, residuals and queries stay fp32. NEO_BF16_OFF is the exact mode.
+ * NEO_BF16_AMX runs AMX tiles (TDPBF16PS), NEO_BF16_AVX512 VDPBF16PS, NEO_BF16_REFERENCE the
+ * scalar oracle. */
 typedef enum { NEO_BF16_OFF = 0, NEO_BF16_REFERENCE = 1, NEO_BF16_AVX512 = 2, NEO_BF16_AMX = 3 } NeoBf16Gemm;
 
 enum {
@@ -91,9 +92,8 @@ typedef struct {
 
 /* A sequence slot: its length and, once it holds a token, its key/value cache (per layer
  * [n_heads][slots][head_dim] of the state's cache_dtype; slots = window for local layers,
- * n_ctx for global ones). The
- * cache is mapped on first use and handed back when the sequence is cleared: pages are
- * backed only where positions were written, so idle slots cost nothing. */
+ * n_ctx for global ones). The cache is mapped on first use and handed back when the sequence
+ * is cleared: pages are backed only where positions were written, so idle slots cost nothing. */
 typedef struct {
     int len;
     void **key_cache, **value_cache;

@@ -114,7 +114,7 @@ class Model:
 
     @property
     def compute(self) -> str:
-        """'exact' (fp32 activations) or 'bf16' (the prefill GEMM rounds its inputs to bf16)."""
+        """'exact' (fp32 activations) or 'bf16' (matmul inputs, keys and values rounded to bf16)."""
         return self._core.compute
 
     @property
