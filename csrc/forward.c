@@ -43,12 +43,18 @@ static size_t sequence_cache_bytes(const NeoState *s)
 }
 
 /* One anonymous mapping per sequence: the kernel backs a page only once it is written, and
- * munmap hands it all back (malloc would keep freed memory, and zero it on reuse). */
+ * munmap hands it all back (malloc would keep freed memory, and zero it on reuse). Not in huge
+ * pages: where transparent huge pages are on for every mapping (THP "always"), a first token,
+ * which writes a little of every head's block, would fault in 2 MiB around each, and a
+ * sequence of one token would take most of a full context's memory. */
 static int sequence_map(NeoState *s, NeoSequence *q)
 {
     void *base = mmap(NULL, sequence_cache_bytes(s), PROT_READ | PROT_WRITE,
                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base == MAP_FAILED) return 0;
+#ifdef MADV_NOHUGEPAGE
+    (void)madvise(base, sequence_cache_bytes(s), MADV_NOHUGEPAGE);  /* advice only: may be refused */
+#endif
     char *next = base;
     for (int l = 0; l < s->n_layers; l++) {
         q->key_cache[l] = next;

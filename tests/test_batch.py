@@ -581,6 +581,33 @@ def test_cache_memory_follows_what_sequences_hold(reference_models, compute, val
     assert _rss_bytes() - before < 0.2 * grown
 
 
+def _vm_flags_of_mappings(length: int) -> list[list[str]]:
+    """The kernel's VmFlags of every mapping of this process that is length bytes long."""
+    found, size = [], None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if not head[0].endswith(":"):  # a mapping's first line: start-end perms ...
+                start, end = (int(x, 16) for x in head[0].split("-"))
+                size = end - start
+            elif head[0] == "VmFlags:" and size == length:
+                found.append(head[1:])
+    return found
+
+
+def test_a_sequence_cache_stays_out_of_huge_pages(reference_models):
+    """Where transparent huge pages are on for every mapping (THP "always"), a first token,
+    which writes a little of every head's block, would fault in 2 MiB around each: the cache
+    mapping is advised MADV_NOHUGEPAGE (the kernel's flag "nh"), so it grows with what a
+    sequence holds whatever the machine's setting."""
+    ref = reference_models("gpt-neo-125M")
+    model = neocore.load(ref.folder, threads=2)
+    model.append([1, 2, 3])
+    length = -(-model.cache_bytes(model.context_length) // 4096) * 4096
+    flags = _vm_flags_of_mappings(length)
+    assert flags and all("nh" in f for f in flags), flags
+
+
 def test_asyncio_streams(tiny):
     """Submitted from a running event loop, streams are read with `async for`."""
     import asyncio
