@@ -49,11 +49,11 @@ static size_t sequence_cache_bytes(const NeoState *s)
  * sequence of one token would take most of a full context's memory. */
 static int sequence_map(NeoState *s, NeoSequence *q)
 {
-    void *base = mmap(NULL, sequence_cache_bytes(s), PROT_READ | PROT_WRITE,
-                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    const size_t bytes = sequence_cache_bytes(s);
+    void *base = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base == MAP_FAILED) return 0;
 #ifdef MADV_NOHUGEPAGE
-    (void)madvise(base, sequence_cache_bytes(s), MADV_NOHUGEPAGE);  /* advice only: may be refused */
+    (void)madvise(base, bytes, MADV_NOHUGEPAGE);  /* advice only: may be refused */
 #endif
     char *next = base;
     for (int l = 0; l < s->n_layers; l++) {

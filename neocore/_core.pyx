@@ -67,6 +67,7 @@ cdef extern from "neocore.h":
         int len
     ctypedef struct NeoState:
         int n_seqs, n_ctx, max_rows, n_threads
+        NeoDType cache_dtype
         NeoSequence *seq
     ctypedef struct NeoBatch:
         int n_rows
@@ -417,6 +418,11 @@ cdef class Core:
     @property
     def max_rows(self) -> int:
         return self.state.max_rows
+
+    @property
+    def cache_dtype(self) -> str:
+        """What the key/value cache holds (the state's choice, by compute mode)."""
+        return next(name for name, value in DTYPES.items() if value == self.state.cache_dtype)
 
     def length(self, int seq) -> int:
         """Tokens sequence seq holds."""

@@ -120,7 +120,7 @@ class Model:
     @property
     def cache_dtype(self) -> str:
         """What the key/value cache holds: 'bfloat16' in the bf16 compute mode, else 'float32'."""
-        return "bfloat16" if self.compute == "bf16" else "float32"
+        return self._core.cache_dtype
 
     def cache_bytes(self, positions: int) -> int:
         """Bytes of keys and values that a sequence of this many positions holds (a local layer
