@@ -293,6 +293,14 @@ def _token_text(tokenizer: Tokenizer, token: int) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
+def _top_with_chosen(tokenizer: Tokenizer, entry: TokenLogprob) -> dict[str, float]:
+    """A legacy top_logprobs entry: the most likely tokens and, where it is not among them, the
+    token chosen, so up to logprobs + 1 of them, as OpenAI's reference describes."""
+    top = {_token_text(tokenizer, t): lp for t, lp in entry.top}
+    top.setdefault(_token_text(tokenizer, entry.token), entry.logprob)
+    return top
+
+
 # ---- the two generation routes' shapes --------------------------------------------------------
 class _Completions:
     """/v1/completions: choice i*n + j is the j-th completion of prompt i."""
@@ -357,8 +365,7 @@ class _Completions:
         entries = prompt_entries + entries
         return {"tokens": [_token_text(tokenizer, e.token) for e in entries],
                 "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{_token_text(tokenizer, t): lp for t, lp in e.top} if e.logprob is not None else None
-                                 for e in entries],
+                "top_logprobs": [_top_with_chosen(tokenizer, e) if e.logprob is not None else None for e in entries],
                 "text_offset": offsets}
 
     def choice(self, index: int, text: str, entries: list[TokenLogprob], prompt_entries: list[TokenLogprob],
