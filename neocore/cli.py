@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--api-key", default=os.environ.get("NEOCORE_API_KEY") or None,  # set but empty: none
                    help="require 'Authorization: Bearer KEY' (default: $NEOCORE_API_KEY, else none)")
     r.add_argument("--name", default=None, help="the model name clients use (default: the folder's name)")
+    r.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (scheme://host[:port]) call the API, as CORS allows; "
+                        "repeat for more, '*' for any (default: none)")
     r.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running requests get to finish on SIGTERM (default: %(default)s)")
     r.add_argument("--ray-replicas", type=int, default=0, metavar="N",
@@ -335,8 +338,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise NeocoreError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.ray_replicas < 0:
         raise NeocoreError(f"--ray-replicas must be >= 0, got {args.ray_replicas}")
-    from .server import check_api_key, serve  # before the slow load: says at once when the extra is missing
+    # before the slow load: says at once when the extra is missing
+    from .server import check_api_key, check_origins, serve
     check_api_key(args.api_key)
+    check_origins(args.allow_origin)
     if not 0 <= args.shutdown_timeout < float("inf"):
         raise NeocoreError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
     try:  # before the load: uvicorn would only find out after it
@@ -347,6 +352,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .ray import run  # replicas load the model themselves: this process never does
         run(model_spec(args), args.ray_replicas, args.threads, args.host, args.port, max_batch=args.max_batch,
             max_queue=args.max_queue, api_key=args.api_key, name=args.name, shutdown_timeout=args.shutdown_timeout,
+            allow_origins=args.allow_origin,
             dtype=args.dtype, context=args.context, config=args.config, compute=args.compute,
             huge_pages=HUGE_PAGES[args.huge_pages], **_overrides(args))
         return 0
@@ -358,7 +364,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise NeocoreError(f"cannot listen on {args.host} port {args.port} ({exc.strerror or exc})") from None
     model = load_model(args)
     serve(model, args.host, args.port, args.max_batch, args.max_queue, args.api_key, args.name,
-          args.shutdown_timeout)
+          args.shutdown_timeout, args.allow_origin)
     return 0
 
 

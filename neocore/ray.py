@@ -248,9 +248,7 @@ _replica_served: Any = None
 
 def _replica_app() -> Any:
     from .server import build_app
-    app = build_app()
-    app.state.served = _replica_served
-    return app
+    return build_app(_replica_served)
 
 
 @serve.ingress(_replica_app)
@@ -259,7 +257,7 @@ class Replica:
     response names the replica in an x-neocore-replica header."""
 
     def __init__(self, model: str, max_batch: int, max_queue: int | None, api_key: str | None, name: str,
-                 load_options: dict[str, Any]):
+                 allow_origins: tuple[str, ...], load_options: dict[str, Any]):
         global _replica_served
         from .server import Served
         loaded = load(model, **load_options)
@@ -267,7 +265,7 @@ class Replica:
             raise NeocoreError(f"{loaded.path}: no tokenizer files: the server needs one")
         engine = loaded.start_engine(max_batch, max_queue)
         replica = serve.get_replica_context().replica_id.to_full_id_str()
-        _replica_served = Served(loaded, engine, name, api_key, replica)
+        _replica_served = Served(loaded, engine, name, api_key, replica, allow_origins)
 
 
 def _local_path(path: Any) -> Any:
@@ -278,21 +276,23 @@ def _local_path(path: Any) -> Any:
 
 def app(model: str | os.PathLike, num_replicas: int = 2, threads_per_replica: int = 1,
         max_batch: int = 16, max_queue: int | None = 64, api_key: str | None = None,
-        name: str | None = None, shutdown_timeout: float = 30.0, **load_options: Any) -> Any:
+        name: str | None = None, shutdown_timeout: float = 30.0, allow_origins: Sequence[str] = (),
+        **load_options: Any) -> Any:
     """A Ray Serve application of num_replicas replicas, each serving the OpenAI routes of
     `neocore serve` from its own copy of the model with threads_per_replica threads (and as
     many CPUs reserved). model: a folder every node can read, or a hub repo id; load_options:
     neocore.load's keywords (dtype, context, config, overrides). A replica taken down lets its
-    running requests finish for at most shutdown_timeout seconds. Run it with
-    serve.run(app(...))."""
+    running requests finish for at most shutdown_timeout seconds; allow_origins: web pages that
+    may call it (CORS, as `neocore serve --allow-origin`). Run it with serve.run(app(...))."""
     for what, value, least in (("num_replicas", num_replicas, 1), ("threads_per_replica", threads_per_replica, 1),
                                ("max_batch", max_batch, 1), ("max_queue", 0 if max_queue is None else max_queue, 0)):
         _check_count(what, value, least)
     # numpy's integers pass the check; Ray's own options take Python ints
     num_replicas, threads_per_replica, max_batch = int(num_replicas), int(threads_per_replica), int(max_batch)
     max_queue = None if max_queue is None else int(max_queue)
-    from .server import check_api_key
+    from .server import check_api_key, check_origins
     check_api_key(api_key)  # here, not in each replica after its load
+    allow_origins = check_origins(allow_origins)
     spec = os.fspath(_local_path(model))
     load_options = {**load_options, "threads": threads_per_replica}
     if "config" in load_options:
@@ -306,7 +306,7 @@ def app(model: str | os.PathLike, num_replicas: int = 2, threads_per_replica: in
                                   ray_actor_options={"num_cpus": threads_per_replica},
                                   graceful_shutdown_timeout_s=shutdown_timeout, max_ongoing_requests=ongoing)
     return deployment.bind(spec, max_batch, max_queue, api_key, name or os.path.basename(spec.rstrip("/")),
-                           load_options)
+                           allow_origins, load_options)
 
 
 def run(model: str | os.PathLike, num_replicas: int, threads_per_replica: int | None = None,

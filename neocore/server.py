@@ -3,18 +3,19 @@ with health and Prometheus metrics. As in vLLM's split, this layer only validate
 streams; the engine's loop owns the model. Every error a client can cause is answered with
 OpenAI's error object and a 4xx status, and the server keeps serving.
 
-build_app() makes the FastAPI app; its routes find the model through app.state.served, so the
-same app serves one process (serve()) and each Ray Serve replica (neocore.ray)."""
+build_app(served) makes the FastAPI app; its routes find the model through app.state.served, so
+the same app serves one process (serve()) and each Ray Serve replica (neocore.ray)."""
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 from . import chat
 from .engine import Chunk, Engine, Request, Stream, TokenLogprob
@@ -26,6 +27,7 @@ from .tokenizer import StreamDecoder, Tokenizer
 try:
     import uvicorn
     from fastapi import FastAPI, Request as HttpRequest
+    from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
@@ -69,19 +71,35 @@ def check_api_key(key: str | None) -> None:
                            "without leading or trailing spaces: it travels in an HTTP header")
 
 
+_ORIGIN = re.compile(r"https?://[^/\s]+")
+
+
+def check_origins(origins: Sequence[str]) -> tuple[str, ...]:
+    """Origins whose web pages may call the API (CORS): '*' for any, else each as a browser
+    sends it, scheme://host[:port] with no path (a trailing slash would match no request)."""
+    for origin in origins:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise NeocoreError(f"--allow-origin {origin!r}: give '*' or scheme://host[:port], "
+                               f"as a browser sends it, e.g. http://localhost:3000")
+    return tuple(origins)
+
+
 @dataclass
 class Served:
-    """What the routes serve: a model, its engine, the name clients use, and who may ask."""
+    """What the routes serve: a model, its engine, the name clients use, and who may ask
+    (with a key; from web pages of allow_origins)."""
     model: Any
     engine: Engine
     name: str
     api_key: str | None = None
     replica: str | None = None   # named in an x-neocore-replica header when set
+    allow_origins: tuple[str, ...] = ()
     rejected: int = 0            # sequences refused because the queue was full (as the engine counts them)
     max_body_bytes: int = MAX_BODY_BYTES  # a larger request body is refused with a 413
 
     def __post_init__(self) -> None:
         check_api_key(self.api_key)
+        self.allow_origins = check_origins(self.allow_origins)
 
 
 # ---- reading a request ------------------------------------------------------------------------
@@ -567,6 +585,9 @@ def _model_object(served: Served) -> dict:
     return {"id": served.name, "object": "model", "created": 0, "owned_by": "neocore"}
 
 
+REPLICA_HEADER = "x-neocore-replica"
+
+
 class _ReplicaHeader:
     """Names the serving replica (Ray Serve) in an x-neocore-replica header. Plain ASGI: a
     BaseHTTPMiddleware (@app.middleware) would hide a client's disconnect from the routes."""
@@ -578,7 +599,7 @@ class _ReplicaHeader:
         served = getattr(scope["app"].state, "served", None) if scope["type"] == "http" else None
         if served is None or not served.replica:
             return await self.app(scope, receive, send)
-        header = (b"x-neocore-replica", served.replica.encode())
+        header = (REPLICA_HEADER.encode(), served.replica.encode())
 
         async def send_naming_the_replica(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -587,10 +608,11 @@ class _ReplicaHeader:
         await self.app(scope, receive, send_naming_the_replica)
 
 
-def build_app() -> FastAPI:
-    """The OpenAI-compatible app; set app.state.served (a Served) before it takes requests."""
+def build_app(served: Served) -> FastAPI:
+    """The OpenAI-compatible app serving served."""
     # redirect_slashes off: a path with a trailing slash is an unknown route (404), not a redirect
     app = FastAPI(title="neocore", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
+    app.state.served = served
 
     def served_of(request: HttpRequest) -> Served:
         served: Served = request.app.state.served
@@ -615,6 +637,11 @@ def build_app() -> FastAPI:
                         headers=exc.headers).response()  # a 405's Allow header among them
 
     app.add_middleware(_ReplicaHeader)
+    if served.allow_origins:  # added last, so outermost: errors (401, 429) carry its headers too
+        # a bearer key, not cookies: no credentials; any request header, as OpenAI's
+        # clients send their own (x-stainless-*)
+        app.add_middleware(CORSMiddleware, allow_origins=list(served.allow_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=["Retry-After", REPLICA_HEADER])
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what many health checkers send
     async def health(request: HttpRequest) -> dict:
@@ -680,15 +707,15 @@ class _Server(uvicorn.Server):
 
 def serve(model: Any, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
           max_queue: int | None = 64, api_key: str | None = None, name: str | None = None,
-          shutdown_timeout: float = 30.0) -> None:
+          shutdown_timeout: float = 30.0, allow_origins: Sequence[str] = ()) -> None:
     """Runs the server until SIGINT/SIGTERM: then it stops accepting, lets running requests
     finish (for at most shutdown_timeout seconds; those still running then get a 503, or an
-    error event) and returns."""
+    error event) and returns. allow_origins: web pages that may call it (check_origins)."""
     if model.tokenizer is None:
         raise NeocoreError(f"{model.path}: no tokenizer files: the server needs one")
+    allow_origins = check_origins(allow_origins)  # before the engine starts
     engine = model.start_engine(max_batch, max_queue)
-    app = build_app()
-    app.state.served = Served(model, engine, name or model.path.name, api_key)
+    app = build_app(Served(model, engine, name or model.path.name, api_key, allow_origins=allow_origins))
     banner = (f"neocore: serving {app.state.served.name} on http://{host}:{port}/v1 ({model.threads} threads, "
               f"up to {max_batch} sequences at once)")
     config = uvicorn.Config(app, host=host, port=port, log_level="warning",

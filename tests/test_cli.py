@@ -231,6 +231,9 @@ def test_score_and_info(tiny, tmp_path):
     (["serve", "--api-key", " key"], None, "without leading or trailing spaces"),
     # checked before the load (a missing model folder would be found there)
     (["serve", "-m", "/nonexistent/model", "--max-batch", "0"], None, "--max-batch must be >= 1"),
+    (["serve", "-m", "/nonexistent/model", "--allow-origin", "http://localhost:3000/"], None,
+     "--allow-origin 'http://localhost:3000/': give '*' or scheme://host[:port]"),
+    (["serve", "-m", "/nonexistent/model", "--allow-origin", "localhost"], None, "--allow-origin 'localhost'"),
     (["score", "-m", "/nonexistent/model", "--stride", "0", "-"], "some text", "--stride must be >= 1"),
     (["generate", "-m", "/nonexistent/model", "--seed", "-1", "hi"], None, "seed must be an integer"),
     (["chat", "--max-tokens", "500"], "hi\n", "--max-tokens 500 leaves no room"),

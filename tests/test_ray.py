@@ -230,9 +230,13 @@ def served(application):
 
 
 def test_serve_replicas_answer_the_openai_client_and_share_the_load(local_ray, folder, model):
-    with served(neocore.ray.app(folder, num_replicas=2, threads_per_replica=1, api_key=KEY, name="tiny")) as base:
+    origin = "https://chat.example"
+    with served(neocore.ray.app(folder, num_replicas=2, threads_per_replica=1, api_key=KEY, name="tiny",
+                                allow_origins=[origin])) as base:
         client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
         assert [m.id for m in client.models.list().data] == ["tiny"]
+        from_page = httpx.get(base + "/v1/models", headers={"Origin": origin, "Authorization": f"Bearer {KEY}"})
+        assert from_page.headers["access-control-allow-origin"] == origin
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(0, 64, 4)]
         answers = ask_concurrently(client, prompts)
         assert [text for text, _ in answers] == [model.generate(p, max_new_tokens=16, temperature=0)
@@ -337,8 +341,9 @@ def test_cli_ray_replicas_get_every_load_option(folder, monkeypatch):
     given: dict = {}
     monkeypatch.setattr(neocore.ray, "run", lambda *args, **options: given.update(options))
     assert main(["serve", "-m", folder, "--ray-replicas", "2", "--compute", "bf16", "--dtype", "float32",
-                 "--context", "64", "--max-batch", "4", "--max-queue", "3"]) == 0
+                 "--context", "64", "--max-batch", "4", "--max-queue", "3", "--allow-origin", "*"]) == 0
     assert (given["compute"], given["dtype"], given["context"]) == ("bf16", "float32", 64)
+    assert given["allow_origins"] == ["*"]
     assert (given["max_batch"], given["max_queue"]) == (4, 3)
 
 
@@ -353,6 +358,8 @@ def test_bad_arguments_are_refused_before_ray_starts(folder):
         neocore.ray.app(folder, max_batch="16")
     with pytest.raises(neocore.NeocoreError, match="max_queue"):
         neocore.ray.app(folder, max_queue=-1)
+    with pytest.raises(neocore.NeocoreError, match="allow-origin"):
+        neocore.ray.app(folder, allow_origins=["example.com"])
     # numpy's integers are integers; Ray's options take only Python's, so app converts them
     assert neocore.ray.app(folder, num_replicas=np.int64(1), threads_per_replica=np.int32(1), max_batch=np.int64(4),
                            max_queue=np.int64(2)) is not None

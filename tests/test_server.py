@@ -603,8 +603,11 @@ def test_a_non_streaming_client_that_disconnects_frees_its_slots(server):
     assert after["neocore_requests_finished_total"] == after["neocore_requests_total"]
 
 
-def test_api_key(tiny):
-    with running_server(tiny, "--api-key", "s3cret") as (base, _):
+ORIGIN = "http://localhost:3000"
+
+
+def test_api_key_and_web_pages_of_an_allowed_origin(tiny):
+    with running_server(tiny, "--api-key", "s3cret", "--allow-origin", ORIGIN) as (base, _):
         for header in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
                        {"Authorization": "Bearer  s3cret"}, {"Authorization": "Basic s3cret"}):
             response = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers=header)
@@ -618,6 +621,32 @@ def test_api_key(tiny):
         good = openai.OpenAI(base_url=base + "/v1", api_key="s3cret", max_retries=0)
         assert good.completions.create(model="tiny", prompt="hi", max_tokens=3).usage.completion_tokens == 3
         assert httpx.get(base + "/health").status_code == 200  # health needs no key
+        # a browser's preflight, before a page's request with the key and OpenAI's own headers
+        preflight = httpx.options(base + "/v1/chat/completions", headers={
+            "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == ORIGIN
+        assert "x-stainless-os" in preflight.headers["access-control-allow-headers"].lower()
+        asked = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 2},
+                           headers={"Origin": ORIGIN, "Authorization": "Bearer s3cret"})
+        assert asked.status_code == 200 and asked.headers["access-control-allow-origin"] == ORIGIN
+        refused = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 2},
+                             headers={"Origin": ORIGIN})  # the page can read why: the error carries the header
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == ORIGIN
+        other = httpx.options(base + "/v1/completions", headers={
+            "Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST"})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+
+
+def test_no_origin_is_allowed_unless_named(server):
+    """Without --allow-origin a page of another origin gets no CORS grant: its preflight is
+    an unknown method (405), and a request's answer names no origin, so a browser hides it."""
+    preflight = httpx.options(server + "/v1/completions", headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": "POST"})
+    assert preflight.status_code == 405 and "access-control-allow-origin" not in preflight.headers
+    asked = httpx.get(server + "/v1/models", headers={"Origin": ORIGIN})
+    assert asked.status_code == 200 and "access-control-allow-origin" not in asked.headers
 
 
 def test_full_queue_gets_429_then_serving_resumes(tiny, model):
