@@ -73,10 +73,11 @@ class Tokenizer:
         self.source: Path | None = None  # the folder or file it was read from
 
     @cached_property
-    def id_to_bytes(self) -> list[bytes | None]:
+    def id_to_bytes(self) -> list[bytes]:
         """Each id's bytes, made on the first decode: a model that only encodes (scoring) or
-        has not decoded yet does not pay for it at load."""
-        table: list[bytes | None] = [None] * self.vocab_size
+        has not decoded yet does not pay for it at load. An id the vocabulary skips (a file
+        whose added token sits past a gap) has none, as Hugging Face decodes it to nothing."""
+        table = [b""] * self.vocab_size
         # each character of the byte alphabet back to its byte, as a latin-1 character: a
         # translate and an encode per token (character by character took most of a load)
         alphabet = frozenset(bytes_to_unicode().values())
@@ -91,7 +92,7 @@ class Tokenizer:
     @cached_property
     def longest_token(self) -> int:
         """The most bytes one token stands for."""
-        return max((len(b) for b in self.id_to_bytes if b is not None), default=1)
+        return max(map(len, self.id_to_bytes), default=1)
 
     @property
     def bundled(self) -> bool:
@@ -251,7 +252,7 @@ class Tokenizer:
         """The bytes of one id: an int or a NumPy integer, not a float or a string that would
         round or parse to one."""
         index = token_id if type(token_id) is int else _as_id(token_id)  # an int: at once (decode's loop)
-        if not 0 <= index < self.vocab_size or self.id_to_bytes[index] is None:
+        if not 0 <= index < self.vocab_size:
             raise TokenizerError(f"token id {index} is outside the vocabulary (0..{self.vocab_size - 1})")
         return self.id_to_bytes[index]
 

@@ -167,6 +167,22 @@ def test_decoding_arbitrary_ids_replaces_invalid_utf8_like_hugging_face(ours, hf
     assert ours.vocab_size == 50257 and ours.eos_id == 50256
 
 
+def test_ids_a_vocabulary_skips_decode_to_nothing_as_in_hugging_face(tmp_path, gpt2_tokenizer_dir):
+    """A vocab.json whose added token sits past a gap (<|pad|> at 50260: 50257-50259 unused):
+    the unused ids have no text, as Hugging Face decodes them; past the vocabulary stays refused."""
+    vocab = json.loads((gpt2_tokenizer_dir / "vocab.json").read_text(encoding="utf-8"))
+    (tmp_path / "vocab.json").write_text(json.dumps({**vocab, "<|pad|>": 50260}), encoding="utf-8")
+    shutil.copy(gpt2_tokenizer_dir / "merges.txt", tmp_path / "merges.txt")
+    ours = neocore.Tokenizer.from_dir(tmp_path)
+    hf = GPT2TokenizerFast(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    ids = [31373, 50257, 50260, 50259, 995]
+    assert ours.decode(ids) == hf.decode(ids, clean_up_tokenization_spaces=False) == "hello<|pad|> world"
+    decoder = ours.stream_decoder()
+    assert "".join(decoder.add(i) for i in ids) + decoder.flush() == "hello<|pad|> world"
+    with pytest.raises(TokenizerError, match=r"token id 50261 is outside the vocabulary \(0\.\.50260\)"):
+        ours.decode([50261])
+
+
 def test_out_of_range_ids_are_refused(ours):
     for bad in (50257, -1, 10**9):
         with pytest.raises(TokenizerError, match="outside the vocabulary"):
