@@ -312,9 +312,8 @@ class Engine:
         tokens = token_array(request.prompt, model.config.vocab_size)
         if not tokens.size:
             raise NeocoreError("the prompt is empty: give at least one token")
-        if tokens.size >= model.context_length:
-            raise ContextError(f"the prompt is {tokens.size} tokens long; the context holds "
-                               f"{model.context_length}, and room is needed for at least one new token")
+        if tokens.size > model.context_length:  # a full one still chooses a token (never fed)
+            raise ContextError(f"the prompt is {tokens.size} tokens long; the context holds {model.context_length}")
         if not is_integer(request.max_new_tokens) or request.max_new_tokens < 0:
             raise NeocoreError(f"max_new_tokens must be an integer >= 0, got {request.max_new_tokens!r}")
         if request.text and model.tokenizer is None:
@@ -565,7 +564,9 @@ class Engine:
                     self._finish(seq, "error", error=NON_FINITE_LOGITS)
                     at += len(rows)
                     continue
-                self._record_prompt_logprobs(seq, rows, logits[at:at + len(rows)])
+                if not self._for_one(seq, self._record_prompt_logprobs, seq, rows, logits[at:at + len(rows)]):
+                    at += len(rows)
+                    continue
                 at += len(rows) - 1
             seq.pending = seq.pending[len(rows):]
             seq.fed += len(rows)
@@ -594,10 +595,19 @@ class Engine:
         wants_logprobs = [i for i, s in enumerate(sequences) if s.request.logprobs is not None]
         logprobs = log_softmax_rows(rows_logits[wants_logprobs]) if wants_logprobs else None
         for i, seq in enumerate(sequences):
-            entry = None
-            if logprobs is not None and i in wants_logprobs:
-                entry = _logprob_entry(logprobs[wants_logprobs.index(i)], int(chosen[i]), seq.request.logprobs)
-            self._deliver(seq, int(chosen[i]), entry)
+            entry = logprobs[wants_logprobs.index(i)] if logprobs is not None and i in wants_logprobs else None
+            self._for_one(seq, self._deliver, seq, int(chosen[i]), entry)
+
+    def _for_one(self, seq: _Sequence, work: Callable[..., None], *args: Any) -> bool:
+        """work(*args) for one sequence; where it fails (its request's own tokens or options),
+        that sequence alone ends with the error, and the others in the step go on. Whether it ran."""
+        try:
+            work(*args)
+            return True
+        except Exception as exc:
+            if seq in self._running:  # else it had ended already, its slot freed
+                self._finish(seq, "error", error=str(exc) or type(exc).__name__)
+            return False
 
     def _text_only(self, seq: _Sequence, logits: np.ndarray) -> np.ndarray:
         """A text request's logits without the ids past the tokenizer's (a padded vocabulary):
@@ -616,8 +626,11 @@ class Engine:
         for j, target in enumerate(targets):
             stream.prompt_logprobs.append(_logprob_entry(table[j], int(target), seq.request.logprobs or 0))
 
-    def _deliver(self, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> None:
+    def _deliver(self, seq: _Sequence, token: int, logprobs: np.ndarray | None) -> None:
+        """Hands seq its chosen token (and, with logprobs, the row of log-probabilities it was
+        chosen from)."""
         request, now = seq.request, time.monotonic()
+        logprob = _logprob_entry(logprobs, token, request.logprobs) if logprobs is not None else None
         if seq.first_token_at is None:
             seq.first_token_at = now
             self.stats.add_first_token(now - seq.submitted)
@@ -659,6 +672,7 @@ class Engine:
 
 
 def _logprob_entry(row: np.ndarray, token: int, top: int) -> TokenLogprob:
-    best = np.argpartition(-row, top)[:top] if top else np.empty(0, np.int64)
+    top = min(top, row.size)  # a vocabulary smaller than the number asked for: all of it
+    best = np.argpartition(-row, top - 1)[:top] if top else np.empty(0, np.int64)
     best = best[np.argsort(-row[best])]
     return TokenLogprob(token, float(row[token]), [(int(t), float(row[t])) for t in best])

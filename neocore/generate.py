@@ -10,7 +10,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .errors import ContextError, EngineClosedError, NeocoreError, SamplingError
-from .sampling import NON_FINITE_LOGITS, Sampler, SamplingParams, is_integer
+from .sampling import NON_FINITE_LOGITS, Sampler, SamplingParams, check_seed, is_integer
 
 
 @dataclass
@@ -140,18 +140,22 @@ def prompt_ids(model, prompt: str, what: str = "prompt", allow_special: bool = T
         raise NeocoreError(f"{model.path}: no tokenizer files (vocab.json + merges.txt or tokenizer.json)")
     check_fits_as_text(model, prompt, what)
     ids = model.tokenizer.encode(prompt, allow_special) or [model.tokenizer.eos_id]
-    if len(ids) >= model.context_length:
-        raise ContextError(f"the {what} is {len(ids)} tokens long; the context holds "
-                           f"{model.context_length}, and room is needed for at least one new token")
+    if len(ids) > model.context_length:  # a full context still chooses a token (never fed)
+        raise ContextError(f"the {what} is {len(ids)} tokens long; the context holds {model.context_length}")
     return ids
 
 
-def _params(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-            repetition_penalty: float) -> SamplingParams:
+def _params(max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
+            seed: int | None, stop: Sequence[str]) -> tuple[SamplingParams, list[str]]:
+    """The sampling parameters, and the stop strings read once (for all of a batch's prompts);
+    every argument checked here, since with no token asked for the engine never sees them."""
+    from .engine import check_stops
     params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+    check_seed(seed)
+    stops = check_stops(stop)
     if not is_integer(max_new_tokens) or max_new_tokens < 0:
         raise SamplingError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    return params
+    return params, stops
 
 
 def _chunks_text(handle, stats: GenerationStats) -> Iterator[str]:
@@ -182,7 +186,7 @@ def stream(model, prompt: str, max_new_tokens: int = 128, temperature: float = 0
            stop: Sequence[str] = (), stats: GenerationStats | None = None) -> Iterator[str]:
     """Text chunks of the continuation as they are produced (see Model.stream)."""
     from .engine import Request
-    params = _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    params, stop = _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
     ids = prompt_ids(model, prompt)
     if max_new_tokens == 0:
         return (chunk for chunk in ())  # closable, as TextChunks is
@@ -218,12 +222,11 @@ def generate_many(model, prompts: Sequence[str], max_new_tokens: int = 128, temp
                   seed: int | None = None, stop: Sequence[str] = ()) -> list[str]:
     """The continuation of each prompt, decoded together; prompt i samples with its own
     generator derived from (seed, i), so its text does not depend on the other prompts."""
-    from .engine import Request, stop_list
-    params = _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    from .engine import Request
+    params, stop = _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
     ids = [prompt_ids(model, p) for p in prompts]
     if max_new_tokens == 0:
         return ["" for _ in prompts]
-    stop = stop_list(stop)  # once for all prompts
     requests = [Request(p, params, max_new_tokens, seed, i, stop) for i, p in enumerate(ids)]
     return [completion.text for completion in model.engine.results(requests)]
 

@@ -237,7 +237,6 @@ class Model:
             if not prompt:
                 raise NeocoreError("the prompt is empty: give at least one token")
             token_array(prompt, self.config.vocab_size)  # checked here too when nothing is generated
-            # (the engine then also asks for room for a new token: a prompt shorter than the context)
             needed = len(prompt) + max(max_new_tokens - 1, 0)  # the last token chosen is never fed
             if needed > self.context_length:
                 raise ContextError(f"{needed} tokens do not fit in the context of {self.context_length} positions")

@@ -211,7 +211,7 @@ class Score:
             except NeocoreError as exc:
                 out[i] = str(exc)
                 continue
-            if len(ids) < model.context_length:  # the engine needs room for one new token
+            if len(ids) <= model.context_length:  # one window: the engine scores it
                 request = Request(ids, GREEDY, 0, text=False, stop_at_eos=False, prompt_logprobs=True)
                 running.append((i, self.engine.submit(request, asynchronous=False)))
             else:

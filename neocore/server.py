@@ -164,8 +164,9 @@ def _streaming(body: dict) -> tuple[bool, bool]:
 
 
 def _encode(served: Served, text: str, param: str, allow_special: bool = True, what: str = "") -> list[int]:
-    """The token ids of text (prompt_ids: room left for a new token, text too long refused
-    before it is tokenized), its errors as the client's, naming param (and the text as what)."""
+    """The token ids of text (prompt_ids: more tokens than the context holds refused, text too
+    long refused before it is tokenized), its errors as the client's, naming param (and the
+    text as what)."""
     try:
         return prompt_ids(served.model, text, what or param, allow_special)
     except ContextError as exc:

@@ -39,6 +39,9 @@ SHAPES = {
     "wide-heads": dict(vocab_size=300, max_position_embeddings=96, hidden_size=256, num_layers=3,
                        num_heads=2, attention_types=[[["local"], 1], [["global"], 2]], window_size=16,
                        intermediate_size=8192),
+    # fewer tokens than the 20 log-probabilities a request may ask for
+    "few-tokens": dict(vocab_size=12, max_position_embeddings=32, hidden_size=16, num_layers=2,
+                       num_heads=2, attention_types=[[["global", "local"], 1]], window_size=4),
     # transformers' default weight scale at a small size: 128-wide heads, the real window
     "default-init": dict(vocab_size=2000, max_position_embeddings=320, hidden_size=256, num_layers=4,
                          num_heads=2, attention_types=[[["global", "local"], 2]], window_size=256,

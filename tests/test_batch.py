@@ -254,12 +254,58 @@ def test_logprobs_and_echo_logprobs_match_the_logits(tiny):
         assert len(entry.top) == 3 and entry.top[0][0] == int(np.argmax(logp[pos - 1]))
 
 
+def test_a_prompt_that_fills_the_context_chooses_one_token_and_is_scored(tiny, reference_models):
+    """As transformers does: a prompt of the whole context chooses a token from its last row
+    (a token never fed), and each of its rows scores the next token; one token more is refused."""
+    import torch
+    ref = reference_models("tiny")
+    ids = np.random.default_rng(4).integers(0, 50256, 160).tolist()
+    with torch.no_grad():
+        expected = ref.torch_model.generate(torch.tensor([ids]), max_new_tokens=1, do_sample=False, pad_token_id=0)
+    assert tiny.generate_ids(ids, max_new_tokens=1) == expected[0, 160:].tolist()
+    scored = tiny.engine.submit(Request(ids, GREEDY, 0, text=False, prompt_logprobs=True)).result()
+    logits = ref.logits(ids).astype(np.float64)
+    logp = logits - logits.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    assert [e.token for e in scored.prompt_logprobs] == ids and scored.finish_reason == "length"
+    np.testing.assert_allclose([e.logprob for e in scored.prompt_logprobs[1:]], logp[np.arange(159), ids[1:]],
+                               atol=1e-4)
+    with pytest.raises(neocore.ContextError, match="the prompt is 161 tokens long; the context holds 160"):
+        tiny.engine.submit(Request(ids + [1], GREEDY, 0, text=False, prompt_logprobs=True))
+
+
+def test_a_request_that_fails_on_its_own_ends_alone(tiny, monkeypatch):
+    """A failure in one request's own work after a step (its text: here the tokenizer breaks)
+    ends that request with the error; a request running beside it goes on to its end."""
+    ids = tiny.tokenizer.encode(PROMPTS[0])
+    expected = tiny.generate_ids(ids, max_new_tokens=30, stop_at_eos=False)
+
+    def broken(token_id: int) -> bytes:
+        raise neocore.TokenizerError("the tokenizer broke")
+
+    monkeypatch.setattr(tiny.tokenizer, "token_bytes", broken)
+    beside = tiny.engine.submit(Request(ids, GREEDY, 30, text=False, stop_at_eos=False), asynchronous=False)
+    failing = tiny.engine.submit(Request(ids, GREEDY, 30), asynchronous=False)
+    with pytest.raises(neocore.NeocoreError, match="the tokenizer broke"):
+        failing.result()
+    assert beside.result().tokens == expected
+
+
+def test_more_logprobs_than_tokens_name_every_token(reference_models):
+    """logprobs up to 20 on a vocabulary of 12: every token, most likely first."""
+    model = neocore.load(reference_models("few-tokens").folder)
+    done = model.engine.submit(Request([1, 2, 3], GREEDY, 4, text=False, logprobs=20, stop_at_eos=False)).result()
+    logits = model.logits([1, 2, 3] + done.tokens[:-1])
+    for entry, row in zip(done.logprobs, logits[2:], strict=True):  # the rows that chose the tokens
+        assert [t for t, _ in entry.top] == np.argsort(-row, kind="stable").tolist()
+
+
 def test_engine_refuses_bad_requests(tiny):
     engine = tiny.engine
     with pytest.raises(neocore.NeocoreError, match="empty"):
         engine.submit(Request([], GREEDY, 5))
     with pytest.raises(neocore.ContextError):
-        engine.submit(Request([1] * 160, GREEDY, 5))
+        engine.submit(Request([1] * 161, GREEDY, 5))
     with pytest.raises(neocore.NeocoreError, match="token ids"):
         engine.submit(Request([50257], GREEDY, 5))
     with pytest.raises(neocore.NeocoreError, match="max_new_tokens"):
@@ -355,7 +401,10 @@ def test_closing_the_engine_under_generate_is_an_error_not_short_text(reference_
     (lambda m: m.stream(None), "a prompt must be a string"),
     (lambda m: m.generate_ids([1], max_new_tokens=None), "max_new_tokens must be an integer"),
     (lambda m: m.generate_ids(None), "ids must be a list of token ids"),
-    (lambda m: m.generate_ids([1] * 160, max_new_tokens=1), "room is needed for at least one new token"),
+    (lambda m: m.generate_ids([1] * 161, max_new_tokens=1), "161 tokens do not fit in the context"),
+    (lambda m: m.generate("hi", max_new_tokens=0, seed=-1), "seed must be"),  # checked with nothing to do too
+    (lambda m: m.generate(["hi"], max_new_tokens=0, stop=5), "stop must be a string or a list of strings"),
+    (lambda m: m.stream("hi", max_new_tokens=0, stop=[b"x"]), "stop must be a string or a list of strings"),
     (lambda m: m.generate_ids([1] * 150, max_new_tokens=12), "161 tokens do not fit in the context"),
     (lambda m: neocore.load(None), "a model is a folder path"),
     (lambda m: neocore.load(str(m.path).encode()), "a model is a folder path"),
