@@ -35,8 +35,8 @@ class SamplingParams:
                                 f"got {self.temperature!r}")
         if not is_integer(self.top_k) or self.top_k < 0:
             raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not (is_real(self.top_p) and 0 < self.top_p <= 1):
-            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not (is_real(self.top_p) and 0 <= self.top_p <= 1):  # 0 keeps the most likely token, as in transformers
+            raise SamplingError(f"top_p must be in [0, 1], got {self.top_p!r}")
         if not (is_real(self.repetition_penalty)
                 and 1 / SCALE_LIMIT <= self.repetition_penalty <= SCALE_LIMIT):
             raise SamplingError(f"repetition_penalty must be a number from {1 / SCALE_LIMIT:g} to "

@@ -127,7 +127,7 @@ def _sampling(body: dict) -> tuple[SamplingParams, int, int | None, list[str]]:
     number = (int, float)
     # the comparisons refuse NaN and infinity too (Python's json reads NaN and Infinity)
     temperature = _field(body, "temperature", number, 1.0, lambda v: 0 <= v <= 2, "a number between 0 and 2")
-    top_p = _field(body, "top_p", number, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
+    top_p = _field(body, "top_p", number, 1.0, lambda v: 0 <= v <= 1, "a number in [0, 1]")
     top_k = _field(body, "top_k", (int,), 0, lambda v: v >= 0, "an integer >= 0")
     penalty = _field(body, "repetition_penalty", number, 1.0, lambda v: 1 / SCALE_LIMIT <= v <= SCALE_LIMIT,
                      f"a number from {1 / SCALE_LIMIT:g} to {SCALE_LIMIT:g}")

@@ -211,7 +211,7 @@ def test_score_and_info(tiny, tmp_path):
 @pytest.mark.parametrize("args, stdin, message", [
     (["generate", "-m", "/nonexistent/model", "hi"], None, "no such model folder"),
     (["generate", "-f", "/nonexistent/prompt.txt"], None, "cannot read the prompt file"),
-    (["generate", "--top-p", "2", "hi"], None, "top_p must be in (0, 1]"),
+    (["generate", "--top-p", "2", "hi"], None, "top_p must be in [0, 1]"),
     (["generate", "--temperature", "-1", "hi"], None, "temperature must be"),
     (["generate", "--top-k", "-3", "hi"], None, "top_k must be"),
     (["generate", "--max-tokens", "-3", "hi"], None, "--max-tokens must be"),

@@ -79,6 +79,7 @@ def hf_processors(params: SamplingParams) -> LogitsProcessorList:
     SamplingParams(temperature=1.0, top_k=0, top_p=0.8),
     SamplingParams(temperature=0.6, top_k=40, top_p=0.9, repetition_penalty=1.2),
     SamplingParams(temperature=1.5, top_k=3, top_p=0.5, repetition_penalty=0.8),
+    SamplingParams(temperature=1.0, top_k=0, top_p=0.0),  # OpenAI's and transformers' lowest: the best token
 ])
 def test_processors_match_transformers(params):
     rng = np.random.default_rng(7)

@@ -125,6 +125,14 @@ def assert_tops_hold_the_chosen(logprobs, k: int) -> None:
         assert len(top) == k or (len(top) == k + 1 and chosen <= min(top.values()))
 
 
+def test_top_p_0_is_the_most_likely_token(client, model):
+    """OpenAI takes top_p from 0: some clients send 0 for a deterministic answer; as transformers
+    reads it, only the most likely token is left, whatever the temperature and seed."""
+    sampled = client.completions.create(model="tiny", prompt=PROMPTS[4], max_tokens=12, temperature=1.5, top_p=0,
+                                        seed=3)
+    assert sampled.choices[0].text == model.generate(PROMPTS[4], max_new_tokens=12, temperature=0)
+
+
 def test_echo_with_max_tokens_0_scores_the_prompt(client, model):
     """OpenAI's legacy idiom for a prompt's log-probabilities: nothing is generated, and each
     prompt token's logprob is the one a generating request reports for it."""
@@ -440,7 +448,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "n": 0}, "n"),
-    ("/v1/completions", {"prompt": "hi", "top_p": 0}, "top_p"),
+    ("/v1/completions", {"prompt": "hi", "top_p": -0.1}, "top_p"),
     ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 9}, "logprobs"),
     ("/v1/completions", {"prompt": "hi", "presence_penalty": 1}, "presence_penalty"),
