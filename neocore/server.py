@@ -440,7 +440,12 @@ class _ChatCompletions:
             raise ApiError(400, "'messages' must be a non-empty list", "messages")
         texts = []
         for i, m in enumerate(messages):
-            content = _message_text(m.get("content")) if isinstance(m, dict) else None
+            assistant = isinstance(m, dict) and m.get("role") == "assistant"
+            if assistant and m.get("tool_calls"):
+                raise ApiError(400, f"messages[{i}] holds tool calls: tools are not supported", f"messages[{i}]")
+            # OpenAI lets an assistant's content be null or absent (a message that held only tool calls)
+            content = "" if assistant and m.get("content") is None else \
+                _message_text(m.get("content")) if isinstance(m, dict) else None
             if content is None or m.get("role") not in ("system", "user", "assistant", "developer"):
                 raise ApiError(400, f"messages[{i}] must have a role (system, developer, user or assistant) "
                                     f"and content: a string or a list of text parts", f"messages[{i}]")

@@ -220,6 +220,13 @@ def test_chat_completion_uses_the_chat_transcript(client, model):
     plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0,
                                            response_format={"type": "text"}, tool_choice="none")
     assert plain.choices[0].message.content == expected  # what plain text promises is accepted
+    # an assistant's content may be null or absent, as OpenAI allows: an empty turn
+    turns = [*messages, {"role": "assistant", "content": ""}, {"role": "user", "content": "And?"}]
+    expected = model.generate(chat.transcript(turns), max_new_tokens=8, temperature=0, stop=chat.STOPS).strip()
+    for empty in ({"role": "assistant", "content": None}, {"role": "assistant"}):
+        done = client.chat.completions.create(model="tiny", messages=[*messages, empty, turns[-1]], max_tokens=8,
+                                              temperature=0)
+        assert done.choices[0].message.content == expected
 
 
 def test_chat_text_that_spells_a_special_token_stays_text(client, model):
@@ -471,6 +478,9 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x" * (160 * 128 + 1)}, "prompt"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0]"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, "messages[0]"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, {
+        "role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]}]}, "messages[1]"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages[0]"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 50}, "top_logprobs"),
