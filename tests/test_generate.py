@@ -283,7 +283,7 @@ def test_sampling_rows_with_nothing_finite_fall_back_to_the_argmax():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(temperature=-1), "temperature"), (dict(temperature=float("nan")), "temperature"),
-    (dict(top_p=2), "top_p"), (dict(top_p=0), "top_p"), (dict(top_k=-1), "top_k"),
+    (dict(top_p=2), "top_p"), (dict(top_p=-0.5), "top_p"), (dict(top_k=-1), "top_k"),
     (dict(repetition_penalty=0), "repetition_penalty"), (dict(max_new_tokens=-1), "max_new_tokens"),
     # finite, but float32 logits divided by them overflow (penalty) or all tie (temperature)
     (dict(repetition_penalty=1e-40), "repetition_penalty"), (dict(repetition_penalty=1e39), "repetition_penalty"),
