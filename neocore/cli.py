@@ -194,7 +194,8 @@ def _read_text(path: str, what: str) -> str:
         if path == "-":
             text = _stdin().read(TEXT_LIMIT + 1)
         else:
-            with open(path, encoding="utf-8") as f:
+            # newline="": the text as the file holds it (CRLF too), as standard input gives it
+            with open(path, encoding="utf-8", newline="") as f:
                 text = f.read(TEXT_LIMIT + 1)
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

@@ -194,6 +194,13 @@ def test_score_and_info(tiny, tmp_path):
     for source, stdin in ((str(tmp_path / "bom.txt"), None), ("-", "\ufeff" + text)):
         with_bom = run_cli("score", "-m", str(tiny), source, stdin=stdin)
         assert with_bom.returncode == 0 and with_bom.stdout == proc.stdout.replace(str(tmp_path / "text.txt"), source)
+    # Windows line endings are part of the text, read from a file or from standard input alike
+    crlf = "Line one,\r\nline two.\r\n"
+    (tmp_path / "crlf.txt").write_bytes(crlf.encode())
+    expected = f"perplexity: {neocore.load(tiny).score(crlf).perplexity:.4f}".encode()
+    for source, stdin in ((str(tmp_path / "crlf.txt"), b""), ("-", crlf.encode())):
+        scored = run_cli("score", "-m", str(tiny), source, stdin=stdin)
+        assert scored.returncode == 0 and expected in scored.stdout, (source, scored.stdout)
     info = run_cli("info", "-m", str(tiny), "--threads", "1")
     assert info.returncode == 0
     assert "hidden size:     64" in info.stdout and "threads:         1" in info.stdout
