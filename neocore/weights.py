@@ -4,6 +4,7 @@ parameters in float32."""
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -91,6 +92,11 @@ class WeightLoader:
         names = checkpoint.tensors
         # GPTNeoForCausalLM saves under "transformer.", a bare GPTNeoModel without a prefix
         self.prefix = "transformer." if "transformer.wte.weight" in names else ""
+        block = re.compile(re.escape(self.prefix) + r"h\.(\d+)\.")
+        beyond = [n for n in names for m in [block.match(n)] if m and int(m.group(1)) >= config.num_layers]
+        if beyond:  # read as the config says, the model would run without them and say nothing
+            raise CheckpointError(f"{checkpoint.description}: holds {beyond[0]!r}, a tensor of a block past "
+                                  f"num_layers = {config.num_layers}: the config does not describe these weights")
         self.rounded: list[str] = []
         self.in_place = 0  # tensors used straight from the mapped file
         if dtype != "int8" and holds_int8(checkpoint):

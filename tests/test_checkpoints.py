@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import neocore
+from neocore.convert import convert
 
 IDS = [5, 17, 900, 3, 44, 1002, 7, 0, 61, 250, 8, 9, 10, 11]
 
@@ -217,6 +218,23 @@ def test_bad_config(odd, tmp_path, change, message):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(neocore.ConfigError, match=f"config.json: {message}"):
         neocore.load(folder)
+
+
+def test_a_config_with_fewer_blocks_than_the_weights_is_refused(odd, tmp_path):
+    """Read as such a config says, the model would run without the blocks past it and say
+    nothing (transformers reports them as unexpected); load and convert refuse it."""
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    shutil.copy(odd.folder / "model.safetensors", folder / "model.safetensors")
+    config = json.loads((odd.folder / "config.json").read_text())
+    config.update(num_layers=2, attention_types=[[["local", "global"], 1]], attention_layers=["local", "global"])
+    (folder / "config.json").write_text(json.dumps(config))
+    message = r"holds 'transformer\.h\.2\.[a-z_.]+', a tensor of a block past num_layers = 2"
+    with pytest.raises(neocore.CheckpointError, match=message):
+        neocore.load(folder)
+    with pytest.raises(neocore.CheckpointError, match=message):
+        convert(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_files(odd, tmp_path):
