@@ -254,6 +254,28 @@ def test_convert_refuses_a_destination_whose_old_weights_would_win(tiny, tmp_pat
     convert(ref.folder, dst)  # the same file again is fine: it is replaced
 
 
+def test_convert_refuses_its_source_by_another_path(tiny, tmp_path):
+    """The source named again (a symbolic link), or reached through a bind mount (as a
+    case-insensitive file system would reach it): the source's weights would be overwritten."""
+    ref, _ = tiny
+    from neocore.convert import convert
+    src = tmp_path / "src"
+    shutil.copytree(ref.folder, src)
+    before = (src / "model.safetensors").read_bytes()
+    (tmp_path / "link").symlink_to(src)
+    view = tmp_path / "view"
+    view.mkdir()
+    # bind mounts need root, which CI has (it installs Debian packages)
+    subprocess.run(["mount", "--bind", str(src), str(view)], check=True, capture_output=True)
+    try:
+        for dst in (tmp_path / "link", view):
+            with pytest.raises(neocore.NeocoreError, match="the destination must differ from the source folder"):
+                convert(src, dst)
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
+    assert (src / "model.safetensors").read_bytes() == before
+
+
 def test_convert_into_a_file_or_an_unwritable_place_is_one_clear_error(tiny, tmp_path):
     ref, _ = tiny
     from neocore.convert import convert
