@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from . import chat
 from .engine import Chunk, Engine, Request, Stream, TokenLogprob
@@ -696,14 +696,18 @@ class _Server(uvicorn.Server):
     the engine cancels what still runs, so each such request still ends with an error the
     client can read, before uvicorn's own, later deadline cancels the request's task."""
 
-    def __init__(self, config: uvicorn.Config, engine: Engine, shutdown_timeout: float, banner: str):
+    def __init__(self, config: uvicorn.Config, engine: Engine, shutdown_timeout: float,
+                 banner: Callable[[str], str]):
         super().__init__(config)
         self.engine, self.shutdown_timeout, self.banner = engine, shutdown_timeout, banner
 
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
         if self.started:  # said once the port is bound: uvicorn exits itself when it cannot bind
-            print(self.banner, file=sys.stderr, flush=True)
+            # the address bound, not the one asked for: port 0 is some free port
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            url = f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+            print(self.banner(url), file=sys.stderr, flush=True)
 
     async def shutdown(self, sockets: Any = None) -> None:
         closing = asyncio.create_task(asyncio.to_thread(self.engine.close, self.shutdown_timeout))
@@ -722,8 +726,10 @@ def serve(model: Any, host: str = "127.0.0.1", port: int = 8000, max_batch: int 
     allow_origins = check_origins(allow_origins)  # before the engine starts
     engine = model.start_engine(max_batch, max_queue)
     app = build_app(Served(model, engine, name or model.path.name, api_key, allow_origins=allow_origins))
-    banner = (f"neocore: serving {app.state.served.name} on http://{host}:{port}/v1 ({model.threads} threads, "
-              f"up to {max_batch} sequences at once)")
+    def banner(url: str) -> str:
+        return (f"neocore: serving {app.state.served.name} on {url} ({model.threads} threads, "
+                f"up to {max_batch} sequences at once)")
+
     config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=shutdown_timeout + SHUTDOWN_GRACE_SECONDS)
     server = _Server(config, engine, shutdown_timeout, banner)

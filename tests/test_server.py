@@ -621,6 +621,21 @@ def test_a_non_streaming_client_that_disconnects_frees_its_slots(server):
     assert after["neocore_requests_finished_total"] == after["neocore_requests_total"]
 
 
+def test_the_banner_names_the_port_bound(tiny):
+    """--port 0 takes some free port: the line saying where the server listens names it."""
+    process = subprocess.Popen([sys.executable, "-m", "neocore", "serve", "-m", str(tiny), "--port", "0",
+                                "--threads", "1"], stderr=subprocess.PIPE, text=True)
+    try:
+        banner = process.stderr.readline()
+        assert banner.startswith(f"neocore: serving {tiny.name} on http://127.0.0.1:"), banner
+        base = banner.split(" on ")[1].split()[0]
+        assert int(base.removesuffix("/v1").rsplit(":", 1)[1]) > 0
+        assert httpx.get(base + "/models").json()["data"][0]["id"] == tiny.name
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+
+
 ORIGIN = "http://localhost:3000"
 
 
