@@ -8,8 +8,10 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -451,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if sys.stdout is None:  # started with standard output closed: nowhere for a result to go
         print("neocore: error: standard output is closed", file=sys.stderr)
         return 1
-    with cli_warnings():
+    with cli_warnings(), sigterm_unwinds():
         try:
             if args.command == "bench":
                 from .bench import run as bench_run
@@ -469,6 +471,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             print(f"neocore: error: {kind}{message}", file=sys.stderr)
             return 1
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """While a command runs, SIGTERM ends it by unwinding, as Ctrl-C does (exit status 143), so
+    that what it was writing is removed (convert's partial weights) rather than left behind;
+    the previous handler is put back after. Python's signal handlers live in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 @contextlib.contextmanager
