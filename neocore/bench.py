@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -87,6 +88,11 @@ def counts(text: str, flag: str, minimum: int) -> list[int]:
 def write_random_model(shape: str, out: Path, fmt: str = "safetensors", seed: int = 0) -> Path:
     """A GPT-Neo folder with random weights in the real shape; fp32 values with zero low halves."""
     hidden, layers, heads = SHAPES[shape]
+    if fmt == "bin":
+        try:
+            import torch
+        except ImportError:
+            raise NeocoreError("--format bin needs torch (pip install torch)") from None
     out.mkdir(parents=True, exist_ok=True)
     config = {
         "model_type": "gpt_neo", "architectures": ["GPTNeoForCausalLM"], "hidden_size": hidden,
@@ -120,7 +126,6 @@ def write_random_model(shape: str, out: Path, fmt: str = "safetensors", seed: in
                       or name.endswith("ln_f.weight") else 0.0)
 
     if fmt == "bin":
-        import torch
         torch.save({n: torch.from_numpy(make(n, s)) for n, s in names.items()}, out / "pytorch_model.bin")
         return out
     from .checkpoint import write_safetensors
@@ -368,7 +373,16 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):  # a model's files are not overwritten
             raise NeocoreError(f"{out}: exists and is not an empty folder; --out takes a new or empty one")
-        write_random_model(args.make_model, out, args.format)
+        made = not out.exists()
+        try:
+            write_random_model(args.make_model, out, args.format)
+        except BaseException:  # no half-made folder, which a retry would find not empty
+            if made:
+                shutil.rmtree(out, ignore_errors=True)
+            else:  # it was empty: what it holds is ours
+                for path in out.iterdir():
+                    path.unlink()
+            raise
         print(f"wrote a random {args.make_model} model to {args.out}")
         return 0
     if args.tokenizer:

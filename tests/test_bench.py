@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -50,6 +53,33 @@ def test_bench_refuses_an_unknown_weight_format_or_compute_mode(tmp_path, flags,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert proc.stderr.strip() == f"neocore: error: {message}"
+
+
+def test_make_model_that_fails_leaves_no_half_made_folder(tmp_path):
+    """Without torch, --format bin says so before it writes anything; stopped while it writes
+    (SIGTERM), make-model takes away what it wrote, so that the same command can run again."""
+    (tmp_path / "no-torch" / "torch").mkdir(parents=True)
+    (tmp_path / "no-torch" / "torch" / "__init__.py").write_text("raise ImportError('no torch here')\n")
+    proc = subprocess.run([sys.executable, "-m", "neocore", "bench", "--make-model", "125M", "--out",
+                           str(tmp_path / "bin"), "--format", "bin"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "no-torch")})
+    assert proc.returncode == 1 and proc.stderr == "neocore: error: --format bin needs torch (pip install torch)\n"
+    assert not (tmp_path / "bin").exists()
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        proc = subprocess.Popen([sys.executable, "-m", "neocore", "bench", "--make-model", "125M", "--out", str(out)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            while not (out / "model.safetensors.partial").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 143
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert list(out.iterdir()) == [] if out.name == "empty" else not out.exists()
 
 
 def test_bench_runs_a_model_with_a_small_vocabulary(reference_models):
