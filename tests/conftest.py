@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,6 +152,30 @@ def assert_logits_close(ours: np.ndarray, ref: np.ndarray) -> None:
     bound = 1e-4 * float(np.abs(ref).max()) + 1e-5
     worst = float(np.abs(ours - ref).max())
     assert worst <= bound, f"max |diff| {worst:.3g} exceeds {bound:.3g}"
+
+
+def _sigterm_when(command: list[str], ready, timeout: float = 60) -> int:
+    """Runs command, sends it SIGTERM once ready() is true (waiting timeout seconds at most)
+    and returns its exit status; the process is killed if it outlives the test."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, "the command ended before it was ready"
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def sigterm_when():
+    """sigterm_when(command, ready, timeout=60) -> exit status: see _sigterm_when."""
+    return _sigterm_when
 
 
 @pytest.fixture(scope="session")

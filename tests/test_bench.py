@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -55,7 +53,7 @@ def test_bench_refuses_an_unknown_weight_format_or_compute_mode(tmp_path, flags,
     assert proc.stderr.strip() == f"neocore: error: {message}"
 
 
-def test_make_model_that_fails_leaves_no_half_made_folder(tmp_path):
+def test_make_model_that_fails_leaves_no_half_made_folder(tmp_path, sigterm_when):
     """Without torch, --format bin says so before it writes anything; stopped while it writes
     (SIGTERM), make-model takes away what it wrote, so that the same command can run again."""
     (tmp_path / "no-torch" / "torch").mkdir(parents=True)
@@ -67,18 +65,8 @@ def test_make_model_that_fails_leaves_no_half_made_folder(tmp_path):
     assert not (tmp_path / "bin").exists()
     (tmp_path / "empty").mkdir()
     for out in (tmp_path / "new", tmp_path / "empty"):
-        proc = subprocess.Popen([sys.executable, "-m", "neocore", "bench", "--make-model", "125M", "--out", str(out)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            deadline = time.monotonic() + 60
-            while not (out / "model.safetensors.partial").exists() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=60) == 143
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        command = [sys.executable, "-m", "neocore", "bench", "--make-model", "125M", "--out", str(out)]
+        assert sigterm_when(command, (out / "model.safetensors.partial").exists) == 143
         assert list(out.iterdir()) == [] if out.name == "empty" else not out.exists()
 
 
