@@ -9,7 +9,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -143,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds running requests get to finish on SIGTERM (default: %(default)s)")
     r.add_argument("--ray-replicas", type=int, default=0, metavar="N",
                    help="serve from N Ray Serve replicas of --threads threads each (needs neocore[ray]; "
-                        "joins the Ray cluster at $RAY_ADDRESS, else starts Ray here)")
+                        "joins the Ray cluster at $RAY_ADDRESS, else the one `ray start` began here, "
+                        "else starts Ray here)")
 
     b = sub.add_parser("bench", help="measure speed and memory (see BENCHMARKS.md)")
     from .bench import add_arguments as bench_arguments
@@ -342,16 +342,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.ray_replicas < 0:
         raise NeocoreError(f"--ray-replicas must be >= 0, got {args.ray_replicas}")
     # before the slow load: says at once when the extra is missing
-    from .server import check_api_key, check_origins, serve
+    from .server import check_api_key, check_can_listen, check_origins, serve
     check_api_key(args.api_key)
     check_origins(args.allow_origin)
     if not 0 <= args.shutdown_timeout < float("inf"):
         raise NeocoreError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
-    try:  # before the load: uvicorn would only find out after it
-        family, kind, _, _, address = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0]
-    except (OSError, UnicodeError) as exc:
-        raise NeocoreError(f"--host {args.host!r} is not an address this machine can listen on ({exc})") from None
-    if args.ray_replicas:  # Serve binds the port, with Ray's proxies (perhaps on another node)
+    if args.ray_replicas:  # Serve binds the port, with Ray's proxies (perhaps on other nodes): run checks it
         from .ray import run  # replicas load the model themselves: this process never does
         run(model_spec(args), args.ray_replicas, args.threads, args.host, args.port, max_batch=args.max_batch,
             max_queue=args.max_queue, api_key=args.api_key, name=args.name, shutdown_timeout=args.shutdown_timeout,
@@ -359,12 +355,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             dtype=args.dtype, context=args.context, config=args.config, compute=args.compute,
             huge_pages=HUGE_PAGES[args.huge_pages], **_overrides(args))
         return 0
-    try:  # as uvicorn binds; another process may still take the port before it does
-        with socket.socket(family, kind) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(address)
-    except OSError as exc:
-        raise NeocoreError(f"cannot listen on {args.host} port {args.port} ({exc.strerror or exc})") from None
+    check_can_listen(args.host, args.port)  # before the load: uvicorn would only find out after it
     model = load_model(args)
     serve(model, args.host, args.port, args.max_batch, args.max_queue, args.api_key, args.name,
           args.shutdown_timeout, args.allow_origin)

@@ -309,20 +309,32 @@ def app(model: str | os.PathLike, num_replicas: int = 2, threads_per_replica: in
                            allow_origins, load_options)
 
 
+class _Stopped(Exception):
+    """SIGTERM, raised wherever the command waits: in serve.run too, which a flag would not end."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise _Stopped
+
+
 def run(model: str | os.PathLike, num_replicas: int, threads_per_replica: int | None = None,
         host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
-    """`neocore serve --ray-replicas N`: joins the cluster at $RAY_ADDRESS (else starts Ray on
-    this machine), serves app(...) on host:port until SIGINT/SIGTERM, then takes it down.
-    threads_per_replica defaults to this machine's cores shared among the replicas."""
+    """`neocore serve --ray-replicas N`: joins the cluster at $RAY_ADDRESS (else, as Ray does,
+    one `ray start` began on this machine, else starts Ray here), serves app(...) on host:port
+    until SIGINT/SIGTERM, then takes it down. threads_per_replica defaults to this machine's
+    cores shared among the replicas."""
+    from .server import check_can_listen
     _check_count("num_replicas", num_replicas, 1)  # before dividing by it
     threads = threads_per_replica or max(1, usable_cores() // num_replicas)
     application = app(model, num_replicas, threads, **options)
+    if not os.environ.get("RAY_ADDRESS"):  # Serve's proxy on this machine binds host:port (a remote cluster's nodes, theirs)
+        check_can_listen(host, port)
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, _stop)
     serve_was_running = _serve_running()
     deployed = False
     try:
+        _check_cpus(num_replicas, threads)
         serve.start(http_options={"host": host, "port": port})
         _check_listening_on(host, port)
         deployed = True  # from here the application is ours to take down, failed or not
@@ -332,7 +344,9 @@ def run(model: str | os.PathLike, num_replicas: int, threads_per_replica: int | 
             raise NeocoreError(f"the replicas failed to start: {_deploy_failure('neocore')}") from None
         print(f"neocore: serving on http://{host}:{port}/v1 from {num_replicas} Ray Serve replicas "
               f"({threads} threads each)", file=sys.stderr, flush=True)
-        stop.wait()
+        threading.Event().wait()  # until SIGINT or SIGTERM
+    except _Stopped:
+        pass
     finally:
         # a cluster keeps an application, failed ones too, after its driver leaves; and Serve
         # itself, when this command started it and no other application uses it now
@@ -342,6 +356,15 @@ def run(model: str | os.PathLike, num_replicas: int, threads_per_replica: int | 
             if not serve_was_running and not serve.status().applications:
                 serve.shutdown()
         ray.shutdown()
+
+
+def _check_cpus(num_replicas: int, threads: int) -> None:
+    """Serve waits without end for CPUs a cluster does not have (saying so only in its logs):
+    refuse replicas that need more than the cluster's CPUs now."""
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if num_replicas * threads > cpus:
+        raise NeocoreError(f"{num_replicas} replicas of {threads} threads need {num_replicas * threads} CPUs, "
+                           f"and the Ray cluster has {cpus:g}: ask for fewer replicas or threads")
 
 
 def _serve_running() -> bool:

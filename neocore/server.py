@@ -12,6 +12,7 @@ import json
 import re
 import secrets
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -69,6 +70,21 @@ def check_api_key(key: str | None) -> None:
     if not key or not key.isascii() or not key.isprintable() or key != key.strip():
         raise NeocoreError("the API key (--api-key, $NEOCORE_API_KEY) must be printable ASCII, not empty, "
                            "without leading or trailing spaces: it travels in an HTTP header")
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """A NeocoreError unless this machine can listen on host:port now, bound as uvicorn (and
+    Ray Serve's proxy) binds it; another process may still take the port before they do."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError) as exc:
+        raise NeocoreError(f"--host {host!r} is not an address this machine can listen on ({exc})") from None
+    try:
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        raise NeocoreError(f"cannot listen on {host} port {port} ({exc.strerror or exc})") from None
 
 
 _ORIGIN = re.compile(r"https?://[^/\s]+")

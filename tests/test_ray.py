@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -317,6 +318,33 @@ def test_cli_ray_replicas_that_fail_to_start_say_why_and_leave_nothing(local_ray
                                                     f"neocore.errors.ModelNotFoundError: {tmp_path / 'nope'}: "
                                                     f"no such model folder")
     assert serve.status().applications == {}
+
+
+def test_cli_ray_replicas_that_need_more_cpus_than_the_cluster_has_are_refused(local_ray, folder):
+    """Serve would wait for the CPUs without end, saying so only in its logs."""
+    env = {**os.environ, "RAY_ADDRESS": local_ray}
+    done = subprocess.run([sys.executable, "-m", "neocore", "serve", "--ray-replicas", "2", "-m", folder,
+                           "--threads", "2", "--port", str(free_port())], capture_output=True, text=True, env=env,
+                          cwd=SOURCE_ROOT, timeout=START_TIMEOUT)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == ("neocore: error: 2 replicas of 2 threads need 4 CPUs, and the "
+                                                    "Ray cluster has 2: ask for fewer replicas or threads")
+    assert serve.status().applications == {}
+
+
+def test_cli_ray_replicas_on_a_port_taken_here_say_so_before_ray_starts(folder):
+    """Without RAY_ADDRESS, Serve's proxy on this machine binds the port: a taken one is the
+    same one line as for `neocore serve`, before Ray starts."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        done = subprocess.run([sys.executable, "-m", "neocore", "serve", "--ray-replicas", "1", "-m", folder,
+                               "--threads", "1", "--port", str(port)], capture_output=True, text=True, env=env,
+                              cwd=SOURCE_ROOT, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr == f"neocore: error: cannot listen on 127.0.0.1 port {port} (Address already in use)\n"
 
 
 def test_cli_ray_replicas_refuse_a_port_serve_does_not_listen_on(local_ray, folder):
