@@ -42,6 +42,12 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 GREEDY = SamplingParams(temperature=0)
 SERVICE_REQUESTS = 8  # a replica's places beyond its engine's: /health, /metrics, /v1/models, 429s
 GENERATED = ("generated_text", "prompt_tokens", "generated_tokens", "finish_reason", "error")  # Generate's columns
+# the type of every column the callables add: each block of a data set then has one schema (a
+# block of nulls alone would be Arrow's null type, which pandas and pyarrow cannot read beside
+# the string blocks of the same Parquet folder)
+COLUMN_TYPES = {"generated_text": "string", "prompt_tokens": "int64", "generated_tokens": "int64",
+                "finish_reason": "string", "error": "string", "log_prob": "float64", "tokens": "int64",
+                "perplexity": "float64"}
 
 
 def _check_count(what: str, value: Any, least: int) -> None:
@@ -114,20 +120,35 @@ def _seed_of(value: Any, default: int | None) -> int | None:
     return seed
 
 
-def _column(batch: Any, name: str) -> Any:
-    """The batch's column name, or a NeocoreError naming the columns it has."""
-    if name not in batch:
-        raise NeocoreError(f"the batch has no {name!r} column (its columns: {', '.join(map(str, batch))})")
-    return batch[name]
+def _column(batch: Any, name: str, required: bool = True) -> list | None:
+    """The values of the batch's column name (a list); where there is none, None, or a
+    NeocoreError naming the columns it has when it is required."""
+    import pyarrow as pa
+    names = batch.column_names if isinstance(batch, pa.Table) else list(batch)
+    if name not in names:
+        if required:
+            raise NeocoreError(f"the batch has no {name!r} column (its columns: {', '.join(map(str, names))})")
+        return None
+    return batch.column(name).to_pylist() if isinstance(batch, pa.Table) else list(batch[name])
 
 
 def _with_columns(batch: Any, columns: dict[str, list]) -> Any:
-    """The batch (a dict of NumPy arrays or a pandas DataFrame) with these columns added; each
-    an object array, so that None stays a null beside strings and numbers."""
+    """The batch (Ray Data's numpy, pandas or pyarrow format: a dict of NumPy arrays, a pandas
+    DataFrame, a pyarrow Table) with these columns added, a column of the same name replaced,
+    each typed as COLUMN_TYPES says, nulls among the values: an Arrow array in a Table and in
+    a dict (NumPy has no type for strings or integers with nulls; Ray Data takes the array as
+    it is), pandas' ArrowDtype in a DataFrame."""
+    import pandas as pd
+    import pyarrow as pa
     for name, values in columns.items():
-        column = np.empty(len(values), object)
-        column[:] = values
-        batch[name] = column
+        typed = pa.array(values, type=COLUMN_TYPES[name])
+        if isinstance(batch, pa.Table):
+            at = batch.schema.get_field_index(name)
+            batch = batch.set_column(at, name, typed) if at >= 0 else batch.append_column(name, typed)
+        elif isinstance(batch, pd.DataFrame):
+            batch[name] = pd.arrays.ArrowExtensionArray(typed)  # by position, whatever the index
+        else:
+            batch[name] = typed
     return batch
 
 
@@ -158,10 +179,10 @@ class Generate:
         self.model, self.engine = _load(model, threads, dtype, max_batch, compute, huge_pages)
 
     def __call__(self, batch: Any) -> Any:
-        """batch: a dict of NumPy arrays or a pandas DataFrame (Ray Data's numpy and pandas
+        """batch: a dict of NumPy arrays, a pandas DataFrame or a pyarrow Table (Ray Data's
         batch formats); returned with the new columns."""
-        prompts = list(_column(batch, "prompt"))
-        seeds = list(batch["seed"]) if "seed" in batch else [None] * len(prompts)
+        prompts = _column(batch, "prompt")
+        seeds = _column(batch, "seed", required=False) or [None] * len(prompts)
         new = {name: [None] * len(prompts) for name in GENERATED}
         running = []
         for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
@@ -230,7 +251,7 @@ class Score:
         return out
 
     def __call__(self, batch: Any) -> Any:
-        results = self._logprobs(list(_column(batch, "text")))
+        results = self._logprobs(_column(batch, "text"))
         scored = [not isinstance(r, str) for r in results]
         return _with_columns(batch, {
             "log_prob": [float(r.sum()) if ok else None for r, ok in zip(results, scored)],

@@ -19,6 +19,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import openai
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 from ray import serve
@@ -190,13 +193,36 @@ def test_the_callables_take_pandas_batches_outside_ray(folder, model):
     # a column of integers with a null comes as floats: one past 2**53 may have lost digits
     rows = neocore.ray.Generate(folder, threads=1, max_new_tokens=8, seed=11)(
         {"prompt": np.array(PROMPTS[:3], object), "seed": np.array([2.0 ** 60, np.nan, 5.0])})
-    assert "is a float past 2**53" in rows["error"][0]
-    assert list(rows["generated_text"][1:]) == [model.generate(PROMPTS[1], max_new_tokens=8, seed=11),
-                                                model.generate(PROMPTS[2], max_new_tokens=8, seed=5)]
+    assert "is a float past 2**53" in rows["error"][0].as_py()
+    assert rows["generated_text"][1:].to_pylist() == [model.generate(PROMPTS[1], max_new_tokens=8, seed=11),
+                                                      model.generate(PROMPTS[2], max_new_tokens=8, seed=5)]
+    # pyarrow's format: a Table, its columns typed (a column of the same name replaced)
+    table = neocore.ray.Generate(folder, threads=1, max_new_tokens=8, temperature=0)(
+        pa.table({"prompt": [PROMPTS[0], None], "error": ["upstream", "upstream"]}))
+    assert table.column_names == ["prompt", "error", *[c for c in neocore.ray.GENERATED if c != "error"]]
+    assert table.column("generated_text").to_pylist() == [model.generate(PROMPTS[0], max_new_tokens=8,
+                                                                         temperature=0), None]
+    assert table.column("error").to_pylist() == [None, "the prompt is missing"]
+    assert table.schema.field("prompt_tokens").type == pa.int64()
     with pytest.raises(neocore.NeocoreError, match="the batch has no 'prompt' column \\(its columns: text\\)"):
         neocore.ray.Generate(folder, threads=1)(pd.DataFrame({"text": ["a"]}))
     with pytest.raises(neocore.NeocoreError, match="the batch has no 'text' column \\(its columns: prompt, seed\\)"):
         neocore.ray.Score(folder, threads=1)({"prompt": np.array(["a"]), "seed": np.array([1])})
+
+
+@pytest.mark.parametrize("batch_format", ["numpy", "pandas", "pyarrow"])
+def test_a_block_of_failed_rows_keeps_the_columns_types(local_ray, folder, tmp_path, batch_format):
+    """A batch whose rows all fail has only nulls in the new columns: typed, its Parquet file
+    has the schema of the others, so pandas and pyarrow read the folder back (not Ray alone)."""
+    rows = [{"prompt": PROMPTS[0]}, {"prompt": PROMPTS[1]}, {"prompt": ""}, {"prompt": "word " * 300}]
+    out = tmp_path / "out"
+    ray.data.from_items(rows, override_num_blocks=2).map_batches(
+        neocore.ray.Generate, fn_constructor_kwargs={"model": folder, "threads": 1, "max_new_tokens": 4},
+        concurrency=1, num_cpus=1, batch_size=2, batch_format=batch_format).write_parquet(str(out))
+    read = pd.read_parquet(out).sort_values("prompt", key=lambda p: p.str.len())
+    assert list(read["error"].isna()) == [False, True, True, False]
+    assert list(read["generated_tokens"].isna()) == [True, False, False, True]
+    assert pq.read_table(out).schema.field("prompt_tokens").type == pa.int64()
 
 
 def ask_concurrently(client: openai.OpenAI, prompts: list[str]) -> list[tuple[str, str]]:
