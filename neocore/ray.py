@@ -31,6 +31,7 @@ from .engine import Engine, Request, check_stops
 from .errors import NeocoreError
 from .generate import check_stride
 from .model import Model, load, usable_cores
+from .resolve import resolve_model
 from .sampling import SamplingParams, check_seed, is_integer
 
 try:
@@ -348,8 +349,9 @@ def run(model: str | os.PathLike, num_replicas: int, threads_per_replica: int | 
     _check_count("num_replicas", num_replicas, 1)  # before dividing by it
     threads = threads_per_replica or max(1, usable_cores() // num_replicas)
     application = app(model, num_replicas, threads, **options)
-    if not os.environ.get("RAY_ADDRESS"):  # Serve's proxy on this machine binds host:port (a remote cluster's nodes, theirs)
+    if not os.environ.get("RAY_ADDRESS"):  # Ray on this machine: what its replicas and proxy meet, met here first
         check_can_listen(host, port)
+        resolve_model(model)
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
     signal.signal(signal.SIGTERM, _stop)
     serve_was_running = _serve_running()

@@ -359,8 +359,8 @@ def test_cli_ray_replicas_that_need_more_cpus_than_the_cluster_has_are_refused(l
 
 
 def test_cli_ray_replicas_on_a_port_taken_here_say_so_before_ray_starts(folder):
-    """Without RAY_ADDRESS, Serve's proxy on this machine binds the port: a taken one is the
-    same one line as for `neocore serve`, before Ray starts."""
+    """Without RAY_ADDRESS, Ray runs on this machine: a port taken here, or a model folder
+    missing here, is the same one line as for `neocore serve`, before Ray starts."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -371,6 +371,10 @@ def test_cli_ray_replicas_on_a_port_taken_here_say_so_before_ray_starts(folder):
                               cwd=SOURCE_ROOT, timeout=60)
     assert done.returncode == 1
     assert done.stderr == f"neocore: error: cannot listen on 127.0.0.1 port {port} (Address already in use)\n"
+    missing = subprocess.run([sys.executable, "-m", "neocore", "serve", "--ray-replicas", "1", "-m",
+                              "/nonexistent/model", "--threads", "1", "--port", str(free_port())],
+                             capture_output=True, text=True, env=env, cwd=SOURCE_ROOT, timeout=60)
+    assert missing.returncode == 1 and missing.stderr == "neocore: error: /nonexistent/model: no such model folder\n"
 
 
 def test_cli_ray_replicas_refuse_a_port_serve_does_not_listen_on(local_ray, folder):
