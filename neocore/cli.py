@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     r.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     r.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default: %(default)s)")
-    r.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429 (default: %(default)s)")
+    r.add_argument("--max-queue", type=int, default=64,
+                   help="sequences that may wait (a request counts prompts x n); more get 429 (default: %(default)s)")
     r.add_argument("--api-key", default=os.environ.get("NEOCORE_API_KEY") or None,  # set but empty: none
                    help="require 'Authorization: Bearer KEY' (default: $NEOCORE_API_KEY, else none)")
     r.add_argument("--name", default=None, help="the model name clients use (default: the folder's name)")
@@ -342,7 +343,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.ray_replicas < 0:
         raise NeocoreError(f"--ray-replicas must be >= 0, got {args.ray_replicas}")
     # before the slow load: says at once when the extra is missing
-    from .server import check_api_key, check_can_listen, check_origins, serve
+    from .server import check_api_key, check_can_listen, check_origins, serve, served_name
     check_api_key(args.api_key)
     check_origins(args.allow_origin)
     if not 0 <= args.shutdown_timeout < float("inf"):
@@ -350,15 +351,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.ray_replicas:  # Serve binds the port, with Ray's proxies (perhaps on other nodes): run checks it
         from .ray import run  # replicas load the model themselves: this process never does
         run(model_spec(args), args.ray_replicas, args.threads, args.host, args.port, max_batch=args.max_batch,
-            max_queue=args.max_queue, api_key=args.api_key, name=args.name, shutdown_timeout=args.shutdown_timeout,
+            max_queue=args.max_queue, api_key=args.api_key, name=args.name or served_name(model_spec(args)),
+            shutdown_timeout=args.shutdown_timeout,
             allow_origins=args.allow_origin,
             dtype=args.dtype, context=args.context, config=args.config, compute=args.compute,
             huge_pages=HUGE_PAGES[args.huge_pages], **_overrides(args))
         return 0
     check_can_listen(args.host, args.port)  # before the load: uvicorn would only find out after it
     model = load_model(args)
-    serve(model, args.host, args.port, args.max_batch, args.max_queue, args.api_key, args.name,
-          args.shutdown_timeout, args.allow_origin)
+    serve(model, args.host, args.port, args.max_batch, args.max_queue, args.api_key,
+          args.name or served_name(model_spec(args)), args.shutdown_timeout, args.allow_origin)
     return 0
 
 

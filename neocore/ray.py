@@ -312,7 +312,7 @@ def app(model: str | os.PathLike, num_replicas: int = 2, threads_per_replica: in
     # numpy's integers pass the check; Ray's own options take Python ints
     num_replicas, threads_per_replica, max_batch = int(num_replicas), int(threads_per_replica), int(max_batch)
     max_queue = None if max_queue is None else int(max_queue)
-    from .server import check_api_key, check_origins
+    from .server import check_api_key, check_origins, served_name
     check_api_key(api_key)  # here, not in each replica after its load
     allow_origins = check_origins(allow_origins)
     spec = os.fspath(_local_path(model))
@@ -327,8 +327,8 @@ def app(model: str | os.PathLike, num_replicas: int = 2, threads_per_replica: in
     deployment = serve.deployment(Replica, name="neocore", num_replicas=num_replicas,
                                   ray_actor_options={"num_cpus": threads_per_replica},
                                   graceful_shutdown_timeout_s=shutdown_timeout, max_ongoing_requests=ongoing)
-    return deployment.bind(spec, max_batch, max_queue, api_key, name or os.path.basename(spec.rstrip("/")),
-                           allow_origins, load_options)
+    return deployment.bind(spec, max_batch, max_queue, api_key, name or served_name(spec), allow_origins,
+                           load_options)
 
 
 class _Stopped(Exception):

@@ -8,7 +8,9 @@ the same app serves one process (serve()) and each Ray Serve replica (neocore.ra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import re
 import secrets
 import signal
@@ -16,6 +18,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from . import chat
@@ -70,6 +73,15 @@ def check_api_key(key: str | None) -> None:
     if not key or not key.isascii() or not key.isprintable() or key != key.strip():
         raise NeocoreError("the API key (--api-key, $NEOCORE_API_KEY) must be printable ASCII, not empty, "
                            "without leading or trailing spaces: it travels in an HTTP header")
+
+
+def served_name(spec: str | os.PathLike) -> str:
+    """The name a server gives the model named spec: its folder's, the last part of a hub id
+    (whose folder is a snapshot named by a commit hash), the current folder's for '.'."""
+    path = Path(spec)
+    with contextlib.suppress(RuntimeError):  # ~user of no user: the load says so
+        path = path.expanduser()
+    return path.absolute().resolve().name
 
 
 def check_can_listen(host: str, port: int) -> None:

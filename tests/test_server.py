@@ -621,10 +621,12 @@ def test_a_non_streaming_client_that_disconnects_frees_its_slots(server):
     assert after["neocore_requests_finished_total"] == after["neocore_requests_total"]
 
 
-def test_the_banner_names_the_port_bound(tiny):
-    """--port 0 takes some free port: the line saying where the server listens names it."""
-    process = subprocess.Popen([sys.executable, "-m", "neocore", "serve", "-m", str(tiny), "--port", "0",
-                                "--threads", "1"], stderr=subprocess.PIPE, text=True)
+def test_the_banner_names_the_port_bound_and_the_model(tiny):
+    """--port 0 takes some free port: the line saying where the server listens names it. The
+    model's name is its folder's, '.' included; a hub id's is its last part (its folder is a
+    snapshot named by a commit hash)."""
+    process = subprocess.Popen([sys.executable, "-m", "neocore", "serve", "-m", ".", "--port", "0",
+                                "--threads", "1"], stderr=subprocess.PIPE, text=True, cwd=tiny)
     try:
         banner = process.stderr.readline()
         assert banner.startswith(f"neocore: serving {tiny.name} on http://127.0.0.1:"), banner
@@ -634,6 +636,7 @@ def test_the_banner_names_the_port_bound(tiny):
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(30)
+    assert neocore_server.served_name("EleutherAI/gpt-neo-125M") == "gpt-neo-125M"
 
 
 ORIGIN = "http://localhost:3000"
