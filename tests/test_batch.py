@@ -296,7 +296,8 @@ def test_more_logprobs_than_tokens_name_every_token(reference_models):
     model = neocore.load(reference_models("few-tokens").folder)
     done = model.engine.submit(Request([1, 2, 3], GREEDY, 4, text=False, logprobs=20, stop_at_eos=False)).result()
     logits = model.logits([1, 2, 3] + done.tokens[:-1])
-    for entry, row in zip(done.logprobs, logits[2:], strict=True):  # the rows that chose the tokens
+    assert len(done.logprobs) == len(logits[2:]) == 4
+    for entry, row in zip(done.logprobs, logits[2:]):  # the rows that chose the tokens
         assert [t for t, _ in entry.top] == np.argsort(-row, kind="stable").tolist()
 
 

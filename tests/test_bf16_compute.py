@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import neocore
 import neocore.model
@@ -15,6 +14,8 @@ from neocore import _core
 from neocore.weights import f32_to_bf16, quantize_i8
 
 from neocore.model import ISA_NEEDS
+
+torch = pytest.importorskip("torch")  # none for Python 3.9: skipped there (conftest: an error in CI)
 
 # The hardware paths, skipped (saying what is missing) on CPUs without them; then the reference.
 HARDWARE = [pytest.param(isa, marks=pytest.mark.skipif(not _core.isa_runs_here(isa),

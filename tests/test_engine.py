@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import neocore
 from neocore import _core
+
+torch = pytest.importorskip("torch")  # none for Python 3.9: skipped there (conftest: an error in CI)
 
 ISAS = [isa for isa in _core.usable_isas() if isa != "scalar"]
 DTYPES = ["bfloat16", "float32"]
