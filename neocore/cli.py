@@ -351,8 +351,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.ray_replicas:  # Serve binds the port, with Ray's proxies (perhaps on other nodes): run checks it
         from .ray import run  # replicas load the model themselves: this process never does
         run(model_spec(args), args.ray_replicas, args.threads, args.host, args.port, max_batch=args.max_batch,
-            max_queue=args.max_queue, api_key=args.api_key, name=args.name or served_name(model_spec(args)),
-            shutdown_timeout=args.shutdown_timeout,
+            max_queue=args.max_queue, api_key=args.api_key, name=args.name, shutdown_timeout=args.shutdown_timeout,
             allow_origins=args.allow_origin,
             dtype=args.dtype, context=args.context, config=args.config, compute=args.compute,
             huge_pages=HUGE_PAGES[args.huge_pages], **_overrides(args))

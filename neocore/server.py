@@ -76,12 +76,13 @@ def check_api_key(key: str | None) -> None:
 
 
 def served_name(spec: str | os.PathLike) -> str:
-    """The name a server gives the model named spec: its folder's, the last part of a hub id
-    (whose folder is a snapshot named by a commit hash), the current folder's for '.'."""
+    """The name a server gives the model named spec: its folder's as named (a link's, not its
+    target's), the last part of a hub id (whose folder is a snapshot named by a commit hash),
+    the current folder's for '.'."""
     path = Path(spec)
     with contextlib.suppress(RuntimeError):  # ~user of no user: the load says so
         path = path.expanduser()
-    return path.absolute().resolve().name
+    return Path(os.path.abspath(path)).name
 
 
 def check_can_listen(host: str, port: int) -> None:
