@@ -621,7 +621,7 @@ def test_a_non_streaming_client_that_disconnects_frees_its_slots(server):
     assert after["neocore_requests_finished_total"] == after["neocore_requests_total"]
 
 
-def test_the_banner_names_the_port_bound_and_the_model(tiny):
+def test_the_banner_names_the_port_bound_and_the_model(tiny, tmp_path):
     """--port 0 takes some free port: the line saying where the server listens names it. The
     model's name is its folder's, '.' included; a hub id's is its last part (its folder is a
     snapshot named by a commit hash)."""
@@ -637,6 +637,8 @@ def test_the_banner_names_the_port_bound_and_the_model(tiny):
         process.send_signal(signal.SIGTERM)
         process.wait(30)
     assert neocore_server.served_name("EleutherAI/gpt-neo-125M") == "gpt-neo-125M"
+    (tmp_path / "my-model").symlink_to(tiny)  # a link's own name, not its target's
+    assert neocore_server.served_name(tmp_path / "my-model") == "my-model"
 
 
 ORIGIN = "http://localhost:3000"
