@@ -220,11 +220,17 @@ def _prompts(served: Served, prompt: Any, n: int) -> list[list[int]]:
         raise ApiError(400, "'prompt' must be a string, a list of strings, or token id lists", "prompt")
 
     items = prompt if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt) else [prompt]
-    try:
-        served.engine.check_count(len(items) * n)
-    except NeocoreError as exc:
-        raise ApiError(400, str(exc), "n" if n > 1 else "prompt") from None
+    _check_could_fit(served, len(items) * n, "n" if n > 1 else "prompt")
     return [ids_of(p) for p in items]
+
+
+def _check_could_fit(served: Served, count: int, param: str) -> None:
+    """A 400 for a request of more sequences than the engine runs and queues at once, which
+    could never be served: found before any prompt is tokenized."""
+    try:
+        served.engine.check_count(count)
+    except NeocoreError as exc:
+        raise ApiError(400, str(exc), param) from None
 
 
 async def _read_body(request: HttpRequest, limit: int) -> bytes:
@@ -444,6 +450,7 @@ class _ChatCompletions:
     def __init__(self, served: Served, body: dict):
         self.served = served
         self.params, self.n, self.seed, stops = _sampling(body)
+        _check_could_fit(served, self.n, "n")
         self.stops = chat.STOPS + stops
         # both are checked; the newer name wins where both are given
         tokens = _field(body, "max_tokens", (int,), 128, lambda v: v >= 1, "an integer >= 1")

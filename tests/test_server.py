@@ -714,6 +714,10 @@ def test_full_queue_gets_429_then_serving_resumes(tiny, model):
         assert all(r.json()["choices"][0]["text"] == expected for r in served)
         ok = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
         assert ok.status_code == 200 and metrics(base)["neocore_requests_rejected_total"] == len(refused)
+        # n=2 can never fit one place and no queue: a chat request is refused for that before
+        # its messages are read (these would be refused too)
+        never = httpx.post(base + "/v1/chat/completions", json={"n": 2, "messages": [{"role": "wizard"}]})
+        assert never.status_code == 400 and never.json()["error"]["param"] == "n"
 
 
 def test_rejected_sequences_are_counted_as_accepted_ones_are(tiny):
