@@ -338,8 +338,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise NeocoreError(f"--port must be between 0 and 65535, got {args.port}")
     if args.max_queue < 0:
         raise NeocoreError(f"--max-queue must be >= 0, got {args.max_queue}")
-    if args.max_batch < 1:  # the upper bound needs the model's size limits
-        raise NeocoreError(f"--max-batch must be >= 1, got {args.max_batch}")
+    from .engine import Engine
+    if not 1 <= args.max_batch <= Engine.largest_batch():  # before the slow load
+        raise NeocoreError(f"--max-batch must be between 1 and {Engine.largest_batch()}, got {args.max_batch}")
     if args.ray_replicas < 0:
         raise NeocoreError(f"--ray-replicas must be >= 0, got {args.ray_replicas}")
     # before the slow load: says at once when the extra is missing

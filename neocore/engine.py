@@ -276,7 +276,7 @@ class Engine:
 
     def __init__(self, model: Any, max_batch: int = 16, max_queue: int | None = None):
         from .model import DIRECT_SLOT, SEQUENCE_SLOTS
-        Engine.check_limits(model, max_batch, max_queue)
+        Engine.check_limits(max_batch, max_queue)
         if model._engine is not None:  # two engines would share the model's sequence slots
             raise NeocoreError("this model already has an engine (model.engine): close it first")
         model._engine = self
@@ -295,10 +295,15 @@ class Engine:
         self._text_vocab = model.tokenizer.vocab_size if model.tokenizer else model.config.vocab_size
 
     @staticmethod
-    def check_limits(model: Any, max_batch: object, max_queue: object) -> None:
-        """A NeocoreError unless an engine of model can have these limits."""
-        from .model import SEQUENCE_SLOTS
-        largest = min(SEQUENCE_SLOTS - 1, model._core.max_rows - PREFILL_CHUNK)  # room for a prefill chunk
+    def largest_batch() -> int:
+        """The most sequences an engine decodes at once, the same for every model."""
+        from .model import PREFILL_CHUNK as STEP_ROWS, SEQUENCE_SLOTS
+        return min(SEQUENCE_SLOTS - 1, STEP_ROWS - PREFILL_CHUNK)  # room left for a prefill chunk
+
+    @staticmethod
+    def check_limits(max_batch: object, max_queue: object) -> None:
+        """A NeocoreError unless an engine can have these limits."""
+        largest = Engine.largest_batch()
         if not is_integer(max_batch) or not 1 <= max_batch <= largest:
             raise NeocoreError(f"max_batch must be an integer between 1 and {largest}, got {max_batch!r}")
         if max_queue is not None and (not is_integer(max_queue) or max_queue < 0):

@@ -211,7 +211,7 @@ class Model:
         """Makes this model's engine with these limits (a model has one engine). An engine with
         no requests (made by an earlier generate) is closed and replaced; a busy one is not."""
         from .engine import Engine
-        Engine.check_limits(self, max_batch, max_queue)  # limits refused leave the current engine as it is
+        Engine.check_limits(max_batch, max_queue)  # limits refused leave the current engine as it is
         with self._lock:  # one step: a generate meanwhile finds the old engine or the new one
             current = self._engine
             if current is not None:

@@ -312,6 +312,7 @@ def app(model: str | os.PathLike, num_replicas: int = 2, threads_per_replica: in
     # numpy's integers pass the check; Ray's own options take Python ints
     num_replicas, threads_per_replica, max_batch = int(num_replicas), int(threads_per_replica), int(max_batch)
     max_queue = None if max_queue is None else int(max_queue)
+    Engine.check_limits(max_batch, max_queue)  # here, not in each replica after its load
     from .server import check_api_key, check_origins, served_name
     check_api_key(api_key)  # here, not in each replica after its load
     allow_origins = check_origins(allow_origins)

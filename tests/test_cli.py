@@ -237,7 +237,8 @@ def test_score_and_info(tiny, tmp_path):
     (["serve", "--api-key", "s\u00ebcret"], None, "the API key (--api-key, $NEOCORE_API_KEY) must be printable ASCII"),
     (["serve", "--api-key", " key"], None, "without leading or trailing spaces"),
     # checked before the load (a missing model folder would be found there)
-    (["serve", "-m", "/nonexistent/model", "--max-batch", "0"], None, "--max-batch must be >= 1"),
+    (["serve", "-m", "/nonexistent/model", "--max-batch", "0"], None, "--max-batch must be between 1 and 128, got 0"),
+    (["serve", "-m", "/nonexistent/model", "--max-batch", "500"], None, "--max-batch must be between 1 and 128"),
     (["serve", "-m", "/nonexistent/model", "--allow-origin", "http://localhost:3000/"], None,
      "--allow-origin 'http://localhost:3000/': give '*' or scheme://host[:port]"),
     (["serve", "-m", "/nonexistent/model", "--allow-origin", "localhost"], None, "--allow-origin 'localhost'"),

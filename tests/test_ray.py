@@ -416,6 +416,8 @@ def test_bad_arguments_are_refused_before_ray_starts(folder):
         neocore.ray.app(folder, max_batch="16")
     with pytest.raises(neocore.NeocoreError, match="max_queue"):
         neocore.ray.app(folder, max_queue=-1)
+    with pytest.raises(neocore.NeocoreError, match="max_batch must be an integer between 1 and 128, got 500"):
+        neocore.ray.app(folder, max_batch=500)
     with pytest.raises(neocore.NeocoreError, match="allow-origin"):
         neocore.ray.app(folder, allow_origins=["example.com"])
     # numpy's integers are integers; Ray's options take only Python's, so app converts them
