@@ -794,7 +794,7 @@ def test_shutdown_timeout_ends_running_requests_with_an_error(tiny):
 
 
 @pytest.mark.parametrize("flags, message", [(["--port", "70000"], "--port"), (["--max-queue", "-1"], "--max-queue"),
-                                            (["--max-batch", "0"], "--max-batch must be >= 1"),
+                                            (["--max-batch", "0"], "--max-batch must be between 1 and 128"),
                                             (["--host", "999.999.999.999"], "--host '999.999.999.999' is not an address")])
 def test_bad_serve_flags_are_one_line_errors(tiny, flags, message):
     done = subprocess.run([sys.executable, "-m", "neocore", "serve", "-m", str(tiny), *flags],
