@@ -339,8 +339,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_queue < 0:
         raise NeocoreError(f"--max-queue must be >= 0, got {args.max_queue}")
     from .engine import Engine
-    if not 1 <= args.max_batch <= Engine.largest_batch():  # before the slow load
-        raise NeocoreError(f"--max-batch must be between 1 and {Engine.largest_batch()}, got {args.max_batch}")
+    largest = Engine.largest_batch()
+    if not 1 <= args.max_batch <= largest:  # before the slow load
+        raise NeocoreError(f"--max-batch must be between 1 and {largest}, got {args.max_batch}")
     if args.ray_replicas < 0:
         raise NeocoreError(f"--ray-replicas must be >= 0, got {args.ray_replicas}")
     # before the slow load: says at once when the extra is missing

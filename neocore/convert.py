@@ -43,8 +43,8 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
             raise NeocoreError(f"the {what} folder is empty: name a folder")
     folder = resolve_model(src)
     dst = Path(dst)
-    # the same folder by another path too: a bind mount, a case-insensitive file system
-    if dst.resolve() == folder.resolve() or (dst.is_dir() and os.path.samefile(dst, folder)):
+    # by file identity, so by any path: a link, a bind mount, a case-insensitive file system
+    if dst.is_dir() and os.path.samefile(dst, folder):
         raise NeocoreError(f"{dst}: the destination must differ from the source folder")
     checkpoint = open_checkpoint(folder)
     if dtype != "int8" and holds_int8(checkpoint):
