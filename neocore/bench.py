@@ -70,6 +70,15 @@ def compute_modes(text: str) -> list[str]:
     return modes
 
 
+def weight_formats(text: str | None) -> list[str]:
+    """The weight formats --dtype names, e.g. bfloat16,int8; none when it is not given."""
+    dtypes = text.split(",") if text is not None else []
+    for dtype in dtypes:
+        if dtype not in ("bfloat16", "float32", "int8"):
+            raise NeocoreError(f"unknown dtype {dtype!r} (bfloat16, float32, int8)")
+    return dtypes
+
+
 def counts(text: str, flag: str, minimum: int) -> list[int]:
     """A comma-separated list of whole numbers >= minimum, e.g. --threads 1,2,16."""
     try:
@@ -410,10 +419,7 @@ def run(args: argparse.Namespace) -> int:
         if peer not in PEERS:
             raise NeocoreError(f"unknown peer {peer!r} ({', '.join(PEERS)})")
     computes = compute_modes(args.compute)
-    dtypes = args.dtype.split(",") if args.dtype is not None else []
-    for dtype in dtypes:
-        if dtype not in ("bfloat16", "float32", "int8"):
-            raise NeocoreError(f"unknown dtype {dtype!r} (bfloat16, float32, int8)")
+    dtypes = weight_formats(args.dtype)
     from .checkpoint import open_checkpoint
     from .model import default_dtype, resolve_config
     checkpoint = open_checkpoint(Path(args.model))

@@ -16,7 +16,8 @@ import time
 
 import numpy as np
 
-from .bench import compute_modes, counts as client_counts
+from .bench import compute_modes, counts as client_counts, weight_formats
+from .errors import NeocoreError
 
 WORDS = ("the river city market winter light station engine garden paper music window harbor "
          "signal forest letter morning bridge voice number story").split()
@@ -105,9 +106,10 @@ async def _round(base: str, prompts: list[str], new_tokens: int) -> dict:
             "engine_forward_ms_per_step": 1e3 * forward / max(steps, 1)}
 
 
-def _worker(kind: str, folder: str, threads: int, prompts: list[str], new_tokens: int, compute: str) -> dict:
+def _worker(kind: str, folder: str, threads: int, prompts: list[str], new_tokens: int, compute: str,
+            dtype: str | None) -> dict:
     """Runs in its own process: transformers' padded batch, or neocore's prefill ceiling (in the
-    server's compute mode)."""
+    server's compute mode and weight format)."""
     if kind == "transformers":
         import torch
         from transformers import AutoTokenizer, GPTNeoForCausalLM
@@ -126,7 +128,7 @@ def _worker(kind: str, folder: str, threads: int, prompts: list[str], new_tokens
             wall = time.perf_counter() - start
         return {"tok_s": len(prompts) * new_tokens / wall, "seconds": wall}
     from .bench import NeocoreRunner
-    runner = NeocoreRunner(folder, threads, None, compute)  # the dtype the server loads
+    runner = NeocoreRunner(folder, threads, dtype, compute)
     ids = np.random.default_rng(0).integers(0, runner.model.config.vocab_size, 128).tolist()
     times = []
     for _ in range(4):  # timed as neocore bench times prefill: the prompt's last row of logits only
@@ -137,59 +139,90 @@ def _worker(kind: str, folder: str, threads: int, prompts: list[str], new_tokens
 
 
 def _spawn(kind: str, folder: str, threads: int, prompts: list[str], new_tokens: int,
-           compute: str = "exact") -> dict:
-    payload = json.dumps([kind, folder, threads, prompts, new_tokens, compute])
+           compute: str = "exact", dtype: str | None = None) -> dict:
+    payload = json.dumps([kind, folder, threads, prompts, new_tokens, compute, dtype])
     done = subprocess.run([sys.executable, "-m", "neocore.bench_serve", "--worker", payload],
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(args: argparse.Namespace) -> int:
-    """Called by `neocore bench --serve`."""
-    folder, threads = str(args.model), int(str(args.threads).split(",")[0])
-    compute = compute_modes(args.compute)[0]  # one mode per run, as one thread count
-    counts = client_counts(args.clients, "--clients", minimum=1)
+def _serve_run(folder: str, threads: int, dtype: str | None, compute: str, counts: list[int], new_tokens: int,
+               peers: list[dict] | None) -> dict:
+    """One server (threads, weight format, compute mode) under each client count in turn; with
+    peers a list, also transformers' padded batch for each count, appended to it."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "neocore", "serve", "-m", folder, "--port", str(port),
                                "--threads", str(threads), "--compute", compute, "--max-batch", str(max(counts)),
-                               "--max-queue", str(max(counts))], stderr=subprocess.PIPE, text=True)
+                               "--max-queue", str(max(counts)), *(["--dtype", dtype] if dtype else [])],
+                              stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
-    rows, peers = [], []
+    rows = []
     try:
         wait_until_serving(base, server, 120, server.stderr.read)
         asyncio.run(_round(base, make_prompts(2, seed=99), 4))  # warm-up
         for n in counts:
             prompts = make_prompts(n, seed=n)
-            row = asyncio.run(_round(base, prompts, args.new_tokens))
+            row = asyncio.run(_round(base, prompts, new_tokens))
             row["server_peak_rss_mib"] = _peak_rss_mib(server.pid)
             rows.append(row)
-            if "transformers" in args.compare:
-                peers.append({"clients": n, **_spawn("transformers", folder, threads, prompts, args.new_tokens)})
-            print(f"  {n} clients done", file=sys.stderr, flush=True)
+            if peers is not None:
+                peers.append({"clients": n, **_spawn("transformers", folder, threads, prompts, new_tokens)})
+            print(f"  {threads} threads, {dtype or 'default'} weights, {compute}: {n} clients done",
+                  file=sys.stderr, flush=True)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
-    prefill = _spawn("prefill", folder, threads, [], 0, compute)["tok_s"]
-    result = {"model": folder, "threads": threads, "compute": compute, "new_tokens": args.new_tokens,
-              "prefill_tok_s": prefill,
-              "neocore": rows, "transformers_padded_batch": peers}
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
+    prefill = _spawn("prefill", folder, threads, [], 0, compute, dtype)["tok_s"]
+    return {"model": folder, "threads": threads, "dtype": dtype, "compute": compute, "new_tokens": new_tokens,
+            "prefill_tok_s": prefill, "neocore": rows}
+
+
+def _print_run(result: dict) -> None:
     from ._core import cpu_model
-    print(f"model {folder}: {threads} threads, compute {compute}, {args.new_tokens} new tokens per client "
-          f"(greedy), CPU {cpu_model()}")
+    weights = f"{result['dtype']} weights, " if result["dtype"] else ""
+    print(f"model {result['model']}: {result['threads']} threads, {weights}compute {result['compute']}, "
+          f"{result['new_tokens']} new tokens per client (greedy), CPU {cpu_model()}")
+    prefill, rows = result["prefill_tok_s"], result["neocore"]
     print(f"neocore prefill (one 128-token prompt): {prefill:.0f} tok/s")
     print("clients  tok/s  x1-stream  %prefill  TTFT p50/p95 s  ITL p50/p95 ms  step C/Python ms  "
           "server RSS MiB  transformers tok/s  ratio")
     one = rows[0]["tok_s"] if rows else float("nan")
-    by_n = {p["clients"]: p["tok_s"] for p in peers}
+    by_n = {p["clients"]: p["tok_s"] for p in result["transformers_padded_batch"]}
     for r in rows:
         hf = by_n.get(r["clients"], float("nan"))
         print(f"{r['clients']:7d} {r['tok_s']:6.1f} {r['tok_s'] / one:9.2f} {100 * r['tok_s'] / prefill:8.0f}% "
               f"{r['ttft_p50']:7.2f}/{r['ttft_p95']:.2f} {1e3 * r['itl_p50']:8.1f}/{1e3 * r['itl_p95']:.1f} "
               f"{r['engine_forward_ms_per_step']:9.1f}/{r['engine_python_ms_per_step']:.2f} "
               f"{r['server_peak_rss_mib']:14.0f} {hf:18.1f} {r['tok_s'] / hf:6.2f}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Called by `neocore bench --serve`: a server for each thread count, weight format and
+    compute mode named, in turn; transformers (--compare) once per thread count, its batch being
+    the same for every server."""
+    thread_counts = client_counts(str(args.threads), "--threads", minimum=1)
+    setups = [(dtype, compute) for dtype in weight_formats(args.dtype) or [None]
+              for compute in compute_modes(args.compute)]
+    counts = client_counts(args.clients, "--clients", minimum=1)
+    if args.new_tokens < 1:
+        raise NeocoreError(f"--new-tokens must be >= 1, got {args.new_tokens}")
+    peers_named = [p for p in args.compare.split(",") if p]
+    if any(p != "transformers" for p in peers_named):
+        raise NeocoreError(f"--serve compares with transformers only, got --compare {args.compare}")
+    results = []
+    for threads in thread_counts:
+        peers: list[dict] = []
+        for i, (dtype, compute) in enumerate(setups):
+            result = _serve_run(str(args.model), threads, dtype, compute, counts, args.new_tokens,
+                                peers if i == 0 and peers_named else None)
+            results.append(dict(result, transformers_padded_batch=peers))
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for i, result in enumerate(results):
+        if i:
+            print()
+        _print_run(result)
     return 0
 
 

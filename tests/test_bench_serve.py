@@ -6,16 +6,34 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def test_serve_benchmark_reports_every_client_count(reference_models):
+    """One server for each thread count named (each a run of its own), each under every client count."""
     folder = reference_models("tiny").folder
-    done = subprocess.run([sys.executable, "-m", "neocore", "bench", "--serve", "-m", str(folder), "--threads", "1",
+    done = subprocess.run([sys.executable, "-m", "neocore", "bench", "--serve", "-m", str(folder), "--threads", "1,2",
                            "--clients", "1,3", "--new-tokens", "6", "--json"],
                           capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
     assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
-    assert [r["clients"] for r in result["neocore"]] == [1, 3]
-    for row in result["neocore"]:
-        assert row["tokens"] == 6 * row["clients"]  # counted by the server, not assumed
-        assert row["tok_s"] > 0 and row["ttft_p50"] <= row["ttft_p95"] and row["server_peak_rss_mib"] > 0
-    assert result["prefill_tok_s"] > 0
+    runs = json.loads(done.stdout)
+    assert [(run["threads"], run["compute"]) for run in runs] == [(1, "exact"), (2, "exact")]
+    for run in runs:
+        assert [r["clients"] for r in run["neocore"]] == [1, 3]
+        for row in run["neocore"]:
+            assert row["tokens"] == 6 * row["clients"]  # counted by the server, not assumed
+            assert row["tok_s"] > 0 and row["ttft_p50"] <= row["ttft_p95"] and row["server_peak_rss_mib"] > 0
+        assert run["prefill_tok_s"] > 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--compare", "openvino"], "--serve compares with transformers only, got --compare openvino"),
+    (["--new-tokens", "0"], "--new-tokens must be >= 1, got 0"),
+    (["--threads", "2,x"], "--threads takes comma-separated whole numbers >= 1, got '2,x'"),
+])
+def test_serve_benchmark_refuses_what_it_would_not_run(tmp_path, flags, message):
+    """Before any server starts: a flag the load test cannot honour is refused, not ignored."""
+    proc = subprocess.run([sys.executable, "-m", "neocore", "bench", "--serve", "-m", str(tmp_path), *flags],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == f"neocore: error: {message}"
