@@ -310,26 +310,37 @@ attend(const NeoIsa isa, float *out, const float *q, const float *k_new, const f
 #define ATTENTION_PARAMS                                                                        \
     float *out, const float *q, const float *k_new, const float *v_new,                        \
     const NeoSequence *sequences, NeoDType cache_dtype, int layer, int slots,                  \
-    const Segment *segments, const int32_t *row_segment, int n_rows, int n_heads,              \
+    const Segment *segments, const int32_t *row_segment, int n_rows, int n_single, int n_heads, \
     int head_dim, int window, float *scores, int n_ctx, int n_threads
 
-/* Every (row, head) pair is independent: threads split them with a static schedule. A row
- * reads its own sequence's cache and the fresh rows of its own segment. */
+/* Row r, head h: the row reads its own sequence's cache and the fresh rows of its segment. */
+#define ATTEND_ROW_HEAD(isa, r, h, prefetch)                                                    \
+    do {                                                                                        \
+        const Segment *sg = &segments[row_segment[r]];                                          \
+        const size_t first_row = (size_t)sg->row0 * C;                                          \
+        const NeoSequence *seq = &sequences[sg->seq];                                           \
+        attend(isa, out + first_row, q + first_row, k_new + first_row, v_new + first_row,       \
+               seq->key_cache[layer], seq->value_cache[layer], cache_dtype, slots, sg->pos0,    \
+               (r) - sg->row0, h, C, head_dim, window, scratch, scratch + n_ctx, prefetch);     \
+    } while (0)
+
+/* Every (row, head) pair is independent. The decode rows (the first n_single) each stream
+ * their sequence's cache: threads take them in contiguous runs. A prompt row's cost grows
+ * with its position, so contiguous runs would give the last thread the most (3x the first's
+ * at 2 threads): threads take a prompt's pairs in turn. */
 #define ATTENTION_LOOP(isa)                                                                     \
     const int C = n_heads * head_dim;                                                           \
     const int prefetch = neo_attention_prefetches();                                            \
-    _Pragma("omp parallel for collapse(2) num_threads(n_threads) schedule(static)")             \
-    for (int r = 0; r < n_rows; r++)                                                            \
-        for (int h = 0; h < n_heads; h++) {                                                     \
-            const Segment *sg = &segments[row_segment[r]];                                      \
-            const size_t first_row = (size_t)sg->row0 * C;                                      \
-            float *scratch = scores + omp_get_thread_num() * attention_scratch_floats(n_ctx, head_dim); \
-            const NeoSequence *seq = &sequences[sg->seq];                                       \
-            attend(isa, out + first_row, q + first_row, k_new + first_row, v_new + first_row,   \
-                   seq->key_cache[layer], seq->value_cache[layer], cache_dtype, slots, sg->pos0, \
-                   r - sg->row0, h, C, head_dim, window, scratch, scratch + n_ctx,              \
-                   prefetch && sg->n_rows == 1);                                                \
-        }
+    _Pragma("omp parallel num_threads(n_threads)")                                              \
+    {                                                                                           \
+        float *scratch = scores + omp_get_thread_num() * attention_scratch_floats(n_ctx, head_dim); \
+        _Pragma("omp for collapse(2) schedule(static) nowait")                                  \
+        for (int r = 0; r < n_single; r++)                                                      \
+            for (int h = 0; h < n_heads; h++) ATTEND_ROW_HEAD(isa, r, h, prefetch);             \
+        _Pragma("omp for collapse(2) schedule(static, 1)")                                      \
+        for (int r = n_single; r < n_rows; r++)                                                 \
+            for (int h = 0; h < n_heads; h++) ATTEND_ROW_HEAD(isa, r, h, 0);                    \
+    }
 
 static void attention_generic(ATTENTION_PARAMS) { ATTENTION_LOOP(NEO_ISA_GENERIC) }
 static void attention_scalar(ATTENTION_PARAMS) { ATTENTION_LOOP(NEO_ISA_SCALAR) }
@@ -345,11 +356,11 @@ void attention_forward(ATTENTION_PARAMS, NeoIsa isa)
     if (isa == NEO_ISA_AVX2 || isa == NEO_ISA_AVX512) {
         (isa == NEO_ISA_AVX2 ? attention_avx2 : attention_avx512)(
             out, q, k_new, v_new, sequences, cache_dtype, layer, slots, segments, row_segment,
-            n_rows, n_heads, head_dim, window, scores, n_ctx, n_threads);
+            n_rows, n_single, n_heads, head_dim, window, scores, n_ctx, n_threads);
         return;
     }
 #endif
     (isa == NEO_ISA_SCALAR ? attention_scalar : attention_generic)(
         out, q, k_new, v_new, sequences, cache_dtype, layer, slots, segments, row_segment, n_rows,
-        n_heads, head_dim, window, scores, n_ctx, n_threads);
+        n_single, n_heads, head_dim, window, scores, n_ctx, n_threads);
 }

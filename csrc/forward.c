@@ -317,8 +317,8 @@ static void forward_rows(const NeoConfig *c, const NeoWeights *w, NeoState *s, c
             round_to_bf16(s->v, (size_t)T * C, nt);
         }
         attention_forward(s->att, s->q, s->k, s->v, s->seq, s->cache_dtype, l, slots, p->segments,
-                          p->row_segment, T, c->n_heads, c->head_dim, window, s->scores, s->n_ctx,
-                          nt, s->isa);
+                          p->row_segment, T, S, c->n_heads, c->head_dim, window, s->scores,
+                          s->n_ctx, nt, s->isa);
         for (int i = 0; i < p->n_segments; i++) {
             const Segment *sg = &p->segments[i];
             const size_t first = (size_t)sg->row0 * C;

@@ -380,14 +380,15 @@ void layernorm_forward(float *out, const float *x, const float *weight, const fl
 void embedding_forward(float *x, const int32_t *tokens, const int32_t *positions, int T,
                        const NeoMatrix *wte, const NeoMatrix *wpe, int C);
 /* One layer's attention for every row of a step: row r belongs to segments[row_segment[r]]
+ * (the first n_single rows to single-row segments, the others to prompts' segments)
  * and reads that sequence's key/value cache of this layer (of cache_dtype; with NEO_BF16,
  * k_new and v_new must hold bf16 values already, so that a key reads the same fresh or
  * cached). scores: attention_scratch_floats(n_ctx, head_dim) for each thread. */
 void attention_forward(float *out, const float *q, const float *k_new, const float *v_new,
                        const NeoSequence *sequences, NeoDType cache_dtype, int layer, int slots,
                        const Segment *segments, const int32_t *row_segment, int n_rows,
-                       int n_heads, int head_dim, int window, float *scores, int n_ctx,
-                       int n_threads, NeoIsa isa);
+                       int n_single, int n_heads, int head_dim, int window, float *scores,
+                       int n_ctx, int n_threads, NeoIsa isa);
 /* A thread's attention scratch: a row of scores, and 8 key rows widened from a bf16 cache. */
 static inline size_t attention_scratch_floats(int n_ctx, int head_dim)
 {
