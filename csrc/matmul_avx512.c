@@ -10,9 +10,10 @@
 
 #if defined(__x86_64__)
 
-/* Decode: each weight row is streamed once for all T rows. MV512_ROWS rows of x share each
- * widened weight vector: 4 x 4 accumulators + 4 weight vectors + x use 25 of the 32 registers.
- * The first group of rows prefetches w as the CPU's maker wants (prefetch_stream, internal.h). */
+/* Decode: each weight row is streamed once for all T rows. MV512_ROWS rows of x (a group) share
+ * each widened weight vector: 4 x 4 accumulators + 4 weight vectors + x use 25 of the 32
+ * registers. The first group of rows prefetches w as the CPU's maker wants (prefetch_stream,
+ * internal.h). Many rows past L1 go in tiles instead (dot_block_avx512). */
 #define MV512_ROWS 4
 #define MV512_BLOCK 16  /* rows of w a thread takes at a time (static schedule) */
 
@@ -66,12 +67,118 @@ INLINE_AVX512 void dot_rows_avx512(const NeoDType dtype, const int R, NeoDecodeP
                                                      _mm512_add_ps(acc[r][2], acc[r][3])));
 }
 
+/* Many rows of x: sums[(n - n_begin) * R + r] = the decode sum of x row r (rows ld apart) and
+ * weight row n, for the weight rows n_begin..n_end (at most MV512_BLOCK) and R (3 to
+ * MV512_TILE_ROWS) rows of x, in tiles of MV512_TILE_OUTS weight rows by R rows: each x vector
+ * serves MV512_TILE_OUTS FMAs and each widened weight vector R, where the groups load one x
+ * vector per FMA and, once x is past L1, from L2. A tile runs one lane of the sums a pass (the
+ * 16 columns of each 64-column step that accumulator takes) over a span of at most MV512_SPAN
+ * columns of all the block's weight rows, keeping each lane's sums between passes, so that x's
+ * span (at most 18 KiB) stays in L1; the 16-column steps past the last 64-column one and the
+ * fold come last, as in dot_rows_avx512, so every sum has the bits of its row alone. With
+ * prefetch_next, the first pass fetches the next tile's rows into L2 at its columns. */
+#define MV512_TILE_OUTS 4  /* 4 x 6 accumulators + 4 weight vectors + x: 29 of the 32 registers */
+#define MV512_TILE_ROWS 6
+#define MV512_SPAN 768
+#define MV512_X_L1 (24 << 10)  /* bytes of x that the groups read from L1 beside the weight rows */
+_Static_assert(MV512_BLOCK % MV512_TILE_OUTS == 0, "a block is whole tiles");
+_Static_assert(MV512_SPAN % 64 == 0, "spans are whole 64-column steps");
+INLINE_AVX512 void dot_block_avx512(const NeoDType dtype, const int R, int prefetch_next, float *sums,
+                                    const float *x, size_t ld, const NeoMatrix *w, int n_begin, int n_end,
+                                    int K)
+{
+    const int O = MV512_TILE_OUTS;
+    const size_t elem = dtype_bytes(dtype), row_bytes = (size_t)K * elem;
+    const size_t blocks = (K + NEO_I8_BLOCK - 1) / NEO_I8_BLOCK;
+    const int steps = K / 64, spans = (steps * 64 + MV512_SPAN - 1) / MV512_SPAN;
+    const int tiles = (n_end - n_begin + O - 1) / O;
+    __m512 lanes[MV512_BLOCK][4][MV512_TILE_ROWS];  /* each lane's sums between passes, [n][lane][r] */
+    if (!spans)
+        for (int i = 0; i < tiles * O; i++)
+            for (int a = 0; a < 4; a++)
+                for (int r = 0; r < R; r++) lanes[i][a][r] = _mm512_setzero_ps();
+    for (int s = 0; s < spans; s++) {
+        /* the fewest spans, their steps shared out evenly (as dot_block_avx2's) */
+        const size_t k0 = (size_t)(s * steps / spans) * 64, k1 = (size_t)((s + 1) * steps / spans) * 64;
+        for (int tile = 0; tile < tiles; tile++) {
+            const char *rows[MV512_TILE_OUTS];
+            const float *scales[MV512_TILE_OUTS];
+            for (int o = 0; o < O; o++) {
+                /* past n_end the tile repeats the last weight row, its sums not used */
+                const int n = n_begin + tile * O + o < n_end ? n_begin + tile * O + o : n_end - 1;
+                rows[o] = (const char *)w->data + (size_t)n * row_bytes;
+                scales[o] = dtype == NEO_I8 ? w->scales + n * blocks : NULL;
+            }
+            __m512 (*tile_lanes)[4][MV512_TILE_ROWS] = lanes + tile * O;
+            for (int a = 0; a < 4; a++) {
+                __m512 acc[MV512_TILE_OUTS][MV512_TILE_ROWS];  /* constant indices only: in registers */
+                for (int o = 0; o < O; o++)
+                    for (int r = 0; r < R; r++) acc[o][r] = k0 ? tile_lanes[o][a][r] : _mm512_setzero_ps();
+                for (size_t k = k0; k < k1; k += 64) {
+                    if (prefetch_next && a == 0)
+                        for (int o = 0; o < O; o++)
+                            for (size_t line = 0; line < 64 * elem; line += 64)
+                                _mm_prefetch(rows[o] + O * row_bytes + k * elem + line, _MM_HINT_T1);
+                    __m512 wv[MV512_TILE_OUTS];
+                    for (int o = 0; o < O; o++) wv[o] = widen16(rows[o], scales[o], dtype, k + 16 * a, 0xFFFF);
+                    for (int r = 0; r < R; r++) {
+                        __m512 xv = _mm512_loadu_ps(x + r * ld + k + 16 * a);
+                        KEEP_IN_REGISTER(xv);  /* one load for the tile's weight rows */
+                        for (int o = 0; o < O; o++) acc[o][r] = _mm512_fmadd_ps(wv[o], xv, acc[o][r]);
+                    }
+                }
+                for (int o = 0; o < O; o++)
+                    for (int r = 0; r < R; r++) tile_lanes[o][a][r] = acc[o][r];
+            }
+        }
+    }
+    for (int n = n_begin; n < n_end; n++) {
+        const char *row = (const char *)w->data + (size_t)n * row_bytes;
+        const float *scales = dtype == NEO_I8 ? w->scales + n * blocks : NULL;
+        __m512 (*lane)[MV512_TILE_ROWS] = lanes[n - n_begin];
+        for (int r = 0; r < R; r++) {
+            __m512 l0 = lane[0][r];
+            for (size_t k = (size_t)steps * 64; k < (size_t)K; k += 16) {
+                const __mmask16 mask = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+                l0 = _mm512_fmadd_ps(widen16(row, scales, dtype, k, mask), _mm512_maskz_loadu_ps(mask, x + r * ld + k), l0);
+            }
+            sums[(n - n_begin) * R + r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(l0, lane[1][r]),
+                                                                             _mm512_add_ps(lane[2][r], lane[3][r])));
+        }
+    }
+}
+
+/* Outputs n_begin..n_end for all T rows (x's rows ld floats apart). Up to MV512_ROWS rows, or
+ * while all of x fits L1 (MV512_X_L1), groups of MV512_ROWS rows each stream a weight row, the
+ * first from memory, the others from L1; past that T is split evenly into tiles of 3 to
+ * MV512_TILE_ROWS rows, each run over the whole block (dot_block_avx512). */
 INLINE_AVX512 void matvec_block_avx512(const NeoDType dtype, NeoDecodePrefetch how, float *out,
                                        const float *x, int ld, const NeoMatrix *w, const float *bias,
                                        int T, int n_begin, int n_end, int K, int N, int accumulate)
 {
     const size_t elem = dtype_bytes(dtype);
     const size_t blocks = (K + NEO_I8_BLOCK - 1) / NEO_I8_BLOCK;
+    if (T > MV512_ROWS && (size_t)T * ld * sizeof(float) > MV512_X_L1) {
+        float sums[MV512_BLOCK * MV512_TILE_ROWS];
+        const int tiles = (T + MV512_TILE_ROWS - 1) / MV512_TILE_ROWS;
+        for (int i = 0, t = 0; i < tiles; i++) {
+            const int R = (T - t) / (tiles - i);  /* the remaining rows over the remaining tiles */
+            const float *xt = x + (size_t)t * ld;
+            const int prefetch_next = i == 0;  /* the first tile of x streams w from memory */
+            _Static_assert(MV512_ROWS == 4 && MV512_TILE_ROWS == 6, "the cases below are the tile heights");
+            switch (R) {  /* T > 4 split evenly into tiles of at most 6 rows gives 3 to 6 */
+            case 6: dot_block_avx512(dtype, 6, prefetch_next, sums, xt, ld, w, n_begin, n_end, K); break;
+            case 5: dot_block_avx512(dtype, 5, prefetch_next, sums, xt, ld, w, n_begin, n_end, K); break;
+            case 4: dot_block_avx512(dtype, 4, prefetch_next, sums, xt, ld, w, n_begin, n_end, K); break;
+            default: dot_block_avx512(dtype, 3, prefetch_next, sums, xt, ld, w, n_begin, n_end, K);
+            }
+            for (int n = n_begin; n < n_end; n++)
+                for (int r = 0; r < R; r++)
+                    store_output(&out[(size_t)(t + r) * N + n], sums[(n - n_begin) * R + r], bias, n, accumulate);
+            t += R;
+        }
+        return;
+    }
     float sums[MV512_ROWS];
     for (int n = n_begin; n < n_end; n++) {
         const void *row = (const char *)w->data + (size_t)n * K * elem;
