@@ -135,7 +135,8 @@ def _worker(kind: str, folder: str, threads: int, prompts: list[str], new_tokens
         start = time.perf_counter()
         runner.prefill(ids)
         times.append(time.perf_counter() - start)
-    return {"tok_s": 128 / float(np.median(times[1:]))}
+    return {"tok_s": 128 / float(np.median(times[1:])), "dtype": runner.model.dtype,
+            "compute": runner.model.compute}
 
 
 def _spawn(kind: str, folder: str, threads: int, prompts: list[str], new_tokens: int,
@@ -158,7 +159,11 @@ def _serve_run(folder: str, threads: int, dtype: str | None, compute: str, count
     base = f"http://127.0.0.1:{port}"
     rows = []
     try:
-        wait_until_serving(base, server, 120, server.stderr.read)
+        try:
+            wait_until_serving(base, server, 120, server.stderr.read)
+        except RuntimeError as exc:  # e.g. a weight format that folder cannot give: the server's one line
+            reason = str(exc).replace("neocore: error: ", "")
+            raise NeocoreError(f"{threads} threads, {dtype or 'default'} weights, {compute}: {reason}") from None
         asyncio.run(_round(base, make_prompts(2, seed=99), 4))  # warm-up
         for n in counts:
             prompts = make_prompts(n, seed=n)
@@ -172,16 +177,17 @@ def _serve_run(folder: str, threads: int, dtype: str | None, compute: str, count
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
-    prefill = _spawn("prefill", folder, threads, [], 0, compute, dtype)["tok_s"]
-    return {"model": folder, "threads": threads, "dtype": dtype, "compute": compute, "new_tokens": new_tokens,
-            "prefill_tok_s": prefill, "neocore": rows}
+    prefill = _spawn("prefill", folder, threads, [], 0, compute, dtype)  # loads as the server did
+    return {"model": folder, "threads": threads, "dtype_asked": dtype, "compute_asked": compute,
+            "dtype": prefill["dtype"], "compute": prefill["compute"], "new_tokens": new_tokens,
+            "prefill_tok_s": prefill["tok_s"], "neocore": rows}
 
 
 def _print_run(result: dict) -> None:
     from ._core import cpu_model
-    weights = f"{result['dtype']} weights, " if result["dtype"] else ""
-    print(f"model {result['model']}: {result['threads']} threads, {weights}compute {result['compute']}, "
-          f"{result['new_tokens']} new tokens per client (greedy), CPU {cpu_model()}")
+    ran = f" (asked {result['compute_asked']})" if result["compute"] != result["compute_asked"] else ""
+    print(f"model {result['model']}: {result['threads']} threads, {result['dtype']} weights, compute "
+          f"{result['compute']}{ran}, {result['new_tokens']} new tokens per client (greedy), CPU {cpu_model()}")
     prefill, rows = result["prefill_tok_s"], result["neocore"]
     print(f"neocore prefill (one 128-token prompt): {prefill:.0f} tok/s")
     print("clients  tok/s  x1-stream  %prefill  TTFT p50/p95 s  ITL p50/p95 ms  step C/Python ms  "
@@ -209,20 +215,21 @@ def run(args: argparse.Namespace) -> int:
     peers_named = [p for p in args.compare.split(",") if p]
     if any(p != "transformers" for p in peers_named):
         raise NeocoreError(f"--serve compares with transformers only, got --compare {args.compare}")
-    results = []
-    for threads in thread_counts:
-        peers: list[dict] = []
-        for i, (dtype, compute) in enumerate(setups):
-            result = _serve_run(str(args.model), threads, dtype, compute, counts, args.new_tokens,
-                                peers if i == 0 and peers_named else None)
-            results.append(dict(result, transformers_padded_batch=peers))
-    if args.json:
-        print(json.dumps(results, indent=2))
-        return 0
-    for i, result in enumerate(results):
-        if i:
-            print()
-        _print_run(result)
+    results: list[dict] = []
+    try:
+        for threads in thread_counts:
+            peers: list[dict] = []
+            for i, (dtype, compute) in enumerate(setups):
+                result = _serve_run(str(args.model), threads, dtype, compute, counts, args.new_tokens,
+                                    peers if i == 0 and peers_named else None)
+                results.append(dict(result, transformers_padded_batch=peers))
+                if not args.json:  # each run as it ends: a later one that fails loses none of it
+                    if len(results) > 1:
+                        print()
+                    _print_run(results[-1])
+    finally:
+        if args.json and results:  # the runs that ended, also when a later one failed
+            print(json.dumps(results, indent=2))
     return 0
 
 

@@ -18,6 +18,7 @@ def test_serve_benchmark_reports_every_client_count(reference_models):
     assert done.returncode == 0, done.stderr
     runs = json.loads(done.stdout)
     assert [(run["threads"], run["compute"]) for run in runs] == [(1, "exact"), (2, "exact")]
+    assert all(run["dtype"] == "bfloat16" and run["dtype_asked"] is None for run in runs)  # an fp32 folder's default
     for run in runs:
         assert [r["clients"] for r in run["neocore"]] == [1, 3]
         for row in run["neocore"]:
@@ -37,3 +38,19 @@ def test_serve_benchmark_refuses_what_it_would_not_run(tmp_path, flags, message)
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert proc.stderr.strip() == f"neocore: error: {message}"
+
+
+def test_a_server_that_cannot_start_keeps_the_runs_before_it(reference_models, tmp_path):
+    """An int8 folder cannot give bfloat16 weights: that server's refusal ends the bench in one
+    line, after the int8 run it measured first is printed."""
+    folder = tmp_path / "int8"
+    subprocess.run([sys.executable, "-m", "neocore", "convert", str(reference_models("tiny").folder), str(folder),
+                    "--dtype", "int8"], check=True, capture_output=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "neocore", "bench", "--serve", "-m", str(folder), "--threads", "1",
+                           "--dtype", "int8,bfloat16", "--clients", "1", "--new-tokens", "3", "--json"],
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert done.returncode != 0
+    assert [(run["dtype"], run["neocore"][0]["tokens"]) for run in json.loads(done.stdout)] == [("int8", 3)]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("neocore: error: 1 threads, bfloat16 weights, exact: the server did not start: ")
+    assert "holds neocore int8 weights" in last
