@@ -68,31 +68,34 @@ INLINE_AVX512 void dot_rows_avx512(const NeoDType dtype, const int R, NeoDecodeP
 }
 
 /* Many rows of x: sums[(n - n_begin) * R + r] = the decode sum of x row r (rows ld apart) and
- * weight row n, for the weight rows n_begin..n_end (at most MV512_BLOCK) and R (3 to
+ * weight row n, for the weight rows n_begin..n_end (at most MV512_BLOCK) of w's N and R (3 to
  * MV512_TILE_ROWS) rows of x, in tiles of MV512_TILE_OUTS weight rows by R rows: each x vector
  * serves MV512_TILE_OUTS FMAs and each widened weight vector R, where the groups load one x
  * vector per FMA and, once x is past L1, from L2. A tile runs one lane of the sums a pass (the
  * 16 columns of each 64-column step that accumulator takes) over a span of at most MV512_SPAN
- * columns of all the block's weight rows, keeping each lane's sums between passes, so that x's
- * span (at most 18 KiB) stays in L1; the 16-column steps past the last 64-column one and the
- * fold come last, as in dot_rows_avx512, so every sum has the bits of its row alone. With
- * prefetch_next, the first pass fetches the next tile's rows into L2 at its columns. */
+ * columns of all the block's weight rows, keeping each lane's sums between passes in lanes, so
+ * that x's span (at most 18 KiB) stays in L1; the 16-column steps past the last 64-column one
+ * and the fold come last, as in dot_rows_avx512, so every sum has the bits of its row alone.
+ * With prefetch set, a tile's first pass fetches into L2 what comes next at its columns: the
+ * next tile's rows; after the last tile, the first tile's at the next span's columns, or past
+ * the last span the next block's rows (a static schedule gives a thread consecutive blocks).
+ * Xeon, 125M bf16 steps of 16 rows: 1.13x faster than with no prefetch. */
 #define MV512_TILE_OUTS 4  /* 4 x 6 accumulators + 4 weight vectors + x: 29 of the 32 registers */
 #define MV512_TILE_ROWS 6
 #define MV512_SPAN 768
 #define MV512_X_L1 (24 << 10)  /* bytes of x that the groups read from L1 beside the weight rows */
 _Static_assert(MV512_BLOCK % MV512_TILE_OUTS == 0, "a block is whole tiles");
 _Static_assert(MV512_SPAN % 64 == 0, "spans are whole 64-column steps");
-INLINE_AVX512 void dot_block_avx512(const NeoDType dtype, const int R, int prefetch_next, float *sums,
-                                    const float *x, size_t ld, const NeoMatrix *w, int n_begin, int n_end,
-                                    int K)
+typedef __m512 TileLanes[4][MV512_TILE_ROWS];  /* a weight row's lane sums between passes, [lane][r] */
+INLINE_AVX512 void dot_block_avx512(const NeoDType dtype, const int R, int prefetch, float *sums,
+                                    TileLanes *lanes, const float *x, size_t ld, const NeoMatrix *w,
+                                    int n_begin, int n_end, int N, int K)
 {
     const int O = MV512_TILE_OUTS;
     const size_t elem = dtype_bytes(dtype), row_bytes = (size_t)K * elem;
     const size_t blocks = (K + NEO_I8_BLOCK - 1) / NEO_I8_BLOCK;
     const int steps = K / 64, spans = (steps * 64 + MV512_SPAN - 1) / MV512_SPAN;
     const int tiles = (n_end - n_begin + O - 1) / O;
-    __m512 lanes[MV512_BLOCK][4][MV512_TILE_ROWS];  /* each lane's sums between passes, [n][lane][r] */
     if (!spans)
         for (int i = 0; i < tiles * O; i++)
             for (int a = 0; a < 4; a++)
@@ -109,16 +112,26 @@ INLINE_AVX512 void dot_block_avx512(const NeoDType dtype, const int R, int prefe
                 rows[o] = (const char *)w->data + (size_t)n * row_bytes;
                 scales[o] = dtype == NEO_I8 ? w->scales + n * blocks : NULL;
             }
-            __m512 (*tile_lanes)[4][MV512_TILE_ROWS] = lanes + tile * O;
+            /* what the first pass fetches: next[o] at columns k + shift (NULL: nothing) */
+            const int last = tile == tiles - 1, next_span = last && s + 1 < spans;
+            const int n_next = last ? (next_span ? n_begin : n_end) : n_begin + (tile + 1) * O;
+            const int n_stop = last && !next_span ? N : n_end;
+            const size_t shift = next_span ? k1 - k0 : 0;
+            const char *next[MV512_TILE_OUTS];
+            for (int o = 0; o < O; o++)
+                next[o] = prefetch && n_next + o < n_stop ? (const char *)w->data + (size_t)(n_next + o) * row_bytes
+                                                          : NULL;
+            TileLanes *tile_lanes = lanes + tile * O;
             for (int a = 0; a < 4; a++) {
                 __m512 acc[MV512_TILE_OUTS][MV512_TILE_ROWS];  /* constant indices only: in registers */
                 for (int o = 0; o < O; o++)
                     for (int r = 0; r < R; r++) acc[o][r] = k0 ? tile_lanes[o][a][r] : _mm512_setzero_ps();
                 for (size_t k = k0; k < k1; k += 64) {
-                    if (prefetch_next && a == 0)
+                    if (a == 0)
                         for (int o = 0; o < O; o++)
-                            for (size_t line = 0; line < 64 * elem; line += 64)
-                                _mm_prefetch(rows[o] + O * row_bytes + k * elem + line, _MM_HINT_T1);
+                            if (next[o])
+                                for (size_t line = 0; line < 64 * elem; line += 64)
+                                    _mm_prefetch(next[o] + (k + shift) * elem + line, _MM_HINT_T1);
                     __m512 wv[MV512_TILE_OUTS];
                     for (int o = 0; o < O; o++) wv[o] = widen16(rows[o], scales[o], dtype, k + 16 * a, 0xFFFF);
                     for (int r = 0; r < R; r++) {
@@ -160,17 +173,19 @@ INLINE_AVX512 void matvec_block_avx512(const NeoDType dtype, NeoDecodePrefetch h
     const size_t blocks = (K + NEO_I8_BLOCK - 1) / NEO_I8_BLOCK;
     if (T > MV512_ROWS && (size_t)T * ld * sizeof(float) > MV512_X_L1) {
         float sums[MV512_BLOCK * MV512_TILE_ROWS];
+        TileLanes lanes[MV512_BLOCK];  /* one array for every inlined case: 24 KiB of stack */
         const int tiles = (T + MV512_TILE_ROWS - 1) / MV512_TILE_ROWS;
         for (int i = 0, t = 0; i < tiles; i++) {
             const int R = (T - t) / (tiles - i);  /* the remaining rows over the remaining tiles */
             const float *xt = x + (size_t)t * ld;
-            const int prefetch_next = i == 0;  /* the first tile of x streams w from memory */
+            /* the first tile of x streams w from memory: it prefetches, where the CPU's kind does */
+            const int prefetch = i == 0 && how != NEO_PREFETCH_NONE;
             _Static_assert(MV512_ROWS == 4 && MV512_TILE_ROWS == 6, "the cases below are the tile heights");
             switch (R) {  /* T > 4 split evenly into tiles of at most 6 rows gives 3 to 6 */
-            case 6: dot_block_avx512(dtype, 6, prefetch_next, sums, xt, ld, w, n_begin, n_end, K); break;
-            case 5: dot_block_avx512(dtype, 5, prefetch_next, sums, xt, ld, w, n_begin, n_end, K); break;
-            case 4: dot_block_avx512(dtype, 4, prefetch_next, sums, xt, ld, w, n_begin, n_end, K); break;
-            default: dot_block_avx512(dtype, 3, prefetch_next, sums, xt, ld, w, n_begin, n_end, K);
+            case 6: dot_block_avx512(dtype, 6, prefetch, sums, lanes, xt, ld, w, n_begin, n_end, N, K); break;
+            case 5: dot_block_avx512(dtype, 5, prefetch, sums, lanes, xt, ld, w, n_begin, n_end, N, K); break;
+            case 4: dot_block_avx512(dtype, 4, prefetch, sums, lanes, xt, ld, w, n_begin, n_end, N, K); break;
+            default: dot_block_avx512(dtype, 3, prefetch, sums, lanes, xt, ld, w, n_begin, n_end, N, K);
             }
             for (int n = n_begin; n < n_end; n++)
                 for (int r = 0; r < R; r++)
