@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from .bench import compute_modes, counts as client_counts, weight_formats
+from .bench import compute_modes, counts, weight_formats
 from .errors import NeocoreError
 
 WORDS = ("the river city market winter light station engine garden paper music window harbor "
@@ -161,9 +161,11 @@ def _serve_run(folder: str, threads: int, dtype: str | None, compute: str, count
     try:
         try:
             wait_until_serving(base, server, 120, server.stderr.read)
-        except RuntimeError as exc:  # e.g. a weight format that folder cannot give: the server's one line
-            reason = str(exc).replace("neocore: error: ", "")
-            raise NeocoreError(f"{threads} threads, {dtype or 'default'} weights, {compute}: {reason}") from None
+        except RuntimeError as exc:  # e.g. a weight format that folder cannot give: the server's last line
+            said = [line for line in str(exc).removeprefix("the server did not start: ").splitlines() if line.strip()]
+            reason = said[-1].removeprefix("neocore: error: ") if said else "it printed nothing"
+            raise NeocoreError(f"{threads} threads, {dtype or 'default'} weights, {compute}: the server did not "
+                               f"start: {reason}") from None
         asyncio.run(_round(base, make_prompts(2, seed=99), 4))  # warm-up
         for n in counts:
             prompts = make_prompts(n, seed=n)
@@ -206,10 +208,10 @@ def run(args: argparse.Namespace) -> int:
     """Called by `neocore bench --serve`: a server for each thread count, weight format and
     compute mode named, in turn; transformers (--compare) once per thread count, its batch being
     the same for every server."""
-    thread_counts = client_counts(str(args.threads), "--threads", minimum=1)
+    thread_counts = counts(str(args.threads), "--threads", minimum=1)
     setups = [(dtype, compute) for dtype in weight_formats(args.dtype) or [None]
               for compute in compute_modes(args.compute)]
-    counts = client_counts(args.clients, "--clients", minimum=1)
+    clients = counts(args.clients, "--clients", minimum=1)
     if args.new_tokens < 1:
         raise NeocoreError(f"--new-tokens must be >= 1, got {args.new_tokens}")
     peers_named = [p for p in args.compare.split(",") if p]
@@ -220,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
         for threads in thread_counts:
             peers: list[dict] = []
             for i, (dtype, compute) in enumerate(setups):
-                result = _serve_run(str(args.model), threads, dtype, compute, counts, args.new_tokens,
+                result = _serve_run(str(args.model), threads, dtype, compute, clients, args.new_tokens,
                                     peers if i == 0 and peers_named else None)
                 results.append(dict(result, transformers_padded_batch=peers))
                 if not args.json:  # each run as it ends: a later one that fails loses none of it
