@@ -282,8 +282,7 @@ static void linear(const NeoState *s, const NeoProjection *proj, int n_proj, con
     if (n_decode > 0 && neo_bf16_decodes(s->bf16_gemm))
         matvec_bf16_projections(proj, n_proj, x, n_decode, K, accumulate, s->n_threads, s->bf16_gemm);
     else if (n_decode > 0)
-        matvec_projections(proj, n_proj, x, n_decode, K, accumulate, s->n_threads,
-                           neo_decode_isa(s->isa, proj->w->dtype));
+        neo_decode_projections(proj, n_proj, x, n_decode, K, accumulate, s->n_threads, s->isa);
     if (n_rows == n_decode) return;
     x += (size_t)n_decode * K;
     for (const NeoProjection *p = proj; p < proj + n_proj; p++) {

@@ -192,6 +192,11 @@ typedef struct {
 /* matvec_forward for n_proj matrices of K columns over one x, NEO_MAX_PROJECTIONS at a time. */
 void matvec_projections(const NeoProjection *proj, int n_proj, const float *x, int T, int K,
                         int accumulate, int n_threads, NeoIsa isa);
+/* What a state on path decodes with (the projections share a weight type): matvec_projections
+ * on the decode kernel neo_decode_isa chooses; where that is the AVX2 kernel on the AVX-512
+ * path (Zen 4), its tiles run in zmm registers, with the same bits. */
+void neo_decode_projections(const NeoProjection *proj, int n_proj, const float *x, int T, int K,
+                            int accumulate, int n_threads, NeoIsa path);
 /* matmul_forward with x rounded to bf16 and the products summed in fp32 (weights of any
  * dtype are rounded to bf16 too: bf16 ones are unchanged), on the given multiplier. */
 void matmul_bf16_forward(float *out, const float *x, const NeoMatrix *w, const float *bias,

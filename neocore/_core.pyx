@@ -103,6 +103,8 @@ cdef extern from "neocore.h":
     void c_matvec_projections "matvec_projections"(const NeoProjection *proj, int n_proj,
                                                    const float *x, int T, int K, int accumulate,
                                                    int n_threads, NeoIsa isa) nogil
+    void neo_decode_projections(const NeoProjection *proj, int n_proj, const float *x, int T, int K,
+                                int accumulate, int n_threads, NeoIsa path) nogil
     int neo_bf16_decodes(NeoBf16Gemm gemm)
     void matvec_bf16_projections(const NeoProjection *proj, int n_proj, const float *x, int T, int K,
                                  int accumulate, int n_threads, NeoBf16Gemm gemm) nogil
@@ -206,7 +208,8 @@ def attention_prefetch(str isa) -> bool:
 def decode_kernel(str isa, str dtype) -> str:
     """The decode kernel (generic, avx2, avx512, scalar) a model on path isa steps weights of type
     dtype with on this CPU: isa's own, except on the AVX-512 paths on AMD Zen 4, which decode bf16
-    and fp32 weights with the AVX2 kernel (faster there, csrc/matmul.c)."""
+    and fp32 weights with the AVX2 kernel (faster there, csrc/matmul.c; its tiles for many rows
+    run in zmm registers there, with the same bits)."""
     _check_known_isa(isa)
     _check_dtype(dtype)
     cdef NeoIsa decode = neo_decode_isa(ISAS[isa], DTYPES[dtype])
@@ -473,7 +476,8 @@ cdef class Core:
 def matmul(float[:, ::1] out, const float[:, ::1] x, w, const float[::1] bias, bint accumulate,
            int threads, str isa, str kernel="gemm") -> None:
     """out (+)= bias + x @ w.T with the chosen kernel path; kernel is "gemm" (prefill),
-    "matvec" (decode), "bf16" (the bf16 compute mode's prefill GEMM) or "bf16-matvec" (its
+    "matvec" (path's decode kernel), "decode" (what a model on path decodes with: see
+    decode_kernel), "bf16" (the bf16 compute mode's prefill GEMM) or "bf16-matvec" (its
     decode kernel); w as Core takes it."""
     cdef int T = x.shape[0], K = x.shape[1]
     cdef int N = (w.values if hasattr(w, "scales") else w).shape[0]
@@ -485,15 +489,18 @@ def matmul(float[:, ::1] out, const float[:, ::1] x, w, const float[::1] bias, b
         raise ValueError("bias must be [N]")
     cdef NeoIsa path = _check_isa(isa)
     _check_threads(threads)
-    if kernel not in ("gemm", "matvec", "bf16", "bf16-matvec"):
+    if kernel not in ("gemm", "matvec", "decode", "bf16", "bf16-matvec"):
         raise ValueError(f"unknown kernel {kernel!r}")
     cdef NeoBf16Gemm gemm = _check_compute("bf16" if kernel.startswith("bf16") else "exact", isa)
     cdef const float *bp = &bias[0] if bias is not None else NULL
     cdef bint decode = kernel.endswith("matvec")
+    cdef bint engine_decode = kernel == "decode"
     cdef NeoProjection projection = NeoProjection(&out[0, 0], &m, bp, N)
     with nogil:
         if decode and gemm != NEO_BF16_OFF:
             matvec_bf16_projections(&projection, 1, &x[0, 0], T, K, accumulate, threads, gemm)
+        elif engine_decode:
+            neo_decode_projections(&projection, 1, &x[0, 0], T, K, accumulate, threads, path)
         elif decode:
             matvec_forward(&out[0, 0], &x[0, 0], &m, bp, T, K, N, accumulate, threads, path)
         elif gemm != NEO_BF16_OFF:

@@ -72,6 +72,19 @@ def test_a_row_is_computed_as_if_alone(isa, kernel, T, K, N, wtype):
     assert np.array_equal(together, alone)
 
 
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("T, K, N", [(13, 768, 70), (40, 203, 37), (5, 8224, 3), (32, 3072, 50), (64, 100, 8),
+                                     (8, 1000, 21)])
+@pytest.mark.parametrize("wtype", ["float32", "bfloat16"])
+def test_a_model_decodes_with_its_decode_kernel_bits(isa, T, K, N, wtype):
+    """What a model on path isa decodes with gives the bits of the decode kernel it names
+    (decode_kernel): on Zen 4 the AVX-512 paths run the AVX2 kernel's tiles in zmm registers, which
+    must sum every element as its ymm tiles do (these shapes take tiles: x past L1, spans, tails)."""
+    x, w, _, bias = problem(T, K, N, wtype, 8)
+    kernel = _core.decode_kernel(isa, wtype)
+    assert np.array_equal(run(x, w, bias, isa, "decode"), run(x, w, bias, kernel, "matvec"))
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_thread_count_does_not_change_a_kernel_bit(isa, kernel):
