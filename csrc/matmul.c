@@ -409,20 +409,20 @@ INLINE_AVX2 void dot_block_avx2(const NeoDType dtype, const int R, size_t prefet
  * the AVX2 kernel (Zen 4: neo_decode_isa). A zmm holds lanes 0 and 1 of a sum (columns k ..
  * k + 15 of a 32-column step) or lanes 2 and 3, each element summed as dot_block_avx2 sums it,
  * so the bits are the same; all four lanes run in one pass, in tiles of MV_WIDE_OUTS weight
- * rows by R rows of x (2 x 2 x 6 accumulators, 4 weight vectors and 2 of x: 30 registers).
- * Zen 4, 2 threads, against the ymm tiles: 125M's matrices alone 1.18-1.30x faster at 12-32
- * rows; whole bf16 steps 8 rows 0.943, 12 rows 0.825, 16 rows 0.887-0.904, 32 rows 0.845-0.923
- * of their time. */
+ * rows by R rows of x (2 x 2 x 6 accumulators, 4 weight vectors and one of x: 29 registers).
+ * bf16 and fp32 weights only: int8 decodes with the AVX-512 kernel wherever the AVX-512 path
+ * runs. Zen 4, 2 threads, against the ymm tiles: 125M's matrices alone 1.18-1.30x faster at
+ * 12-32 rows; whole 125M bf16 steps 0.85-0.88 of their time at 16-32 rows (BENCHMARKS.md). */
 #define MV_WIDE_OUTS 2
-/* widen8 for 16 columns (k a multiple of 16, so that the 16 share one int8 block). */
-INLINE_AVX512 __m512 widen16_row(MatrixRow row, size_t k)
+_Static_assert(MV_WIDE_OUTS == MV_TILE_OUTS, "the driver's prefetch reaches one tile of MV_TILE_OUTS rows ahead");
+_Static_assert(MV_BLOCK % MV_WIDE_OUTS == 0, "a block is whole tiles");
+
+/* Two lanes of widen8: columns k .. k + 15 of a bf16 or fp32 row. */
+INLINE_AVX512 __m512 widen16_lanes(MatrixRow row, size_t k)
 {
     if (row.dtype == NEO_BF16)
         return _mm512_castsi512_ps(_mm512_slli_epi32(
             _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row.data + k))), 16));
-    if (row.dtype == NEO_I8)
-        return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)row.data + k)))),
-                             _mm512_set1_ps(row.scales[k / NEO_I8_BLOCK]));
     return _mm512_loadu_ps((const float *)row.data + k);
 }
 
@@ -445,7 +445,7 @@ INLINE_AVX512 void dot_block_wide(const NeoDType dtype, const int R, size_t pref
             for (int o = 0; o < O; o++) {
                 const int n = n_begin + tile * O + o;  /* past n_end: the last row again, unused */
                 rows[o] = matrix_row(w, n < n_end ? n : n_end - 1, K);
-                rows[o].dtype = dtype;  /* the constant, so that widen16_row compiles to one path */
+                rows[o].dtype = dtype;  /* the constant, so that widen16_lanes compiles to one path */
             }
             __m512 (*tile_lanes)[2][MV_TILE_ROWS] = lanes + tile * O;
             __m512 acc[MV_WIDE_OUTS][2][MV_TILE_ROWS];
@@ -458,7 +458,7 @@ INLINE_AVX512 void dot_block_wide(const NeoDType dtype, const int R, size_t pref
                         _mm_prefetch((const char *)rows[o].data + k * size + prefetch_ahead, _MM_HINT_NTA);
                 __m512 wv[MV_WIDE_OUTS][2];
                 for (int o = 0; o < O; o++)
-                    for (int h = 0; h < 2; h++) wv[o][h] = widen16_row(rows[o], k + 16 * h);
+                    for (int h = 0; h < 2; h++) wv[o][h] = widen16_lanes(rows[o], k + 16 * h);
                 for (int r = 0; r < R; r++)
                     for (int h = 0; h < 2; h++) {
                         __m512 xv = _mm512_loadu_ps(xr[r] + k + 16 * h);
@@ -482,8 +482,8 @@ INLINE_AVX512 void dot_block_wide(const NeoDType dtype, const int R, size_t pref
     }
 }
 
-/* dot_block_wide for any dtype and R (3 to MV_TILE_ROWS): a call, not inlined, so that the
- * AVX2 driver may make it (with constants, each case compiles to its own loops). */
+/* dot_block_wide for bf16 or fp32 weights and R (3 to MV_TILE_ROWS): a call, not inlined, so
+ * that the AVX2 driver may make it (with constants, each case compiles to its own loops). */
 TARGET_AVX512 static void dot_block_wide_any(NeoDType dtype, int R, size_t prefetch_ahead, float *sums,
                                              const float *const *xr, const NeoMatrix *w, int n_begin,
                                              int n_end, int K)
@@ -494,7 +494,6 @@ TARGET_AVX512 static void dot_block_wide_any(NeoDType dtype, int R, size_t prefe
     case 4: dot_block_wide(dt, 4, prefetch_ahead, sums, xr, w, n_begin, n_end, K); break; \
     default: dot_block_wide(dt, 3, prefetch_ahead, sums, xr, w, n_begin, n_end, K); }
     if (dtype == NEO_BF16) { WIDE_R(NEO_BF16) }
-    else if (dtype == NEO_I8) { WIDE_R(NEO_I8) }
     else { WIDE_R(NEO_F32) }
 #undef WIDE_R
 }
@@ -508,7 +507,7 @@ TARGET_AVX512 static void dot_block_wide_any(NeoDType dtype, int R, size_t prefe
  * widening (convert, then scale) costs more than bf16's, and a tile widens each vector once for
  * all its rows (EPYC, 125M's matrices, 2 threads, alternating: 4 rows 14% and 8 rows 20%
  * faster; bf16 rows through the tiles 1.25-1.45x slower). */
-INLINE_AVX2 void matvec_block_avx2(const int wide, const NeoDType dtype, NeoDecodePrefetch how, float *out,
+INLINE_AVX2 void matvec_block_avx2(int wide, const NeoDType dtype, NeoDecodePrefetch how, float *out,
                                    const float *x, int ld, const NeoMatrix *w, const float *bias,
                                    int T, int n_begin, int n_end, int K, int N, int accumulate)
 {
@@ -566,7 +565,7 @@ INLINE_AVX2 void matvec_block_avx2(const int wide, const NeoDType dtype, NeoDeco
         /* constant R: each compiles to its own loops with the tile in registers; T > MV_ROWS
          * split evenly into tiles of at most 6 rows gives 3 to 6 */
         _Static_assert(MV_ROWS == 3 && MV_TILE_ROWS == 6, "the cases below are the tile heights");
-        if (wide) /* constant in each driver */
+        if (wide && dtype != NEO_I8)
             dot_block_wide_any(dtype, R, prefetch, sums, xr, w, n_begin, n_end, K);
         else switch (R) {
         case 6: dot_block_avx2(dtype, 6, prefetch, sums, xr, w, n_begin, n_end, K); break;
@@ -581,18 +580,13 @@ INLINE_AVX2 void matvec_block_avx2(const int wide, const NeoDType dtype, NeoDeco
     }
 }
 
-/* The AVX2 driver, its tiles in ymm registers (wide 0) or, on a CPU with AVX-512, in zmm
- * registers with the same bits (wide 1: dot_block_wide). */
-#define MATVEC_BLOCK_YMM(...) matvec_block_avx2(0, __VA_ARGS__)
-#define MATVEC_BLOCK_ZMM(...) matvec_block_avx2(1, __VA_ARGS__)
+/* The AVX2 driver, its tiles in ymm registers or, with wide (a CPU with AVX-512), in zmm
+ * registers with the same bits (dot_block_wide). */
+#define MATVEC_BLOCK_AVX2(...) matvec_block_avx2(wide, __VA_ARGS__)
 TARGET_AVX2 static void matvec_avx2(const NeoProjection *proj, int n_proj, const float *x, int T,
                                     int K, int accumulate, int n_threads, int wide)
 {
-    if (wide) {
-        MATVEC_DRIVER(MATVEC_BLOCK_ZMM, MV_BLOCK, NEO_ISA_AVX2)
-    } else {
-        MATVEC_DRIVER(MATVEC_BLOCK_YMM, MV_BLOCK, NEO_ISA_AVX2)
-    }
+    MATVEC_DRIVER(MATVEC_BLOCK_AVX2, MV_BLOCK, NEO_ISA_AVX2)
 }
 
 /* In place: row i of the 8 x 8 block becomes column i. */
@@ -796,13 +790,13 @@ void matmul_forward(float *out, const float *x, const NeoMatrix *w, const float 
 }
 
 /* matvec_projections on kernel isa; with wide, the AVX2 kernel's tiles in zmm registers. */
-static void projections(const NeoProjection *proj, int n_proj, const float *x, int T, int K,
+static void matvec_on_kernel(const NeoProjection *proj, int n_proj, const float *x, int T, int K,
                         int accumulate, int n_threads, NeoIsa isa, int wide)
 {
     if (n_proj > NEO_MAX_PROJECTIONS) {  /* the drivers hold one block count per projection */
-        projections(proj, NEO_MAX_PROJECTIONS, x, T, K, accumulate, n_threads, isa, wide);
-        projections(proj + NEO_MAX_PROJECTIONS, n_proj - NEO_MAX_PROJECTIONS, x, T, K, accumulate,
-                    n_threads, isa, wide);
+        matvec_on_kernel(proj, NEO_MAX_PROJECTIONS, x, T, K, accumulate, n_threads, isa, wide);
+        matvec_on_kernel(proj + NEO_MAX_PROJECTIONS, n_proj - NEO_MAX_PROJECTIONS, x, T, K, accumulate,
+                         n_threads, isa, wide);
         return;
     }
 #if defined(__x86_64__)
@@ -826,14 +820,15 @@ static void projections(const NeoProjection *proj, int n_proj, const float *x, i
 void matvec_projections(const NeoProjection *proj, int n_proj, const float *x, int T, int K,
                         int accumulate, int n_threads, NeoIsa isa)
 {
-    projections(proj, n_proj, x, T, K, accumulate, n_threads, isa, 0);
+    matvec_on_kernel(proj, n_proj, x, T, K, accumulate, n_threads, isa, 0);
 }
 
 void neo_decode_projections(const NeoProjection *proj, int n_proj, const float *x, int T, int K,
                             int accumulate, int n_threads, NeoIsa path)
 {
     const NeoIsa isa = neo_decode_isa(path, proj->w->dtype);
-    projections(proj, n_proj, x, T, K, accumulate, n_threads, isa, isa == NEO_ISA_AVX2 && path == NEO_ISA_AVX512);
+    matvec_on_kernel(proj, n_proj, x, T, K, accumulate, n_threads, isa,
+                     isa == NEO_ISA_AVX2 && path == NEO_ISA_AVX512 && neo_cpu_has_avx512());
 }
 
 void matvec_forward(float *out, const float *x, const NeoMatrix *w, const float *bias, int T,
