@@ -60,17 +60,26 @@ static int row_runs(RowRun runs[3], const float *fresh, const void *cache, NeoDT
     return n;
 }
 
-/* 1 when the AVX2 and AVX-512 paths fetch a decode row's key and value rows ahead of their use
- * (by CPU kind): each (row, head) streams a few tens of KiB of cache, too short for the
- * hardware prefetcher to get going (a prompt's rows re-read keys from cache: none for them).
- * Zen 4, 125M, 2 threads, builds alternating: decode steps of 8 rows at position 250 2-15%
- * faster, 1 row at position 1000 4-13% (the AVX2 path 11-14%). The Intel Xeon (AVX-512 path,
- * the same steps): 8 rows at 250 0-7% faster (three runs: 1.07, 1.00, 1.07x), 1 row at 1000
- * 1.04x and 0.99x. Zen 3 not measured, so it keeps the hardware's. */
-int neo_attention_prefetches(void)
+/* Each decode (row, head) streams a few tens of KiB of cache, too short for the hardware
+ * prefetcher to get going, so the AVX2 and AVX-512 paths fetch it themselves where that
+ * measured faster (a prompt's rows re-read keys from cache: none for them).
+ * AHEAD, each row 8 rows before its use. Zen 4, 125M, 2 threads, builds alternating: decode
+ * steps of 8 rows at position 250 2-15% faster, 1 row at position 1000 4-13% (the AVX2 path
+ * 11-14%). The Intel Xeon (AVX-512 path, the same steps): 8 rows at 250 0-7% faster (three
+ * runs: 1.07, 1.00, 1.07x), 1 row at 1000 1.04x and 0.99x.
+ * VALUES_WITH_KEYS, also each value row into L2 as its key row is read, so that the values'
+ * misses overlap the keys' instead of following them. Zen 4, 125M exact, position 250, medians
+ * of 8-12 alternations, two runs: 1 row 1.08-1.10x faster at 1 thread (the AVX2 path 1.05x),
+ * level-1.03x at 2; 8 and 32 rows 1.03-1.04x (value rows into L1 instead: 1.06x at 1 thread,
+ * level at 32 rows). Not measured on the Xeon, which keeps AHEAD; Zen 3 not measured either,
+ * so it keeps the hardware's. */
+NeoAttentionFetch neo_attention_fetch(void)
 {
-    const NeoCpuKind kind = neo_cpu_kind();
-    return kind == NEO_CPU_AMD_ZEN4 || kind == NEO_CPU_INTEL;
+    switch (neo_cpu_kind()) {
+    case NEO_CPU_AMD_ZEN4: return NEO_ATTENTION_FETCH_VALUES_WITH_KEYS;
+    case NEO_CPU_INTEL: return NEO_ATTENTION_FETCH_AHEAD;
+    default: return NEO_ATTENTION_FETCH_NONE;
+    }
 }
 
 /* ---- the two inner loops: scalar reference, portable, AVX2, AVX-512 ---------------------------------- */
@@ -103,14 +112,16 @@ static void weighted_rows_generic(float *restrict out, const float *restrict wei
 #define PREFETCH_ROWS_AHEAD 8
 
 /* Row c + PREFETCH_ROWS_AHEAD of a run fetched ahead of its use (head_dim values; nothing past
- * the run), when prefetch is set. */
-static inline __attribute__((always_inline)) void prefetch_row_ahead(int prefetch, const RowRun *run, int c,
-                                                                     int head_dim)
+ * the run), into L1, or into L2 alone when into_l2 (rows wanted only after others). */
+static inline __attribute__((always_inline)) void prefetch_row_ahead(NeoAttentionFetch fetch, const RowRun *run,
+                                                                     int c, int head_dim, int into_l2)
 {
-    if (!prefetch || c + PREFETCH_ROWS_AHEAD >= run->count) return;
+    if (fetch == NEO_ATTENTION_FETCH_NONE || c + PREFETCH_ROWS_AHEAD >= run->count) return;
     const size_t elem = dtype_bytes(run->dtype);
     const char *row = (const char *)run->rows + (size_t)(c + PREFETCH_ROWS_AHEAD) * run->stride * elem;
-    for (size_t b = 0; b < head_dim * elem; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+    for (size_t b = 0; b < head_dim * elem; b += 64)
+        if (into_l2) _mm_prefetch(row + b, _MM_HINT_T1);
+        else _mm_prefetch(row + b, _MM_HINT_T0);
 }
 
 TARGET_AVX2 static inline float dot_avx2(const float *a, const float *b, int n)
@@ -133,7 +144,7 @@ TARGET_AVX2 static inline float dot_avx2(const float *a, const float *b, int n)
 
 /* Columns in blocks of 32 held in four registers across all rows, so out is written once. */
 TARGET_AVX2 static void weighted_rows_avx2(float *out, const float *weights, const RowRun *runs,
-                                           int n_runs, int n, int prefetch)
+                                           int n_runs, int n, NeoAttentionFetch fetch)
 {
     float widened[32];
     int d = 0;
@@ -142,7 +153,7 @@ TARGET_AVX2 static void weighted_rows_avx2(float *out, const float *weights, con
         for (int r = 0, j = 0; r < n_runs; r++)
             for (int c = 0; c < runs[r].count; c++, j++) {
                 const float *row = run_row(&runs[r], c, d, 32, widened);
-                if (d == 0) prefetch_row_ahead(prefetch, &runs[r], c, n);
+                if (d == 0) prefetch_row_ahead(fetch, &runs[r], c, n, 0);
                 const __m256 w = _mm256_set1_ps(weights[j]);
                 for (int a = 0; a < 4; a++) acc[a] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 8 * a), acc[a]);
             }
@@ -169,7 +180,7 @@ TARGET_AVX512 static inline float dot_avx512(const float *a, const float *b, int
 }
 
 TARGET_AVX512 static void weighted_rows_avx512(float *out, const float *weights, const RowRun *runs,
-                                               int n_runs, int n, int prefetch)
+                                               int n_runs, int n, NeoAttentionFetch fetch)
 {
     float widened[64];
     int d = 0;
@@ -178,7 +189,7 @@ TARGET_AVX512 static void weighted_rows_avx512(float *out, const float *weights,
         for (int r = 0, j = 0; r < n_runs; r++)
             for (int c = 0; c < runs[r].count; c++, j++) {
                 const float *row = run_row(&runs[r], c, d, 64, widened);
-                if (d == 0) prefetch_row_ahead(prefetch, &runs[r], c, n);
+                if (d == 0) prefetch_row_ahead(fetch, &runs[r], c, n, 0);
                 const __m512 w = _mm512_set1_ps(weights[j]);
                 for (int a = 0; a < 4; a++) acc[a] = _mm512_fmadd_ps(w, _mm512_loadu_ps(row + 16 * a), acc[a]);
             }
@@ -245,19 +256,20 @@ static inline __attribute__((always_inline)) float attention_dot(const NeoIsa is
 }
 
 /* out = softmax(q . keys) . values over the keys position pos0 + t may see. isa is a constant
- * at each call site, so each instantiation keeps only its own inner loops; prefetch: see
- * neo_attention_prefetches. s: a row of scores; widened: 8 rows of head_dim floats. */
+ * at each call site, so each instantiation keeps only its own inner loops; fetch: see
+ * neo_attention_fetch. s: a row of scores; widened: 8 rows of head_dim floats. */
 static inline __attribute__((always_inline)) void
 attend(const NeoIsa isa, float *out, const float *q, const float *k_new, const float *v_new,
        const void *k_cache, const void *v_cache, NeoDType cache_dtype, int slots, int pos0, int t,
-       int h, int C, int head_dim, int window, float *s, float *widened, int prefetch)
+       int h, int C, int head_dim, int window, float *s, float *widened, NeoAttentionFetch fetch)
 {
     const int p = pos0 + t;
     const int first = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
     const int offset = h * head_dim;
     const float *qh = q + (size_t)t * C + offset;
-    RowRun runs[3];
+    RowRun runs[3], value_runs[3];
     int n_runs = row_runs(runs, k_new, k_cache, cache_dtype, slots, pos0, first, p, C, h, head_dim);
+    row_runs(value_runs, v_new, v_cache, cache_dtype, slots, pos0, first, p, C, h, head_dim);
     int n_keys = 0;
     for (int r = 0; r < n_runs; r++) n_keys += runs[r].count;
     const int step = isa == NEO_ISA_AVX2 ? 8 : 16;  /* scores8's d step */
@@ -268,7 +280,9 @@ attend(const NeoIsa isa, float *out, const float *q, const float *k_new, const f
         for (int r = 0, i = 0; r < n_runs; r++)
             for (int c = 0; c < runs[r].count; c++, i++) {
                 key[i % 8] = run_row(&runs[r], c, 0, head_dim, widened + i % 8 * head_dim);
-                prefetch_row_ahead(prefetch, &runs[r], c, head_dim);
+                prefetch_row_ahead(fetch, &runs[r], c, head_dim, 0);
+                if (fetch == NEO_ATTENTION_FETCH_VALUES_WITH_KEYS)
+                    prefetch_row_ahead(fetch, &value_runs[r], c, head_dim, 1);
                 if (i % 8 != 7 && i != n_keys - 1) continue;
                 const int filled = i % 8 + 1;
                 for (int j = filled; j < 8; j++) key[j] = key[filled - 1];
@@ -292,19 +306,18 @@ attend(const NeoIsa isa, float *out, const float *q, const float *k_new, const f
     float total = 0.0f;
     for (int i = 0; i < n_keys; i++) total += s[i];
     for (int i = 0; i < n_keys; i++) s[i] /= total;
-    n_runs = row_runs(runs, v_new, v_cache, cache_dtype, slots, pos0, first, p, C, h, head_dim);
     float *oh = out + (size_t)t * C + offset;
 #if defined(__x86_64__)
     if (isa == NEO_ISA_AVX2) {
-        weighted_rows_avx2(oh, s, runs, n_runs, head_dim, prefetch);
+        weighted_rows_avx2(oh, s, value_runs, n_runs, head_dim, fetch);
         return;
     }
     if (isa == NEO_ISA_AVX512) {
-        weighted_rows_avx512(oh, s, runs, n_runs, head_dim, prefetch);
+        weighted_rows_avx512(oh, s, value_runs, n_runs, head_dim, fetch);
         return;
     }
 #endif
-    weighted_rows_generic(oh, s, runs, n_runs, 0, head_dim, widened);
+    weighted_rows_generic(oh, s, value_runs, n_runs, 0, head_dim, widened);
 }
 
 #define ATTENTION_PARAMS                                                                        \
@@ -314,14 +327,14 @@ attend(const NeoIsa isa, float *out, const float *q, const float *k_new, const f
     int head_dim, int window, float *scores, int n_ctx, int n_threads
 
 /* Row r, head h: the row reads its own sequence's cache and the fresh rows of its segment. */
-#define ATTEND_ROW_HEAD(isa, r, h, prefetch)                                                    \
+#define ATTEND_ROW_HEAD(isa, r, h, fetch)                                                    \
     do {                                                                                        \
         const Segment *sg = &segments[row_segment[r]];                                          \
         const size_t first_row = (size_t)sg->row0 * C;                                          \
         const NeoSequence *seq = &sequences[sg->seq];                                           \
         attend(isa, out + first_row, q + first_row, k_new + first_row, v_new + first_row,       \
                seq->key_cache[layer], seq->value_cache[layer], cache_dtype, slots, sg->pos0,    \
-               (r) - sg->row0, h, C, head_dim, window, scratch, scratch + n_ctx, prefetch);     \
+               (r) - sg->row0, h, C, head_dim, window, scratch, scratch + n_ctx, fetch);     \
     } while (0)
 
 /* Every (row, head) pair is independent. The decode rows (the first n_single) each stream
@@ -330,16 +343,16 @@ attend(const NeoIsa isa, float *out, const float *q, const float *k_new, const f
  * at 2 threads): threads take a prompt's pairs in turn. */
 #define ATTENTION_LOOP(isa)                                                                     \
     const int C = n_heads * head_dim;                                                           \
-    const int prefetch = neo_attention_prefetches();                                            \
+    const NeoAttentionFetch fetch = neo_attention_fetch();                                            \
     _Pragma("omp parallel num_threads(n_threads)")                                              \
     {                                                                                           \
         float *scratch = scores + omp_get_thread_num() * attention_scratch_floats(n_ctx, head_dim); \
         _Pragma("omp for collapse(2) schedule(static) nowait")                                  \
         for (int r = 0; r < n_single; r++)                                                      \
-            for (int h = 0; h < n_heads; h++) ATTEND_ROW_HEAD(isa, r, h, prefetch);             \
+            for (int h = 0; h < n_heads; h++) ATTEND_ROW_HEAD(isa, r, h, fetch);             \
         _Pragma("omp for collapse(2) schedule(static, 1)")                                      \
         for (int r = n_single; r < n_rows; r++)                                                 \
-            for (int h = 0; h < n_heads; h++) ATTEND_ROW_HEAD(isa, r, h, 0);                    \
+            for (int h = 0; h < n_heads; h++) ATTEND_ROW_HEAD(isa, r, h, NEO_ATTENTION_FETCH_NONE);                    \
     }
 
 static void attention_generic(ATTENTION_PARAMS) { ATTENTION_LOOP(NEO_ISA_GENERIC) }

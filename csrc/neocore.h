@@ -142,9 +142,11 @@ NeoDecodePrefetch neo_decode_prefetch(NeoIsa isa, NeoDType dtype, int rows);
  * CPU: isa itself, except on AMD Zen 4, where the AVX-512 path decodes bf16 and fp32 weights
  * with the AVX2 kernel (see matmul.c). */
 NeoIsa neo_decode_isa(NeoIsa isa, NeoDType dtype);
-/* 1 when attention fetches a decode row's key and value rows ahead on the AVX2 and AVX-512
- * paths, on this CPU (by kind; see attention.c). */
-int neo_attention_prefetches(void);
+/* How attention fetches a decode row's key and value rows on the AVX2 and AVX-512 paths, on
+ * this CPU (by kind; see attention.c): not at all, each a few rows ahead of its use, or that
+ * and each value row into L2 while the keys are read. */
+typedef enum { NEO_ATTENTION_FETCH_NONE, NEO_ATTENTION_FETCH_AHEAD, NEO_ATTENTION_FETCH_VALUES_WITH_KEYS } NeoAttentionFetch;
+NeoAttentionFetch neo_attention_fetch(void);
 /* The XOR of the bytes / 8 64-bit words at data (8-byte aligned), read by n_threads threads
  * (bandwidth.c). */
 uint64_t neo_read_stream(const void *data, size_t bytes, int n_threads, NeoDecodePrefetch how);

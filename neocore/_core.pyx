@@ -22,6 +22,10 @@ cdef extern from "neocore.h":
         NEO_PREFETCH_NONE
         NEO_PREFETCH_NTA_NEAR
         NEO_PREFETCH_L2_FAR
+    ctypedef enum NeoAttentionFetch:
+        NEO_ATTENTION_FETCH_NONE
+        NEO_ATTENTION_FETCH_AHEAD
+        NEO_ATTENTION_FETCH_VALUES_WITH_KEYS
     ctypedef enum NeoCpuKind:
         NEO_CPU_OTHER
         NEO_CPU_AMD_ZEN3
@@ -82,7 +86,7 @@ cdef extern from "neocore.h":
     int neo_built_with_openmp()
     NeoDecodePrefetch neo_decode_prefetch(NeoIsa isa, NeoDType dtype, int rows)
     NeoIsa neo_decode_isa(NeoIsa isa, NeoDType dtype)
-    int neo_attention_prefetches()
+    NeoAttentionFetch neo_attention_fetch()
     uint64_t neo_read_stream(const void *data, size_t nbytes, int n_threads, NeoDecodePrefetch how) nogil
     NeoCpuKind neo_cpu_kind()
     NeoState *neo_state_new(const NeoConfig *cfg, int n_seqs, int n_ctx, int max_rows,
@@ -198,11 +202,19 @@ def bf16_decodes(str isa) -> bool:
     return isa in BF16_GEMMS and neo_bf16_decodes(BF16_GEMMS[isa]) != 0
 
 
-def attention_prefetch(str isa) -> bool:
-    """Whether attention on path isa fetches its key and value rows ahead on this CPU: the AVX2
-    and AVX-512 paths do on the CPU kinds where that measured faster (csrc/attention.c)."""
+ATTENTION_FETCHES = {NEO_ATTENTION_FETCH_NONE: "none", NEO_ATTENTION_FETCH_AHEAD: "ahead",
+                     NEO_ATTENTION_FETCH_VALUES_WITH_KEYS: "values-with-keys"}
+
+
+def attention_fetch(str isa) -> str:
+    """How attention on path isa fetches a decode row's key and value rows on this CPU: "none",
+    "ahead" (each a few rows before its use) or "values-with-keys" (that, and each value row
+    into L2 as its key row is read). The AVX2 and AVX-512 paths do on the CPU kinds where that
+    measured faster (csrc/attention.c)."""
     _check_known_isa(isa)
-    return ISAS[isa] in (NEO_ISA_AVX2, NEO_ISA_AVX512) and neo_attention_prefetches() != 0
+    if ISAS[isa] not in (NEO_ISA_AVX2, NEO_ISA_AVX512):
+        return "none"
+    return ATTENTION_FETCHES[neo_attention_fetch()]
 
 
 def decode_kernel(str isa, str dtype) -> str:

@@ -389,7 +389,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     int8_file = holds_int8(open_checkpoint(model.path))
     c = model.config
     kinds = ", ".join(f"{k} x{c.attention_layers.count(k)}" for k in ("global", "local"))
-    attention_rows = "prefetched (decode rows; " if _core.attention_prefetch(model.isa) else "not prefetched ("
     rows = [
         ("model", str(model.path)),
         ("hidden size", c.hidden_size), ("layers", f"{c.num_layers} ({kinds})"),
@@ -409,7 +408,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("decode kernel", "bf16 (the compute mode's)" if model.compute == "bf16" and _core.bf16_decodes(model.isa)
          else f"{_core.decode_kernel(model.isa, model.dtype)} (tuned for {_core.cpu_kind()})"),
         ("decode prefetch", f"{_core.decode_prefetch(model.isa, model.dtype)} (one sequence; tuned for {_core.cpu_kind()})"),
-        ("attention rows", f"{attention_rows}tuned for {_core.cpu_kind()})"),
+        ("attention fetch", f"{_core.attention_fetch(model.isa)} (decode rows; tuned for {_core.cpu_kind()})"),
         ("compute", "exact (fp32 activations)" if model.compute == "exact" else
          f"bf16 (matmuls in bf16: prompts on {BF16_GEMM_NAMES[model.isa]}, decode on "
          f"{'the scalar reference' if model.isa == 'scalar' else 'AVX512-BF16'})"

@@ -211,8 +211,8 @@ def test_score_and_info(tiny, tmp_path):
     assert "weight pages:    in memory (huge pages not asked for)\n" in plain.stdout  # converted at load
     assert f"decode kernel:   {_core.decode_kernel(model.isa, model.dtype)} " in info.stdout
     assert f"decode prefetch: {_core.decode_prefetch(model.isa, model.dtype)} " in info.stdout
-    fetched = "prefetched (decode rows; " if _core.attention_prefetch(model.isa) else "not prefetched ("
-    assert f"attention rows:  {fetched}tuned for {_core.cpu_kind()})" in info.stdout
+    fetch = _core.attention_fetch(model.isa)
+    assert f"attention fetch: {fetch} (decode rows; tuned for {_core.cpu_kind()})" in info.stdout
 
 
 @pytest.mark.parametrize("args, stdin, message", [

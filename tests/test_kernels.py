@@ -185,9 +185,10 @@ def test_decode_prefetch_and_kernel_are_chosen_by_the_cpu_kind():
             own = "avx512" if on_avx512 else isa
             assert _core.decode_kernel(isa, dtype) == ("avx2" if avx2_instead else own), (isa, dtype)
         assert _core.bf16_decodes(isa) == (isa in ("avx512bf16", "amx", "scalar") and kind == "amd-zen4"), isa
-        assert _core.attention_prefetch(isa) == (isa in simd_paths and kind in ("amd-zen4", "intel")), isa
+        fetch = {"amd-zen4": "values-with-keys", "intel": "ahead"}.get(kind, "none") if isa in simd_paths else "none"
+        assert _core.attention_fetch(isa) == fetch, isa
     for probe in (lambda: _core.decode_kernel("avx1024", "bfloat16"), lambda: _core.bf16_decodes("avx1024"),
-                  lambda: _core.decode_prefetch("avx1024", "int8"), lambda: _core.attention_prefetch("avx1024")):
+                  lambda: _core.decode_prefetch("avx1024", "int8"), lambda: _core.attention_fetch("avx1024")):
         with pytest.raises(ValueError, match="unknown kernel path"):
             probe()
     with pytest.raises(ValueError, match="dtype must be one of"):
