@@ -120,8 +120,8 @@ static inline __m512 simde_cvtepi32_ps(__m512i a)
 #endif
 
 /* The decode kernels stream each weight row once a step. How they prefetch that stream
- * (neo_decode_prefetch) is chosen by CPU kind and weight type, because each way was measured on
- * one kind of CPU and loses on another:
+ * (neo_decode_prefetch) is chosen by CPU kind, weight type, rows of x and row length, because
+ * each way was measured on one kind of CPU and loses on another:
  * - AMD Zen 3 (EPYC, AVX2): a non-temporal hint a few lines ahead, once a step, gave 4-20% more
  *   bandwidth (256 bytes ahead, against none); into L2 PREFETCH_FAR_BYTES ahead made 1.3B's
  *   matrices 1.07-1.22x slower. The distance was then measured by weight type (125M and 1.3B
@@ -136,7 +136,15 @@ static inline __m512 simde_cvtepi32_ps(__m512i a)
  *   ahead (1.3B 1.06-1.09x) and into L2 (125M 1.2x), so one row's bf16 and fp32 weights are
  *   not prefetched. Several rows (the AVX2 kernel's groups and tiles, 125M, 2 threads) still
  *   gain from it (4 rows 1.06x, 8 rows 1.28x, 16 1.1x, 32 1.05x), and so do int8 weights
- *   4096 bytes ahead (1.06-1.17x, 125M and 1.3B, one row).
+ *   4096 bytes ahead (1.06-1.17x, 125M and 1.3B, one row). Later, with the weights in huge
+ *   pages: into L2 PREFETCH_FAR_BYTES ahead made steps of 2 and 3 rows faster than the hint
+ *   (bf16 125M 1.13-1.27x, 1.3B 1.44-1.52x, 2.7B 2 rows 1.60x; fp32 125M 1.18-1.24x), and
+ *   one row too where x's row is 16 KiB or more, past what L1 keeps beside the stream (1.3B's
+ *   and 2.7B's 8192- and 10240-column MLP rows: those matrices alone 1.4x faster, whole
+ *   steps 1.07-1.17x at 1 and 2 threads; 350M's 4096 1.02-1.05x); int8 1 and 2 rows 1.02-1.19x
+ *   (125M and 1.3B). One row of shorter bf16 rows stays unprefetched (into L2: whole 125M
+ *   steps level to 1.16x slower, its matrices alone 1.1-1.25x), and 4 rows and more, and
+ *   int8's 3, keep the hint (into L2: level to 1.12x slower).
  * - Intel (Xeon, Sapphire Rapids class): the non-temporal hint halved decode; into L2,
  *   PREFETCH_FAR_BYTES ahead, every line, made the decode kernel 1.3-1.45x faster (125M and
  *   1.3B matrices, 1 and 2 threads, against no prefetch, builds alternating: kernel_ab.c).
@@ -182,9 +190,9 @@ float *aligned_rows(const float *x, int T, int K, int *ld);
  * one parallel region (each region costs a start and a barrier, which at 16 threads weighed on
  * a decode step), prefetching as isa does here. */
 #define MATVEC_DRIVER(block, block_rows, isa)                                                  \
-    const NeoDecodePrefetch how_bf16 = neo_decode_prefetch(isa, NEO_BF16, T);                   \
-    const NeoDecodePrefetch how_i8 = neo_decode_prefetch(isa, NEO_I8, T);                       \
-    const NeoDecodePrefetch how_f32 = neo_decode_prefetch(isa, NEO_F32, T);                     \
+    const NeoDecodePrefetch how_bf16 = neo_decode_prefetch(isa, NEO_BF16, T, K);                  \
+    const NeoDecodePrefetch how_i8 = neo_decode_prefetch(isa, NEO_I8, T, K);                      \
+    const NeoDecodePrefetch how_f32 = neo_decode_prefetch(isa, NEO_F32, T, K);                    \
     int first_block[NEO_MAX_PROJECTIONS + 1];                                                  \
     const int blocks = projection_blocks(proj, n_proj, block_rows, first_block);               \
     int ld = K;                                                                                \

@@ -744,12 +744,15 @@ float *aligned_rows(const float *x, int T, int K, int *ld)
 
 /* The SIMD paths' decode kernels prefetch by CPU kind (see prefetch_stream); the others leave
  * it to the hardware. */
-NeoDecodePrefetch neo_decode_prefetch(NeoIsa isa, NeoDType dtype, int rows)
+NeoDecodePrefetch neo_decode_prefetch(NeoIsa isa, NeoDType dtype, int rows, int cols)
 {
     if (isa != NEO_ISA_AVX2 && isa != NEO_ISA_AVX512) return NEO_PREFETCH_NONE;
     switch (neo_cpu_kind()) {
     case NEO_CPU_AMD_ZEN3: return NEO_PREFETCH_NTA_NEAR;
-    case NEO_CPU_AMD_ZEN4: return dtype == NEO_I8 || rows > 1 ? NEO_PREFETCH_NTA_NEAR : NEO_PREFETCH_NONE;
+    case NEO_CPU_AMD_ZEN4:
+        if (dtype == NEO_I8) return rows <= 2 ? NEO_PREFETCH_L2_FAR : NEO_PREFETCH_NTA_NEAR;
+        if (rows == 1) return cols >= 4096 ? NEO_PREFETCH_L2_FAR : NEO_PREFETCH_NONE;
+        return rows <= 3 ? NEO_PREFETCH_L2_FAR : NEO_PREFETCH_NTA_NEAR;
     case NEO_CPU_INTEL: return NEO_PREFETCH_L2_FAR;
     default: return NEO_PREFETCH_NONE;
     }

@@ -133,11 +133,11 @@ typedef enum { NEO_CPU_OTHER, NEO_CPU_AMD_ZEN3, NEO_CPU_AMD_ZEN4, NEO_CPU_INTEL 
 NeoCpuKind neo_cpu_kind(void);
 /* 1 when compiled with OpenMP; without it every step runs on one thread. */
 int neo_built_with_openmp(void);
-/* How the decode kernel of path isa prefetches weight rows of type dtype for rows rows of x,
- * on this CPU: not at all, non-temporally a little ahead, or into L2 far ahead, by CPU kind;
- * see internal.h. */
+/* How the decode kernel of path isa prefetches weight rows of type dtype, cols columns long,
+ * for rows rows of x, on this CPU: not at all, non-temporally a little ahead, or into L2 far
+ * ahead, by CPU kind; see internal.h. */
 typedef enum { NEO_PREFETCH_NONE, NEO_PREFETCH_NTA_NEAR, NEO_PREFETCH_L2_FAR } NeoDecodePrefetch;
-NeoDecodePrefetch neo_decode_prefetch(NeoIsa isa, NeoDType dtype, int rows);
+NeoDecodePrefetch neo_decode_prefetch(NeoIsa isa, NeoDType dtype, int rows, int cols);
 /* The path whose decode kernel a model on path isa steps weights of type dtype with, on this
  * CPU: isa itself, except on AMD Zen 4, where the AVX-512 path decodes bf16 and fp32 weights
  * with the AVX2 kernel (see matmul.c). */

@@ -84,7 +84,7 @@ cdef extern from "neocore.h":
     int neo_cpu_has_avx512_bf16()
     int neo_cpu_has_amx_bf16()
     int neo_built_with_openmp()
-    NeoDecodePrefetch neo_decode_prefetch(NeoIsa isa, NeoDType dtype, int rows)
+    NeoDecodePrefetch neo_decode_prefetch(NeoIsa isa, NeoDType dtype, int rows, int cols)
     NeoIsa neo_decode_isa(NeoIsa isa, NeoDType dtype)
     NeoAttentionFetch neo_attention_fetch()
     uint64_t neo_read_stream(const void *data, size_t nbytes, int n_threads, NeoDecodePrefetch how) nogil
@@ -228,14 +228,14 @@ def decode_kernel(str isa, str dtype) -> str:
     return next(name for name, value in ISAS.items() if value == decode)  # amx, avx512bf16: avx512
 
 
-def decode_prefetch(str isa, str dtype, int rows=1) -> str:
-    """How path isa's decode kernel prefetches weight rows of type dtype for rows rows of x on
-    this CPU, chosen by its kind: a name in PREFETCHES."""
+def decode_prefetch(str isa, str dtype, int rows, int cols) -> str:
+    """How path isa's decode kernel prefetches weight rows of type dtype, cols columns long, for
+    rows rows of x on this CPU, chosen by its kind: a name in PREFETCHES."""
     _check_known_isa(isa)
     _check_dtype(dtype)
-    if rows < 1:
-        raise ValueError(f"rows must be at least 1, got {rows}")
-    how = neo_decode_prefetch(ISAS[isa], DTYPES[dtype], rows)
+    if rows < 1 or cols < 1:
+        raise ValueError(f"rows and cols must be at least 1, got {rows} and {cols}")
+    how = neo_decode_prefetch(ISAS[isa], DTYPES[dtype], rows, cols)
     return next(name for name, value in PREFETCHES.items() if value == how)
 
 

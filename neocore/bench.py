@@ -323,17 +323,18 @@ def openvino_export(args: argparse.Namespace) -> str:
     return str(out)
 
 
-def machine() -> dict:
-    """What the speed depends on: the CPU, its SIMD flags, the kernel path, the prefetch."""
+def machine(config: GPTNeoConfig) -> dict:
+    """What the speed depends on: the CPU, its SIMD flags, the kernel path, the prefetch (for
+    config's matrices)."""
     from . import _core
-    from .model import kernel_path
+    from .model import decode_prefetch, kernel_path
     isa = kernel_path()
     return {"cpu": _core.cpu_model(), "cpu_flags": _core.cpu_flags(), "cores": os.cpu_count(),
             "usable_paths": _core.usable_isas()[:-1], "path": isa,
             "path_chosen_by": "NEOCORE_ISA" if os.environ.get("NEOCORE_ISA") else "auto",
             "cpu_kind": _core.cpu_kind(),
             "decode_kernel": {dtype: _core.decode_kernel(isa, dtype) for dtype in _core.DTYPES},
-            "decode_prefetch": {dtype: _core.decode_prefetch(isa, dtype) for dtype in _core.DTYPES}}
+            "decode_prefetch": {dtype: decode_prefetch(isa, dtype, config) for dtype in _core.DTYPES}}
 
 
 def by_dtype(choices: dict[str, str]) -> str:
@@ -430,7 +431,7 @@ def run(args: argparse.Namespace) -> int:
     if any(PEERS[p][0] == "openvino" for p in peers):
         folders["openvino"] = openvino_export(args)
     warm_page_cache(Path(args.model))
-    host = machine()
+    host = machine(config)
     # every weight format in every compute mode; the first is the one the others are set against
     variants = [(dtype, compute) for dtype in dtypes for compute in computes]
     rows = []

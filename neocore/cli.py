@@ -384,6 +384,7 @@ BF16_GEMM_NAMES = {"amx": "AMX tiles", "avx512bf16": "AVX512-BF16", "scalar": "t
 def cmd_info(args: argparse.Namespace) -> int:
     from . import _core
     from .checkpoint import open_checkpoint
+    from .model import decode_prefetch
     from .weights import INT8_NOT_TRANSFORMERS, holds_int8
     model = load_model(args)
     int8_file = holds_int8(open_checkpoint(model.path))
@@ -407,7 +408,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("kernel path", f"{model.isa} (this CPU runs {', '.join(_core.usable_isas()[:-1])})"),
         ("decode kernel", "bf16 (the compute mode's)" if model.compute == "bf16" and _core.bf16_decodes(model.isa)
          else f"{_core.decode_kernel(model.isa, model.dtype)} (tuned for {_core.cpu_kind()})"),
-        ("decode prefetch", f"{_core.decode_prefetch(model.isa, model.dtype)} (one sequence; tuned for {_core.cpu_kind()})"),
+        ("decode prefetch", f"{decode_prefetch(model.isa, model.dtype, c)} (one sequence; tuned for {_core.cpu_kind()})"),
         ("attention fetch", f"{_core.attention_fetch(model.isa)} (decode rows; tuned for {_core.cpu_kind()})"),
         ("compute", "exact (fp32 activations)" if model.compute == "exact" else
          f"bf16 (matmuls in bf16: prompts on {BF16_GEMM_NAMES[model.isa]}, decode on "

@@ -55,6 +55,16 @@ def kernel_path(requested: str | None = None) -> str:
 _told_bf16_runs_exact = False
 
 
+def decode_prefetch(isa: str, dtype: str, config: GPTNeoConfig) -> str:
+    """How one sequence's decode on path isa prefetches weight rows of type dtype on this CPU,
+    over the matrices of config's shape: one way, or each way with the row length it is for."""
+    ways = {cols: _core.decode_prefetch(isa, dtype, 1, cols)
+            for cols in (config.hidden_size, config.intermediate_size)}
+    if len(set(ways.values())) == 1:
+        return ways[config.hidden_size]
+    return ", ".join(f"{how} for {cols}-column rows" for cols, how in ways.items())
+
+
 def compute_mode(requested: str | None, isa: str) -> str:
     """The compute mode a model on path isa runs: 'bf16' where the path has a bf16 GEMM (AMX or
     AVX512-BF16); else 'exact', said once per process when bf16 was asked for."""

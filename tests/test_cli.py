@@ -16,7 +16,7 @@ import pytest
 import neocore
 from neocore import _core, chat
 from neocore.cli import main as cli_main
-from neocore.model import Model
+from neocore.model import Model, decode_prefetch
 from neocore.sampling import Sampler
 
 PROMPT = "The old lighthouse keeper climbed the stairs"
@@ -210,7 +210,8 @@ def test_score_and_info(tiny, tmp_path):
     plain = run_cli("info", "-m", str(tiny), "--huge-pages", "no")
     assert "weight pages:    in memory (huge pages not asked for)\n" in plain.stdout  # converted at load
     assert f"decode kernel:   {_core.decode_kernel(model.isa, model.dtype)} " in info.stdout
-    assert f"decode prefetch: {_core.decode_prefetch(model.isa, model.dtype)} " in info.stdout
+    prefetch = decode_prefetch(model.isa, model.dtype, model.config)
+    assert f"decode prefetch: {prefetch} (one sequence; tuned for {_core.cpu_kind()})" in info.stdout
     fetch = _core.attention_fetch(model.isa)
     assert f"attention fetch: {fetch} (decode rows; tuned for {_core.cpu_kind()})" in info.stdout
 

@@ -3,6 +3,8 @@ reference, and the properties every path keeps: a row's result does not depend o
 rows, and no result depends on the thread count."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -162,8 +164,10 @@ def cpu_kind_from_cpuinfo() -> str:
 
 def test_decode_prefetch_and_kernel_are_chosen_by_the_cpu_kind():
     """Each choice was measured on its kind of CPU and loses on another (csrc/internal.h,
-    csrc/matmul.c): AMD Zen 3 prefetches non-temporally; Zen 4 so too, except one row of x over
-    bf16 or fp32 weights, decodes them on the AVX-512 path with the AVX2 kernel, and decodes in
+    csrc/matmul.c): AMD Zen 3 prefetches non-temporally; Zen 4 so too for many rows of x, into
+    L2 for two or three (int8: one or two) and for one over rows of 4096 columns or more, not at
+    all for one over shorter bf16 or fp32 rows, decodes those on the AVX-512 path with the AVX2
+    kernel, and decodes in
     bf16 in the bf16 compute mode, and fetches a decode row's attention keys and values ahead
     (csrc/attention.c); Intel prefetches into L2. The portable paths leave prefetching to the
     hardware."""
@@ -172,14 +176,16 @@ def test_decode_prefetch_and_kernel_are_chosen_by_the_cpu_kind():
     simd_paths = ("avx2", "avx512", "avx512bf16", "amx")
     for isa in ISAS:
         for dtype in _core.DTYPES:
-            for rows in (1, 2, 8):
+            for rows, cols in itertools.product((1, 2, 3, 4, 8), (768, 4096)):
                 if isa not in simd_paths or kind == "other":
                     expected = "none"
+                elif kind == "amd-zen4" and dtype == "int8":
+                    expected = "l2-far" if rows <= 2 else "nta-near"
                 elif kind == "amd-zen4":
-                    expected = "none" if rows == 1 and dtype != "int8" else "nta-near"
+                    expected = ("none" if cols < 4096 else "l2-far") if rows == 1 else "l2-far" if rows <= 3 else "nta-near"
                 else:
                     expected = {"amd-zen3": "nta-near", "intel": "l2-far"}[kind]
-                assert _core.decode_prefetch(isa, dtype, rows) == expected, (isa, dtype, rows)
+                assert _core.decode_prefetch(isa, dtype, rows, cols) == expected, (isa, dtype, rows, cols)
             on_avx512 = isa in ("avx512", "avx512bf16", "amx")
             avx2_instead = on_avx512 and kind == "amd-zen4" and dtype != "int8"
             own = "avx512" if on_avx512 else isa
@@ -188,11 +194,11 @@ def test_decode_prefetch_and_kernel_are_chosen_by_the_cpu_kind():
         fetch = {"amd-zen4": "values-with-keys", "intel": "ahead"}.get(kind, "none") if isa in simd_paths else "none"
         assert _core.attention_fetch(isa) == fetch, isa
     for probe in (lambda: _core.decode_kernel("avx1024", "bfloat16"), lambda: _core.bf16_decodes("avx1024"),
-                  lambda: _core.decode_prefetch("avx1024", "int8"), lambda: _core.attention_fetch("avx1024")):
+                  lambda: _core.decode_prefetch("avx1024", "int8", 1, 768), lambda: _core.attention_fetch("avx1024")):
         with pytest.raises(ValueError, match="unknown kernel path"):
             probe()
     with pytest.raises(ValueError, match="dtype must be one of"):
-        _core.decode_prefetch("avx2", "float16")
+        _core.decode_prefetch("avx2", "float16", 1, 768)
 
 
 @pytest.mark.parametrize("isa", ISAS)
