@@ -48,7 +48,8 @@ def kernel_path(requested: str | None = None) -> str:
         raise NeocoreError(f"unknown kernel path {choice!r} (NEOCORE_ISA takes auto, "
                            f"{', '.join(_core.MODEL_ISAS)}, or scalar: the slow reference)")
     if not _core.isa_runs_here(choice):
-        raise NeocoreError(f"the {choice} kernel path was requested, but this CPU lacks {ISA_NEEDS[choice]}")
+        raise NeocoreError(f"the {choice} kernel path was requested, but this CPU cannot run it "
+                           f"(it needs {ISA_NEEDS[choice]})")
     return choice
 
 

@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")  # none for Python 3.9: skipped there (conf
 
 # The hardware paths, skipped (saying what is missing) on CPUs without them; then the reference.
 HARDWARE = [pytest.param(isa, marks=pytest.mark.skipif(not _core.isa_runs_here(isa),
-                                                        reason=f"this CPU lacks {ISA_NEEDS[isa]}"))
+                                                        reason=f"this CPU cannot run the {isa} path (it needs {ISA_NEEDS[isa]})"))
             for isa in ("amx", "avx512bf16")]
 BF16_PATHS = HARDWARE + ["scalar"]
 HAS_BF16_HARDWARE = any(_core.isa_runs_here(isa) for isa in ("amx", "avx512bf16"))

@@ -260,6 +260,15 @@ def test_bad_input_is_one_line_and_a_failure(tiny, args, stdin, message):
     assert_one_line_error(run_cli(*args, stdin=stdin), message)
 
 
+def test_a_kernel_path_this_cpu_cannot_run_is_one_line_and_a_failure(tiny, monkeypatch, capsys):
+    """As on a CPU without AVX2: the CPU's answer is replaced, so that every CPU runs this case."""
+    monkeypatch.setattr(neocore.model._core, "isa_runs_here", lambda isa: isa in ("generic", "scalar"))
+    monkeypatch.setenv("NEOCORE_ISA", "avx2")
+    assert cli_main(["info", "-m", str(tiny)]) != 0
+    assert capsys.readouterr().err == ("neocore: error: the avx2 kernel path was requested, but this CPU "
+                                       "cannot run it (it needs AVX2+FMA)\n")
+
+
 def test_serve_on_a_taken_port_fails_before_the_load():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
