@@ -211,6 +211,20 @@ float *aligned_rows(const float *x, int T, int K, int *ld);
     }                                                                                          \
     free(aligned);
 
+/* The decode tiles run over a block's weight rows span by span, so that x's span stays in L1:
+ * the fewest spans of at most span_columns columns over steps steps of step_columns columns,
+ * the steps shared out evenly so that none is a short one whose passes are mostly overhead.
+ * Span s covers columns span_start(s) to span_start(s + 1). */
+static inline int span_count(int steps, int step_columns, int span_columns)
+{
+    return (steps * step_columns + span_columns - 1) / span_columns;
+}
+
+static inline size_t span_start(int s, int steps, int spans, int step_columns)
+{
+    return (size_t)(s * steps / spans) * step_columns;
+}
+
 /* The decode drivers split the rows of up to NEO_MAX_PROJECTIONS matrices over the threads
  * together, in blocks of block_rows rows: first[j] is matrix j's first block; returns the
  * number of blocks. */

@@ -341,18 +341,16 @@ INLINE_AVX2 void dot_block_avx2(const NeoDType dtype, const int R, size_t prefet
 {
     const int O = MV_TILE_OUTS;
     const size_t size = dtype_bytes(dtype);
-    const int L = 2 * O * R <= MV_ACC ? 2 : 1, K32 = K / 32 * 32;
+    const int L = 2 * O * R <= MV_ACC ? 2 : 1;
     const int tiles = (n_end - n_begin + O - 1) / O;
-    /* the fewest spans, their 32-column steps shared out evenly, so that none is a short one
-     * whose passes are mostly overhead */
-    const int steps = K32 / 32, spans = (K32 + MV_SPAN - 1) / MV_SPAN;
+    const int steps = K / 32, spans = span_count(steps, 32, MV_SPAN);
     __m256 lanes[MV_BLOCK][4][MV_TILE_ROWS];  /* each lane's sums between passes, [n][lane][r] */
     if (!spans)
         for (int i = 0; i < tiles * O; i++)
             for (int a = 0; a < 4; a++)
                 for (int r = 0; r < R; r++) lanes[i][a][r] = _mm256_setzero_ps();
     for (int s = 0; s < spans; s++) {
-        const int k0 = s * steps / spans * 32, k1 = (s + 1) * steps / spans * 32;
+        const size_t k0 = span_start(s, steps, spans, 32), k1 = span_start(s + 1, steps, spans, 32);
         for (int tile = 0; tile < tiles; tile++) {
             MatrixRow rows[MV_TILE_OUTS];
             for (int o = 0; o < O; o++) {
@@ -368,7 +366,7 @@ INLINE_AVX2 void dot_block_avx2(const NeoDType dtype, const int R, size_t prefet
                 for (int l = 0; l < L; l++)
                     for (int o = 0; o < O; o++)
                         for (int r = 0; r < R; r++) acc[l][o][r] = k0 ? tile_lanes[o][a0 + l][r] : _mm256_setzero_ps();
-                for (size_t k = k0; k < (size_t)k1; k += 32) {
+                for (size_t k = k0; k < k1; k += 32) {
                     /* A tile jumps from row to row span by span, which the hardware prefetcher
                      * does not follow: it fetches the next tile's rows at these columns, a
                      * whole tile of work ahead (EPYC, alternating builds: the kernel from memory
@@ -431,15 +429,15 @@ INLINE_AVX512 void dot_block_wide(const NeoDType dtype, const int R, size_t pref
 {
     const int O = MV_WIDE_OUTS;
     const size_t size = dtype_bytes(dtype);
-    const int K32 = K / 32 * 32, tiles = (n_end - n_begin + O - 1) / O;
-    const int steps = K32 / 32, spans = (K32 + MV_SPAN - 1) / MV_SPAN;
+    const int tiles = (n_end - n_begin + O - 1) / O;
+    const int steps = K / 32, spans = span_count(steps, 32, MV_SPAN);
     __m512 lanes[MV_BLOCK][2][MV_TILE_ROWS];  /* lanes 0-1 and 2-3 of each sum between spans */
     if (!spans)
         for (int i = 0; i < tiles * O; i++)
             for (int h = 0; h < 2; h++)
                 for (int r = 0; r < R; r++) lanes[i][h][r] = _mm512_setzero_ps();
     for (int s = 0; s < spans; s++) {
-        const size_t k0 = (size_t)(s * steps / spans) * 32, k1 = (size_t)((s + 1) * steps / spans) * 32;
+        const size_t k0 = span_start(s, steps, spans, 32), k1 = span_start(s + 1, steps, spans, 32);
         for (int tile = 0; tile < tiles; tile++) {
             MatrixRow rows[MV_WIDE_OUTS];
             for (int o = 0; o < O; o++) {

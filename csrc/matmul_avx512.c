@@ -94,15 +94,14 @@ INLINE_AVX512 void dot_block_avx512(const NeoDType dtype, const int R, int prefe
     const int O = MV512_TILE_OUTS;
     const size_t elem = dtype_bytes(dtype), row_bytes = (size_t)K * elem;
     const size_t blocks = (K + NEO_I8_BLOCK - 1) / NEO_I8_BLOCK;
-    const int steps = K / 64, spans = (steps * 64 + MV512_SPAN - 1) / MV512_SPAN;
+    const int steps = K / 64, spans = span_count(steps, 64, MV512_SPAN);
     const int tiles = (n_end - n_begin + O - 1) / O;
     if (!spans)
         for (int i = 0; i < tiles * O; i++)
             for (int a = 0; a < 4; a++)
                 for (int r = 0; r < R; r++) lanes[i][a][r] = _mm512_setzero_ps();
     for (int s = 0; s < spans; s++) {
-        /* the fewest spans, their steps shared out evenly (as dot_block_avx2's) */
-        const size_t k0 = (size_t)(s * steps / spans) * 64, k1 = (size_t)((s + 1) * steps / spans) * 64;
+        const size_t k0 = span_start(s, steps, spans, 64), k1 = span_start(s + 1, steps, spans, 64);
         for (int tile = 0; tile < tiles; tile++) {
             const char *rows[MV512_TILE_OUTS];
             const float *scales[MV512_TILE_OUTS];

@@ -76,12 +76,12 @@ def test_a_row_is_computed_as_if_alone(isa, kernel, T, K, N, wtype):
 
 @pytest.mark.parametrize("isa", PATHS)
 @pytest.mark.parametrize("T, K, N", [(13, 768, 70), (40, 203, 37), (5, 8224, 3), (32, 3072, 50), (64, 100, 8),
-                                     (8, 1000, 21)])
+                                     (8, 1000, 21), (200, 20, 19)])
 @pytest.mark.parametrize("wtype", ["float32", "bfloat16"])
 def test_a_model_decodes_with_its_decode_kernel_bits(isa, T, K, N, wtype):
     """What a model on path isa decodes with gives the bits of the decode kernel it names
     (decode_kernel): on Zen 4 the AVX-512 paths run the AVX2 kernel's tiles in zmm registers, which
-    must sum every element as its ymm tiles do (these shapes take tiles: x past L1, spans, tails).
+    must sum every element as its ymm tiles do (these shapes take tiles: x past L1, spans or none, tails).
     Elsewhere a path decodes with its own kernel, and this only checks that it says so."""
     x, w, _, bias = problem(T, K, N, wtype, 8)
     kernel = _core.decode_kernel(isa, wtype)
