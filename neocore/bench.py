@@ -338,9 +338,9 @@ def machine(config: GPTNeoConfig) -> dict:
 
 
 def by_dtype(choices: dict[str, str]) -> str:
-    """'none' where every weight type has the same choice, else 'float32 none, ..., int8 nta-near'."""
+    """'none' where every weight type has the same choice, else 'float32 none; ...; int8 nta-near'."""
     ways = set(choices.values())
-    return ways.pop() if len(ways) == 1 else ", ".join(f"{dtype} {way}" for dtype, way in choices.items())
+    return ways.pop() if len(ways) == 1 else "; ".join(f"{dtype} {way}" for dtype, way in choices.items())
 
 
 def warm_page_cache(folder: Path) -> None:

@@ -408,7 +408,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("kernel path", f"{model.isa} (this CPU runs {', '.join(_core.usable_isas()[:-1])})"),
         ("decode kernel", "bf16 (the compute mode's)" if model.compute == "bf16" and _core.bf16_decodes(model.isa)
          else f"{_core.decode_kernel(model.isa, model.dtype)} (tuned for {_core.cpu_kind()})"),
-        ("decode prefetch", f"{decode_prefetch(model.isa, model.dtype, c)} (one sequence; tuned for {_core.cpu_kind()})"),
+        ("decode prefetch", f"{decode_prefetch(model.isa, model.dtype, c, model.compute)} (one sequence; tuned for {_core.cpu_kind()})"),
         ("attention fetch", f"{_core.attention_fetch(model.isa)} (decode rows; tuned for {_core.cpu_kind()})"),
         ("compute", "exact (fp32 activations)" if model.compute == "exact" else
          f"bf16 (matmuls in bf16: prompts on {BF16_GEMM_NAMES[model.isa]}, decode on "

@@ -56,11 +56,18 @@ def kernel_path(requested: str | None = None) -> str:
 _told_bf16_runs_exact = False
 
 
-def decode_prefetch(isa: str, dtype: str, config: GPTNeoConfig) -> str:
+def decode_prefetch(isa: str, dtype: str, config: GPTNeoConfig, compute: str = "exact") -> str:
     """How one sequence's decode on path isa prefetches weight rows of type dtype on this CPU,
-    over the matrices of config's shape: one way, or each way with the row length it is for."""
-    ways = {cols: _core.decode_prefetch(isa, dtype, 1, cols)
-            for cols in (config.hidden_size, config.intermediate_size)}
+    over the matrices of config's shape: one way, or each way with the row length it is for.
+    The bf16 mode's own decode kernel (where it decodes in bf16) has one way, non-temporal,
+    taken wherever the exact kernels prefetch at all (csrc/matmul_bf16.c)."""
+    bf16_kernel = compute == "bf16" and _core.bf16_decodes(isa)
+
+    def way(cols: int) -> str:
+        how = _core.decode_prefetch(isa, dtype, 1, cols)
+        return "nta-near" if bf16_kernel and how != "none" else how
+
+    ways = {cols: way(cols) for cols in (config.hidden_size, config.intermediate_size)}
     if len(set(ways.values())) == 1:
         return ways[config.hidden_size]
     return ", ".join(f"{how} for {cols}-column rows" for cols, how in ways.items())

@@ -210,7 +210,7 @@ def test_score_and_info(tiny, tmp_path):
     plain = run_cli("info", "-m", str(tiny), "--huge-pages", "no")
     assert "weight pages:    in memory (huge pages not asked for)\n" in plain.stdout  # converted at load
     assert f"decode kernel:   {_core.decode_kernel(model.isa, model.dtype)} " in info.stdout
-    prefetch = decode_prefetch(model.isa, model.dtype, model.config)
+    prefetch = decode_prefetch(model.isa, model.dtype, model.config, model.compute)
     assert f"decode prefetch: {prefetch} (one sequence; tuned for {_core.cpu_kind()})" in info.stdout
     fetch = _core.attention_fetch(model.isa)
     assert f"attention fetch: {fetch} (decode rows; tuned for {_core.cpu_kind()})" in info.stdout

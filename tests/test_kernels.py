@@ -4,11 +4,15 @@ rows, and no result depends on the thread count."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+import neocore.model
 from neocore import _core
+from neocore.config import GPTNeoConfig
+from neocore.model import decode_prefetch
 from neocore.weights import f32_to_bf16, bf16_to_f32
 
 torch = pytest.importorskip("torch")  # none for Python 3.9: skipped there (conftest: an error in CI)
@@ -164,25 +168,26 @@ def cpu_kind_from_cpuinfo() -> str:
 
 def test_decode_prefetch_and_kernel_are_chosen_by_the_cpu_kind():
     """Each choice was measured on its kind of CPU and loses on another (csrc/internal.h,
-    csrc/matmul.c): AMD Zen 3 prefetches non-temporally; Zen 4 so too for many rows of x, into
-    L2 for two or three (int8: one or two) and for one over rows of 4096 columns or more, not at
-    all for one over shorter bf16 or fp32 rows, decodes those on the AVX-512 path with the AVX2
-    kernel, and decodes in
-    bf16 in the bf16 compute mode, and fetches a decode row's attention keys and values ahead
-    (csrc/attention.c); Intel prefetches into L2. The portable paths leave prefetching to the
-    hardware."""
+    csrc/matmul.c, csrc/attention.c). AMD Zen 3 prefetches non-temporally. Zen 4 does too where
+    the AVX2 kernel takes tiles (int8: from 3 rows); into L2 for its groups of rows (int8: 1-2)
+    and for one row 4096 columns long or more; not at all for one shorter bf16 or fp32 row. Zen 4 decodes bf16 and fp32 weights on
+    the AVX-512 paths with the AVX2 kernel, decodes in bf16 in the bf16 compute mode, and fetches
+    a decode row's attention values alongside its keys; Intel prefetches into L2 and fetches
+    attention rows ahead. The portable paths leave prefetching to the hardware."""
     kind = cpu_kind_from_cpuinfo()
     assert _core.cpu_kind() == kind
     simd_paths = ("avx2", "avx512", "avx512bf16", "amx")
     for isa in ISAS:
         for dtype in _core.DTYPES:
-            for rows, cols in itertools.product((1, 2, 3, 4, 8), (768, 4096)):
+            for rows, cols in itertools.product((1, 2, 3, 4, 8), (768, 4095, 4096)):
                 if isa not in simd_paths or kind == "other":
                     expected = "none"
                 elif kind == "amd-zen4" and dtype == "int8":
                     expected = "l2-far" if rows <= 2 else "nta-near"
-                elif kind == "amd-zen4":
-                    expected = ("none" if cols < 4096 else "l2-far") if rows == 1 else "l2-far" if rows <= 3 else "nta-near"
+                elif kind == "amd-zen4" and rows == 1:
+                    expected = "none" if cols < 4096 else "l2-far"
+                elif kind == "amd-zen4":  # the AVX2 kernel's groups, x within 24 KiB; its tiles
+                    expected = "l2-far" if rows <= 3 or rows * cols * 4 <= 24 << 10 else "nta-near"
                 else:
                     expected = {"amd-zen3": "nta-near", "intel": "l2-far"}[kind]
                 assert _core.decode_prefetch(isa, dtype, rows, cols) == expected, (isa, dtype, rows, cols)
@@ -199,6 +204,25 @@ def test_decode_prefetch_and_kernel_are_chosen_by_the_cpu_kind():
             probe()
     with pytest.raises(ValueError, match="dtype must be one of"):
         _core.decode_prefetch("avx2", "float16", 1, 768)
+    for rows, cols in ((0, 768), (1, 0)):
+        with pytest.raises(ValueError, match="rows and cols must be at least 1"):
+            _core.decode_prefetch("avx2", "bfloat16", rows, cols)
+
+
+def test_the_prefetch_summary_names_each_row_length_its_way(monkeypatch):
+    """What info and bench print for one sequence: one way, or each row length's; in the bf16
+    mode's own decode kernel, the non-temporal hint wherever the exact kernels prefetch at all."""
+    config = GPTNeoConfig(hidden_size=2048, num_layers=24, num_heads=16, intermediate_size=8192,
+                          vocab_size=50257, max_position_embeddings=2048, window_size=256,
+                          attention_layers=("global", "local") * 12, layer_norm_epsilon=1e-5)
+    monkeypatch.setattr(neocore.model._core, "decode_prefetch",
+                        lambda isa, dtype, rows, cols: "l2-far" if cols >= 4096 else "none")
+    monkeypatch.setattr(neocore.model._core, "bf16_decodes", lambda isa: True)
+    assert decode_prefetch("avx512", "bfloat16", config) == \
+        "none for 2048-column rows, l2-far for 8192-column rows"
+    assert decode_prefetch("avx512", "bfloat16", config, "bf16") == \
+        "none for 2048-column rows, nta-near for 8192-column rows"
+    assert decode_prefetch("avx512", "bfloat16", replace(config, intermediate_size=2048)) == "none"
 
 
 @pytest.mark.parametrize("isa", ISAS)
