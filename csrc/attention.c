@@ -67,8 +67,9 @@ static int row_runs(RowRun runs[3], const float *fresh, const void *cache, NeoDT
  * steps of 8 rows at position 250 2-15% faster, 1 row at position 1000 4-13% (the AVX2 path
  * 11-14%). The Intel Xeon (AVX-512 path, the same steps): 8 rows at 250 0-7% faster (three
  * runs: 1.07, 1.00, 1.07x), 1 row at 1000 1.04x and 0.99x.
- * VALUES_WITH_KEYS, also each value row into L2 as its key row is read, so that the values'
- * misses overlap the keys' instead of following them. Zen 4, 125M exact, position 250, medians
+ * VALUES_WITH_KEYS, also each value row into L2 with the key row at its position, 8 rows
+ * ahead of the keys' reading, so that the values' misses overlap the keys' instead of
+ * following them. Zen 4, 125M exact, position 250, medians
  * of 8-12 alternations, two runs: 1 row 1.08-1.10x faster at 1 thread (the AVX2 path 1.05x),
  * level-1.03x at 2; 8 and 32 rows 1.03-1.04x (value rows into L1 instead: 1.06x at 1 thread,
  * level at 32 rows). Not measured on the Xeon, which keeps AHEAD; Zen 3 not measured either,

@@ -144,7 +144,7 @@ NeoDecodePrefetch neo_decode_prefetch(NeoIsa isa, NeoDType dtype, int rows, int 
 NeoIsa neo_decode_isa(NeoIsa isa, NeoDType dtype);
 /* How attention fetches a decode row's key and value rows on the AVX2 and AVX-512 paths, on
  * this CPU (by kind; see attention.c): not at all, each a few rows ahead of its use, or that
- * and each value row into L2 while the keys are read. */
+ * and each value row into L2 with the key row at its position. */
 typedef enum { NEO_ATTENTION_FETCH_NONE, NEO_ATTENTION_FETCH_AHEAD, NEO_ATTENTION_FETCH_VALUES_WITH_KEYS } NeoAttentionFetch;
 NeoAttentionFetch neo_attention_fetch(void);
 /* The XOR of the bytes / 8 64-bit words at data (8-byte aligned), read by n_threads threads

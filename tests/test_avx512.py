@@ -82,7 +82,7 @@ def test_bf16_gemms_on_simde_match_the_scalar_bf16_reference(simde_build, isa):
     assert np.array_equal(ours.ravel(), logits(simde_build, isa, 3, "bf16"))
 
 
-@pytest.mark.skipif(not _core.cpu_has_avx512(), reason="this CPU lacks AVX-512F/BW/VL")
+@pytest.mark.skipif(not _core.cpu_has_avx512(), reason="this CPU cannot run the avx512 path (it needs AVX-512F/BW/VL)")
 def test_avx512_path_runs_here_and_matches_transformers(reference_models, logits_close):
     """The kernel and parity tests already run on every usable path; this one says so by name."""
     ref = reference_models("wide-heads")
