@@ -69,11 +69,10 @@ static int row_runs(RowRun runs[3], const float *fresh, const void *cache, NeoDT
  * runs: 1.07, 1.00, 1.07x), 1 row at 1000 1.04x and 0.99x.
  * VALUES_WITH_KEYS, also each value row into L2 with the key row at its position, 8 rows
  * ahead of the keys' reading, so that the values' misses overlap the keys' instead of
- * following them. Zen 4, 125M exact, position 250, medians
- * of 8-12 alternations, two runs: 1 row 1.08-1.10x faster at 1 thread (the AVX2 path 1.05x),
- * level-1.03x at 2; 8 and 32 rows 1.03-1.04x (value rows into L1 instead: 1.06x at 1 thread,
- * level at 32 rows). Not measured on the Xeon, which keeps AHEAD; Zen 3 not measured either,
- * so it keeps the hardware's. */
+ * following them. Zen 4, 125M exact, position 250, medians of 8-12 alternations, two runs:
+ * 1 row 1.08-1.10x faster at 1 thread (the AVX2 path 1.05x), level-1.03x at 2; 8 and 32 rows
+ * 1.03-1.04x (value rows into L1 instead: 1.06x at 1 thread, level at 32 rows). Not measured
+ * on the Xeon, which keeps AHEAD; Zen 3 not measured either, so it keeps the hardware's. */
 NeoAttentionFetch neo_attention_fetch(void)
 {
     switch (neo_cpu_kind()) {

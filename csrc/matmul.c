@@ -167,6 +167,9 @@ static void gemm_generic(float *out, const float *x, const NeoMatrix *w, const f
 }
 
 /* ---- AVX2 + FMA ------------------------------------------------------------------------ */
+/* (outside the x86 block: neo_decode_prefetch's rule for Zen 4 names them too) */
+#define MV_ROWS 3          /* rows of x with all four lanes in registers: 12 accumulators */
+#define MV_X_L1 (24 << 10) /* bytes of x that stay in L1 beside the weight rows */
 #if defined(__x86_64__)
 /* Decode (T = 1) is bound by reading the weights once. One row at a time keeps a single
  * sequential stream per thread, which the hardware prefetcher follows best (several rows side
@@ -244,8 +247,6 @@ INLINE_AVX2 float hsum8(__m256 v)
  * as (l0 + l1) + (l2 + l3), summed across, and the columns past the last multiple of 8 are
  * added last. The lanes are independent sums, so a kernel may run them together (dot_rows_avx2)
  * or one after the other (dot_block_avx2) and get the same bits. */
-#define MV_ROWS 3          /* rows of x with all four lanes in registers: 12 accumulators */
-#define MV_X_L1 (24 << 10) /* bytes of x that stay in L1 beside the weight rows */
 #define MV_TILE_OUTS 2     /* weight rows a tile shares each x vector with (x past L1, or int8) */
 #define MV_TILE_ROWS 6     /* rows of x a tile shares each widened weight vector with */
 #define MV_SPAN 768        /* columns a tile runs over before the next tile: see below */
@@ -742,10 +743,9 @@ float *aligned_rows(const float *x, int T, int K, int *ld)
 
 /* Zen 4 (internal.h): one row fetches into L2 from this many columns (x's row 16 KiB: 12 KiB
  * measured faster without); the AVX2 kernel's groups of rows (x read in one pass over each
- * weight row: at most 3 rows, or x within ZEN4_GROUPS_X bytes, as matvec_block_avx2 takes
- * them) fetch into L2, its tiles their next tile with the non-temporal hint. */
+ * weight row: at most MV_ROWS rows, or x within MV_X_L1, as matvec_block_avx2 takes them)
+ * fetch into L2, its tiles their next tile with the non-temporal hint. */
 #define ZEN4_LONG_ROW 4096
-#define ZEN4_GROUPS_X (24 << 10)
 
 /* The SIMD paths' decode kernels prefetch by CPU kind (see prefetch_stream); the others leave
  * it to the hardware. */
@@ -757,7 +757,7 @@ NeoDecodePrefetch neo_decode_prefetch(NeoIsa isa, NeoDType dtype, int rows, int 
     case NEO_CPU_AMD_ZEN4:
         if (dtype == NEO_I8) return rows <= 2 ? NEO_PREFETCH_L2_FAR : NEO_PREFETCH_NTA_NEAR;
         if (rows == 1) return cols >= ZEN4_LONG_ROW ? NEO_PREFETCH_L2_FAR : NEO_PREFETCH_NONE;
-        return rows <= 3 || (size_t)rows * cols * sizeof(float) <= ZEN4_GROUPS_X ? NEO_PREFETCH_L2_FAR
+        return rows <= MV_ROWS || (size_t)rows * cols * sizeof(float) <= MV_X_L1 ? NEO_PREFETCH_L2_FAR
                                                                                  : NEO_PREFETCH_NTA_NEAR;
     case NEO_CPU_INTEL: return NEO_PREFETCH_L2_FAR;
     default: return NEO_PREFETCH_NONE;

@@ -209,8 +209,8 @@ ATTENTION_FETCHES = {NEO_ATTENTION_FETCH_NONE: "none", NEO_ATTENTION_FETCH_AHEAD
 def attention_fetch(str isa) -> str:
     """How attention on path isa fetches a decode row's key and value rows on this CPU: "none",
     "ahead" (each a few rows before its use) or "values-with-keys" (that, and each value row
-    into L2 with the key row at its position). The AVX2 and AVX-512 paths do on the CPU kinds where that
-    measured faster (csrc/attention.c)."""
+    into L2 with the key row at its position). The AVX2 and AVX-512 paths fetch on the CPU
+    kinds where that measured faster (csrc/attention.c)."""
     _check_known_isa(isa)
     if ISAS[isa] not in (NEO_ISA_AVX2, NEO_ISA_AVX512):
         return "none"

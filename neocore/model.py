@@ -53,9 +53,6 @@ def kernel_path(requested: str | None = None) -> str:
     return choice
 
 
-_told_bf16_runs_exact = False
-
-
 def decode_prefetch(isa: str, dtype: str, config: GPTNeoConfig, compute: str = "exact") -> str:
     """How one sequence's decode on path isa prefetches weight rows of type dtype on this CPU,
     over the matrices of config's shape: one way, or each way with the row length it is for.
@@ -71,6 +68,9 @@ def decode_prefetch(isa: str, dtype: str, config: GPTNeoConfig, compute: str = "
     if len(set(ways.values())) == 1:
         return ways[config.hidden_size]
     return ", ".join(f"{how} for {cols}-column rows" for cols, how in ways.items())
+
+
+_told_bf16_runs_exact = False
 
 
 def compute_mode(requested: str | None, isa: str) -> str:

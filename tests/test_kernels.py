@@ -85,8 +85,8 @@ def test_a_row_is_computed_as_if_alone(isa, kernel, T, K, N, wtype):
 def test_a_model_decodes_with_its_decode_kernel_bits(isa, T, K, N, wtype):
     """What a model on path isa decodes with gives the bits of the decode kernel it names
     (decode_kernel): on Zen 4 the AVX-512 paths run the AVX2 kernel's tiles in zmm registers, which
-    must sum every element as its ymm tiles do (these shapes take tiles: x past L1, spans or none, tails).
-    Elsewhere a path decodes with its own kernel, and this only checks that it says so."""
+    must sum every element as its ymm tiles do (these shapes take tiles: x past L1, spans or none,
+    tails). Elsewhere a path decodes with its own kernel, and this only checks that it says so."""
     x, w, _, bias = problem(T, K, N, wtype, 8)
     kernel = _core.decode_kernel(isa, wtype)
     assert np.array_equal(run(x, w, bias, isa, "decode"), run(x, w, bias, kernel, "matvec"))
@@ -170,10 +170,11 @@ def test_decode_prefetch_and_kernel_are_chosen_by_the_cpu_kind():
     """Each choice was measured on its kind of CPU and loses on another (csrc/internal.h,
     csrc/matmul.c, csrc/attention.c). AMD Zen 3 prefetches non-temporally. Zen 4 does too where
     the AVX2 kernel takes tiles (int8: from 3 rows); into L2 for its groups of rows (int8: 1-2)
-    and for one row 4096 columns long or more; not at all for one shorter bf16 or fp32 row. Zen 4 decodes bf16 and fp32 weights on
-    the AVX-512 paths with the AVX2 kernel, decodes in bf16 in the bf16 compute mode, and fetches
-    a decode row's attention values alongside its keys; Intel prefetches into L2 and fetches
-    attention rows ahead. The portable paths leave prefetching to the hardware."""
+    and for one row 4096 columns long or more; not at all for one shorter bf16 or fp32 row.
+    Zen 4 decodes bf16 and fp32 weights on the AVX-512 paths with the AVX2 kernel, decodes in
+    bf16 in the bf16 compute mode, and fetches a decode row's attention values alongside its
+    keys; Intel prefetches into L2 and fetches attention rows ahead. The portable paths leave
+    prefetching to the hardware."""
     kind = cpu_kind_from_cpuinfo()
     assert _core.cpu_kind() == kind
     simd_paths = ("avx2", "avx512", "avx512bf16", "amx")
