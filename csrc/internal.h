@@ -143,8 +143,8 @@ static inline __m512 simde_cvtepi32_ps(__m512i a)
  *   and 2.7B's 8192- and 10240-column MLP rows: those matrices alone 1.4x faster, whole
  *   steps 1.07-1.17x at 1 and 2 threads; 350M's 4096 1.02-1.05x); int8 1 and 2 rows 1.02-1.19x
  *   (125M and 1.3B). Groups of 4-8 rows whose x stays within L1 (125M's 768-column
- *   matrices) fetch into L2 too (bf16, whole 125M steps 1.03-1.09x faster, one of nine
- *   alternations level; fp32 follows). One row of shorter bf16 rows stays unprefetched (into
+ *   matrices) fetch into L2 too (whole 125M steps: bf16 1.03-1.09x faster, one of nine
+ *   alternations level; fp32 1.06-1.44x). One row of shorter bf16 rows stays unprefetched (into
  *   L2: whole 125M steps level to 1.16x slower, its matrices alone 1.1-1.25x), and the tiles
  *   (x past L1), and int8's 3 rows and more, keep the hint (into L2: level to 1.12x slower).
  * - Intel (Xeon, Sapphire Rapids class): the non-temporal hint halved decode; into L2,
