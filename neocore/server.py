@@ -43,6 +43,15 @@ MAX_STOPS = 4       # as OpenAI
 MAX_STOP_CHARS = 1024  # per stop string: as much text may be held back, and is searched at each token
 MAX_BODY_BYTES = 4 * 2 ** 20  # a request body past this is refused (413) rather than held in memory
 DISCONNECT_POLL_SECONDS = 0.1
+# fields of OpenAI's API and vLLM's extensions to it that neocore does not do, each with the
+# value that asks for nothing (refused otherwise: _refuse_unsupported)
+UNSUPPORTED_SAMPLING = {
+    "logit_bias": {}, "min_p": 0.0, "min_tokens": 0.0, "ignore_eos": False, "stop_token_ids": [],
+    "include_stop_str_in_output": False, "bad_words": [], "logits_processors": [],
+    # constraints whatever their value: only null asks for nothing
+    "allowed_token_ids": None, "guided_json": None, "guided_regex": None, "guided_choice": None,
+    "guided_grammar": None, "structured_outputs": None,
+}
 # how long past --shutdown-timeout uvicorn waits: time for the requests the engine then
 # cancels to send their 503 or error event, before uvicorn cancels their tasks outright
 SHUTDOWN_GRACE_SECONDS = 5.0
@@ -139,6 +148,8 @@ def _field(body: dict, name: str, kinds: tuple, default: Any, check=None, rule: 
     value = body.get(name, default)
     if value is None:
         return default
+    if kinds == (int,) and isinstance(value, float) and value.is_integer():
+        value = int(value)  # 2.0 for 2, as vLLM's lax schema takes it (a client's computed max_tokens)
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         raise ApiError(400, f"'{name}' must be {rule or _KIND_NAMES[kinds]}", name)
     if float in kinds:
@@ -157,11 +168,14 @@ def _sampling(body: dict) -> tuple[SamplingParams, int, int | None, list[str]]:
     # the comparisons refuse NaN and infinity too (Python's json reads NaN and Infinity)
     temperature = _field(body, "temperature", number, 1.0, lambda v: 0 <= v <= 2, "a number between 0 and 2")
     top_p = _field(body, "top_p", number, 1.0, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-    top_k = _field(body, "top_k", (int,), 0, lambda v: v >= 0, "an integer >= 0")
+    # -1 is vLLM's "no top-k" (long its default), as 0 is neocore's
+    top_k = max(_field(body, "top_k", (int,), 0, lambda v: v >= -1, "an integer >= -1 (-1 or 0: no top-k)"), 0)
     penalty = _field(body, "repetition_penalty", number, 1.0, lambda v: 1 / SCALE_LIMIT <= v <= SCALE_LIMIT,
                      f"a number from {1 / SCALE_LIMIT:g} to {SCALE_LIMIT:g}")
     n = _field(body, "n", (int,), 1, lambda v: 1 <= v <= MAX_N, f"an integer between 1 and {MAX_N}")
-    seed = _field(body, "seed", (int,), None, lambda v: 0 <= v < 2 ** 63, "an integer in [0, 2**63)")
+    # any 64-bit signed integer, as vLLM takes; numpy's generators take [0, 2**63)
+    seed = _field(body, "seed", (int,), None, lambda v: -2 ** 63 <= v < 2 ** 63, "an integer in [-2**63, 2**63)")
+    seed = None if seed is None else seed % 2 ** 63
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stops, list) or len(stops) > MAX_STOPS \
@@ -171,9 +185,30 @@ def _sampling(body: dict) -> tuple[SamplingParams, int, int | None, list[str]]:
     for name in ("presence_penalty", "frequency_penalty"):
         if _field(body, name, number, 0, None) != 0:
             raise ApiError(400, f"'{name}' is not supported; use 'repetition_penalty'", name)
-    if body.get("logit_bias"):
-        raise ApiError(400, "'logit_bias' is not supported", "logit_bias")
+    _refuse_unsupported(body, UNSUPPORTED_SAMPLING)
     return SamplingParams(temperature, top_k, top_p, penalty), n, seed, stops
+
+
+def _refuse_unsupported(body: dict, fields: dict[str, Any]) -> None:
+    """A 400 for a field this server does not do, unless it is null or at the value that asks
+    for nothing: what would constrain or steer the output is refused, never ignored."""
+    for name, nothing in fields.items():
+        value = body.get(name)
+        number = isinstance(nothing, float) and isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and not ((number or type(value) is type(nothing)) and value == nothing):
+            raise ApiError(400, f"'{name}' is not supported by this server", name)
+
+
+def _check_room(served: Served, prompts: list[list[int]], max_tokens: int, param: str) -> None:
+    """A 400 where a max_tokens the client gave cannot follow its longest prompt in the context
+    (as OpenAI and vLLM refuse it) rather than a completion cut short; a full context still
+    yields one token, which is never fed."""
+    context, longest = served.model.context_length, max(len(ids) for ids in prompts)
+    room = context - longest + 1
+    if max_tokens > room:
+        raise ApiError(400, f"'{param}' is too large: {max_tokens}; the context holds {context} tokens and "
+                            f"the prompt takes {longest}, which leaves room for {room} new ones",
+                       param, "context_length_exceeded")
 
 
 def _streaming(body: dict) -> tuple[bool, bool]:
@@ -372,9 +407,10 @@ class _Completions:
                                "an integer between 0 and 5")
         if "prompt" not in body:
             raise ApiError(400, "'prompt' is required", "prompt")
-        if body.get("suffix"):
-            raise ApiError(400, "'suffix' is not supported", "suffix")
+        _refuse_unsupported(body, {"suffix": ""})
         self.prompts = _prompts(served, body["prompt"], self.n)
+        if body.get("max_tokens") is not None:  # the default stops where the context does
+            _check_room(served, self.prompts, self.max_tokens, "max_tokens")
         text_vocab = served.model.tokenizer.vocab_size
         if self.echo and any(t >= text_vocab for ids in self.prompts for t in ids):  # a padded vocabulary's
             raise ApiError(400, f"'echo' needs token ids the tokenizer has, in [0, {text_vocab})", "prompt")
@@ -460,13 +496,15 @@ class _ChatCompletions:
         if top and not want:
             raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
         self.logprobs = top if want else None
-        # what a client asks for that a plain text model cannot promise: refused, not ignored
-        for name in ("tools", "functions"):
-            if body.get(name):
-                raise ApiError(400, f"'{name}' is not supported: this model answers in plain text", name)
-        for name, plain in (("tool_choice", "none"), ("function_call", "none")):
-            if body.get(name) not in (None, plain):
-                raise ApiError(400, f"'{name}' other than '{plain}' is not supported", name)
+        # what a client asks for that a plain text model cannot promise: refused, not ignored;
+        # tools the client forbids the model to call ("none", as agent frameworks send them) are
+        # no such promise
+        for tools, choice in (("tools", "tool_choice"), ("functions", "function_call")):
+            if body.get(choice) not in (None, "none"):
+                raise ApiError(400, f"'{choice}' other than 'none' is not supported", choice)
+            if body.get(tools) and body.get(choice) != "none":
+                raise ApiError(400, f"'{tools}' is not supported unless '{choice}' is 'none': this model "
+                                    f"answers in plain text", tools)
         response_format = body.get("response_format")
         if response_format is not None and response_format != {"type": "text"}:
             raise ApiError(400, "'response_format' other than {\"type\": \"text\"} is not supported",
@@ -488,6 +526,9 @@ class _ChatCompletions:
             texts.append({"role": m["role"], "content": content})
         # the transcript's tokens as `neocore chat` feeds them (chat.encode): no special tokens
         self.prompt = _encode(served, chat.transcript(texts), "messages", allow_special=False, what="conversation")
+        given = next((name for name in ("max_completion_tokens", "max_tokens") if body.get(name) is not None), None)
+        if given:  # the default stops where the context does
+            _check_room(served, [self.prompt], self.max_tokens, given)
         self.answers = [chat.Answer() for _ in range(self.n)]  # each streamed choice's, as it comes
 
     @property

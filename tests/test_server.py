@@ -508,6 +508,19 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]},
      "stop"),
     ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+    # vLLM's extensions that would steer the output, and values of the wrong type where nothing is asked
+    ("/v1/completions", {"prompt": "hi", "min_p": 0.1}, "min_p"),
+    ("/v1/completions", {"prompt": "hi", "ignore_eos": True}, "ignore_eos"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [13]}, "stop_token_ids"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "guided_json": {"type": "object"}},
+     "guided_json"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": ""}, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "suffix": 0}, "suffix"),
+    ("/v1/completions", {"prompt": "hi", "top_k": -2}, "top_k"),
+    ("/v1/completions", {"prompt": "hi", "seed": -2 ** 63 - 1}, "seed"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2.5}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required",
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
     ("/v1/completions", {"prompt": "hi", "stream": True, "stream_options": True}, "stream_options"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True,
                               "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
@@ -523,6 +536,58 @@ def test_bad_requests_get_400_and_the_error_object(server, path, body, param):
     if body.get("prompt") in ("word " * 400, "x" * (160 * 128 + 1)):
         assert error["code"] == "context_length_exceeded"
     assert httpx.get(server + "/health").status_code == 200  # still serving
+
+
+def test_a_max_tokens_past_the_room_the_prompt_leaves_is_refused(server, model):
+    """As OpenAI and vLLM refuse it, rather than cut the completion short: up to the last
+    token that fits (a full context still yields one), the request runs; one more is a 400.
+    Without max_tokens, generation stops where the context does."""
+    context = model.context_length
+    ids = model.tokenizer.encode("word " * context)[:context - 5]
+
+    def ask(path: str, body: dict) -> httpx.Response:
+        return httpx.post(server + path, json=body, timeout=60)
+    fits = ask("/v1/completions", {"prompt": ids, "max_tokens": 6, "temperature": 0})
+    assert fits.status_code == 200
+    expected = model.generate_ids(ids, max_new_tokens=6)
+    assert fits.json()["usage"]["completion_tokens"] == len(expected)
+    for path, body, param in [
+            ("/v1/completions", {"prompt": ids, "max_tokens": 7}, "max_tokens"),
+            ("/v1/completions", {"prompt": ["hi", ids], "max_tokens": 7}, "max_tokens"),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": context},
+             "max_tokens"),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+                                      "max_completion_tokens": context}, "max_completion_tokens")]:
+        response = ask(path, body)
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["param"] == param and error["code"] == "context_length_exceeded"
+        assert f"context holds {context} tokens" in error["message"]
+    unbounded = ask("/v1/completions", {"prompt": ids, "temperature": 0})  # the default, 16
+    assert unbounded.status_code == 200 and unbounded.json()["choices"][0]["text"] == model.generate(
+        model.tokenizer.decode(ids), max_new_tokens=6, temperature=0)
+
+
+def test_vllms_spellings_of_nothing_asked_are_taken(client, server, model):
+    """top_k -1 (vLLM's "off"), a negative seed, a whole number written as a float, tools the
+    model may not call, and extensions at the value that asks for nothing."""
+    common = dict(model="tiny", prompt=PROMPTS[3], max_tokens=10, temperature=1.0)
+    off = client.completions.create(**common, seed=4, extra_body={"top_k": -1}).choices[0].text
+    assert off == model.generate(PROMPTS[3], max_new_tokens=10, temperature=1.0, top_k=0, top_p=1.0, seed=4)
+    negative = [client.completions.create(**common, seed=-1).choices[0].text for _ in range(2)]
+    assert negative[0] == negative[1] == model.generate(PROMPTS[3], max_new_tokens=10, temperature=1.0, top_k=0,
+                                                        top_p=1.0, seed=2 ** 63 - 1)
+    whole = httpx.post(server + "/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 4.0, "n": 1.0,
+                                                         "temperature": 0, "min_p": 0, "ignore_eos": False,
+                                                         "stop_token_ids": [], "guided_json": None}, timeout=60)
+    assert whole.status_code == 200
+    assert whole.json()["choices"][0]["text"] == model.generate(PROMPTS[0], max_new_tokens=4, temperature=0)
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    answer = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=4, temperature=0, tools=tools, tool_choice="none")
+    plain = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=4, temperature=0)
+    assert answer.choices[0].message.content == plain.choices[0].message.content
 
 
 def test_chat_too_long_for_the_context_names_messages(server):
