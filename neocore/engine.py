@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import math
 import queue
 import threading
 import time
@@ -23,7 +22,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import ContextError, EngineClosedError, NeocoreError, QueueFullError
+from .errors import ContextError, EngineClosedError, NeocoreError, QueueFullError, shown
 from .generate import TextStream
 from .sampling import (NON_FINITE_LOGITS, SamplingParams, check_seed, choose_rows, is_integer, is_real,
                        log_softmax_rows, sequence_rng, token_array, without_ids_from)
@@ -142,50 +141,73 @@ class Stream:
         return bool(self._read) and self._read[-1].finish_reason is not None
 
     def __iter__(self) -> Iterator[Chunk]:
-        """The chunks not yet read, as they come (readers at once share them out)."""
+        """The chunks not yet read, as they come (readers at once share them out). A wait for
+        a chunk cut short (Ctrl-C) cancels the request; leaving the loop between chunks does
+        not (read on later, cancel(), or read inside `with stream:`, which cancels at its end)."""
         if self._loop:
-            raise TypeError("this stream was submitted from an event loop: use `async for`")
+            raise TypeError("this stream was submitted from an event loop: read it with `async for`, "
+                            "or submit with asynchronous=False to read it with `for`")
         while True:
             with self._reading:
                 if self._finished:
                     return
-                chunk = self._queue.get()
+                try:
+                    chunk = self._queue.get()
+                except BaseException:
+                    self.cancel()
+                    raise
                 self._read.append(chunk)
             yield chunk
 
     async def __aiter__(self) -> AsyncIterator[Chunk]:
+        """__iter__ for asyncio: a wait cancelled (a timeout, the task cancelled) cancels the request."""
         if not self._loop:
-            raise TypeError("this stream was submitted outside an event loop: use `for`")
+            raise TypeError("this stream was submitted outside an event loop: read it with `for`")
         if asyncio.get_running_loop() is not self._loop:  # its chunks go to that loop alone
             raise TypeError("this stream is read in the event loop that submitted it")
         while True:
             async with self._reading:
                 if self._finished:
                     return
-                chunk = await self._queue.get()
+                try:
+                    chunk = await self._queue.get()
+                except BaseException:
+                    self.cancel()
+                    raise
                 self._read.append(chunk)
             yield chunk
 
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.cancel()  # nothing for a finished request
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self.cancel()
+
     def result(self) -> Completion:
         """Waits for the whole completion (threads only): every chunk, those already read
-        by iterating included. A wait cut short (Ctrl-C, an error) cancels the request."""
-        try:
-            for _ in self:
-                pass
-        except BaseException:
-            self.cancel()
-            raise
+        by iterating included. A wait cut short (Ctrl-C) cancels the request."""
+        for _ in self:
+            pass
         return _collect(self, self._read)
 
     async def aresult(self) -> Completion:
         """result for asyncio; a wait cancelled (a timeout, the task cancelled) cancels the request."""
-        try:
-            async for _ in self:
-                pass
-        except BaseException:
-            self.cancel()
-            raise
+        async for _ in self:
+            pass
         return _collect(self, self._read)
+
+
+def _one_line(exc: Exception) -> str:
+    """What a failure inside the loop tells the requests it ends: its message's first line
+    (one line, as every error neocore reports), or its type's name."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _collect(stream: Stream, chunks: list[Chunk]) -> Completion:
@@ -281,8 +303,8 @@ class Engine:
             raise NeocoreError("this model already has an engine (model.engine): close it first")
         model._engine = self
         self.model = model
-        self.max_batch = max_batch
-        self.max_queue = max_queue
+        self.max_batch = int(max_batch)  # Python's: numpy's narrow integers would wrap in sums
+        self.max_queue = None if max_queue is None else int(max_queue)
         self.stats = EngineStats()
         self._free_slots = [s for s in range(SEQUENCE_SLOTS - 1, -1, -1) if s != DIRECT_SLOT]
         self._waiting: collections.deque[tuple[Stream, float]] = collections.deque()
@@ -305,14 +327,15 @@ class Engine:
         """A NeocoreError unless an engine can have these limits."""
         largest = Engine.largest_batch()
         if not is_integer(max_batch) or not 1 <= max_batch <= largest:
-            raise NeocoreError(f"max_batch must be an integer between 1 and {largest}, got {max_batch!r}")
+            raise NeocoreError(f"max_batch must be an integer between 1 and {largest}, got {shown(max_batch)}")
         if max_queue is not None and (not is_integer(max_queue) or max_queue < 0):
-            raise NeocoreError(f"max_queue must be an integer >= 0 or None, got {max_queue!r}")
+            raise NeocoreError(f"max_queue must be an integer >= 0 or None, got {shown(max_queue)}")
 
     # ---- callers' side ------------------------------------------------------------------------
-    def check(self, request: Request) -> list[int]:
+    def check(self, request: Request) -> Request:
         """Raises a NeocoreError for a request that cannot run (before it is queued); returns
-        its prompt, copied: what runs is what was checked, whatever the caller does with its list."""
+        the request that runs: its prompt copied (what runs is what was checked, whatever the
+        caller does with its list) and its numbers Python's (numpy's narrow ones would wrap)."""
         model = self.model
         tokens = token_array(request.prompt, model.config.vocab_size)
         if not tokens.size:
@@ -320,18 +343,27 @@ class Engine:
         if tokens.size > model.context_length:  # a full one still chooses a token (never fed)
             raise ContextError(f"the prompt is {tokens.size} tokens long; the context holds {model.context_length}")
         if not is_integer(request.max_new_tokens) or request.max_new_tokens < 0:
-            raise NeocoreError(f"max_new_tokens must be an integer >= 0, got {request.max_new_tokens!r}")
+            raise NeocoreError(f"max_new_tokens must be an integer >= 0, got {shown(request.max_new_tokens)}")
         if request.text and model.tokenizer is None:
             raise NeocoreError(f"{model.path}: no tokenizer files to turn tokens into text")
         if not isinstance(request.params, SamplingParams):
             raise NeocoreError(f"params must be a neocore SamplingParams, got {type(request.params).__name__}")
         check_seed(request.seed)
         if not is_integer(request.seed_index) or request.seed_index < 0:
-            raise NeocoreError(f"seed_index must be an integer >= 0, got {request.seed_index!r}")
+            raise NeocoreError(f"seed_index must be an integer >= 0, got {shown(request.seed_index)}")
         if request.logprobs is not None and not (is_integer(request.logprobs) and 0 <= request.logprobs <= 20):
-            raise NeocoreError(f"logprobs must be an integer from 0 to 20, got {request.logprobs!r}")
-        check_stops(request.stop)
-        return tokens.tolist()
+            raise NeocoreError(f"logprobs must be an integer from 0 to 20, got {shown(request.logprobs)}")
+        for name in ("text", "stop_at_eos", "prompt_logprobs"):
+            if not isinstance(getattr(request, name), (bool, np.bool_)):
+                raise NeocoreError(f"{name} must be True or False, got {shown(getattr(request, name))}")
+        stops = check_stops(request.stop)
+        if stops and not request.text:
+            raise NeocoreError("stop strings need text=True: they are looked for in the text")
+        return replace(request, prompt=tokens.tolist(), max_new_tokens=int(request.max_new_tokens),
+                       seed=None if request.seed is None else int(request.seed), seed_index=int(request.seed_index),
+                       logprobs=None if request.logprobs is None else int(request.logprobs), stop=stops,
+                       text=bool(request.text), stop_at_eos=bool(request.stop_at_eos),
+                       prompt_logprobs=bool(request.prompt_logprobs))
 
     def submit(self, request: Request, asynchronous: bool | None = None) -> Stream:
         """Queues a request; its Stream is read with `async for` when asynchronous (the default:
@@ -354,7 +386,9 @@ class Engine:
         if requests is None or not all(isinstance(r, Request) for r in requests):
             raise NeocoreError("submit takes neocore.engine.Request objects")
         self.check_count(len(requests))  # before the work of checking each
-        checked = [replace(request, prompt=self.check(request)) for request in requests]
+        if asynchronous is not None and not isinstance(asynchronous, bool):
+            raise NeocoreError(f"asynchronous must be None, True or False, got {shown(asynchronous)}")
+        checked = [self.check(request) for request in requests]
         loop = None
         if asynchronous is not False:
             try:
@@ -423,8 +457,10 @@ class Engine:
         """Stops taking requests, lets queued and running ones finish (for at most timeout
         seconds, then cancels them) and ends the loop. Interrupted (Ctrl-C), it cancels them at
         once: the model is never left holding a closed engine."""
-        if timeout is not None and not (is_real(timeout) and math.isfinite(timeout) and timeout >= 0):
-            raise NeocoreError(f"timeout must be a finite number of seconds >= 0, or None, got {timeout!r}")
+        if timeout is not None and not (is_real(timeout) and timeout >= 0):
+            raise NeocoreError(f"timeout must be a number of seconds >= 0, or None, got {shown(timeout)}")
+        if timeout is not None and timeout > threading.TIMEOUT_MAX:  # infinity included: no bound
+            timeout = None
         # The loop says itself when it has ended (_thread None): an interrupted Thread.join
         # marks a thread that still runs as stopped (CPython 3.9-3.12).
         with self._work:
@@ -436,9 +472,10 @@ class Engine:
         finally:
             with self._work:
                 if self._thread is not None:  # past the timeout, or interrupted: cancel and wait
-                    for seq in self._running:
+                    # copies: the loop's thread releases sequences without holding _work
+                    for seq in list(self._running):
                         seq.stream.cancel()
-                    for stream, _ in self._waiting:
+                    for stream, _ in list(self._waiting):
                         stream.cancel()
                     self._work.wait_for(lambda: self._thread is None)
             self._detach()
@@ -479,7 +516,7 @@ class Engine:
                     self.step()
                 except Exception as exc:  # a failed step must not strand the callers
                     for seq in list(self._running):
-                        self._finish(seq, "error", error=str(exc) or type(exc).__name__)
+                        self._finish(seq, "error", error=_one_line(exc))
         finally:
             if not ended:  # the loop itself failed: nobody may wait for ever
                 # a fresh engine must find the slots empty; cleared before taking _work, since
@@ -509,7 +546,7 @@ class Engine:
                 try:
                     seq = _Sequence(stream, self._free_slots[-1], self.model.tokenizer, submitted)
                 except Exception as exc:  # a request check() let through must still get an answer
-                    self._end_waiting(stream, "error", str(exc) or type(exc).__name__)
+                    self._end_waiting(stream, "error", _one_line(exc))
                     continue
                 self._free_slots.pop()
                 self._running.append(seq)

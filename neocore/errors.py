@@ -35,3 +35,14 @@ class QueueFullError(NeocoreError):
 
 class EngineClosedError(NeocoreError):
     """The engine is shutting down and takes no more requests."""
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """A value as a one-line message quotes it: its repr, cut to limit characters (an integer
+    past the 4300 digits Python converts to text is described instead)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        text = f"an integer of {value.bit_length()} bits" if isinstance(value, int) else type(value).__name__
+    text = " ".join(text.split())  # one line
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -9,7 +9,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import ContextError, EngineClosedError, NeocoreError, SamplingError
+from .errors import ContextError, EngineClosedError, NeocoreError, SamplingError, shown
 from .sampling import NON_FINITE_LOGITS, Sampler, SamplingParams, check_seed, is_integer
 
 
@@ -154,7 +154,7 @@ def _params(max_new_tokens: int, temperature: float, top_k: int, top_p: float, r
     check_seed(seed)
     stops = check_stops(stop)
     if not is_integer(max_new_tokens) or max_new_tokens < 0:
-        raise SamplingError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        raise SamplingError(f"max_new_tokens must be an integer >= 0, got {shown(max_new_tokens)}")
     return params, stops
 
 
@@ -248,7 +248,7 @@ class Score:
 def check_stride(stride: object, window: int) -> int:
     """A scoring stride for windows of window positions: an integer from 1 to window - 1."""
     if not is_integer(stride) or not 1 <= stride <= window - 1:
-        raise NeocoreError(f"stride must be an integer between 1 and {window - 1}, got {stride!r}")
+        raise NeocoreError(f"stride must be an integer between 1 and {window - 1}, got {shown(stride)}")
     return int(stride)
 
 

@@ -5,7 +5,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -15,7 +15,7 @@ import numpy as np
 from . import _core
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import GPTNeoConfig, generation_eos_ids
-from .errors import ConfigError, ContextError, NeocoreError
+from .errors import ConfigError, ContextError, NeocoreError, shown
 from .sampling import is_integer, token_array
 from .weights import WEIGHT_DTYPES, WeightLoader, holds_int8
 
@@ -79,7 +79,7 @@ def compute_mode(requested: str | None, isa: str) -> str:
     global _told_bf16_runs_exact
     compute = "exact" if requested is None else requested
     if compute not in COMPUTE_MODES:
-        raise NeocoreError(f"compute must be one of {', '.join(COMPUTE_MODES)}, got {compute!r}")
+        raise NeocoreError(f"compute must be one of {', '.join(COMPUTE_MODES)}, got {shown(compute)}")
     if compute == "bf16" and isa not in _core.BF16_GEMMS:
         if not _told_bf16_runs_exact:
             print(f"neocore: compute=bf16 needs AMX or AVX512-BF16; the {isa} path computes exactly",
@@ -245,9 +245,10 @@ class Model:
         from .engine import Request
         from .sampling import SamplingParams
         if not is_integer(max_new_tokens) or max_new_tokens < 0:
-            raise NeocoreError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+            raise NeocoreError(f"max_new_tokens must be an integer >= 0, got {shown(max_new_tokens)}")
+        max_new_tokens = int(max_new_tokens)  # numpy's narrow integers would wrap in the sum below
         try:
-            many = len(ids) > 0 and not isinstance(ids[0], (int, np.integer))
+            many = len(ids) > 0 and isinstance(ids[0], Iterable) and not isinstance(ids[0], (str, bytes))
             prompts = [list(p) for p in ids] if many else [list(ids)]
         except (TypeError, KeyError):  # not a sequence: None, a number, a dict
             raise NeocoreError("ids must be a list of token ids, or a list of such lists") from None
@@ -271,15 +272,17 @@ class Model:
                  top_k: int = 40, top_p: float = 0.95, repetition_penalty: float = 1.0,
                  seed: int | None = None, stop: Sequence[str] = ()) -> str | list[str]:
         """The continuation of prompt (without it); for a list of prompts, a list of
-        continuations decoded together, each what that prompt gives alone (prompt i samples
-        with a generator derived from seed and i). temperature=0 is greedy; top_k=0 and top_p=1
-        switch those filters off. Ends at EOS, max_new_tokens, a full context, or just before
-        the first stop string."""
+        continuations decoded together, none depending on the others: greedy, each is what its
+        prompt gives alone; with a seed, prompt i samples from a generator derived from seed
+        and i (so the first is what generate(prompt, seed=seed) gives). temperature=0 is
+        greedy; top_k=0 and top_p=1 switch those filters off. Ends at EOS, max_new_tokens, a
+        full context, or just before the first stop string."""
         from .generate import generate_many
         if isinstance(prompt, str):
             return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p,
                                        repetition_penalty, seed, stop))
-        prompts = list(prompt) if isinstance(prompt, Iterable) else None
+        # a mapping's or a set's order is no list's (a dict would give its keys)
+        prompts = list(prompt) if isinstance(prompt, Iterable) and not isinstance(prompt, (Mapping, Set)) else None
         if prompts is None or not all(isinstance(p, str) for p in prompts):
             raise NeocoreError(f"prompt must be a string or a list of strings, got {prompt!r:.80}")
         return generate_many(self, prompts, max_new_tokens, temperature, top_k, top_p,
@@ -361,21 +364,21 @@ def load(path: str | os.PathLike, dtype: str | None = None, threads: int | None 
     window_size=24)."""
     start = time.perf_counter()
     if huge_pages is not None and not isinstance(huge_pages, (bool, np.bool_)):
-        raise NeocoreError(f"huge_pages must be None, True or False, got {huge_pages!r}")
+        raise NeocoreError(f"huge_pages must be None, True or False, got {shown(huge_pages)}")
     from .resolve import resolve_model
     folder = resolve_model(path)
     if dtype is not None and dtype not in WEIGHT_DTYPES:
-        raise NeocoreError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
+        raise NeocoreError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {shown(dtype)}")
     checkpoint = open_checkpoint(folder)
     if dtype is None:
         dtype = default_dtype(checkpoint)
     cfg = resolve_config(folder, checkpoint, config, overrides)
     context = cfg.max_position_embeddings if context is None else context
     if not is_integer(context) or not 1 <= context <= cfg.max_position_embeddings:
-        raise ConfigError(f"context must be an integer between 1 and {cfg.max_position_embeddings}, got {context!r}")
+        raise ConfigError(f"context must be an integer between 1 and {cfg.max_position_embeddings}, got {shown(context)}")
     threads = usable_cores() if threads is None else threads
     if not is_integer(threads) or not 1 <= threads <= MAX_THREADS:
-        raise NeocoreError(f"threads must be an integer between 1 and {MAX_THREADS}, got {threads!r}")
+        raise NeocoreError(f"threads must be an integer between 1 and {MAX_THREADS}, got {shown(threads)}")
     context, threads = int(context), int(threads)  # numpy integers too
     if not _core.built_with_openmp():
         threads = 1

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .engine import Engine, Request, check_stops
-from .errors import NeocoreError
+from .errors import NeocoreError, shown
 from .generate import check_stride
 from .model import Model, load, usable_cores
 from .resolve import resolve_model
@@ -53,7 +53,7 @@ COLUMN_TYPES = {"generated_text": "string", "prompt_tokens": "int64", "generated
 
 def _check_count(what: str, value: Any, least: int) -> None:
     if not is_integer(value) or value < least:
-        raise NeocoreError(f"{what} must be an integer >= {least}, got {value!r}")
+        raise NeocoreError(f"{what} must be an integer >= {least}, got {shown(value)}")
 
 
 def _threads(threads: int | None) -> int:

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import NeocoreError, SamplingError
+from .errors import NeocoreError, SamplingError, shown
 
 
 # Temperatures below this are greedy: dividing float32 logits by less can overflow them to
@@ -32,15 +32,18 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not (is_real(self.temperature) and 0 <= self.temperature <= SCALE_LIMIT):
             raise SamplingError(f"temperature must be a number from 0 (greedy) to {SCALE_LIMIT:g}, "
-                                f"got {self.temperature!r}")
+                                f"got {shown(self.temperature)}")
         if not is_integer(self.top_k) or self.top_k < 0:
-            raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+            raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {shown(self.top_k)}")
         if not (is_real(self.top_p) and 0 <= self.top_p <= 1):  # 0 keeps the most likely token, as in transformers
-            raise SamplingError(f"top_p must be in [0, 1], got {self.top_p!r}")
+            raise SamplingError(f"top_p must be in [0, 1], got {shown(self.top_p)}")
         if not (is_real(self.repetition_penalty)
                 and 1 / SCALE_LIMIT <= self.repetition_penalty <= SCALE_LIMIT):
             raise SamplingError(f"repetition_penalty must be a number from {1 / SCALE_LIMIT:g} to "
-                                f"{SCALE_LIMIT:g} (1 = off), got {self.repetition_penalty!r}")
+                                f"{SCALE_LIMIT:g} (1 = off), got {shown(self.repetition_penalty)}")
+        # Python's numbers from here on: a numpy unsigned top_k would wrap around as -top_k
+        for name, kind in (("temperature", float), ("top_k", int), ("top_p", float), ("repetition_penalty", float)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
 
     @property
     def greedy(self) -> bool:
@@ -222,7 +225,7 @@ def token_array(ids: object, vocab_size: int) -> np.ndarray:
 def check_seed(seed: object) -> None:
     """Raises a SamplingError unless seed is None or an integer numpy's generators take."""
     if seed is not None and not (is_integer(seed) and 0 <= seed < 2 ** 63):
-        raise SamplingError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        raise SamplingError(f"seed must be an integer in [0, 2**63), got {shown(seed)}")
 
 
 def without_ids_from(logits: np.ndarray, vocab: int | None) -> np.ndarray:

@@ -325,6 +325,9 @@ def test_engine_refuses_bad_requests(tiny):
     (dict(prompt=[1, [2, 3]]), "flat sequence"), (dict(prompt=iter([1, 2])), "flat sequence"),
     (dict(params=None), "SamplingParams"), (dict(logprobs=2.5), "logprobs"), (dict(logprobs=True), "logprobs"),
     (dict(logprobs="2"), "logprobs"), (dict(stop=[1]), "stop"), (dict(seed_index=-1), "seed_index"),
+    (dict(text="no"), "text must be True or False"), (dict(stop_at_eos=None), "stop_at_eos must be True or False"),
+    (dict(prompt_logprobs="x"), "prompt_logprobs must be True or False"),
+    (dict(stop=["a"], text=False), "stop strings need text=True"),
 ])
 def test_a_malformed_request_is_refused_at_submit_and_harms_no_other(tiny, bad, match):
     """Each of these once passed the checks and then failed inside a step, which ended every
@@ -334,6 +337,75 @@ def test_a_malformed_request_is_refused_at_submit_and_harms_no_other(tiny, bad, 
         tiny.engine.submit(Request(**{"prompt": [1, 2], "params": GREEDY, "max_new_tokens": 3, **bad}))
     done = running.result()
     assert done.finish_reason == "length" and len(done.tokens) == 40
+
+
+@pytest.mark.parametrize("kind", [np.uint8, np.int8, np.uint64])
+def test_numpy_narrow_and_unsigned_integers_are_taken_as_their_values(tiny, kind):
+    """Once taken as they were, they wrapped: an unsigned top_k (as -top_k) failed the step of
+    every running sequence, max_batch + max_queue overflowed, a context check passed wrongly."""
+    ids = tiny.tokenizer.encode(PROMPTS[0])
+    running = tiny.engine.submit(Request([1, 2, 3], GREEDY, 30, text=False, stop_at_eos=False))
+    params = SamplingParams(temperature=1.0, top_k=kind(5), top_p=1.0)
+    sampled = tiny.engine.submit(Request(ids, params, kind(6), seed=kind(3), seed_index=kind(1))).result()
+    expected = tiny.engine.submit(Request(ids, SamplingParams(1.0, 5, 1.0), 6, seed=3, seed_index=1)).result()
+    assert sampled.tokens == expected.tokens and sampled.finish_reason == expected.finish_reason
+    assert running.result().finish_reason == "length"
+    with pytest.raises(neocore.ContextError):  # 150 + 119 tokens: 269 > 160, not (150 + 119) % 256
+        tiny.generate_ids([1] * 150, max_new_tokens=np.uint8(120))
+    model = neocore.load(tiny.path)
+    engine = model.start_engine(max_batch=kind(4), max_queue=kind(100 if kind is not np.uint8 else 200))
+    assert engine.max_batch + engine.max_queue > 100  # not wrapped below
+    assert [s.result().finish_reason for s in engine.submit_all(
+        [Request([1, 2], GREEDY, 2, text=False, stop_at_eos=False)] * 3)] == ["length"] * 3
+
+
+def test_values_past_python_s_digit_limit_are_named_in_one_line(tiny):
+    """A message quoting a 5000-digit integer once failed to be built (ValueError: Exceeds the
+    limit (4300 digits))."""
+    huge = 10 ** 5000
+    for call in (lambda: tiny.generate_ids([1], max_new_tokens=-huge),
+                 lambda: SamplingParams(temperature=huge), lambda: Engine(tiny, max_batch=huge),
+                 lambda: tiny.generate("hi", seed=huge)):
+        with pytest.raises(neocore.NeocoreError, match="an integer of 16610 bits") as info:
+            call()
+        assert "\n" not in str(info.value)
+
+
+def test_a_stream_left_between_chunks_runs_on_and_a_with_block_cancels_it(tiny):
+    """Leaving a for loop over a stream is no cancel (read on later: result() has every chunk);
+    the end of `with stream:` is."""
+    stream = tiny.engine.submit(Request([1, 2, 3], GREEDY, 20, text=False, stop_at_eos=False), asynchronous=False)
+    for _ in stream:
+        break
+    done = stream.result()
+    assert done.finish_reason == "length" and len(done.tokens) == 20
+    with tiny.engine.submit(Request([1, 2, 3], GREEDY, 150, text=False, stop_at_eos=False),
+                            asynchronous=False) as stream:
+        next(iter(stream))
+    assert stream.result().finish_reason == "cancelled"
+
+
+def test_a_task_cancelled_in_async_for_cancels_its_request_and_misuse_does_not(tiny):
+    import asyncio
+
+    async def main() -> None:
+        stream = tiny.engine.submit(Request([1, 2, 3], GREEDY, 150, text=False, stop_at_eos=False))
+
+        async def read() -> None:
+            async for _ in stream:
+                pass
+        task = asyncio.create_task(read())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert stream.cancelled
+        other = tiny.engine.submit(Request([1, 2, 3], GREEDY, 5, text=False, stop_at_eos=False))
+        with pytest.raises(TypeError, match="asynchronous=False"):
+            other.result()  # a loop's stream read the threads' way: refused, and still running
+        assert not other.cancelled and (await other.aresult()).finish_reason == "length"
+
+    asyncio.run(main())
 
 
 def test_numpy_integers_and_any_sequence_of_stops_are_accepted(tiny):
@@ -402,6 +474,8 @@ def test_closing_the_engine_under_generate_is_an_error_not_short_text(reference_
     (lambda m: m.stream(None), "a prompt must be a string"),
     (lambda m: m.generate_ids([1], max_new_tokens=None), "max_new_tokens must be an integer"),
     (lambda m: m.generate_ids(None), "ids must be a list of token ids"),
+    (lambda m: m.generate_ids([1.0, 2.0]), "token ids must be a flat sequence of integers"),
+    (lambda m: m.generate({"hi": 1}), "prompt must be a string or a list of strings"),
     (lambda m: m.generate_ids([1] * 161, max_new_tokens=1), "161 tokens do not fit in the context"),
     (lambda m: m.generate("hi", max_new_tokens=0, seed=-1), "seed must be"),  # checked with nothing to do too
     (lambda m: m.generate(["hi"], max_new_tokens=0, stop=5), "stop must be a string or a list of strings"),
@@ -686,7 +760,9 @@ def test_a_stream_read_in_another_event_loop_is_refused(tiny):
         stream = asyncio.run_coroutine_threadsafe(submit(), submitter).result(timeout=10)
         with pytest.raises(TypeError, match="read in the event loop that submitted it"):
             asyncio.run(asyncio.wait_for(stream.aresult(), timeout=10))
-        assert stream.cancelled  # aresult cancels a request it gave up on
+        assert not stream.cancelled  # refused, not given up on: its own loop reads it whole
+        done = asyncio.run_coroutine_threadsafe(stream.aresult(), submitter).result(timeout=30)
+        assert done.text == tiny.generate(PROMPTS[0], max_new_tokens=5, temperature=0)
     finally:
         submitter.call_soon_threadsafe(submitter.stop)
         thread.join(timeout=10)
@@ -756,9 +832,20 @@ def test_an_interrupted_close_leaves_the_model_usable(reference_models):
     assert stream.result().finish_reason == "cancelled"
     assert engine._thread is None and model.engine is not engine
     assert model.generate_ids(ids, max_new_tokens=8) == alone
-    for timeout in ("x", float("inf"), float("nan"), -1):
-        with pytest.raises(neocore.NeocoreError, match="timeout must be a finite number of seconds"):
+    for timeout in ("x", float("nan"), -1):
+        with pytest.raises(neocore.NeocoreError, match="timeout must be a number of seconds"):
             model.engine.close(timeout)
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e10, 2 ** 70])
+def test_a_close_timeout_past_any_wait_lets_running_requests_finish(reference_models, timeout):
+    """Past what a wait can take (threading.TIMEOUT_MAX), a timeout is no bound: close() once
+    raised an OverflowError there, and cancelled the requests it was to let finish."""
+    model = neocore.load(reference_models("tiny").folder)
+    stream = model.engine.submit(Request([1, 2, 3], GREEDY, 30, text=False, stop_at_eos=False), asynchronous=False)
+    model.engine.close(timeout)
+    done = stream.result()
+    assert done.finish_reason == "length" and len(done.tokens) == 30
 
 
 @pytest.mark.parametrize("make, match", [
