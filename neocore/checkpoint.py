@@ -23,7 +23,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import CheckpointError
+from .config import CONFIG_LIMIT
+from .errors import CheckpointError, shown
+from .jsonfile import json_object, read_small_text
 from .hugepages import advise_huge_pages, huge_mapped_bytes, populate
 
 # numpy dtype used to view each stored dtype (bfloat16 is viewed as its raw 16 bits)
@@ -140,6 +142,9 @@ def _check_extent(path: Path, name: str, offset: int, nbytes: int, file_size: in
 # ---- safetensors ---------------------------------------------------------------------------
 
 SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
+# a weight has 1 or 2; millions (a few megabytes of header) made the byte count's product run
+# for hours, its partial products for gigabytes
+MAX_DIMENSIONS = 8
 
 
 def read_safetensors(path: Path) -> dict[str, TensorRef]:
@@ -157,7 +162,7 @@ def read_safetensors(path: Path) -> dict[str, TensorRef]:
             header = json.loads(f.read(header_len))
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, an integer past 4300 digits, too deep
         raise CheckpointError(f"{path}: corrupt safetensors header (not JSON, or nested too deeply)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
@@ -168,7 +173,8 @@ def read_safetensors(path: Path) -> dict[str, TensorRef]:
             continue
         try:
             dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            if not isinstance(dtype, str) or not all(isinstance(d, int) and d >= 0 for d in shape) \
+            if not isinstance(dtype, str) or len(shape) > MAX_DIMENSIONS \
+                    or not all(isinstance(d, int) and d >= 0 for d in shape) \
                     or not isinstance(begin, int) \
                     or not isinstance(end, int) or begin < 0 or end < begin:
                 raise TypeError
@@ -178,8 +184,8 @@ def read_safetensors(path: Path) -> dict[str, TensorRef]:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
         ref = TensorRef(name, path, data_start + begin, dtype, shape)
         if end - begin != ref.nbytes:
-            raise CheckpointError(f"{path}: tensor {name!r} holds {end - begin} bytes, "
-                                  f"but {dtype}{list(shape)} needs {ref.nbytes}")
+            raise CheckpointError(f"{path}: tensor {name!r} holds {shown(end - begin)} bytes, "
+                                  f"but {dtype}{shown(list(shape))} needs {shown(ref.nbytes)}")
         _check_extent(path, name, ref.offset, ref.nbytes, size)
         tensors[name] = ref
     # as the format requires (and its own reader checks): no two tensors share a byte
@@ -251,15 +257,18 @@ StorageLocator = Callable[[str, str, int], tuple[Path, int]]
 def _rebuild_tensor(storage: _Storage, storage_offset: int, size: tuple, stride: tuple,
                     *_ignored: Any) -> TensorRef:
     """torch._utils._rebuild_tensor_v2, reduced to where the bytes are. Needs C order."""
+    def whole_numbers(values: Any) -> bool:  # checked before any is printed or multiplied
+        return isinstance(values, tuple) and len(values) <= MAX_DIMENSIONS and all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in values)
     if not isinstance(storage, _Storage) or isinstance(storage_offset, bool) or not isinstance(storage_offset, int) \
-            or storage_offset < 0 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in size):
-        raise pickle.UnpicklingError("a tensor whose storage, offset or size is not what torch writes")
+            or storage_offset < 0 or not whole_numbers(size) or not whole_numbers(stride):
+        raise pickle.UnpicklingError("a tensor whose storage, offset, size or stride is not what torch writes")
     shape = tuple(size)
     expected, step = [], 1
     for d in reversed(shape):
         expected.append(step)
         step *= d
-    if prod(shape) > 1 and tuple(stride) != tuple(reversed(expected)):
+    if prod(shape) > 1 and stride != tuple(reversed(expected)):
         raise pickle.UnpicklingError(f"tensor of shape {shape} is not contiguous (stride {stride})")
     if storage_offset + prod(shape) > storage.numel:
         raise pickle.UnpicklingError("tensor runs past the end of its storage")
@@ -275,6 +284,14 @@ def _rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any, state
     if backward_hooks or state:
         raise pickle.UnpicklingError("a Parameter carrying hooks or attributes (only plain tensors are read)")
     return data
+
+
+def _empty_ordered_dict(*args: Any) -> OrderedDict:
+    """OrderedDict as torch's pickles make it, empty (its items come by SETITEMS, whose keys are
+    checked): pairs given here would be hashed unchecked."""
+    if args:
+        raise pickle.UnpicklingError("an OrderedDict made with items (torch makes it empty)")
+    return OrderedDict()
 
 
 def _refuse(module: str, name: str) -> None:
@@ -301,7 +318,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("collections", "OrderedDict"):
-            return OrderedDict
+            return _empty_ordered_dict
         if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
             return _rebuild_tensor
         if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
@@ -317,8 +334,37 @@ class _RestrictedUnpickler(pickle._Unpickler):
             raise pickle.UnpicklingError("the pickle rewrites a tensor's or a storage's fields")
         super().load_build()
 
+    # A dict key or a set element is hashed, in C, where no signal is seen: a tuple built of
+    # itself 80 times over (a few hundred bytes) took for ever and ignored Ctrl-C and SIGTERM.
+    # A state dict's keys are names (and small integers in its metadata); it holds no sets.
+    def _check_keys(self, keys: list) -> None:
+        for key in keys:
+            if type(key) not in (str, int):
+                raise pickle.UnpicklingError(f"a dict key of type {type(key).__name__} (a state dict's "
+                                             f"keys are names)")
+
+    def load_setitem(self) -> None:
+        self._check_keys([self.stack[-2]])
+        super().load_setitem()
+
+    def load_setitems(self) -> None:
+        self._check_keys(self.stack[0::2])  # the key-value pairs above the mark
+        super().load_setitems()
+
+    def load_dict(self) -> None:
+        self._check_keys(self.stack[0::2])
+        super().load_dict()
+
+    def load_set(self) -> None:
+        raise pickle.UnpicklingError("a set (a state dict holds none)")
+
     dispatch = dict(pickle._Unpickler.dispatch)
     dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.SETITEM[0]] = load_setitem
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+    dispatch[pickle.DICT[0]] = load_dict
+    for opcode in (pickle.EMPTY_SET, pickle.ADDITEMS, pickle.FROZENSET):
+        dispatch[opcode[0]] = load_set
 
     def persistent_load(self, pid: Any) -> _Storage:
         # torch writes ("storage", storage_type, key, location, numel)
@@ -327,9 +373,9 @@ class _RestrictedUnpickler(pickle._Unpickler):
                 and isinstance(pid[1], _StorageType) and isinstance(pid[4], int) and pid[4] >= 0):
             raise pickle.UnpicklingError(f"unexpected persistent id (a {type(pid).__name__})")
         _, storage_type, key, _location, numel = pid
-        key = str(key)
-        if not _plain_name(key):
-            raise pickle.UnpicklingError(f"storage key {key[:80]!r} is not a plain file name")
+        if not _plain_name(key):  # a str: anything else is not turned into text (see above)
+            raise pickle.UnpicklingError(f"storage key {shown(key) if isinstance(key, str) else 'of type ' + type(key).__name__}"
+                                         f" is not a plain file name")
         if key not in self._storages:
             path, offset = self._locate(key, storage_type.dtype, numel)
             self._storages[key] = _Storage(path, offset, storage_type.dtype, numel)
@@ -425,19 +471,19 @@ SINGLE_FILE_READERS: dict[str, Callable[[Path], dict[str, TensorRef]]] = {
 
 
 def _read_sharded(index: Path, reader: Callable[[Path], dict[str, TensorRef]]) -> dict[str, TensorRef]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError, RecursionError):
-        raise CheckpointError(f"{index}: not a valid index file (needs a 'weight_map' object)") from None
-    outside = [shard for shard in shards if not _plain_name(shard)]
+    weight_map = json_object(read_small_text(index, CONFIG_LIMIT, CheckpointError), index, CheckpointError,
+                             "not a valid index file").get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a valid index file (needs a 'weight_map' object)")
+    outside = [shard for shard in weight_map.values() if not _plain_name(shard)]
     if outside:
-        raise CheckpointError(f"{index}: shard {str(outside[0])[:80]!r} is not a file name in the model folder")
+        raise CheckpointError(f"{index}: shard {shown(outside[0])} is not a file name in the model folder")
     tensors: dict[str, TensorRef] = {}
-    for shard in shards:
+    for shard in sorted(set(weight_map.values())):
         shard_path = index.parent / shard
         if not shard_path.is_file():
-            raise CheckpointError(f"{index}: names shard {shard}, which is missing")
+            what = "not a regular file" if os.path.lexists(shard_path) else "missing"
+            raise CheckpointError(f"{index}: names shard {shard}, which is {what}")
         tensors.update(reader(shard_path))
     for name, shard in weight_map.items():
         if name not in tensors:
@@ -479,6 +525,9 @@ def open_checkpoint(folder: Path) -> Checkpoint:
     """Finds the weights in a model folder, whatever their format (safetensors preferred)."""
     for filename, reader in SINGLE_FILE_READERS.items():
         single, index = folder / filename, folder / f"{filename}.index.json"
+        for path in (single, index):  # named so, but a folder, a device, a dangling link: not "none found"
+            if os.path.lexists(path) and not path.is_file():
+                raise CheckpointError(f"{path}: not a regular file")
         if single.is_file():
             return Checkpoint(reader(single), str(single))
         if index.is_file():

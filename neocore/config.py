@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import ConfigError
-from .jsonfile import json_object
+from .jsonfile import json_object, read_small_text
 
 ATTENTION_KINDS = ("global", "local")
 C_INT_MAX = 2**31 - 1  # sizes reach the engine as C ints
@@ -154,18 +154,7 @@ class GPTNeoConfig:
 
 def read_json_object(path: Path) -> dict[str, Any]:
     """A small JSON file's object (config.json, generation_config.json), or a ConfigError."""
-    if path.exists() and not path.is_file():  # a FIFO would block, /dev/zero never end
-        raise ConfigError(f"{path}: not a regular file")
-    try:
-        size = path.stat().st_size
-        if size > CONFIG_LIMIT:
-            raise ConfigError(f"{path}: {size} bytes, too large for a {path.name}")
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except (OSError, ValueError) as exc:  # ValueError: bad UTF-8
-        raise ConfigError(f"{path}: not a readable JSON file ({exc})") from None
-    return json_object(text, path, ConfigError, "not a readable JSON file")
+    return json_object(read_small_text(path, CONFIG_LIMIT, ConfigError), path, ConfigError, "not a readable JSON file")
 
 
 def _token_id(token: Any) -> bool:

@@ -212,11 +212,11 @@ def _generation_config(folder: Path, eos: Any, eos_overridden: bool) -> dict[str
 
 def _tokenizer_files(src: Path, required: bool) -> dict[str, bytes]:
     """The tokenizer files under Hugging Face's names: src's own, or the Java port's rewritten."""
-    read = Tokenizer.source_files(src)
-    if not read:
+    if not Tokenizer.files_present(src):  # some files but no whole set: refused there
         if required:
             raise TokenizerError(f"{src}: no tokenizer files to copy")
         return {}
+    read = Tokenizer.source_files(src)
     if read[0].parent == src:
         return {name: _read_source(src / name) for name in TOKENIZER_FILES if (src / name).is_file()}
     tok = Tokenizer.from_dir(src)  # the Java port's tokenizer/

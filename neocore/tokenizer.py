@@ -8,6 +8,7 @@ from __future__ import annotations
 import codecs
 import heapq
 import operator
+import os
 from collections.abc import Iterable, Sequence
 from functools import cached_property, lru_cache
 from itertools import filterfalse
@@ -17,7 +18,11 @@ from typing import Any
 import regex
 
 from .errors import TokenizerError
-from .jsonfile import json_object
+from .jsonfile import json_object, read_small_text
+
+# the sets of files a tokenizer is read from, in the order from_dir prefers them
+TOKENIZER_SETS = (("vocab.json", "merges.txt"), ("tokenizer.json",), ("tokenizer/tokens.map", "tokenizer/merges.bpe"))
+TOKENIZER_PATHS = tuple(name for names in TOKENIZER_SETS for name in names)
 
 # GPT-2's pattern: contractions, letters, numbers, other symbols, and its whitespace rules
 # (a run of spaces leaves its last space to prefix the next word).
@@ -106,15 +111,25 @@ class Tokenizer:
         prefers it to a vocab.json without merges), else the Java port's tokenizer/tokens.map +
         merges.bpe; [] where there are none."""
         folder = Path(folder)
-        for files in ([folder / "vocab.json", folder / "merges.txt"], [folder / "tokenizer.json"],
-                      [folder / "tokenizer" / "tokens.map", folder / "tokenizer" / "merges.bpe"]):
+        for names in TOKENIZER_SETS:
+            files = [folder / name for name in names]
             if all(path.is_file() for path in files):
                 return files
         return []
 
     @staticmethod
     def files_present(folder: Path) -> bool:
-        return bool(Tokenizer.source_files(folder))
+        """Whether the folder has a tokenizer of its own; a TokenizerError where it holds some
+        of the files but no whole set (vocab.json without merges.txt, a vocab.json that is a
+        folder or a dangling link): a tokenizer that does not load must not pass for none,
+        which would have GPT-2's bundled one read in its place."""
+        if Tokenizer.source_files(folder):
+            return True
+        stray = [name for name in TOKENIZER_PATHS if os.path.lexists(Path(folder) / name)]
+        if stray:
+            raise TokenizerError(f"{folder}: holds {', '.join(stray)} but no whole tokenizer (vocab.json + "
+                                 f"merges.txt, or tokenizer.json, as regular files)")
+        return False
 
     @classmethod
     def gpt2(cls) -> "Tokenizer":
@@ -311,11 +326,11 @@ def _surrogate_message(code: int) -> str:
     return f"the text is not valid Unicode: it holds a lone surrogate (U+{code:04X})"
 
 
+TOKENIZER_FILE_LIMIT = 64 << 20  # bytes: GPT-2's tokenizer.json is 1.4 MB
+
+
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TokenizerError(f"{path}: cannot read ({exc})") from None
+    return read_small_text(path, TOKENIZER_FILE_LIMIT, TokenizerError)
 
 
 def _read_json(path: Path, text: str | None = None) -> dict:

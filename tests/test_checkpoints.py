@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -292,14 +293,24 @@ def _int(i: int) -> bytes:
     return pickle.BININT + i.to_bytes(4, "little", signed=True)
 
 
-def _tensor(key: str = "0", offset: int = 0, numel: int = 4) -> bytes:
-    """_rebuild_tensor_v2 of a float storage `key`: numel values from offset, 1-D."""
-    storage = pickle.MARK + _text("storage") + _global("torch", "FloatStorage") + _text(key) + _text("cpu") \
-        + _int(numel) + pickle.TUPLE + pickle.BINPERSID
+def _tensor(key: str = "0", offset: int = 0, numel: int = 4, raw_key: bytes | None = None,
+            stride: bytes | None = None, size: bytes | None = None) -> bytes:
+    """_rebuild_tensor_v2 of a float storage `key`: numel values from offset, 1-D (raw_key,
+    stride and size: the pickled objects to give instead)."""
+    storage = pickle.MARK + _text("storage") + _global("torch", "FloatStorage") + (raw_key or _text(key)) \
+        + _text("cpu") + _int(numel) + pickle.TUPLE + pickle.BINPERSID
+    size = size or pickle.MARK + _int(numel - max(offset, 0)) + pickle.TUPLE
     return _global("torch._utils", "_rebuild_tensor_v2") + pickle.MARK + storage + _int(offset) \
-        + pickle.MARK + _int(numel - max(offset, 0)) + pickle.TUPLE + pickle.MARK + _int(1) + pickle.TUPLE \
+        + size + (stride or pickle.MARK + _int(1) + pickle.TUPLE) \
         + pickle.NEWFALSE + _global("collections", "OrderedDict") + pickle.EMPTY_TUPLE + pickle.REDUCE \
         + pickle.TUPLE + pickle.REDUCE
+
+
+def _dag(levels: int) -> bytes:
+    """A tuple whose every level holds the one below twice: a few bytes a level, 2^levels nodes
+    to hash, print or compare."""
+    put, get = pickle.BINPUT + b"\x00" + pickle.POP, pickle.BINGET + b"\x00"
+    return _int(1) + put + (get + get + pickle.TUPLE2 + put) * levels + get
 
 
 def _state_dict(value: bytes) -> bytes:
@@ -327,7 +338,7 @@ HOSTILE_PICKLES = {
     # BUILD would repoint the tensor at another file, or before its storage
     "build": (_state_dict(_tensor() + pickle.EMPTY_DICT + _text("offset") + _int(0) + pickle.SETITEM + pickle.BUILD),
               "rewrites a tensor's or a storage's fields"),
-    "negative offset": (_state_dict(_tensor(offset=-100)), "offset or size is not what torch writes"),
+    "negative offset": (_state_dict(_tensor(offset=-100)), "offset, size or stride is not what torch writes"),
     "negative numel": (_state_dict(_tensor(numel=-4)), "unexpected persistent id"),
     "key with a path": (_state_dict(_tensor(key="../../etc/hostname")), "is not a plain file name"),
     # a 60-level tuple whose every level holds the one below twice: its repr has 2^60 characters
@@ -335,16 +346,37 @@ HOSTILE_PICKLES = {
                      + pickle.REDUCE + _text("w") + _text("a") + pickle.BINPUT + b"\x00"
                      + (pickle.BINGET + b"\x00" + pickle.BINGET + b"\x00" + pickle.TUPLE2 + pickle.BINPUT + b"\x00") * 60
                      + pickle.BINPERSID + pickle.SETITEM + pickle.STOP, "unexpected persistent id \\(a tuple\\)"),
+    # hashed as a dict key, such a tuple took for ever, in C, deaf to Ctrl-C and SIGTERM
+    "key hashed for ever": (pickle.PROTO + b"\x02" + pickle.EMPTY_DICT + _dag(80) + _int(0) + pickle.SETITEM
+                            + pickle.STOP, "a dict key of type tuple"),
+    "keys hashed for ever": (pickle.PROTO + b"\x02" + pickle.EMPTY_DICT + pickle.MARK + _dag(80) + _int(0)
+                             + pickle.SETITEMS + pickle.STOP, "a dict key of type tuple"),
+    "set hashed for ever": (pickle.PROTO + b"\x04" + pickle.MARK + _dag(80) + pickle.FROZENSET + pickle.STOP,
+                            "a set"),
+    "ordered dict of pairs": (pickle.PROTO + b"\x02" + _global("collections", "OrderedDict") + pickle.MARK
+                              + pickle.MARK + pickle.MARK + _dag(80) + _int(0) + pickle.TUPLE + pickle.LIST
+                              + pickle.TUPLE + pickle.REDUCE + pickle.STOP, "made with items"),
+    # printed in a message, such a tuple never ended
+    "storage key printed for ever": (_state_dict(_tensor(raw_key=_dag(80))), "storage key of type tuple"),
+    "stride printed for ever": (_state_dict(_tensor(stride=_dag(80))), "size or stride is not what torch writes"),
+    # 400,000 dimensions: their partial products took 10 GB
+    "dimensions": (_state_dict(_tensor(size=pickle.MARK + _int(1) * 9 + pickle.TUPLE)),
+                   "size or stride is not what torch writes"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE_PICKLES))
 def test_hostile_pickles_are_refused_in_one_line(tmp_path, case):
-    from neocore.checkpoint import read_torch_zip
+    """In a process of its own, killed past a minute: a pickle that is hashed for ever does
+    not return, nor take a signal Python could turn into an exception."""
     data, message = HOSTILE_PICKLES[case]
     folder = _write_bin(tmp_path / "hostile", data)
-    with pytest.raises(neocore.CheckpointError, match=message):
-        read_torch_zip(folder / "pytorch_model.bin")
+    read = subprocess.run([sys.executable, "-c", "import sys, neocore.checkpoint as c\n"
+                           "try:\n    c.read_torch_zip(c.Path(sys.argv[1]))\n"
+                           "except c.CheckpointError as exc:\n    print(exc)\n", str(folder / "pytorch_model.bin")],
+                          capture_output=True, text=True, timeout=60)
+    assert read.returncode == 0 and read.stderr == "", read.stderr
+    assert re.search(message, read.stdout) and read.stdout.count("\n") == 1, read.stdout
 
 
 def test_a_zip_bomb_is_not_inflated(tmp_path):
@@ -450,3 +482,62 @@ def test_overlapping_tensors_are_refused(odd, tmp_path):
     folder = with_header(odd.folder, tmp_path / "overlap", overlap)
     with pytest.raises(neocore.CheckpointError, match="overlap"):
         neocore.load(folder)
+
+
+def _with_header(blob: bytes, change) -> bytes:
+    """A safetensors file with change(header) applied to its JSON header (as text)."""
+    length = int.from_bytes(blob[:8], "little")
+    header = change(blob[8:8 + length].decode()).encode()
+    return len(header).to_bytes(8, "little") + header + blob[8 + length:]
+
+
+@pytest.mark.parametrize("change, message", [
+    # millions of dimensions (9 MB of header) once took hours to multiply out
+    (lambda h: h.replace('"shape":[', '"shape":[' + "1, " * 2_000_000, 1), "corrupt safetensors entry"),
+    (lambda h: h.replace('"shape":[', '"shape":[' + "1, " * 8, 1), "corrupt safetensors entry"),
+    # an integer Python will not turn into text: once a raw ValueError with no file named
+    (lambda h: h.replace('"data_offsets":[', '"data_offsets":[' + "9" * 5000 + ", ", 1), "corrupt safetensors"),
+])
+def test_safetensors_headers_past_what_a_weight_has_are_refused_at_once(odd, tmp_path, change, message):
+    import time
+    folder = copy_config(odd.folder, tmp_path / "header")
+    (folder / "model.safetensors").write_bytes(_with_header((odd.folder / "model.safetensors").read_bytes(), change))
+    started = time.monotonic()
+    with pytest.raises(neocore.CheckpointError, match=message) as info:
+        neocore.load(folder)
+    assert time.monotonic() - started < 30 and len(str(info.value)) < 400
+
+
+def test_a_weight_file_that_is_not_a_regular_file_is_named(odd, tmp_path):
+    """Not "no weights found": the file is there, and is a folder or a dangling link."""
+    folder = copy_config(odd.folder, tmp_path / "dir")
+    (folder / "model.safetensors").mkdir()
+    with pytest.raises(neocore.CheckpointError, match="model.safetensors: not a regular file"):
+        neocore.load(folder)
+    folder = copy_config(odd.folder, tmp_path / "shard")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "a.safetensors"}}))
+    (folder / "a.safetensors").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(neocore.CheckpointError, match="names shard a.safetensors, which is not a regular file"):
+        neocore.load(folder)
+
+
+def test_tokenizer_files_without_a_whole_tokenizer_are_refused(reference_models, gpt2_tokenizer_dir, tmp_path):
+    """Once passed over: the bundled GPT-2 tokenizer was read in their place, and `info` said the
+    folder had none. A sparse tokenizer file of gigabytes (no disk) once took as much memory."""
+    tiny = reference_models("tiny").folder
+    cases = {"vocab.json alone": ["vocab.json"], "merges.txt a folder": ["vocab.json", "merges.txt/"],
+             "tokenizer.json too large": ["tokenizer.json+"]}
+    for case, names in cases.items():
+        folder = copy_config(tiny, tmp_path / case.replace(" ", "_"))
+        shutil.copy(tiny / "model.safetensors", folder)
+        for name in names:
+            if name.endswith("/"):
+                (folder / name).mkdir()
+            elif name.endswith("+"):
+                with open(folder / name[:-1], "wb") as f:
+                    f.truncate(65 << 20)  # sparse: past the limit, no disk used
+            else:
+                shutil.copy(gpt2_tokenizer_dir / name, folder / name)
+        message = "too large for a tokenizer.json" if case.endswith("large") else "no whole tokenizer"
+        with pytest.raises(neocore.TokenizerError, match=message):
+            neocore.load(folder)
