@@ -286,6 +286,15 @@ def _rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any, state
     return data
 
 
+SCALARS = (str, bytes, int, float, bool, type(None))
+
+
+def _flat(value: Any) -> bool:
+    """A scalar, or a tuple or frozenset of scalars: hashed in time linear in its size."""
+    return isinstance(value, SCALARS) or isinstance(value, (tuple, frozenset)) and all(
+        isinstance(v, SCALARS) for v in value)
+
+
 def _empty_ordered_dict(*args: Any) -> OrderedDict:
     """OrderedDict as torch's pickles make it, empty (its items come by SETITEMS, whose keys are
     checked): pairs given here would be hashed unchecked."""
@@ -336,35 +345,41 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     # A dict key or a set element is hashed, in C, where no signal is seen: a tuple built of
     # itself 80 times over (a few hundred bytes) took for ever and ignored Ctrl-C and SIGTERM.
-    # A state dict's keys are names (and small integers in its metadata); it holds no sets.
-    def _check_keys(self, keys: list) -> None:
-        for key in keys:
-            if type(key) not in (str, int):
-                raise pickle.UnpicklingError(f"a dict key of type {type(key).__name__} (a state dict's "
-                                             f"keys are names)")
+    # Scalars, and tuples or frozensets of scalars, hash in time linear in their size (a state
+    # dict's keys are names; a checkpoint may wrap it with other plain values): nothing nested.
+    def _check_hashed(self, values: list) -> None:
+        for value in values:
+            if not _flat(value):
+                raise pickle.UnpicklingError(f"a dict key or set element of type {type(value).__name__} "
+                                             f"holding containers (a checkpoint's keys are names)")
 
     def load_setitem(self) -> None:
-        self._check_keys([self.stack[-2]])
+        self._check_hashed([self.stack[-2]])
         super().load_setitem()
 
     def load_setitems(self) -> None:
-        self._check_keys(self.stack[0::2])  # the key-value pairs above the mark
+        self._check_hashed(self.stack[0::2])  # the key-value pairs above the mark
         super().load_setitems()
 
     def load_dict(self) -> None:
-        self._check_keys(self.stack[0::2])
+        self._check_hashed(self.stack[0::2])
         super().load_dict()
 
-    def load_set(self) -> None:
-        raise pickle.UnpicklingError("a set (a state dict holds none)")
+    def load_additems(self) -> None:
+        self._check_hashed(self.stack)  # the elements above the mark
+        super().load_additems()
+
+    def load_frozenset(self) -> None:
+        self._check_hashed(self.stack)
+        super().load_frozenset()
 
     dispatch = dict(pickle._Unpickler.dispatch)
     dispatch[pickle.BUILD[0]] = load_build
     dispatch[pickle.SETITEM[0]] = load_setitem
     dispatch[pickle.SETITEMS[0]] = load_setitems
     dispatch[pickle.DICT[0]] = load_dict
-    for opcode in (pickle.EMPTY_SET, pickle.ADDITEMS, pickle.FROZENSET):
-        dispatch[opcode[0]] = load_set
+    dispatch[pickle.ADDITEMS[0]] = load_additems
+    dispatch[pickle.FROZENSET[0]] = load_frozenset
 
     def persistent_load(self, pid: Any) -> _Storage:
         # torch writes ("storage", storage_type, key, location, numel)
@@ -525,9 +540,6 @@ def open_checkpoint(folder: Path) -> Checkpoint:
     """Finds the weights in a model folder, whatever their format (safetensors preferred)."""
     for filename, reader in SINGLE_FILE_READERS.items():
         single, index = folder / filename, folder / f"{filename}.index.json"
-        for path in (single, index):  # named so, but a folder, a device, a dangling link: not "none found"
-            if os.path.lexists(path) and not path.is_file():
-                raise CheckpointError(f"{path}: not a regular file")
         if single.is_file():
             return Checkpoint(reader(single), str(single))
         if index.is_file():
@@ -539,6 +551,10 @@ def open_checkpoint(folder: Path) -> Checkpoint:
     if is_java_port_folder(folder):
         tensors, config = read_java_port(folder)
         return Checkpoint(tensors, str(folder), config)
+    for filename in SINGLE_FILE_READERS:  # named so, but a folder, a device, a dangling link
+        for path in (folder / filename, folder / f"{filename}.index.json"):
+            if os.path.lexists(path):
+                raise CheckpointError(f"{path}: not a regular file, and no other weights found")
     looked_for = ", ".join(f"{n}, {n}.index.json" for n in SINGLE_FILE_READERS)
     raise CheckpointError(f"{folder}: no weights found (looked for {looked_for}, an unzipped "
                           f"checkpoint's data.pkl + data/, and the Java port's input/ + decoderN/ folders)")

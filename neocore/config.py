@@ -5,7 +5,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
 from .jsonfile import json_object, read_small_text
 
 ATTENTION_KINDS = ("global", "local")
@@ -80,7 +80,7 @@ class GPTNeoConfig:
             raw[key] = value
         model_type = raw.get("model_type", "gpt_neo")
         if model_type != "gpt_neo":
-            raise ConfigError(f"{source}: model_type is {model_type!r}, but neocore runs only 'gpt_neo'")
+            raise ConfigError(f"{source}: model_type is {shown(model_type)}, but neocore runs only 'gpt_neo'")
 
         def integer(key: str, minimum: int = 1, default: Any = None) -> int:
             value = raw.get(key, default)
@@ -88,7 +88,7 @@ class GPTNeoConfig:
                 raise ConfigError(f"{source}: {key} is missing (give it as an override: {key}=...)")
             if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= C_INT_MAX:
                 where = "override" if key in (overrides or {}) else source  # blame what set it
-                raise ConfigError(f"{where}: {key} must be an integer from {minimum} to {C_INT_MAX}, got {value!r}")
+                raise ConfigError(f"{where}: {key} must be an integer from {minimum} to {C_INT_MAX}, got {shown(value)}")
             return value
 
         hidden = integer("hidden_size")
@@ -101,7 +101,7 @@ class GPTNeoConfig:
             raise ConfigError(f"{where}: hidden_size {hidden} is not divisible by num_heads {heads}")
         if raw.get("tie_word_embeddings", True) is not True:
             # transformers then reads a separate lm_head.weight, which neocore has no place for
-            raise ConfigError(f"{source}: tie_word_embeddings is {raw['tie_word_embeddings']!r}; neocore runs "
+            raise ConfigError(f"{source}: tie_word_embeddings is {shown(raw['tie_word_embeddings'])}; neocore runs "
                               "GPT-Neo with its lm_head tied to the token embedding, as GPT-Neo checkpoints are")
         inner = raw.get("intermediate_size")
         inner = 4 * hidden if inner is None else integer("intermediate_size")
@@ -112,7 +112,7 @@ class GPTNeoConfig:
             if isinstance(given, str) or not isinstance(given, (list, tuple)) \
                     or not all(isinstance(kind, str) for kind in given):
                 raise ConfigError(f"override: attention_layers must be a list of 'global'/'local', one per layer, "
-                                  f"got {given!r:.80}")
+                                  f"got {shown(given)}")
             attention = tuple(given)
         else:
             attention = tuple(_expand_attention_types(raw.get("attention_types"), layers, source))
@@ -124,13 +124,13 @@ class GPTNeoConfig:
             raise ConfigError(f"{source}: unknown attention type(s) {bad}; expected 'global' or 'local'")
         activation = raw.get("activation_function", "gelu_new")
         if activation != "gelu_new":
-            raise ConfigError(f"{source}: activation_function {activation!r} is not supported (only 'gelu_new')")
+            raise ConfigError(f"{source}: activation_function {shown(activation)} is not supported (only 'gelu_new')")
         eps = raw.get("layer_norm_epsilon", 1e-5)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
-            raise ConfigError(f"{source}: layer_norm_epsilon must be a number in (0, 1), got {eps!r}")
+            raise ConfigError(f"{source}: layer_norm_epsilon must be a number in (0, 1), got {shown(eps)}")
         bos = raw.get("bos_token_id", 50256)
         if bos is not None and not _token_id(bos):
-            raise ConfigError(f"{source}: bos_token_id must be a token id (an integer >= 0) or null, got {bos!r}")
+            raise ConfigError(f"{source}: bos_token_id must be a token id (an integer >= 0) or null, got {shown(bos)}")
         return cls(
             hidden_size=hidden,
             num_layers=layers,
@@ -166,7 +166,7 @@ def eos_ids(eos: Any, source: str) -> tuple[int, ...]:
     ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
     if not all(_token_id(t) for t in ids):
         raise ConfigError(f"{source}: eos_token_id must be a token id (an integer >= 0), a list of them "
-                          f"or null, got {eos!r}")
+                          f"or null, got {shown(eos)}")
     return tuple(ids)
 
 
@@ -193,7 +193,7 @@ def _expand_attention_types(types: Any, layers: int, source: str) -> list[str]:
             raise TypeError
     except (TypeError, ValueError):
         raise ConfigError(f"{source}: attention_types must look like [[['global', 'local'], 12]], "
-                          f"got {types!r:.200}") from None
+                          f"got {shown(types, 200)}") from None
     # counted before it is built: [[['global'], 10**18]] would not fit in memory
     count = sum(len(kinds) * repeat for kinds, repeat in groups)
     if count != layers:

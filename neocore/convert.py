@@ -22,8 +22,8 @@ from .checkpoint import (NEOCORE_INT8_FILE, SINGLE_FILE_READERS, SafetensorsEntr
 from .config import GENERATION_CONFIG, read_json_object
 from .errors import CheckpointError, NeocoreError, TokenizerError
 from .model import resolve_config, usable_cores
-from .resolve import TOKENIZER_FILES, resolve_model
-from .tokenizer import Tokenizer
+from .resolve import resolve_model
+from .tokenizer import HF_TOKENIZER_FILES, Tokenizer
 from .weights import INT8_NOT_TRANSFORMERS, SCALES_SUFFIX, WeightLoader, holds_int8, i8_blocks, weight_table
 
 CONVERT_DTYPES = ("bfloat16", "int8")
@@ -96,7 +96,7 @@ def convert(src: str | Path, dst: str | Path, tokenizer: str | Path | None = Non
         entries.append((name + SCALES_SUFFIX, "F32", (spec.shape[0], i8_blocks(spec.shape[1])),
                         matrix.scales))
 
-    outputs = (written, "config.json", GENERATION_CONFIG, *TOKENIZER_FILES)
+    outputs = (written, "config.json", GENERATION_CONFIG, *HF_TOKENIZER_FILES)
     for name in outputs:  # found before the slow part, not after it
         if (dst / name).is_dir():
             raise NeocoreError(f"{dst / name}: is a folder, where the converted model's file goes")
@@ -218,7 +218,7 @@ def _tokenizer_files(src: Path, required: bool) -> dict[str, bytes]:
         return {}
     read = Tokenizer.source_files(src)
     if read[0].parent == src:
-        return {name: _read_source(src / name) for name in TOKENIZER_FILES if (src / name).is_file()}
+        return {name: _read_source(src / name) for name in HF_TOKENIZER_FILES if (src / name).is_file()}
     tok = Tokenizer.from_dir(src)  # the Java port's tokenizer/
     merges = sorted(tok.ranks, key=tok.ranks.get)
     return {"vocab.json": json.dumps(tok.encoder, ensure_ascii=False).encode("utf-8"),

@@ -68,7 +68,7 @@ def check_stops(stop: Any) -> list[str]:
     """stop_list's list, or a NeocoreError unless it holds strings only."""
     stops = stop_list(stop)
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise NeocoreError(f"stop must be a string or a list of strings, got {stop!r:.80}")
+        raise NeocoreError(f"stop must be a string or a list of strings, got {shown(stop)}")
     return stops
 
 

@@ -135,7 +135,7 @@ def prompt_ids(model, prompt: str, what: str = "prompt", allow_special: bool = T
     starts from <|endoftext|>, GPT-Neo's document start. what names the text in errors;
     allow_special=False reads '<|endoftext|>' in it as text (a chat transcript: chat.encode)."""
     if not isinstance(prompt, str):
-        raise NeocoreError(f"a {what} must be a string, got {prompt!r:.80}")
+        raise NeocoreError(f"a {what} must be a string, got {shown(prompt)}")
     if model.tokenizer is None:
         raise NeocoreError(f"{model.path}: no tokenizer files (vocab.json + merges.txt or tokenizer.json)")
     check_fits_as_text(model, prompt, what)

@@ -284,7 +284,7 @@ class Model:
         # a mapping's or a set's order is no list's (a dict would give its keys)
         prompts = list(prompt) if isinstance(prompt, Iterable) and not isinstance(prompt, (Mapping, Set)) else None
         if prompts is None or not all(isinstance(p, str) for p in prompts):
-            raise NeocoreError(f"prompt must be a string or a list of strings, got {prompt!r:.80}")
+            raise NeocoreError(f"prompt must be a string or a list of strings, got {shown(prompt)}")
         return generate_many(self, prompts, max_new_tokens, temperature, top_k, top_p,
                              repetition_penalty, seed, stop)
 

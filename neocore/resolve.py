@@ -11,17 +11,17 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .config import GENERATION_CONFIG
-from .errors import ModelNotFoundError
+from .errors import ModelNotFoundError, shown
+from .tokenizer import HF_TOKENIZER_FILES
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CONFIG_FILES = ("config.json",)
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # the first one found is fetched
 
 
 def resolve_model(spec: str | os.PathLike) -> Path:
     if not isinstance(spec, (str, os.PathLike)):
-        raise ModelNotFoundError(f"a model is a folder path (str or os.PathLike) or a hub id, got {spec!r:.80}")
+        raise ModelNotFoundError(f"a model is a folder path (str or os.PathLike) or a hub id, got {shown(spec)}")
     try:
         path = Path(spec).expanduser()
     except RuntimeError:  # ~user for a user that does not exist
@@ -64,7 +64,7 @@ def fetch_from_hub(repo_id: str) -> Path:
                 "it is not in the local hub cache and the hub cannot be reached (offline)"
             raise ModelNotFoundError(f"{repo_id}: not a local folder, and {where}; download its files "
                                      f"into a folder and pass -m FOLDER")
-        for name in (*TOKENIZER_FILES, GENERATION_CONFIG):  # each there or not
+        for name in (*HF_TOKENIZER_FILES, GENERATION_CONFIG):  # each there or not
             fetch(name)
         if not any(fetch(name) for name in WEIGHT_FILES):
             raise ModelNotFoundError(f"{repo_id}: found none of {', '.join(WEIGHT_FILES)} for it")

@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from . import chat
 from .engine import Chunk, Engine, Request, Stream, TokenLogprob
-from .errors import ContextError, EngineClosedError, NeocoreError, QueueFullError, TokenizerError
+from .errors import ContextError, EngineClosedError, NeocoreError, QueueFullError, TokenizerError, shown
 from .generate import prompt_ids
 from .sampling import SCALE_LIMIT, SamplingParams, token_array
 from .tokenizer import StreamDecoder, Tokenizer
@@ -48,9 +48,10 @@ DISCONNECT_POLL_SECONDS = 0.1
 UNSUPPORTED_SAMPLING = {
     "logit_bias": {}, "min_p": 0.0, "min_tokens": 0.0, "ignore_eos": False, "stop_token_ids": [],
     "include_stop_str_in_output": False, "bad_words": [], "logits_processors": [],
-    # constraints whatever their value: only null asks for nothing
+    "use_beam_search": False, "length_penalty": 1.0,
+    # constraints (or a changed prompt) whatever their value: only null asks for nothing
     "allowed_token_ids": None, "guided_json": None, "guided_regex": None, "guided_choice": None,
-    "guided_grammar": None, "structured_outputs": None,
+    "guided_grammar": None, "structured_outputs": None, "truncate_prompt_tokens": None, "prompt_logprobs": None,
 }
 # how long past --shutdown-timeout uvicorn waits: time for the requests the engine then
 # cancels to send their 503 or error event, before uvicorn cancels their tasks outright
@@ -186,6 +187,9 @@ def _sampling(body: dict) -> tuple[SamplingParams, int, int | None, list[str]]:
         if _field(body, name, number, 0, None) != 0:
             raise ApiError(400, f"'{name}' is not supported; use 'repetition_penalty'", name)
     _refuse_unsupported(body, UNSUPPORTED_SAMPLING)
+    response_format = body.get("response_format")  # vLLM takes it for completions too
+    if response_format is not None and response_format != {"type": "text"}:
+        raise ApiError(400, "'response_format' other than {\"type\": \"text\"} is not supported", "response_format")
     return SamplingParams(temperature, top_k, top_p, penalty), n, seed, stops
 
 
@@ -206,7 +210,7 @@ def _check_room(served: Served, prompts: list[list[int]], max_tokens: int, param
     context, longest = served.model.context_length, max(len(ids) for ids in prompts)
     room = context - longest + 1
     if max_tokens > room:
-        raise ApiError(400, f"'{param}' is too large: {max_tokens}; the context holds {context} tokens and "
+        raise ApiError(400, f"'{param}' is too large: {shown(max_tokens)}; the context holds {context} tokens and "
                             f"the prompt takes {longest}, which leaves room for {room} new ones",
                        param, "context_length_exceeded")
 
@@ -505,10 +509,6 @@ class _ChatCompletions:
             if body.get(tools) and body.get(choice) != "none":
                 raise ApiError(400, f"'{tools}' is not supported unless '{choice}' is 'none': this model "
                                     f"answers in plain text", tools)
-        response_format = body.get("response_format")
-        if response_format is not None and response_format != {"type": "text"}:
-            raise ApiError(400, "'response_format' other than {\"type\": \"text\"} is not supported",
-                           "response_format")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "'messages' must be a non-empty list", "messages")

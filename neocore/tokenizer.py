@@ -17,12 +17,13 @@ from typing import Any
 
 import regex
 
-from .errors import TokenizerError
+from .errors import TokenizerError, shown
 from .jsonfile import json_object, read_small_text
 
 # the sets of files a tokenizer is read from, in the order from_dir prefers them
 TOKENIZER_SETS = (("vocab.json", "merges.txt"), ("tokenizer.json",), ("tokenizer/tokens.map", "tokenizer/merges.bpe"))
 TOKENIZER_PATHS = tuple(name for names in TOKENIZER_SETS for name in names)
+HF_TOKENIZER_FILES = TOKENIZER_SETS[0] + TOKENIZER_SETS[1]  # Hugging Face's names (the hub's, convert's)
 
 # GPT-2's pattern: contractions, letters, numbers, other symbols, and its whitespace rules
 # (a run of spaces leaves its last space to prefix the next word).
@@ -316,7 +317,7 @@ def _as_id(token_id: object) -> int:
             return operator.index(token_id)
         except TypeError:
             pass
-    raise TokenizerError(f"token id {token_id!r:.80} is not an integer")
+    raise TokenizerError(f"token id {shown(token_id)} is not an integer")
 
 
 def _surrogate_message(code: int) -> str:

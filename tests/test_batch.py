@@ -353,8 +353,9 @@ def test_numpy_narrow_and_unsigned_integers_are_taken_as_their_values(tiny, kind
     with pytest.raises(neocore.ContextError):  # 150 + 119 tokens: 269 > 160, not (150 + 119) % 256
         tiny.generate_ids([1] * 150, max_new_tokens=np.uint8(120))
     model = neocore.load(tiny.path)
-    engine = model.start_engine(max_batch=kind(4), max_queue=kind(100 if kind is not np.uint8 else 200))
-    assert engine.max_batch + engine.max_queue > 100  # not wrapped below
+    queue = np.iinfo(kind).max - 100 + 1 if kind is not np.uint64 else 100  # 100 + queue wraps in kind
+    engine = model.start_engine(max_batch=kind(100), max_queue=kind(queue))
+    engine.check_count(100 + queue)  # as many as it runs and queues: no error
     assert [s.result().finish_reason for s in engine.submit_all(
         [Request([1, 2], GREEDY, 2, text=False, stop_at_eos=False)] * 3)] == ["length"] * 3
 

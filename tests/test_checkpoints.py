@@ -348,11 +348,11 @@ HOSTILE_PICKLES = {
                      + pickle.BINPERSID + pickle.SETITEM + pickle.STOP, "unexpected persistent id \\(a tuple\\)"),
     # hashed as a dict key, such a tuple took for ever, in C, deaf to Ctrl-C and SIGTERM
     "key hashed for ever": (pickle.PROTO + b"\x02" + pickle.EMPTY_DICT + _dag(80) + _int(0) + pickle.SETITEM
-                            + pickle.STOP, "a dict key of type tuple"),
+                            + pickle.STOP, "a dict key or set element of type tuple holding containers"),
     "keys hashed for ever": (pickle.PROTO + b"\x02" + pickle.EMPTY_DICT + pickle.MARK + _dag(80) + _int(0)
-                             + pickle.SETITEMS + pickle.STOP, "a dict key of type tuple"),
+                             + pickle.SETITEMS + pickle.STOP, "a dict key or set element of type tuple holding containers"),
     "set hashed for ever": (pickle.PROTO + b"\x04" + pickle.MARK + _dag(80) + pickle.FROZENSET + pickle.STOP,
-                            "a set"),
+                            "a dict key or set element of type tuple holding containers"),
     "ordered dict of pairs": (pickle.PROTO + b"\x02" + _global("collections", "OrderedDict") + pickle.MARK
                               + pickle.MARK + pickle.MARK + _dag(80) + _int(0) + pickle.TUPLE + pickle.LIST
                               + pickle.TUPLE + pickle.REDUCE + pickle.STOP, "made with items"),
@@ -512,13 +512,25 @@ def test_a_weight_file_that_is_not_a_regular_file_is_named(odd, tmp_path):
     """Not "no weights found": the file is there, and is a folder or a dangling link."""
     folder = copy_config(odd.folder, tmp_path / "dir")
     (folder / "model.safetensors").mkdir()
-    with pytest.raises(neocore.CheckpointError, match="model.safetensors: not a regular file"):
+    with pytest.raises(neocore.CheckpointError, match="model.safetensors: not a regular file, and no other weights"):
         neocore.load(folder)
     folder = copy_config(odd.folder, tmp_path / "shard")
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "a.safetensors"}}))
     (folder / "a.safetensors").symlink_to(tmp_path / "nowhere")
     with pytest.raises(neocore.CheckpointError, match="names shard a.safetensors, which is not a regular file"):
         neocore.load(folder)
+
+
+def test_a_checkpoint_wrapping_its_state_dict_with_plain_values_loads(odd, baseline, tmp_path):
+    """Keys and set elements that hash in linear time (scalars, flat tuples) are read: only
+    nested ones, which can take for ever, are refused. Beside the file, a name that is a folder
+    (another format's name) does not stop the weights that are there from loading."""
+    import torch
+    folder = copy_config(odd.folder, tmp_path / "wrapped")
+    torch.save({"state_dict": odd.torch_model.state_dict(), "tags": {"a", "b"}, ("epoch", 1): 2.5, 0.5: None,
+                True: frozenset({1, 2})}, folder / "pytorch_model.bin", pickle_protocol=4)  # sets as opcodes
+    (folder / "model.safetensors").mkdir()
+    assert np.array_equal(neocore.load(folder, dtype="float32").logits(IDS), baseline["float32"])
 
 
 def test_tokenizer_files_without_a_whole_tokenizer_are_refused(reference_models, gpt2_tokenizer_dir, tmp_path):
