@@ -25,8 +25,8 @@ import numpy as np
 
 from .config import CONFIG_LIMIT
 from .errors import CheckpointError, shown
-from .jsonfile import json_object, read_small_text
 from .hugepages import advise_huge_pages, huge_mapped_bytes, populate
+from .jsonfile import json_object, read_small_text
 
 # numpy dtype used to view each stored dtype (bfloat16 is viewed as its raw 16 bits)
 NUMPY_DTYPES = {
@@ -388,9 +388,9 @@ class _RestrictedUnpickler(pickle._Unpickler):
                 and isinstance(pid[1], _StorageType) and isinstance(pid[4], int) and pid[4] >= 0):
             raise pickle.UnpicklingError(f"unexpected persistent id (a {type(pid).__name__})")
         _, storage_type, key, _location, numel = pid
-        if not _plain_name(key):  # a str: anything else is not turned into text (see above)
-            raise pickle.UnpicklingError(f"storage key {shown(key) if isinstance(key, str) else 'of type ' + type(key).__name__}"
-                                         f" is not a plain file name")
+        if not _plain_name(key):  # only a str is turned into text (see above)
+            what = shown(key) if isinstance(key, str) else f"of type {type(key).__name__}"
+            raise pickle.UnpicklingError(f"storage key {what} is not a plain file name")
         if key not in self._storages:
             path, offset = self._locate(key, storage_type.dtype, numel)
             self._storages[key] = _Storage(path, offset, storage_type.dtype, numel)
