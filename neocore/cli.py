@@ -178,11 +178,12 @@ TEXT_LIMIT = 64 << 20  # characters read from a file or standard input at most (
 def _stdin():
     if sys.stdin is None:
         raise NeocoreError("standard input is closed")
-    # A byte that is not UTF-8 reaches the tokenizer, whose error names it, as under the C.UTF-8
-    # locale; a strict decoder (en_US.UTF-8) would raise inside readline. Possible only before
-    # the first read: later calls (or a stream already read by a caller) leave it as it is.
+    # UTF-8 whatever the locale says, as files are read; a byte that is not UTF-8 reaches the
+    # tokenizer, whose error names it, as under the C.UTF-8 locale (a strict decoder would raise
+    # inside readline). Possible only before the first read: later calls (or a stream already
+    # read by a caller) leave it as it is.
     with contextlib.suppress(AttributeError, ValueError):
-        sys.stdin.reconfigure(errors="surrogateescape")
+        sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")
     return sys.stdin
 
 

@@ -41,6 +41,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise NeocoreError('neocore.ray needs Ray: pip install "neocore[ray]"') from exc
 
 GREEDY = SamplingParams(temperature=0)
+APP_NAME = "neocore"  # the Serve application `neocore serve --ray-replicas` deploys: one a cluster
 SERVICE_REQUESTS = 8  # a replica's places beyond its engine's: /health, /metrics, /v1/models, 429s
 GENERATED = ("generated_text", "prompt_tokens", "generated_tokens", "finish_reason", "error")  # Generate's columns
 # the type of every column the callables add: each block of a data set then has one schema (a
@@ -348,6 +349,8 @@ def run(model: str | os.PathLike, num_replicas: int, threads_per_replica: int | 
     cores shared among the replicas."""
     from .server import check_can_listen
     _check_count("num_replicas", num_replicas, 1)  # before dividing by it
+    if port == 0:  # Serve's proxy listens where it is told; the banner could not name the port
+        raise NeocoreError("--port 0 (any free port) is not possible with --ray-replicas: name a port")
     threads = threads_per_replica or max(1, usable_cores() // num_replicas)
     application = app(model, num_replicas, threads, **options)
     if not os.environ.get("RAY_ADDRESS"):  # Ray on this machine: what its replicas and proxy meet, met here first
@@ -361,11 +364,14 @@ def run(model: str | os.PathLike, num_replicas: int, threads_per_replica: int | 
         _check_cpus(num_replicas, threads)
         serve.start(http_options={"host": host, "port": port})
         _check_listening_on(host, port)
+        if APP_NAME in serve.status().applications:  # serve.run would take it over in place
+            raise NeocoreError(f"Ray Serve on this cluster already runs an application named '{APP_NAME}' (another "
+                               f"`neocore serve --ray-replicas`?): stop that one first")
         deployed = True  # from here the application is ours to take down, failed or not
         try:
-            serve.run(application, name="neocore", route_prefix="/")
+            serve.run(application, name=APP_NAME, route_prefix="/")
         except RuntimeError:  # Serve says only that the deployment failed; its status says why
-            raise NeocoreError(f"the replicas failed to start: {_deploy_failure('neocore')}") from None
+            raise NeocoreError(f"the replicas failed to start: {_deploy_failure(APP_NAME)}") from None
         print(f"neocore: serving on http://{host}:{port}/v1 from {num_replicas} Ray Serve replicas "
               f"({threads} threads each)", file=sys.stderr, flush=True)
         threading.Event().wait()  # until SIGINT or SIGTERM
@@ -376,19 +382,20 @@ def run(model: str | os.PathLike, num_replicas: int, threads_per_replica: int | 
         # itself, when this command started it and no other application uses it now
         with contextlib.suppress(Exception):
             if deployed:
-                serve.delete("neocore")
+                serve.delete(APP_NAME)
             if not serve_was_running and not serve.status().applications:
                 serve.shutdown()
         ray.shutdown()
 
 
 def _check_cpus(num_replicas: int, threads: int) -> None:
-    """Serve waits without end for CPUs a cluster does not have (saying so only in its logs):
-    refuse replicas that need more than the cluster's CPUs now."""
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if num_replicas * threads > cpus:
+    """Serve waits without end for CPUs a cluster does not have free (saying so only in its
+    logs): refuse replicas that need more than the cluster's free CPUs now."""
+    cpus, free = ray.cluster_resources().get("CPU", 0), ray.available_resources().get("CPU", 0)
+    if num_replicas * threads > free:
+        busy = f" ({cpus - free:g} of its {cpus:g} taken by other work)" if free < cpus else ""
         raise NeocoreError(f"{num_replicas} replicas of {threads} threads need {num_replicas * threads} CPUs, "
-                           f"and the Ray cluster has {cpus:g}: ask for fewer replicas or threads")
+                           f"and the Ray cluster has {free:g} free{busy}: ask for fewer replicas or threads")
 
 
 def _serve_running() -> bool:

@@ -201,6 +201,12 @@ def test_score_and_info(tiny, tmp_path):
     for source, stdin in ((str(tmp_path / "crlf.txt"), b""), ("-", crlf.encode())):
         scored = run_cli("score", "-m", str(tiny), source, stdin=stdin)
         assert scored.returncode == 0 and expected in scored.stdout, (source, scored.stdout)
+    # standard input is UTF-8 as files are, whatever the locale's encoding
+    accented = "Caf\u00e9 cr\u00e8me, na\u00efve \u00fcber."
+    expected = f"perplexity: {neocore.load(tiny).score(accented).perplexity:.4f}".encode()
+    for encoding in ("latin-1", "ascii"):
+        scored = run_cli("score", "-m", str(tiny), "-", stdin=accented.encode(), env={"PYTHONIOENCODING": encoding})
+        assert scored.returncode == 0 and expected in scored.stdout, (encoding, scored.stdout, scored.stderr)
     info = run_cli("info", "-m", str(tiny), "--threads", "1")
     assert info.returncode == 0
     assert "hidden size:     64" in info.stdout and "threads:         1" in info.stdout

@@ -354,8 +354,50 @@ def test_cli_ray_replicas_that_need_more_cpus_than_the_cluster_has_are_refused(l
                           cwd=SOURCE_ROOT, timeout=START_TIMEOUT)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == ("neocore: error: 2 replicas of 2 threads need 4 CPUs, and the "
-                                                    "Ray cluster has 2: ask for fewer replicas or threads")
+                                                    "Ray cluster has 2 free: ask for fewer replicas or threads")
     assert serve.status().applications == {}
+
+
+def test_cli_ray_replicas_that_need_cpus_other_work_holds_are_refused(local_ray, folder):
+    """CPUs the cluster has but other work holds: Serve would wait for them without end too."""
+    @ray.remote(num_cpus=2)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()
+    try:
+        ray.get(holder.ready.remote(), timeout=60)
+        env = {**os.environ, "RAY_ADDRESS": local_ray}
+        done = subprocess.run([sys.executable, "-m", "neocore", "serve", "--ray-replicas", "1", "-m", folder,
+                               "--threads", "1", "--port", str(free_port())], capture_output=True, text=True, env=env,
+                              cwd=SOURCE_ROOT, timeout=START_TIMEOUT)
+    finally:
+        ray.kill(holder)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "neocore: error: 1 replicas of 1 threads need 1 CPUs, and the Ray cluster has 0 free (2 of its 2 taken by "
+        "other work): ask for fewer replicas or threads")
+
+
+def test_cli_ray_replicas_leave_an_application_already_serving_alone(local_ray, folder):
+    """A second command on the same cluster once redeployed the first one's application in
+    place, and on its Ctrl-C deleted it under the first."""
+    port = free_port()
+    env = {**os.environ, "RAY_ADDRESS": local_ray}
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(neocore.ray.app(folder, num_replicas=1, threads_per_replica=1, name="first"),
+                  name=neocore.ray.APP_NAME, route_prefix="/")
+        done = subprocess.run([sys.executable, "-m", "neocore", "serve", "--ray-replicas", "1", "-m", folder,
+                               "--threads", "1", "--port", str(port), "--name", "second"], capture_output=True,
+                              text=True, env=env, cwd=SOURCE_ROOT, timeout=START_TIMEOUT)
+        assert done.returncode == 1
+        assert "already runs an application named 'neocore'" in done.stderr.strip().splitlines()[-1]
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()
+        assert [m["id"] for m in models["data"]] == ["first"]  # still the first one's, and still serving
+    finally:
+        serve.shutdown()
 
 
 def test_cli_ray_replicas_on_a_port_taken_here_say_so_before_ray_starts(folder):
@@ -437,5 +479,7 @@ def test_bad_arguments_are_refused_before_ray_starts(folder):
             neocore.ray.Generate(folder, stop=stop)
     with pytest.raises(neocore.NeocoreError, match="num_replicas"):
         neocore.ray.run(folder, 0)  # refused before dividing the cores by it, and before Ray starts
+    with pytest.raises(neocore.NeocoreError, match="--port 0 .* is not possible with --ray-replicas"):
+        neocore.ray.run(folder, 1, port=0)  # Serve's proxy would listen elsewhere than the banner said
     with pytest.raises(neocore.NeocoreError, match="API key"):
         neocore.ray.app(folder, api_key="s\u00ebcret")  # before any replica loads the model
