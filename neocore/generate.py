@@ -22,10 +22,10 @@ class GenerationStats:
     decode_seconds: float = 0.0   # everything after the first new token
 
     def summary(self) -> str:
-        prefill = self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else float("nan")
-        decode = (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds else float("nan")
-        return (f"prompt: {self.prompt_tokens} tokens, {prefill:.1f} tokens/s; "
-                f"generated: {self.new_tokens} tokens, {decode:.1f} tokens/s")
+        def rate(tokens: int, seconds: float) -> str:
+            return f"{tokens / seconds:.1f} tokens/s" if seconds else "not timed"  # nothing ran
+        return (f"prompt: {self.prompt_tokens} tokens, {rate(self.prompt_tokens, self.prompt_seconds)}; "
+                f"generated: {self.new_tokens} tokens, {rate(self.new_tokens - 1, self.decode_seconds)}")
 
 
 def tokens_after(model, context_ids: list[int], new_ids: Sequence[int], sampler: Sampler,
@@ -188,10 +188,10 @@ def stream(model, prompt: str, max_new_tokens: int = 128, temperature: float = 0
     from .engine import Request
     params, stop = _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
     ids = prompt_ids(model, prompt)
-    if max_new_tokens == 0:
-        return (chunk for chunk in ())  # closable, as TextChunks is
     stats = stats or GenerationStats()
     stats.prompt_tokens = len(ids)
+    if max_new_tokens == 0:
+        return (chunk for chunk in ())  # closable, as TextChunks is
     handle = model.engine.submit(Request(ids, params, max_new_tokens, seed, 0, stop), asynchronous=False)
     return TextChunks(handle, stats)
 

@@ -63,6 +63,10 @@ def test_stats_go_to_stderr(tiny):
     proc = run_cli("generate", "-m", str(tiny), PROMPT, "--max-tokens", "10", "--stats")
     assert proc.returncode == 0
     assert "load:" in proc.stderr and "tokens/s" in proc.stderr and "tokens/s" not in proc.stdout
+    ids = neocore.load(tiny).tokenizer.encode(PROMPT)
+    nothing = run_cli("generate", "-m", str(tiny), PROMPT, "--max-tokens", "0", "--stats")  # nothing to time
+    assert nothing.returncode == 0 and "nan" not in nothing.stderr
+    assert f"prompt: {len(ids)} tokens, not timed; generated: 0 tokens, not timed" in nothing.stderr
 
 
 def test_output_streams_before_the_process_ends(reference_models, gpt2_tokenizer_dir):
