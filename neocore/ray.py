@@ -7,7 +7,8 @@ Ray Data (one model per actor, loaded once; the batch a call gets is decoded tog
 
     ds = ray.data.read_parquet("prompts.parquet")
     ds = ds.map_batches(neocore.ray.Generate, fn_constructor_kwargs={"model": "/models/gpt-neo-125M",
-                        "max_new_tokens": 64}, concurrency=2, num_cpus=1, batch_size=64)
+                        "max_new_tokens": 64}, compute=ray.data.ActorPoolStrategy(size=2), num_cpus=1,
+                        batch_size=64)
 
 Ray Serve: `serve.run(neocore.ray.app("/models/gpt-neo-125M", num_replicas=2))`, or
 `neocore serve --ray-replicas 2`.
