@@ -352,6 +352,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.shutdown_timeout < float("inf"):
         raise NeocoreError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
     if args.ray_replicas:  # Serve binds the port, with Ray's proxies (perhaps on other nodes): run checks it
+        if args.threads is not None and args.threads < 1:  # named as the command line names it
+            raise NeocoreError(f"--threads must be >= 1, got {args.threads}")
         from .ray import run  # replicas load the model themselves: this process never does
         run(model_spec(args), args.ray_replicas, args.threads, args.host, args.port, max_batch=args.max_batch,
             max_queue=args.max_queue, api_key=args.api_key, name=args.name, shutdown_timeout=args.shutdown_timeout,

@@ -447,9 +447,11 @@ def test_cli_ray_replicas_get_every_load_option(folder, monkeypatch):
     assert (given["max_batch"], given["max_queue"]) == (4, 3)
 
 
-def test_bad_arguments_are_refused_before_ray_starts(folder):
+def test_bad_arguments_are_refused_before_ray_starts(folder, capsys):
     from neocore.cli import main
     assert main(["serve", "-m", folder, "--ray-replicas", "-1"]) == 1
+    assert main(["serve", "-m", folder, "--ray-replicas", "1", "--threads", "-1"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == "neocore: error: --threads must be >= 1, got -1"
     with pytest.raises(neocore.NeocoreError, match="num_replicas"):
         neocore.ray.app(folder, num_replicas=0)
     with pytest.raises(neocore.NeocoreError, match="threads_per_replica"):
