@@ -343,9 +343,8 @@ HOSTILE_PICKLES = {
     "key with a path": (_state_dict(_tensor(key="../../etc/hostname")), "is not a plain file name"),
     # a 60-level tuple whose every level holds the one below twice: its repr has 2^60 characters
     "endless repr": (pickle.PROTO + b"\x02" + _global("collections", "OrderedDict") + pickle.EMPTY_TUPLE
-                     + pickle.REDUCE + _text("w") + _text("a") + pickle.BINPUT + b"\x00"
-                     + (pickle.BINGET + b"\x00" + pickle.BINGET + b"\x00" + pickle.TUPLE2 + pickle.BINPUT + b"\x00") * 60
-                     + pickle.BINPERSID + pickle.SETITEM + pickle.STOP, "unexpected persistent id \\(a tuple\\)"),
+                     + pickle.REDUCE + _text("w") + _dag(60) + pickle.BINPERSID + pickle.SETITEM + pickle.STOP,
+                     "unexpected persistent id \\(a tuple\\)"),
     # hashed as a dict key, such a tuple took for ever, in C, deaf to Ctrl-C and SIGTERM
     "key hashed for ever": (pickle.PROTO + b"\x02" + pickle.EMPTY_DICT + _dag(80) + _int(0) + pickle.SETITEM
                             + pickle.STOP, "a dict key or set element of type tuple holding containers"),
